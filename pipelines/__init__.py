@@ -1,0 +1,1 @@
+"""Stages composed from the library: train-teacher, precompute, cache admin."""
