@@ -1,0 +1,73 @@
+"""``kdcache cache ls | info | verify | rm``: look after the stores in a cache."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from kdcache.cli.common import cache_option
+from kdcache.pipelines.cache_admin import list_stores, remove_store, store_info, verify_stores
+from kdcache.store import Cache
+from kdcache.text import human_bytes
+
+
+@click.group("cache")
+def cache() -> None:
+    """List, inspect, verify and remove teacher stores."""
+
+
+@cache.command("ls")
+@cache_option
+def ls(cache: Path | None) -> None:
+    """List teacher stores with their plan, arch, views, size and accuracy."""
+    c = Cache.at(cache)
+    rows = list_stores(c)
+    if not rows:
+        click.echo(f"no teacher stores in {c.root}", err=True)
+        return
+    click.echo(f"{'teacher':<16}  {'plan':<16}  {'arch':<12} {'dataset':<10} {'views':>5} {'samples':>8} "
+               f"{'size':>10} {'test acc':>8}  state")
+    for r in rows:
+        acc = f"{r.test_accuracy:.2f}%" if r.test_accuracy is not None else "-"
+        click.echo(f"{r.teacher_id:<16}  {r.plan_id:<16}  {r.arch:<12} {r.dataset:<10} {r.views:>5} {r.samples:>8} "
+                   f"{human_bytes(r.bytes):>10} {acc:>8}  {r.state}")
+
+
+@cache.command("info")
+@click.argument("teacher_id")
+@cache_option
+def info(teacher_id: str, cache: Path | None) -> None:
+    """Show a teacher store's attributes, arrays and plan (TEACHER_ID may be a unique prefix)."""
+    click.echo(json.dumps(store_info(Cache.at(cache), teacher_id), indent=2, default=str))
+
+
+@cache.command("verify")
+@click.argument("teacher_id", required=False)
+@cache_option
+def verify(teacher_id: str | None, cache: Path | None) -> None:
+    """Read every chunk (checksums) and every completion marker of one store, or of all."""
+    report = verify_stores(Cache.at(cache), teacher_id)
+    bad = 0
+    for tid, problems in report.items():
+        if problems:
+            bad += 1
+            click.echo(f"{tid}: {len(problems)} problem(s)")
+            for p in problems:
+                click.echo(f"  {p}")
+        else:
+            click.echo(f"{tid}: ok")
+    if bad:
+        click.echo(f"{bad} of {len(report)} store(s) damaged or incomplete; re-run their `kdcache precompute` "
+                   "after `kdcache cache rm` to rebuild them", err=True)
+        sys.exit(1)
+
+
+@cache.command("rm")
+@click.argument("teacher_id")
+@cache_option
+def rm(teacher_id: str, cache: Path | None) -> None:
+    """Delete a teacher store (its plan stays for other teachers)."""
+    click.echo(f"removed {remove_store(Cache.at(cache), teacher_id)}")

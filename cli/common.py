@@ -1,0 +1,31 @@
+"""Options and helpers several commands share."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import click
+from tqdm.auto import tqdm
+
+cache_option = click.option(
+    "--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Cache directory of plans and teacher stores [default: $KDCACHE_HOME, else ~/.cache/kdcache].")
+data_root_option = click.option(
+    "--data-root", type=click.Path(path_type=Path), default=None,
+    help="Where the data set lies on disk (not needed for digits). Nothing is ever downloaded.")
+device_option = click.option(
+    "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
+
+
+def row_progress(description: str) -> Callable[[int, int], Callable[[int], None]]:
+    """A progress factory for row-counting work: a bar on a terminal, quiet in logs."""
+
+    def start(total: int, done: int) -> Callable[[int], None]:
+        bar = tqdm(total=total, initial=done, desc=description, unit="row", unit_scale=True,
+                   disable=None, file=sys.stderr, dynamic_ncols=True)
+        return bar.update
+
+    return start
+

@@ -1,0 +1,43 @@
+"""The ``kdcache`` command: a click group whose commands parse, call a pipeline and print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from kdcache import __version__
+from kdcache.errors import KdcacheError
+
+
+class KdcacheGroup(click.Group):
+    """Turns the library's user errors into click's one-line error and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KdcacheError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="kdcache")
+def main() -> None:
+    """Run each teacher once, distil many students from its stored outputs.
+
+    \b
+    Typical use:
+      kdcache train-teacher --arch resnet8 --dataset digits --out t.pth --epochs 30
+      kdcache precompute --teacher resnet8 --checkpoint t.pth --dataset digits --views 20
+      kdcache cache ls
+    """
+
+
+def _register() -> None:
+    from kdcache.cli import cache, listing, teacher
+
+    for command in (*listing.COMMANDS, *teacher.COMMANDS, cache.cache):
+        main.add_command(command)
+
+
+_register()

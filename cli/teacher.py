@@ -1,0 +1,90 @@
+"""``kdcache train-teacher`` and ``kdcache precompute``: make a teacher, then its store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kdcache.cli.common import cache_option, data_root_option, device_option, row_progress
+from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute
+from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
+from kdcache import training
+
+
+def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return sorted(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("give epochs separated by commas, e.g. 150,180,210") from None
+
+
+@click.command("train-teacher")
+@click.option("--arch", required=True, help="Architecture from `kdcache models`.")
+@click.option("--dataset", required=True, help="Data set from `kdcache datasets`.")
+@data_root_option
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint to write after every epoch: {'model','optimizer','epoch','best_acc','arch',...}.")
+@click.option("--epochs", type=int, default=training.EPOCHS, help="Training epochs (official: 240).")
+@click.option("--batch-size", type=int, default=training.BATCH_SIZE, help="Batch size (official: 64).")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate [default: 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2].")
+@click.option("--lr-milestones", callback=_milestones, default=None, metavar="E1,E2,...",
+              help="Epochs at which the lr is divided by 10 [default: 150,180,210 scaled to --epochs].")
+@click.option("--momentum", type=float, default=training.MOMENTUM, help="SGD momentum (Nesterov).")
+@click.option("--weight-decay", type=float, default=training.WEIGHT_DECAY, help="Weight decay.")
+@click.option("--seed", type=int, default=0, help="Seed of the initial weights and the augmentation.")
+@device_option
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path, epochs: int, batch_size: int,
+                      lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
+                      seed: int, device: str | None, resume: bool) -> None:
+    """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
+    req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
+                              batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              milestones=lr_milestones, seed=seed, device=device, resume=resume)
+
+    def report(r: EpochRecord) -> None:
+        click.echo(f"epoch {r.epoch:>3}/{epochs}  loss {r.loss:.4f}  train {r.train_acc:6.2f}%  "
+                   f"test top-1 {r.test_top1:6.2f}%  top-5 {r.test_top5:6.2f}%  lr {r.lr:.4g}  {r.seconds:.1f}s",
+                   err=True)
+
+    result = train_teacher(req, on_epoch=report)
+    click.echo(f"best test top-1 {result.best_acc:.2f}%; checkpoint at {result.out}", err=True)
+    click.echo(str(result.out))
+
+
+@click.command("precompute")
+@click.option("--teacher", required=True, help="The teacher's architecture, from `kdcache models`.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Teacher weights: {'model': sd}, {'state_dict': sd} or a bare state_dict.")
+@click.option("--dataset", required=True, help="Data set from `kdcache datasets`.")
+@data_root_option
+@cache_option
+@click.option("--views", type=int, default=DEFAULT_VIEWS,
+              help="Augmented views of the training set to store (a student epoch uses one).")
+@click.option("--plan-seed", type=int, default=0, help="Seed the view plan is drawn from.")
+@click.option("--recipe", default=None, help="View recipe: crop-flip or resized-crop-flip [default: the data set's].")
+@click.option("--batch-size", type=int, default=None, help="Forward batch size [default: 2048 on GPU, 256 on CPU].")
+@device_option
+@click.option("--chunk-rows", type=int, default=None, help="Rows per stored chunk [default: about 2 MB a chunk].")
+@click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
+def precompute_cmd(teacher: str, checkpoint: Path, dataset: str, data_root: Path | None, cache: Path | None,
+                   views: int, plan_seed: int, recipe: str | None, batch_size: int | None, device: str | None,
+                   chunk_rows: int | None, dry_run: bool) -> None:
+    """Run a teacher over a stored plan of augmented views and store its outputs.
+
+    The last line of standard output is the teacher id, for `kdcache distill --teachers`.
+    """
+    req = PrecomputeRequest(teacher=teacher, checkpoint=checkpoint, dataset=dataset, data_root=data_root,
+                            cache=cache, views=views, plan_seed=plan_seed, recipe=recipe, batch_size=batch_size,
+                            device=device, chunk_rows=chunk_rows, dry_run=dry_run)
+    result = precompute(req, progress=row_progress(f"precompute {teacher}"))
+    for line in result.lines:
+        click.echo(line, err=not dry_run)
+    click.echo(result.teacher_id)
+
+
+COMMANDS = (train_teacher_cmd, precompute_cmd)

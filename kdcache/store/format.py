@@ -1,0 +1,124 @@
+"""The on-disk format of plans and teacher stores, in one place.
+
+Everything two pieces of code must agree on to read each other's stores lives
+here: the format version, the directory names, the codecs, the content ids and
+the chunk size. DESIGN.md ("The store") is the human-readable twin of this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr.codecs
+
+from kdcache.errors import StoreError
+
+FORMAT_VERSION = 1
+PLANS_DIR = "plans"
+TEACHERS_DIR = "teachers"
+LOCKS_DIR = "locks"
+
+# Chunks of teacher arrays hold about this many uncompressed bytes of the wider
+# of logits and features (DESIGN: about 1-4 MB a chunk).
+TARGET_CHUNK_BYTES = 2 * 2**20
+# Plan arrays keep one view per chunk up to this many rows.
+MAX_PLAN_CHUNK_ROWS = 2**20
+
+# Light compression, measured in benchmarks/codec.py: Blosc with zstd at level 1
+# and byte shuffle. CRC32C comes last so it checksums the bytes as stored.
+COMPRESSION = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+
+STORED_DTYPE = "float16"
+
+
+def compressors() -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
+    """The bytes-to-bytes codec chain of every array: light compression, then a checksum."""
+    return (zarr.codecs.BloscCodec(**COMPRESSION), zarr.codecs.Crc32cCodec())
+
+
+def array_config() -> dict[str, Any]:
+    """Write every chunk, even one that equals the fill value, so a chunk file exists
+    for every written chunk and a missing file always means a missing write."""
+    return {"write_empty_chunks": True}
+
+
+def content_id(payload: dict[str, Any]) -> str:
+    """A short content hash of a JSON-able description: equal inputs, equal id."""
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def plan_id(fingerprint: str, recipe: dict[str, Any], n_views: int, seed: int) -> str:
+    """Id of a view plan: the data set's content, the recipe, the number of views and the seed."""
+    return content_id(
+        {"format": FORMAT_VERSION, "kind": "plan", "dataset": fingerprint,
+         "recipe": recipe, "n_views": n_views, "seed": seed}
+    )
+
+
+def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED_DTYPE) -> str:
+    """Id of a teacher store: the same teacher on the same plan is the same store."""
+    return content_id(
+        {"format": FORMAT_VERSION, "kind": "teacher", "plan_id": plan, "arch": arch,
+         "checkpoint_sha256": checkpoint_sha256, "dtype": dtype}
+    )
+
+
+def default_cache_dir() -> Path:
+    """``$KDCACHE_HOME``, else ``~/.cache/kdcache``."""
+    env = os.environ.get("KDCACHE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kdcache"
+
+
+def chunk_rows_for(n_samples: int, row_width: int, itemsize: int = 2) -> int:
+    """Rows per chunk so that the widest teacher array's chunk holds about TARGET_CHUNK_BYTES."""
+    rows = max(1, TARGET_CHUNK_BYTES // max(1, row_width * itemsize))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two keeps chunk edges aligned across teachers
+    return int(min(rows, n_samples))
+
+
+def n_chunks(n_samples: int, chunk_rows: int) -> int:
+    """How many chunks cover one view."""
+    return -(-n_samples // chunk_rows)
+
+
+def chunk_slice(c: int, chunk_rows: int, n_samples: int) -> slice:
+    """The rows of chunk ``c`` of a view."""
+    return slice(c * chunk_rows, min((c + 1) * chunk_rows, n_samples))
+
+
+def check_format(attrs: dict[str, Any], kind: str, where: str) -> None:
+    """Refuse a node that is not a kdcache ``kind`` of a format this version reads."""
+    if attrs.get("kind") != kind:
+        raise StoreError(f"{where} is not a kdcache {kind} store (kind={attrs.get('kind')!r})")
+    version = attrs.get("format")
+    if version != FORMAT_VERSION:
+        raise StoreError(
+            f"{where} has store format {version!r}; this kdcache ({_version()}) reads format "
+            f"{FORMAT_VERSION}: upgrade kdcache or precompute the store again"
+        )
+
+
+def sha256_file(path: str | os.PathLike[str], block: int = 2**22) -> str:
+    """The sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def float_fill() -> float:
+    """Fill value of the float arrays: an unwritten chunk reads as NaN, never as plausible zeros."""
+    return float(np.nan)
+
+
+def _version() -> str:
+    from kdcache import __version__
+
+    return __version__

@@ -1,0 +1,118 @@
+"""View plans on disk: which augmented image every teacher and student sees.
+
+A plan is drawn once from a seed and stored, so that replay is a pure function
+of (image, stored parameters) and never depends on an RNG at read time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from kdcache import __version__
+from kdcache.errors import StoreError
+from kdcache.store import format as fmt
+from kdcache.store.lock import WriterLock
+
+
+class PlanStore:
+    """A complete, read-only view plan: ``order`` (V, N), ``params`` (V, N, P), ``labels`` (N,)."""
+
+    def __init__(self, group: zarr.Group, path: Path, plan_id: str) -> None:
+        self.group = group
+        self.path = path
+        self.id = plan_id
+
+    @classmethod
+    def open(cls, path: Path, plan_id: str) -> "PlanStore":
+        """Open a plan read-only; refuse one that is missing, unfinished or of another format."""
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"plan {plan_id} not found at {path}; run `kdcache precompute` to create it")
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+        fmt.check_format(attrs, "plan", f"plan {plan_id}")
+        if not attrs.get("complete"):
+            raise StoreError(f"plan {plan_id} at {path} is incomplete; run `kdcache precompute` again to finish it")
+        return cls(group, path, plan_id)
+
+    @classmethod
+    def create(cls, path: Path, lock_path: Path, plan_id: str, attrs: dict[str, Any],
+               order: np.ndarray, params: np.ndarray, labels: np.ndarray) -> "PlanStore":
+        """Write a plan once; concurrent creators wait for the first and then reuse its plan."""
+        with WriterLock(lock_path, f"plan {plan_id}", wait=True):
+            try:
+                return cls.open(path, plan_id)
+            except StoreError:
+                pass  # absent or unfinished: (re)write it below
+            n_views, n_samples, n_params = params.shape
+            rows = min(n_samples, fmt.MAX_PLAN_CHUNK_ROWS)
+            try:
+                group = zarr.open_group(path, mode="w", zarr_format=3)
+            except OSError as exc:
+                raise StoreError(f"cannot write plan at {path}: {exc.strerror}") from None
+            common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+            group.create_array("order", shape=order.shape, chunks=(1, rows), dtype="int32",
+                               fill_value=-1, **common)[...] = order
+            group.create_array("params", shape=params.shape, chunks=(1, rows, n_params), dtype="int16",
+                               fill_value=-1, **common)[...] = params
+            group.create_array("labels", shape=labels.shape, chunks=(rows,), dtype="int32",
+                               fill_value=-1, **common)[...] = labels
+            group.attrs.update({
+                **attrs, "format": fmt.FORMAT_VERSION, "kind": "plan", "n_views": n_views,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "kdcache_version": __version__,
+            })
+            group.attrs["complete"] = True  # last: a plan without it is never read
+            return cls.open(path, plan_id)
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """The plan's attributes (data set, recipe, views, seed)."""
+        return dict(self.group.attrs)
+
+    @property
+    def n_views(self) -> int:
+        return int(self.attrs["n_views"])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.attrs["dataset"]["n_samples"])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.attrs["dataset"]["n_classes"])
+
+    @property
+    def recipe(self) -> str:
+        return str(self.attrs["recipe"]["name"])
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        """Training labels in sample order, (N,) int64."""
+        return self.group["labels"][...].astype(np.int64)
+
+    def view(self, v: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row order (N,) int64 and replay parameters (N, P) int16 of view ``v``."""
+        order = self.group["order"][v]
+        params = self.group["params"][v]
+        return order.astype(np.int64), params
+
+    def verify(self) -> list[str]:
+        """Read every chunk of the plan's arrays; return the problems found (empty: sound)."""
+        problems = []
+        for name in ("order", "params"):
+            for v in range(self.n_views):
+                try:
+                    self.group[name][v]
+                except ValueError as exc:  # the CRC32C codec's checksum mismatch
+                    problems.append(f"plan {self.id}: {name} of view {v} is damaged ({exc})")
+        try:
+            self.group["labels"][...]
+        except ValueError as exc:
+            problems.append(f"plan {self.id}: labels are damaged ({exc})")
+        return problems

@@ -1,0 +1,243 @@
+"""Teacher stores on disk: logits, features and the final classifier of one teacher on one plan.
+
+Arrays (Zarr format 3, every chunk CRC32C-checked):
+
+- ``logits`` (V, N, C) and ``features`` (V, N, D), float16, chunks (1, R, ·), rows in plan order;
+- ``head/weight`` (C, D) and ``head/bias`` (C,), float32;
+- ``done`` (V, n_chunks) int32, one chunk per element: the completion marker of chunk
+  (v, c), written after both data chunks are in place. It holds the number of rows
+  the teacher classified correctly there (-1: not written), which gives the
+  accuracy over the views without reading the logits back.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import zarr
+
+from kdcache import __version__
+from kdcache.errors import StoreError
+from kdcache.store import format as fmt
+
+DATA_ARRAYS = ("logits", "features")
+
+
+class TeacherStore:
+    """One teacher's outputs over one plan. Open with :meth:`open` to read, :meth:`open_for_writing` to fill."""
+
+    def __init__(self, group: zarr.Group, path: Path, teacher_id: str) -> None:
+        self.group = group
+        self.path = path
+        self.id = teacher_id
+
+    # -- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, teacher_id: str, require_complete: bool = True) -> "TeacherStore":
+        """Open read-only; refuse a store that is missing, of another format or (by default) unfinished."""
+        if not (path / "zarr.json").exists():
+            raise StoreError(f"teacher store {teacher_id} not found at {path}; run `kdcache precompute` first")
+        store = cls(zarr.open_group(path, mode="r"), path, teacher_id)
+        fmt.check_format(store.attrs, "teacher", f"teacher store {teacher_id}")
+        if require_complete and not store.attrs.get("complete"):
+            raise StoreError(
+                f"teacher store {teacher_id} is incomplete ({store.done_count()} of {store.total_chunks} chunks); "
+                "run the same `kdcache precompute` again to finish it"
+            )
+        return store
+
+    @classmethod
+    def open_for_writing(cls, path: Path, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
+                         chunk_rows: int, head_weight: torch.Tensor, head_bias: torch.Tensor) -> "TeacherStore":
+        """Create the store, or reopen an unfinished one to resume it. The caller holds the writer lock.
+
+        ``shape`` is (V, N, C, D). An existing store whose attributes disagree with
+        ``attrs`` is not this teacher's and is refused rather than overwritten.
+        """
+        _remove_partial_files(path)
+        if (path / "zarr.json").exists():
+            store = cls.open(path, teacher_id, require_complete=False)
+            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim"):
+                if store.attrs.get(key) != attrs.get(key):
+                    raise StoreError(
+                        f"teacher store {teacher_id} at {path} holds {key}={store.attrs.get(key)!r}, "
+                        f"expected {attrs.get(key)!r}; remove it with `kdcache cache rm {teacher_id}`"
+                    )
+            return cls(zarr.open_group(path, mode="r+"), path, teacher_id)
+        n_views, n_samples, n_classes, dim = shape
+        try:
+            group = zarr.open_group(path, mode="w", zarr_format=3)
+        except OSError as exc:
+            raise StoreError(f"cannot write teacher store at {path}: {exc.strerror}") from None
+        common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+        for name, width in (("logits", n_classes), ("features", dim)):
+            group.create_array(name, shape=(n_views, n_samples, width), chunks=(1, chunk_rows, width),
+                               dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(), **common)
+        chunks = fmt.n_chunks(n_samples, chunk_rows)
+        group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1, **common)
+        head = group.create_group("head")
+        head.create_array("weight", shape=(n_classes, dim), chunks=(n_classes, dim), dtype="float32",
+                          fill_value=fmt.float_fill(), **common)[...] = head_weight.detach().cpu().float().numpy()
+        head.create_array("bias", shape=(n_classes,), chunks=(n_classes,), dtype="float32",
+                          fill_value=fmt.float_fill(), **common)[...] = head_bias.detach().cpu().float().numpy()
+        group.attrs.update({
+            **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
+            "chunk_rows": chunk_rows, "complete": False,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "kdcache_version": __version__, "torch_version": torch.__version__,
+        })
+        return cls(group, path, teacher_id)
+
+    # -- shape ------------------------------------------------------------------------------
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """The store's attributes as of opening."""
+        return dict(self.group.attrs)
+
+    @property
+    def plan_id(self) -> str:
+        return str(self.attrs["plan_id"])
+
+    @property
+    def n_views(self) -> int:
+        return int(self.group["logits"].shape[0])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.group["logits"].shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.attrs["feature_dim"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    @property
+    def chunks_per_view(self) -> int:
+        return fmt.n_chunks(self.n_samples, self.chunk_rows)
+
+    @property
+    def total_chunks(self) -> int:
+        return self.n_views * self.chunks_per_view
+
+    def rows(self, c: int) -> slice:
+        """The rows of chunk ``c`` within a view."""
+        return fmt.chunk_slice(c, self.chunk_rows, self.n_samples)
+
+    # -- completion markers -----------------------------------------------------------------
+
+    def markers(self) -> np.ndarray:
+        """(V, n_chunks) int32: correct-prediction count of each written chunk, -1 where not written."""
+        return self.group["done"][...]
+
+    def done_count(self) -> int:
+        return int((self.markers() >= 0).sum())
+
+    def pending(self) -> list[tuple[int, int]]:
+        """Chunks (view, chunk) still to write, in plan order."""
+        v, c = np.nonzero(self.markers() < 0)
+        return list(zip(v.tolist(), c.tolist()))
+
+    def view_accuracy(self) -> float:
+        """Top-1 accuracy of the teacher over every stored row, from the markers."""
+        markers = self.markers()
+        if (markers < 0).any():
+            raise StoreError(f"teacher store {self.id} is incomplete")
+        return float(markers.sum()) / (self.n_views * self.n_samples)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray, n_correct: int) -> None:
+        """Write chunk (v, c) of both arrays, then its completion marker."""
+        rows = self.rows(c)
+        self.group["logits"][v, rows] = logits
+        self.group["features"][v, rows] = features
+        self.group["done"][v, c] = n_correct
+
+    def mark_complete(self, **extra: Any) -> None:
+        """Record final attributes and declare the store complete (the last write)."""
+        if self.done_count() != self.total_chunks:
+            raise StoreError(f"teacher store {self.id} still has unwritten chunks")
+        self.group.attrs.update(extra)
+        self.group.attrs["complete"] = True
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read_chunk(self, v: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (R, C) and features (R, D), float16, of chunk (v, c); a damaged chunk is a StoreError."""
+        rows = self.rows(c)
+        out = []
+        for name in DATA_ARRAYS:
+            try:
+                block = self.group[name][v, rows]
+            except ValueError as exc:  # the CRC32C codec's checksum mismatch
+                raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
+                                 f"run `kdcache cache verify {self.id}`") from None
+            if np.isnan(block).any():  # NaN is the fill value: the chunk was never written or was deleted
+                raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is missing; "
+                                 f"run `kdcache cache verify {self.id}`")
+            out.append(block)
+        return out[0], out[1]
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
+        return (torch.from_numpy(self.group["head/weight"][...]), torch.from_numpy(self.group["head/bias"][...]))
+
+    # -- checking ---------------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Read every chunk of every array and check every marker; return the problems found (empty: sound)."""
+        problems: list[str] = []
+        if not self.attrs.get("complete"):
+            problems.append("store is not marked complete")
+        try:
+            markers = self.group["done"][...]
+        except ValueError as exc:
+            return problems + [f"done: completion markers are damaged ({exc})"]
+        for v, c in zip(*np.nonzero(markers < 0)):
+            problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
+        for name in DATA_ARRAYS:
+            for v, c in self._chunks():
+                rows = self.rows(c)
+                if not (self.path / name / "c" / str(v) / str(c) / "0").exists():
+                    problems.append(f"{name}: chunk (view {v}, chunk {c}) is missing")
+                    continue
+                try:
+                    block = self.group[name][v, rows]
+                except ValueError as exc:
+                    problems.append(f"{name}: chunk (view {v}, chunk {c}) is damaged ({exc})")
+                    continue
+                if not np.isfinite(block).all():
+                    problems.append(f"{name}: chunk (view {v}, chunk {c}) holds non-finite values")
+        for name in ("head/weight", "head/bias"):
+            try:
+                if not np.isfinite(self.group[name][...]).all():
+                    problems.append(f"{name}: missing or non-finite")
+            except ValueError as exc:
+                problems.append(f"{name}: damaged ({exc})")
+        return problems
+
+    def _chunks(self) -> Iterator[tuple[int, int]]:
+        for v in range(self.n_views):
+            for c in range(self.chunks_per_view):
+                yield v, c
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Delete the temporary files a killed writer may leave (zarr writes ``*.partial`` then renames)."""
+    if path.exists():
+        for stray in path.rglob("*.partial"):
+            stray.unlink(missing_ok=True)

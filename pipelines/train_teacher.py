@@ -1,0 +1,146 @@
+"""The train-teacher stage: supervised training of a teacher with the official defaults.
+
+Pretrained CIFAR teachers can no longer be downloaded, so users start here. Each
+epoch draws fresh augmentation parameters and replays them on the device, the
+same replay precompute and distill use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdcache.batches import view_batch
+from kdcache.data import load_dataset
+from kdcache.device import resolve_device
+from kdcache.errors import CheckpointError, KdcacheError
+from kdcache.evaluate import evaluate
+from kdcache.models import build_model, model_info
+from kdcache.models.checkpoint import read_checkpoint
+from kdcache import training
+from kdcache.views import draw_plan, get_recipe
+
+
+@dataclass
+class TrainTeacherRequest:
+    """Everything ``kdcache train-teacher`` takes; None means the official default."""
+
+    arch: str
+    dataset: str
+    out: Path
+    data_root: Path | None = None
+    epochs: int = training.EPOCHS
+    batch_size: int = training.BATCH_SIZE
+    lr: float | None = None
+    momentum: float = training.MOMENTUM
+    weight_decay: float = training.WEIGHT_DECAY
+    milestones: list[int] | None = None
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    loss: float
+    train_acc: float
+    test_top1: float
+    test_top5: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class TrainTeacherResult:
+    out: Path
+    best_acc: float
+    history: list[EpochRecord] = field(default_factory=list)
+
+
+def train_teacher(req: TrainTeacherRequest,
+                  on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainTeacherResult:
+    """Train ``req.arch`` on ``req.dataset`` and keep the latest state in ``req.out`` after every epoch."""
+    training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum)
+    model_info(req.arch)
+    dataset = load_dataset(req.dataset, req.data_root)
+    device = resolve_device(req.device)
+    torch.manual_seed(req.seed)
+
+    model = build_model(req.arch, dataset.num_classes).to(device)
+    lr = req.lr if req.lr is not None else training.official_lr(req.arch)
+    milestones = req.milestones if req.milestones is not None else training.milestones_for(req.epochs)
+    optimizer = training.make_optimizer(model.parameters(), lr, req.momentum, req.weight_decay)
+    scheduler = training.make_scheduler(optimizer, milestones)
+    start, best_acc = 1, 0.0
+    if req.resume:
+        start, best_acc = _resume(req, model, optimizer, scheduler)
+
+    train = dataset.train
+    if getattr(train, "resident", False):
+        train = train.to(device)
+    labels = torch.as_tensor(train.labels).to(device)
+    n = len(train)
+    if n < req.batch_size:
+        raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {n} training samples")
+    sizes = train.sizes if get_recipe(dataset.recipe).needs_sizes else None
+    result = TrainTeacherResult(Path(req.out), best_acc)
+    for epoch in range(start, req.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        order, params = draw_plan(dataset.recipe, 1, n, training.epoch_seed(req.seed, epoch), sizes)
+        loss_sum = correct = seen = 0
+        for b in range(n // req.batch_size):  # the incomplete last batch is dropped, as officially
+            rows = slice(b * req.batch_size, (b + 1) * req.batch_size)
+            idx = order[0, rows]
+            x = view_batch(dataset, train, dataset.recipe, idx, params[0, rows], device)
+            y = labels[torch.as_tensor(idx, device=device)]
+            _, logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        lr_now = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        top1, top5 = evaluate(model, dataset, dataset.recipe, device)
+        result.best_acc = max(result.best_acc, top1)
+        record = EpochRecord(epoch, loss_sum / seen, 100.0 * correct / seen, top1, top5, lr_now,
+                             time.perf_counter() - t0)
+        result.history.append(record)
+        training.save_atomic({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": result.best_acc,
+            "arch": req.arch, "num_classes": dataset.num_classes, "dataset": dataset.name,
+            "test_top1": top1, "seed": req.seed,
+        }, req.out)
+        if on_epoch:
+            on_epoch(record)
+    return result
+
+
+def _resume(req: TrainTeacherRequest, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
+    """Restore a run from ``req.out``; returns the next epoch and the best accuracy so far."""
+    if not Path(req.out).is_file():
+        raise CheckpointError(f"--resume: {req.out} does not exist; drop --resume to start a new run")
+    ckpt = read_checkpoint(req.out)
+    missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume: {req.out} is not a train-teacher checkpoint (no {', '.join(missing)})")
+    if ckpt.get("arch") not in (None, req.arch):
+        raise CheckpointError(f"--resume: {req.out} holds a {ckpt['arch']} run, not {req.arch}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"--resume: {req.out} does not fit this run: {str(exc).splitlines()[0]}") from None
+    return int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc", 0.0))
