@@ -1,0 +1,216 @@
+"""The store format on real files: ids, codecs, chunking, markers, read-only opening, locking, checking."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kdcache.errors import StoreError
+from kdcache.store import Cache, PlanStore, TeacherStore, WriterLock, chunk_rows_for
+from kdcache.store import format as fmt
+
+V, N, C, D, R = 3, 10, 4, 6, 4  # 3 chunks per view: rows 0-3, 4-7, 8-9
+
+
+def make_store(cache: Cache, tid: str = "aaaa1111bbbb2222") -> TeacherStore:
+    attrs = {"plan_id": "p" * 16, "arch": "resnet8", "num_classes": C, "feature_dim": D,
+             "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}, "dataset": "digits"}
+    return TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (V, N, C, D), R,
+                                         torch.arange(C * D, dtype=torch.float32).reshape(C, D), torch.ones(C))
+
+
+def fill(store: TeacherStore, skip: set[tuple[int, int]] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((V, N, C)).astype(np.float16)
+    feats = rng.standard_normal((V, N, D)).astype(np.float16)
+    for v in range(V):
+        for c in range(store.chunks_per_view):
+            if (v, c) not in skip:
+                rows = store.rows(c)
+                store.write_chunk(v, c, logits[v, rows], feats[v, rows], n_correct=c)
+    return logits, feats
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Cache:
+    c = Cache.at(tmp_path / "cache")
+    c.ensure_writable()
+    return c
+
+
+def test_ids_are_content_hashes() -> None:
+    base = fmt.plan_id("fp", {"name": "crop-flip", "pad": 4}, 10, 0)
+    assert base == fmt.plan_id("fp", {"pad": 4, "name": "crop-flip"}, 10, 0)  # key order is irrelevant
+    others = {fmt.plan_id("fp2", {"name": "crop-flip", "pad": 4}, 10, 0),
+              fmt.plan_id("fp", {"name": "crop-flip", "pad": 2}, 10, 0),
+              fmt.plan_id("fp", {"name": "crop-flip", "pad": 4}, 11, 0),
+              fmt.plan_id("fp", {"name": "crop-flip", "pad": 4}, 10, 1)}
+    assert base not in others and len(others) == 4
+    t = fmt.teacher_id(base, "resnet8", "a" * 64)
+    assert t == fmt.teacher_id(base, "resnet8", "a" * 64)
+    assert len({t, fmt.teacher_id(base, "resnet14", "a" * 64), fmt.teacher_id(base, "resnet8", "b" * 64),
+                fmt.teacher_id("x" * 16, "resnet8", "a" * 64)}) == 4
+    assert len(t) == 16 and all(ch in "0123456789abcdef" for ch in t)
+
+
+def test_chunk_rows_target_about_two_megabytes() -> None:
+    assert chunk_rows_for(50000, 256) == 4096  # 4096 rows x 256 x 2 B = 2 MiB
+    assert chunk_rows_for(50000, 2048) == 512
+    assert chunk_rows_for(1437, 64) == 1437  # never more rows than samples
+    assert chunk_rows_for(10**6, 100) * 100 * 2 <= fmt.TARGET_CHUNK_BYTES
+
+
+def test_round_trip_is_exact_and_rows_are_in_plan_order(cache: Cache) -> None:
+    store = make_store(cache)
+    assert store.pending() == [(v, c) for v in range(V) for c in range(3)]
+    logits, feats = fill(store)
+    store.mark_complete(test_accuracy=50.0)
+    ro = cache.open_teacher("aaaa")  # a unique prefix is enough
+    for v in range(V):
+        for c in range(3):
+            z, h = ro.read_chunk(v, c)
+            rows = ro.rows(c)
+            assert np.array_equal(z, logits[v, rows]) and np.array_equal(h, feats[v, rows])
+            assert z.dtype == np.float16
+    w, b = ro.head()
+    assert torch.equal(w, torch.arange(C * D, dtype=torch.float32).reshape(C, D)) and torch.equal(b, torch.ones(C))
+    assert ro.view_accuracy() == pytest.approx(V * (0 + 1 + 2) / (V * N))
+    assert ro.verify() == []
+
+
+def test_arrays_carry_compression_then_crc32c(cache: Cache) -> None:
+    store = make_store(cache)
+    for name in ("logits", "features", "done", "head/weight", "head/bias"):
+        meta = json.loads((store.path / name / "zarr.json").read_text())
+        codecs = [c["name"] for c in meta["codecs"]]
+        assert codecs[-1] == "crc32c" and "blosc" in codecs, (name, codecs)
+        assert meta["zarr_format"] == 3
+    meta = json.loads((store.path / "logits" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, R, C]
+    assert meta["data_type"] == "float16"
+
+
+def test_reader_refuses_incomplete_unknown_format_and_writes(cache: Cache) -> None:
+    store = make_store(cache)
+    fill(store, skip={(2, 1)})
+    with pytest.raises(StoreError, match=r"incomplete \(8 of 9 chunks\)"):
+        cache.open_teacher(store.id)
+    with pytest.raises(StoreError, match="unwritten"):
+        store.mark_complete()
+    fill(store)
+    store.mark_complete()
+    ro = cache.open_teacher(store.id)
+    with pytest.raises(ValueError, match="read-only"):
+        ro.group["logits"][0, 0:4] = np.zeros((4, C), np.float16)
+    zarr.open_group(store.path, mode="r+").attrs["format"] = fmt.FORMAT_VERSION + 1
+    with pytest.raises(StoreError, match=f"store format {fmt.FORMAT_VERSION + 1}.*upgrade kdcache"):
+        cache.open_teacher(store.id)
+
+
+def test_resume_keeps_written_chunks_and_refuses_a_different_teacher(cache: Cache) -> None:
+    store = make_store(cache)
+    logits, _ = fill(store, skip={(0, 2), (1, 0)})
+    (store.path / "logits" / "c" / "0" / "0" / "0.abc.partial").write_bytes(b"half")  # a killed write's leftover
+    again = make_store(cache)
+    assert again.pending() == [(0, 2), (1, 0)]
+    assert not list(store.path.rglob("*.partial"))
+    assert np.array_equal(again.read_chunk(0, 0)[0], logits[0, 0:4])
+    attrs = {"plan_id": "p" * 16, "arch": "resnet14", "num_classes": C, "feature_dim": D,
+             "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}}
+    with pytest.raises(StoreError, match="arch='resnet8'.*expected 'resnet14'"):
+        TeacherStore.open_for_writing(store.path, store.id, attrs, (V, N, C, D), R, torch.zeros(C, D), torch.zeros(C))
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_missing_chunks_and_markers_are_named(cache: Cache) -> None:
+    store = make_store(cache)
+    fill(store)
+    store.mark_complete()
+    _flip_byte(store.path / "features" / "c" / "1" / "2" / "0")
+    (store.path / "logits" / "c" / "2" / "0" / "0").unlink()
+    (store.path / "done" / "c" / "0" / "1").unlink()
+    problems = cache.open_teacher(store.id).verify()
+    assert any(p.startswith("features: chunk (view 1, chunk 2) is damaged") for p in problems), problems
+    assert any(p.startswith("logits: chunk (view 2, chunk 0) is missing") for p in problems), problems
+    assert any("completion marker of (view 0, chunk 1) is missing" in p for p in problems), problems
+    assert len(problems) == 3
+    ro = cache.open_teacher(store.id)
+    with pytest.raises(StoreError, match=r"features chunk \(view 1, chunk 2\) is damaged"):
+        ro.read_chunk(1, 2)
+    with pytest.raises(StoreError, match=r"logits chunk \(view 2, chunk 0\) is missing"):
+        ro.read_chunk(2, 0)
+
+
+def test_id_prefixes(cache: Cache) -> None:
+    make_store(cache, "abc1000000000000")
+    make_store(cache, "abc2000000000000")
+    assert cache.resolve("abc1") == "abc1000000000000"
+    with pytest.raises(StoreError, match="ambiguous"):
+        cache.resolve("abc")
+    with pytest.raises(StoreError, match="no teacher store matches 'zz'"):
+        cache.resolve("zz")
+    assert cache.remove_teacher("abc2") == "abc2000000000000"
+    assert cache.teacher_ids() == ["abc1000000000000"]
+
+
+def test_plan_round_trip_and_concurrent_creation_is_single(cache: Cache) -> None:
+    order = np.stack([np.random.default_rng(v).permutation(N) for v in range(V)]).astype(np.int32)
+    params = np.random.default_rng(1).integers(0, 9, (V, N, 3)).astype(np.int16)
+    labels = np.arange(N, dtype=np.int32) % 3
+    attrs = {"dataset": {"name": "x", "n_samples": N, "n_classes": 3, "fingerprint": "f"},
+             "recipe": {"name": "crop-flip"}, "seed": 0}
+    plan = PlanStore.create(cache.plan_path("p1"), cache.lock_path("plan", "p1"), "p1", attrs, order, params, labels)
+    o, p = plan.view(1)
+    assert np.array_equal(o, order[1]) and np.array_equal(p, params[1])
+    assert np.array_equal(plan.labels, labels) and plan.n_views == V and plan.recipe == "crop-flip"
+    mtime = (plan.path / "zarr.json").stat().st_mtime_ns
+    again = PlanStore.create(cache.plan_path("p1"), cache.lock_path("plan", "p1"), "p1", attrs, order * 0, params, labels)
+    assert (again.path / "zarr.json").stat().st_mtime_ns == mtime  # found, not rewritten
+    assert np.array_equal(again.view(1)[0], order[1])
+    assert plan.verify() == []
+
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from kdcache.store import WriterLock
+    lock = WriterLock(sys.argv[1], "teacher store T").acquire()
+    print("held", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_second_writer_is_refused_and_a_killed_holder_releases(tmp_path: Path) -> None:
+    path = tmp_path / "locks" / "teacher-T.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=rf"teacher store T is being written by another process \(pid {holder.pid} on"):
+            WriterLock(path, "teacher store T").acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with WriterLock(path, "teacher store T"):  # no stale lock: the kernel released it with the process
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_unwritable_cache_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StoreError, match="cannot create cache directory .*pass a writable --cache"):
+        Cache.at(blocker / "cache").ensure_writable()
