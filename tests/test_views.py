@@ -330,8 +330,8 @@ def test_resized_crop_flip_params_follow_torchvision_distribution():
     assert fraction.min() < 0.1 and fraction.max() > 0.9
     assert aspect.min() < 0.8 and aspect.max() > 1.25
     # Placement spans the free room: the box touches both edges sometimes.
-    free = height[ok] - h[ok]
-    assert ((i[ok] == 0) & (free > 0)).any() and ((i[ok] == free) & (free > 0)).any()
+    for offset, free in ((i[ok], height[ok] - h[ok]), (j[ok], width[ok] - w[ok])):
+        assert ((offset == 0) & (free > 0)).any() and ((offset == free) & (free > 0)).any()
 
 
 def test_resized_crop_flip_fallback_is_torchvision_central_crop():

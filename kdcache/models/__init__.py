@@ -1,0 +1,111 @@
+"""The model zoo: one registry of architectures, a uniform ``(h, z)`` interface, checkpoints.
+
+Every registered model maps a batch ``x`` to ``(h, z)``: ``h`` (B, D) is the
+input of the model's final ``nn.Linear`` and ``z`` (B, C) the logits, and
+``model.head`` is that linear layer (a property, so it adds no state_dict keys),
+so ``model.head(h)`` reproduces ``z``. The CIFAR family keeps RepDistiller /
+CA-MKD names and keys, the ImageNet family torchvision's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from kdcache.errors import KdcacheError, UnknownNameError
+
+from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
+from .cifar import CIFAR_MODELS
+from .imagenet import IMAGENET_MODELS
+
+__all__ = [
+    "ModelInfo", "model_names", "model_info", "build_model", "feature_dim",
+    "load_checkpoint", "extract_state_dict", "read_checkpoint", "forbid_construction",
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows about an architecture without building it."""
+
+    name: str
+    family: str  # "cifar" or "imagenet"
+    input_size: int  # side of the square input image: 32 for cifar, 224 for imagenet
+    description: str  # one line
+
+
+_INPUT_SIZE = {"cifar": 32, "imagenet": 224}
+_REGISTRY: dict[str, tuple[ModelInfo, Callable[[int], nn.Module]]] = {}
+
+
+def _register(family: str, table: dict[str, tuple[Callable[[int], nn.Module], str]]) -> None:
+    for name, (builder, description) in table.items():
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} registered twice")
+        _REGISTRY[name] = (ModelInfo(name, family, _INPUT_SIZE[family], description), builder)
+
+
+_register("cifar", CIFAR_MODELS)
+_register("imagenet", IMAGENET_MODELS)
+
+# Reasons of the forbid_construction contexts now active (process-wide, so that
+# background threads are covered too).
+_forbidden: list[str] = []
+
+
+def model_names() -> list[str]:
+    """All registered architecture names, in registration order (CIFAR family first)."""
+    return list(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[ModelInfo, Callable[[int], nn.Module]]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown architecture {name!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def model_info(name: str) -> ModelInfo:
+    """Registry facts about ``name``; UnknownNameError listing the known names if absent."""
+    return _lookup(name)[0]
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised ``name`` network with ``num_classes`` outputs (no weights loaded).
+
+    Raises UnknownNameError for an unregistered name, and KdcacheError while a
+    :func:`forbid_construction` context is active.
+    """
+    if _forbidden:
+        raise KdcacheError(f"refusing to build a network: {_forbidden[-1]}")
+    _, builder = _lookup(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise KdcacheError(f"num_classes must be a positive integer, got {num_classes!r}")
+    model = builder(num_classes)
+    # Plain attribute (not state): lets checkpoint errors name the architecture.
+    model.kdcache_arch = name
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width D of the penultimate features ``h``: the input size of ``model.head``."""
+    return int(model.head.in_features)
+
+
+@contextlib.contextmanager
+def forbid_construction(reason: str) -> Iterator[None]:
+    """While active, :func:`build_model` raises instead of building.
+
+    Lets a caller prove a code path (e.g. distillation from cached teacher
+    outputs) never builds a network. Contexts nest; each exit restores the
+    previous state, also when the body raises.
+    """
+    _forbidden.append(reason)
+    try:
+        yield
+    finally:
+        _forbidden.pop()

@@ -77,7 +77,7 @@ def _normalize_by_table(images: torch.Tensor, mean: tuple[float, ...], std: tupl
     n_channels = images.shape[1]
     table = _normalize_table(mean, std, images.device)
     offsets = torch.arange(0, 256 * n_channels, 256, device=images.device).view(1, n_channels, 1, 1)
-    return table[images.long()]
+    return table[images.long() + offsets]
 
 
 @lru_cache(maxsize=32)

@@ -95,41 +95,50 @@ _WIDE = [32, 64, 128, 256]
 
 
 def resnet8(num_classes: int) -> ResNet:
+    """ResNet-8: one basic block per stage, widths 16-32-64."""
     return ResNet(8, _THIN, num_classes)
 
 
 def resnet14(num_classes: int) -> ResNet:
+    """ResNet-14: two basic blocks per stage, widths 16-32-64."""
     return ResNet(14, _THIN, num_classes)
 
 
 def resnet20(num_classes: int) -> ResNet:
+    """ResNet-20: three basic blocks per stage, widths 16-32-64."""
     return ResNet(20, _THIN, num_classes)
 
 
 def resnet32(num_classes: int) -> ResNet:
+    """ResNet-32: five basic blocks per stage, widths 16-32-64."""
     return ResNet(32, _THIN, num_classes)
 
 
 def resnet44(num_classes: int) -> ResNet:
+    """ResNet-44: seven basic blocks per stage, widths 16-32-64."""
     return ResNet(44, _THIN, num_classes)
 
 
 def resnet56(num_classes: int) -> ResNet:
+    """ResNet-56: nine basic blocks per stage, widths 16-32-64."""
     return ResNet(56, _THIN, num_classes)
 
 
 def resnet110(num_classes: int) -> ResNet:
+    """ResNet-110: eighteen basic blocks per stage, widths 16-32-64."""
     return ResNet(110, _THIN, num_classes)
 
 
 def resnet8x4(num_classes: int) -> ResNet:
+    """ResNet-8x4: one basic block per stage, widths 64-128-256 (stem 32)."""
     return ResNet(8, _WIDE, num_classes)
 
 
 def resnet20x4(num_classes: int) -> ResNet:
-    """CA-MKD's addition to the RepDistiller zoo."""
+    """ResNet-20x4 (CA-MKD): three basic blocks per stage, widths 64-128-256."""
     return ResNet(20, _WIDE, num_classes)
 
 
 def resnet32x4(num_classes: int) -> ResNet:
+    """ResNet-32x4: five basic blocks per stage, widths 64-128-256 (stem 32)."""
     return ResNet(32, _WIDE, num_classes)

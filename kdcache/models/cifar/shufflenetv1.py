@@ -85,4 +85,5 @@ class ShuffleNet(nn.Module):
 
 
 def ShuffleV1(num_classes: int) -> ShuffleNet:  # noqa: N802 - the zoo's name
+    """ShuffleNet V1, 3 groups, stage widths 240-480-960."""
     return ShuffleNet([240, 480, 960], [4, 8, 4], groups=3, num_classes=num_classes)

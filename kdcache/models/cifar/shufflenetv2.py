@@ -103,4 +103,5 @@ class ShuffleNetV2(nn.Module):
 
 
 def ShuffleV2(num_classes: int) -> ShuffleNetV2:  # noqa: N802 - the zoo's name
+    """ShuffleNet V2 net size 1, stage widths 116-232-464, 1024 features."""
     return ShuffleNetV2((116, 232, 464, 1024), (3, 7, 3), num_classes)

@@ -84,20 +84,25 @@ class VGG(nn.Module):
 
 
 def vgg8(num_classes: int) -> VGG:
+    """VGG-8 with batch norm (RepDistiller ``vgg8_bn``, configuration 'S')."""
     return VGG(_CFG["S"], num_classes)
 
 
 def vgg11(num_classes: int) -> VGG:
+    """VGG-11 with batch norm (RepDistiller ``vgg11_bn``, configuration 'A')."""
     return VGG(_CFG["A"], num_classes)
 
 
 def vgg13(num_classes: int) -> VGG:
+    """VGG-13 with batch norm (RepDistiller ``vgg13_bn``, configuration 'B')."""
     return VGG(_CFG["B"], num_classes)
 
 
 def vgg16(num_classes: int) -> VGG:
+    """VGG-16 with batch norm (RepDistiller ``vgg16_bn``, configuration 'D')."""
     return VGG(_CFG["D"], num_classes)
 
 
 def vgg19(num_classes: int) -> VGG:
+    """VGG-19 with batch norm (RepDistiller ``vgg19_bn``, configuration 'E')."""
     return VGG(_CFG["E"], num_classes)

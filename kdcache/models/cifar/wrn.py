@@ -93,16 +93,20 @@ class WideResNet(nn.Module):
 
 
 def wrn_16_1(num_classes: int) -> WideResNet:
+    """WRN-16-1: two blocks per stage, widths 16-32-64."""
     return WideResNet(16, 1, num_classes)
 
 
 def wrn_16_2(num_classes: int) -> WideResNet:
+    """WRN-16-2: two blocks per stage, widths 32-64-128."""
     return WideResNet(16, 2, num_classes)
 
 
 def wrn_40_1(num_classes: int) -> WideResNet:
+    """WRN-40-1: six blocks per stage, widths 16-32-64."""
     return WideResNet(40, 1, num_classes)
 
 
 def wrn_40_2(num_classes: int) -> WideResNet:
+    """WRN-40-2: six blocks per stage, widths 32-64-128."""
     return WideResNet(40, 2, num_classes)

@@ -1,0 +1,107 @@
+"""ImageFolder-style data sets: ROOT/train/<class>/*, ROOT/val/<class>/*.
+
+This fits Tiny-ImageNet (once its val images are sorted into class folders) and
+Stanford Dogs. Samples are listed with torchvision's own `find_classes` and
+`make_dataset`, so class order (sorted folder names) and accepted extensions
+are exactly torchvision.datasets.ImageFolder's. Images stay on disk and are
+decoded on demand (FileSource).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from kdcache.data.base import DataSet, FileSource
+from kdcache.errors import DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _list_split(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    try:
+        return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{folder}: {str(exc).strip()}; every class folder needs at least one image") from exc
+
+
+def _fingerprint(train_dir: Path, samples: list[tuple[str, int]]) -> str:
+    """sha256 over sorted (path relative to train/, file size, label).
+
+    Cheap on 100k files (a stat each, no reads); it catches added, removed,
+    renamed, relabelled and resized files, but not an edit that keeps a file's
+    byte size.
+    """
+    rows = []
+    for path, label in samples:
+        rel = Path(path).relative_to(train_dir).as_posix()
+        rows.append((rel, os.stat(path).st_size, label))
+    h = hashlib.sha256(b"kdcache-imagefolder-v1\n")
+    for rel, size, label in sorted(rows):
+        h.update(f"{rel}\0{size}\0{label}\n".encode())
+    return h.hexdigest()
+
+
+def load_imagefolder(root: str | os.PathLike | None) -> DataSet:
+    """List ROOT/train and ROOT/val (same class folders in both) as file-backed sources."""
+    if root is None:
+        raise DatasetError(
+            "data set imagefolder needs --data-root: a folder with train/<class>/<image> and val/<class>/<image>"
+        )
+    # absolute, so the listed paths survive a change of working directory
+    root = Path(os.path.abspath(Path(root).expanduser()))
+    train_dir, val_dir = root / "train", root / "val"
+    for d in (train_dir, val_dir):
+        if not d.is_dir():
+            raise DatasetError(
+                f"ImageFolder data not found: expected folder {d} with one sub-folder of images per class "
+                f"(train/ and val/ alike); kdcache never downloads: put the images under {root}"
+            )
+    try:
+        classes, class_to_idx = find_classes(str(train_dir))
+        val_classes, _ = find_classes(str(val_dir))
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{str(exc).strip()} ImageFolder expects <split>/<class>/<image> under {root}") from exc
+    if val_classes != classes:
+        missing = sorted(set(classes) - set(val_classes))
+        extra = sorted(set(val_classes) - set(classes))
+        parts = ([f"lacks {_names(missing)}"] if missing else []) + ([f"has extra {_names(extra)}"] if extra else [])
+        raise DatasetError(
+            f"class folders of {val_dir} differ from {train_dir}: it {' and '.join(parts)}; lay val/ out like train/, "
+            "one folder per class (Tiny-ImageNet's val/images + val_annotations.txt must be sorted into class folders)"
+        )
+    train_samples = _list_split(train_dir, class_to_idx)
+    val_samples = _list_split(val_dir, class_to_idx)
+
+    def source(samples: list[tuple[str, int]]) -> FileSource:
+        return FileSource([p for p, _ in samples], [c for _, c in samples])
+
+    return DataSet(
+        name="imagefolder",
+        num_classes=len(classes),
+        classes=list(classes),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        recipe="resized-crop-flip",
+        image_size=224,
+        train=source(train_samples),
+        test=source(val_samples),
+        fingerprint=_fingerprint(train_dir, train_samples),
+    )
+
+
+def describe() -> str:
+    """One line for `kdcache datasets`."""
+    return (
+        "ROOT/train/<class>/* and ROOT/val/<class>/* images of any size (Tiny-ImageNet, "
+        "Stanford Dogs), viewed at 224x224; needs --data-root"
+    )
