@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdcache.batches import view_batch
-from kdcache.data import DataSet, load_dataset
+from kdcache.data import DataSet, ImageSource, load_dataset
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
@@ -141,6 +141,7 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                  tick: Progress | None = None) -> None:
     """Forward the teacher over each (view, chunk) and write it; one writer thread overlaps I/O with compute."""
     labels = torch.as_tensor(plan.labels)
+    source = dataset.train.to(device) if dataset.train.resident else dataset.train
     view_cache: tuple[int, np.ndarray, np.ndarray] | None = None
     in_flight: deque[Future[None]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as writer:
@@ -149,7 +150,7 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                 view_cache = (v, *plan.view(v))
             rows = store.rows(c)
             indices, params = view_cache[1][rows], view_cache[2][rows]
-            logits, features = forward_rows(model, dataset, plan.recipe, indices, params, device, batch_size)
+            logits, features = forward_rows(model, dataset, source, plan.recipe, indices, params, device, batch_size)
             _refuse_non_finite(logits, features, store.id, v, rows)
             n_correct = int((logits.float().argmax(1) == labels[indices]).sum())
             while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
@@ -162,13 +163,13 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
 
 
 @torch.inference_mode()
-def forward_rows(model: torch.nn.Module, dataset: DataSet, recipe: str, indices: np.ndarray, params: np.ndarray,
-                 device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_rows(model: torch.nn.Module, dataset: DataSet, source: ImageSource, recipe: str, indices: np.ndarray,
+                 params: np.ndarray, device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's float16 logits and features, on the CPU, for these rows of a view."""
     out_z, out_h = [], []
     for start in range(0, len(indices), batch_size):
         sl = slice(start, start + batch_size)
-        h, z = model(view_batch(dataset, dataset.train, recipe, indices[sl], params[sl], device))
+        h, z = model(view_batch(dataset, source, recipe, indices[sl], params[sl], device))
         out_z.append(z.to(torch.float16).cpu())
         out_h.append(h.to(torch.float16).cpu())
     return torch.cat(out_z), torch.cat(out_h)

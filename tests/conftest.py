@@ -1,0 +1,35 @@
+"""Fixtures shared by the end-to-end tests: a digits teacher checkpoint and a private cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from kdcache.cli.main import main
+from kdcache.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test ever touches the user's ~/.cache/kdcache."""
+    home = tmp_path / "kdcache-home"
+    monkeypatch.setenv("KDCACHE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A resnet8 checkpoint for digits (seeded random weights: its outputs are what matters, not its skill)."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10)
+    path = tmp_path_factory.mktemp("teachers") / "resnet8.pth"
+    torch.save({"model": model.state_dict(), "arch": "resnet8"}, path)
+    return path
+
+
+def run_cli(*args: str) -> Result:
+    """Invoke ``kdcache`` in-process, as a user would from a shell."""
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -1,0 +1,184 @@
+"""`kdcache precompute` end to end on real files: what it stores, that it reuses, resumes and dry-runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+import zarr
+
+from conftest import run_cli
+from fakes import write_fake_cifar
+from kdcache.data import load_dataset
+from kdcache.evaluate import evaluate
+from kdcache.models import build_model, load_checkpoint
+from kdcache.store import Cache
+
+ROWS = 256  # 1437 digits rows -> 6 chunks a view
+
+
+def precompute(ckpt: Path, cache: Path, *extra: str, arch: str = "resnet8", views: int = 3) -> str:
+    result = run_cli("precompute", "--teacher", arch, "--checkpoint", ckpt, "--dataset", "digits",
+                     "--cache", cache, "--views", views, "--chunk-rows", ROWS, "--batch-size", 256, "--device", "cpu",
+                     *extra)
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+def teacher(ckpt: Path, arch: str = "resnet8") -> torch.nn.Module:
+    model = build_model(arch, 10)
+    load_checkpoint(model, ckpt)
+    return model.eval()
+
+
+def torchvision_view(image: torch.Tensor, top: int, left: int, flip: int, mean, std) -> torch.Tensor:
+    """The view built with torchvision's own transforms, independently of kdcache's replay."""
+    img = TF.crop(TF.pad(image, [4]), top, left, 32, 32)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(img.float().div(255), mean, std)
+
+
+def test_rows_are_the_teachers_outputs_on_the_plans_views(digits_teacher: Path, tmp_path: Path) -> None:
+    tid = precompute(digits_teacher, tmp_path / "c")
+    cache = Cache.at(tmp_path / "c")
+    store = cache.open_teacher(tid)
+    plan = cache.open_plan(store.plan_id)
+    data = load_dataset("digits")
+    model = teacher(digits_teacher)
+    assert (store.n_views, store.n_samples, store.num_classes, store.feature_dim) == (3, 1437, 10, 64)
+    assert store.group["logits"].chunks == (1, ROWS, 10) and store.group["features"].chunks == (1, ROWS, 64)
+    for v, c in [(0, 0), (2, 5), (1, 3)]:
+        order, params = plan.view(v)
+        rows = store.rows(c)
+        idx = order[rows]
+        x = torch.stack([torchvision_view(data.train.images[i], *params[r].tolist(), data.mean, data.std)
+                         for r, i in zip(range(rows.start, rows.stop), idx)])
+        with torch.inference_mode():
+            h, z = model(x)
+        logits, features = store.read_chunk(v, c)
+        torch.testing.assert_close(torch.from_numpy(logits).float(), z.half().float(), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(torch.from_numpy(features).float(), h.half().float(), atol=2e-3, rtol=2e-3)
+    assert np.array_equal(plan.labels, data.train.labels)
+    for v in range(3):
+        assert np.array_equal(np.sort(plan.view(v)[0]), np.arange(1437))
+    w, b = store.head()
+    assert torch.equal(w, model.head.weight.detach()) and torch.equal(b, model.head.bias.detach())
+
+
+def test_accuracies_are_recorded(digits_teacher: Path, tmp_path: Path) -> None:
+    tid = precompute(digits_teacher, tmp_path / "c")
+    cache = Cache.at(tmp_path / "c")
+    store = cache.open_teacher(tid)
+    plan = cache.open_plan(store.plan_id)
+    top1, top5 = evaluate(teacher(digits_teacher), load_dataset("digits"), "crop-flip", torch.device("cpu"))
+    assert store.attrs["test_accuracy"] == pytest.approx(top1) and store.attrs["test_top5"] == pytest.approx(top5)
+    logits = store.group["logits"][...]
+    correct = sum(int((logits[v].astype(np.float32).argmax(1) == plan.labels[plan.view(v)[0]]).sum()) for v in range(3))
+    assert store.attrs["view_accuracy"] == pytest.approx(100.0 * correct / (3 * 1437))
+    assert store.attrs["checkpoint"]["sha256"] == __import__("hashlib").sha256(digits_teacher.read_bytes()).hexdigest()
+    assert store.attrs["complete"] is True and store.attrs["arch"] == "resnet8"
+
+
+def _files(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_rerun_finds_the_complete_store_and_writes_nothing(digits_teacher: Path, tmp_path: Path) -> None:
+    tid = precompute(digits_teacher, tmp_path / "c")
+    before = _files(tmp_path / "c" / "teachers")
+    t0 = time.perf_counter()
+    result = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
+                     "--cache", tmp_path / "c", "--views", 3, "--chunk-rows", ROWS)
+    assert result.exit_code == 0 and result.stdout.strip().splitlines()[-1] == tid
+    assert "already complete" in result.output
+    assert time.perf_counter() - t0 < 5
+    assert _files(tmp_path / "c" / "teachers") == before
+
+
+def test_dry_run_says_what_it_would_write_and_writes_nothing(digits_teacher: Path, tmp_path: Path) -> None:
+    result = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
+                     "--cache", tmp_path / "c", "--views", 3, "--chunk-rows", ROWS, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "c").exists()
+    out = result.stdout
+    assert "3 views x 1437 samples = 4311 rows" in out
+    assert "logits     (3, 1437, 10) float16, chunks (1, 256, 10): 84.2 KiB" in out
+    assert "features   (3, 1437, 64) float16, chunks (1, 256, 64): 538.9 KiB" in out
+    assert "4311 teacher forward passes" in out
+    assert out.strip().splitlines()[-1] == precompute(digits_teacher, tmp_path / "c")
+
+
+def test_ids_follow_content(digits_teacher: Path, tmp_path: Path) -> None:
+    a = precompute(digits_teacher, tmp_path / "c", views=2)
+    b = precompute(digits_teacher, tmp_path / "c", "--plan-seed", "1", views=2)
+    torch.manual_seed(1)
+    other = tmp_path / "other.pth"
+    torch.save(build_model("resnet8", 10).state_dict(), other)  # a bare state_dict
+    c = precompute(other, tmp_path / "c", views=2)
+    cache = Cache.at(tmp_path / "c")
+    plans = {t: cache.open_teacher(t).plan_id for t in (a, b, c)}
+    assert len({a, b, c}) == 3
+    assert plans[a] == plans[c] != plans[b]  # two teachers share a plan; another seed is another plan
+    assert cache.plan_ids() == sorted({plans[a], plans[b]})
+
+
+def test_cifar_format_data_through_the_real_loader(tmp_path: Path) -> None:
+    root = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=40, n_test=20, seed=0)
+    ckpt = tmp_path / "wrn.pth"
+    torch.save({"state_dict": build_model("wrn_16_1", 100).state_dict()}, ckpt)
+    result = run_cli("precompute", "--teacher", "wrn_16_1", "--checkpoint", ckpt, "--dataset", "cifar100",
+                     "--data-root", root, "--cache", tmp_path / "c", "--views", 2, "--chunk-rows", 16)
+    assert result.exit_code == 0, result.output
+    store = Cache.at(tmp_path / "c").open_teacher(result.stdout.strip().splitlines()[-1])
+    assert store.group["logits"].shape == (2, 40, 100) and store.group["features"].shape == (2, 40, 64)
+    assert store.chunks_per_view == 3 and store.verify() == []
+
+
+def _markers(store_path: Path) -> list[Path]:
+    return sorted((store_path / "done" / "c").rglob("*")) if (store_path / "done" / "c").exists() else []
+
+
+def test_killed_run_resumes_at_its_last_completed_chunk(digits_teacher: Path, tmp_path: Path) -> None:
+    args = ["precompute", "--teacher", "resnet8", "--checkpoint", str(digits_teacher), "--dataset", "digits",
+            "--views", "6", "--chunk-rows", "64", "--batch-size", "64", "--device", "cpu"]
+    cli = [sys.executable, "-m", "kdcache.cli", *args]
+    reference = subprocess.run([*cli, "--cache", str(tmp_path / "ref")], capture_output=True, text=True, check=True)
+    tid = reference.stdout.strip().splitlines()[-1]
+    store_path = tmp_path / "c" / "teachers" / tid
+
+    proc = subprocess.Popen([*cli, "--cache", str(tmp_path / "c")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len([m for m in _markers(store_path) if m.is_file()]) < 10 and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    total = 6 * 23
+    done_before = {m: m.stat().st_ino for m in _markers(store_path) if m.is_file()}
+    assert 10 <= len(done_before) < total, "the run was not killed midway"
+    assert not zarr.open_group(store_path, mode="r").attrs["complete"]
+    data_before = {}
+    for m in done_before:
+        v, c = m.parent.name, m.name
+        data_before[(v, c)] = [(store_path / a / "c" / v / c / "0").stat().st_ino for a in ("logits", "features")]
+
+    resumed = subprocess.run([*cli, "--cache", str(tmp_path / "c")], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == tid
+    for (v, c), inodes in data_before.items():  # chunks marked before the kill were not rewritten
+        assert [(store_path / a / "c" / v / c / "0").stat().st_ino for a in ("logits", "features")] == inodes
+    ref = zarr.open_group(tmp_path / "ref" / "teachers" / tid, mode="r")
+    got = zarr.open_group(store_path, mode="r")
+    for name in ("logits", "features", "done", "head/weight", "head/bias"):
+        assert np.array_equal(ref[name][...], got[name][...]), name
+    assert not list(store_path.rglob("*.partial"))
+    verify = run_cli("cache", "verify", tid, "--cache", tmp_path / "c")
+    assert verify.exit_code == 0 and f"{tid}: ok" in verify.output
