@@ -94,7 +94,9 @@ def train_teacher(req: TrainTeacherRequest,
         t0 = time.perf_counter()
         model.train()
         order, params = draw_plan(dataset.recipe, 1, n, training.epoch_seed(req.seed, epoch), sizes)
-        loss_sum = correct = seen = 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
         for b in range(n // req.batch_size):  # the incomplete last batch is dropped, as officially
             rows = slice(b * req.batch_size, (b + 1) * req.batch_size)
             idx = order[0, rows]
@@ -105,14 +107,14 @@ def train_teacher(req: TrainTeacherRequest,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(y)  # summed on the device: no host sync per step
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         top1, top5 = evaluate(model, dataset, dataset.recipe, device)
         result.best_acc = max(result.best_acc, top1)
-        record = EpochRecord(epoch, loss_sum / seen, 100.0 * correct / seen, top1, top5, lr_now,
+        record = EpochRecord(epoch, float(loss_sum) / seen, 100.0 * int(correct) / seen, top1, top5, lr_now,
                              time.perf_counter() - t0)
         result.history.append(record)
         training.save_atomic({
