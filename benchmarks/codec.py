@@ -2,8 +2,8 @@
 
     python benchmarks/codec.py [--store TEACHER_ID --cache DIR]
 
-Without --store it trains a small digits teacher for a few epochs and runs it
-over 4 views, so that logits and (post-ReLU) features look like real ones. Every
+Without --store it trains a small digits teacher for 15 epochs and runs it
+over 16 views, so that logits and (post-ReLU) features look like real ones. Every
 candidate is followed by CRC32C, as in the store; the numbers are bytes on disk
 per row and compression/decompression speed through zarr itself.
 """
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="An existing teacher id to measure instead of a fresh digits teacher.")
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--arch", default="resnet8x4")
+    ap.add_argument("--epochs", type=int, default=15, help="Training epochs of the fresh digits teacher.")
+    ap.add_argument("--views", type=int, default=16, help="Views of the fresh digits teacher's store.")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -63,9 +65,10 @@ def main() -> None:
         tid = args.store
         if tid is None:
             ckpt = tmp / "t.pth"
-            train_teacher(TrainTeacherRequest(arch=args.arch, dataset="digits", out=ckpt, epochs=5, device="cpu"))
+            train_teacher(TrainTeacherRequest(arch=args.arch, dataset="digits", out=ckpt, epochs=args.epochs,
+                                              device="cpu"))
             tid = precompute(PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="digits",
-                                               cache=cache.root, views=4, device="cpu")).teacher_id
+                                               cache=cache.root, views=args.views, device="cpu")).teacher_id
         store = cache.open_teacher(tid)
         rows = store.chunk_rows
         print(f"machine: {machine()}")

@@ -15,6 +15,18 @@ cache_option = click.option(
 data_root_option = click.option(
     "--data-root", type=click.Path(path_type=Path), default=None,
     help="Where the data set lies on disk (not needed for digits). Nothing is ever downloaded.")
+def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return sorted(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter("give epochs separated by commas, e.g. 150,180,210") from None
+
+
+milestones_option = click.option(
+    "--lr-milestones", callback=_milestones, default=None, metavar="E1,E2,...",
+    help="Epochs at which the lr is divided by 10 [default: 150,180,210 scaled to --epochs].")
 device_option = click.option(
     "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 

@@ -6,19 +6,10 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli.common import cache_option, data_root_option, device_option, row_progress
+from kdcache.cli.common import cache_option, data_root_option, device_option, milestones_option, row_progress
 from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
 from kdcache import training
-
-
-def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return sorted(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter("give epochs separated by commas, e.g. 150,180,210") from None
 
 
 @click.command("train-teacher")
@@ -31,8 +22,7 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 @click.option("--batch-size", type=int, default=training.BATCH_SIZE, help="Batch size (official: 64).")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2].")
-@click.option("--lr-milestones", callback=_milestones, default=None, metavar="E1,E2,...",
-              help="Epochs at which the lr is divided by 10 [default: 150,180,210 scaled to --epochs].")
+@milestones_option
 @click.option("--momentum", type=float, default=training.MOMENTUM, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=training.WEIGHT_DECAY, help="Weight decay.")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights and the augmentation.")

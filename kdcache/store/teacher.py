@@ -192,6 +192,19 @@ class TeacherStore:
             out.append(block)
         return out[0], out[1]
 
+    def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and features of rows [start, stop) of view ``v``, read chunk by chunk (so errors name the chunk).
+
+        Teachers of different widths have different chunk sizes; a reader walks
+        all of them in blocks of the largest and reads whatever chunks each block covers.
+        """
+        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
+        parts = [self.read_chunk(v, c) for c in range(first, last + 1)]
+        offset = first * self.chunk_rows
+        logits = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        features = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        return logits[start - offset:stop - offset], features[start - offset:stop - offset]
+
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
         return (torch.from_numpy(self.group["head/weight"][...]), torch.from_numpy(self.group["head/bias"][...]))

@@ -1,0 +1,178 @@
+"""Streaming K teacher stores into student training.
+
+A run reads each epoch's view front to back in chunks: the :class:`Schedule`
+decides which view an epoch uses, the order of its chunks and the shuffle of rows
+within each chunk, all from (seed, epoch), so a run is reproducible and two seeds
+see different batches while every read stays a whole, sequential chunk. The
+:class:`TeacherStream` reads the chunk blocks of all K teachers on background
+threads (dask's threaded scheduler) a bounded number of blocks ahead of the
+training step, so memory does not grow with the number of views or samples.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import dask
+import numpy as np
+import torch
+
+from kdcache.errors import StoreError
+from kdcache.store import PlanStore, TeacherStore
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+class Schedule:
+    """Which view, chunk order and row shuffle each epoch uses: a pure function of (seed, epoch)."""
+
+    def __init__(self, n_views: int, n_samples: int, chunk_rows: int, seed: int) -> None:
+        self.n_views, self.n_samples, self.chunk_rows, self.seed = n_views, n_samples, chunk_rows, seed
+        self.n_chunks = -(-n_samples // chunk_rows)
+        self._views = _rng(seed, 0).permutation(n_views)
+
+    def view(self, epoch: int) -> int:
+        """Epoch ``epoch`` (1-based) reads view σ(epoch) of a per-seed permutation, wrapping after V epochs."""
+        return int(self._views[(epoch - 1) % self.n_views])
+
+    def chunk_order(self, epoch: int) -> np.ndarray:
+        """The order in which this epoch reads its view's chunks."""
+        return _rng(self.seed, 1, epoch).permutation(self.n_chunks)
+
+    def row_shuffle(self, epoch: int, chunk: int) -> np.ndarray:
+        """Row positions of ``chunk`` (within the view) in the order this epoch uses them."""
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.n_samples)
+        return start + _rng(self.seed, 2, epoch, chunk).permutation(stop - start)
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Every row position of the epoch's view, in reading order (chunks permuted, rows shuffled within)."""
+        return np.concatenate([self.row_shuffle(epoch, int(c)) for c in self.chunk_order(epoch)])
+
+    def steps(self, batch_size: int) -> int:
+        """Training steps per epoch (the incomplete last batch is dropped)."""
+        return self.n_samples // batch_size
+
+
+@dataclass
+class StreamBatch:
+    """One training batch: where its rows lie in the plan, and the teachers' stored outputs for them."""
+
+    view: int
+    rows: np.ndarray                    # (B,) row positions within the view
+    indices: np.ndarray                 # (B,) sample ids: order[view, rows]
+    params: np.ndarray                  # (B, P) replay parameters of those rows
+    labels: np.ndarray                  # (B,)
+    teacher_logits: list[torch.Tensor]  # K x (B, C) float16 (empty when teachers run live)
+    teacher_features: list[torch.Tensor]  # K x (B, D_k) float16
+
+
+@dataclass
+class _Block:
+    rows: np.ndarray
+    logits: list[np.ndarray]
+    features: list[np.ndarray]
+
+
+class TeacherStream:
+    """Batches of an epoch with the K teachers' rows, read ``prefetch`` chunk blocks ahead on background threads."""
+
+    def __init__(self, plan: PlanStore, stores: list[TeacherStore], seed: int, prefetch: int = 2,
+                 read_teachers: bool = True, pin_memory: bool = False) -> None:
+        check_compatible(plan, stores)
+        self.plan = plan
+        self.stores = stores
+        self.read_teachers = read_teachers
+        self.prefetch = max(1, prefetch)
+        self.pin_memory = pin_memory
+        # Read in blocks of the largest chunk: every teacher's chunks are powers of two (or the whole view).
+        block_rows = max((s.chunk_rows for s in stores), default=plan.n_samples)
+        self.schedule = Schedule(plan.n_views, plan.n_samples, block_rows, seed)
+        self.labels = plan.labels
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[StreamBatch]:
+        """The batches of ``epoch`` (1-based) in order; the incomplete last batch is dropped."""
+        v = self.schedule.view(epoch)
+        order, params = self.plan.view(v)
+        blocks: queue.Queue[_Block | BaseException | None] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read, args=(epoch, v, blocks, stop), daemon=True,
+                                  name="kdcache-stream")
+        reader.start()
+        try:
+            carry: _Block | None = None
+            while True:
+                item = blocks.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                carry = item if carry is None else _concat(carry, item)
+                while len(carry.rows) >= batch_size:
+                    head, carry = _split(carry, batch_size)
+                    yield self._batch(v, head, order, params)
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    blocks.get_nowait()
+                except queue.Empty:
+                    reader.join(0.01)
+
+    def _read(self, epoch: int, v: int, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for c in self.schedule.chunk_order(epoch):
+                if stop.is_set():
+                    return
+                rows = self.schedule.row_shuffle(epoch, int(c))
+                start = int(c) * self.schedule.chunk_rows
+                logits, features = self._read_block(v, start, start + len(rows)) if self.read_teachers else ([], [])
+                local = rows - start
+                out.put(_Block(rows, [z[local] for z in logits], [h[local] for h in features]))
+            out.put(None)
+        except BaseException as exc:  # handed to the training thread, which raises it
+            out.put(exc)
+
+    def _read_block(self, v: int, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Rows [start, stop) of view ``v`` of every teacher, read in parallel on dask's threaded scheduler."""
+        parts = dask.compute(*[dask.delayed(s.read_rows)(v, start, stop) for s in self.stores], scheduler="threads")
+        return [p[0] for p in parts], [p[1] for p in parts]
+
+    def _batch(self, v: int, block: _Block, order: np.ndarray, params: np.ndarray) -> StreamBatch:
+        indices = order[block.rows]
+        return StreamBatch(v, block.rows, indices, params[block.rows], self.labels[indices],
+                           [self._tensor(z) for z in block.logits], [self._tensor(h) for h in block.features])
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.pin_memory() if self.pin_memory else t
+
+
+def _concat(a: _Block, b: _Block) -> _Block:
+    return _Block(np.concatenate([a.rows, b.rows]), [np.concatenate(p) for p in zip(a.logits, b.logits)],
+                  [np.concatenate(p) for p in zip(a.features, b.features)])
+
+
+def _split(block: _Block, n: int) -> tuple[_Block, _Block]:
+    return (_Block(block.rows[:n], [z[:n] for z in block.logits], [h[:n] for h in block.features]),
+            _Block(block.rows[n:], [z[n:] for z in block.logits], [h[n:] for h in block.features]))
+
+
+def check_compatible(plan: PlanStore, stores: list[TeacherStore]) -> None:
+    """Refuse teachers on different plans, or stores whose shape disagrees with the plan."""
+    plans = {s.plan_id for s in stores}
+    if len(plans) > 1:
+        listing = ", ".join(f"{s.id} on plan {s.plan_id}" for s in stores)
+        raise StoreError(f"the teachers were precomputed on different view plans ({listing}); "
+                         "precompute them with the same --views and --plan-seed")
+    for s in stores:
+        if s.plan_id != plan.id:
+            raise StoreError(f"teacher store {s.id} is on plan {s.plan_id}, not {plan.id}")
+        if (s.n_views, s.n_samples) != (plan.n_views, plan.n_samples):
+            raise StoreError(f"teacher store {s.id} holds {s.n_views}x{s.n_samples} rows but its plan "
+                             f"{plan.id} has {plan.n_views}x{plan.n_samples}")

@@ -1,0 +1,338 @@
+"""The distill stage: train a student from K cached teachers (or, with ``online``, from the live teachers).
+
+Read top to bottom: open the stores and their plan, load the data set they were
+computed on, build the student and the method, restore a checkpoint if resuming,
+then train epoch by epoch: stream batches (teacher rows read ahead on background
+threads), replay the same views for the student, compute the method's loss, step;
+evaluate, log and checkpoint after every epoch. The cached path never builds a
+teacher network: model construction is forbidden once the student exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from kdcache import __version__, training
+from kdcache.batches import view_batch
+from kdcache.data import DataSet, load_dataset
+from kdcache.device import resolve_device
+from kdcache.errors import CheckpointError, KdcacheError, StoreError
+from kdcache.evaluate import evaluate
+from kdcache.losses import Batch, LossTerms, Method, MethodOptions, build_method, method_info
+from kdcache.models import build_model, feature_dim, forbid_construction, load_checkpoint, model_info
+from kdcache.models.checkpoint import read_checkpoint
+from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
+from kdcache.stream import StreamBatch, TeacherStream, check_compatible
+
+
+@dataclass
+class DistillRequest:
+    """Everything ``kdcache distill`` takes; None means the official default."""
+
+    student: str
+    teachers: list[str]
+    method: str
+    out: Path
+    cache: Path | None = None
+    dataset: str | None = None        # default: the data set the plan was drawn on
+    data_root: Path | None = None
+    epochs: int = training.EPOCHS
+    batch_size: int = training.BATCH_SIZE
+    lr: float | None = None
+    momentum: float = training.MOMENTUM
+    weight_decay: float = training.WEIGHT_DECAY
+    milestones: list[int] | None = None
+    seed: int = 0
+    device: str | None = None
+    resume: bool = False
+    online: bool = False
+    amp: bool = False
+    prefetch: int = 2
+    options: MethodOptions = field(default_factory=MethodOptions)
+
+
+@dataclass
+class EpochMetrics:
+    """One line of metrics.jsonl."""
+
+    epoch: int
+    view: int
+    train: dict[str, float]
+    teacher_weights: list[float] | None
+    test_top1: float
+    test_top5: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class StepRecord:
+    """One training step, for callers that watch every batch (tests, benchmarks)."""
+
+    epoch: int
+    step: int
+    indices: torch.Tensor
+    terms: dict[str, float]
+    total: float
+
+
+@dataclass
+class DistillResult:
+    out: Path
+    best_top1: float
+    history: list[EpochMetrics]
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pth", "best.pth", "last.pth")
+
+
+def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None = None,
+            on_step: Callable[[StepRecord], None] | None = None) -> DistillResult:
+    """Train ``req.student`` with ``req.method`` from the teacher stores; write the run directory ``req.out``."""
+    training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum)
+    model_info(req.student)
+    info = method_info(req.method)
+    cache = Cache.at(req.cache)
+    stores = [cache.open_teacher(t) for t in req.teachers]
+    plan = _open_plan(cache, stores)
+    dataset = _dataset_of(plan, req)
+    _teacher_classes_fit(stores, dataset)
+    device = resolve_device(req.device)
+    out = Path(req.out)
+    _check_run_dir(out, req.resume)
+
+    torch.manual_seed(req.seed)
+    student = build_model(req.student, dataset.num_classes).to(device)
+    method = build_method(req.method, num_classes=dataset.num_classes, student_dim=feature_dim(student),
+                          teacher_dims=[s.feature_dim for s in stores],
+                          teacher_heads=[s.head() for s in stores] if info.uses_heads else None,
+                          options=req.options).to(device)
+    lr = req.lr if req.lr is not None else training.official_lr(req.student)
+    milestones = req.milestones if req.milestones is not None else training.milestones_for(req.epochs)
+    optimizer = training.make_optimizer([*student.parameters(), *method.parameters()], lr, req.momentum,
+                                        req.weight_decay)
+    scheduler = training.make_scheduler(optimizer, milestones)
+    config = _config(req, lr, milestones, stores, plan, dataset)
+    start, best = 1, 0.0
+    if req.resume:
+        start, best = _resume(out, config, student, method, optimizer, scheduler)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    _write_json(out / "config.json", config)
+
+    source = dataset.train.to(device) if dataset.train.resident else dataset.train
+    uses_teachers = info.n_teachers != "0"
+    stream = TeacherStream(plan, stores, req.seed, req.prefetch, read_teachers=uses_teachers and not req.online,
+                           pin_memory=device.type == "cuda")
+    result = DistillResult(out, best, [])
+    scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
+    with _teacher_guard(req.online and uses_teachers, stores, device) as live_teachers:
+        for epoch in range(start, req.epochs + 1):
+            t0 = time.perf_counter()
+            student.train()
+            method.train()
+            sums: dict[str, torch.Tensor] = {}
+            weight_sum: torch.Tensor | None = None
+            steps = 0
+            for step, batch in enumerate(stream.epoch(epoch, req.batch_size)):
+                x = view_batch(dataset, source, plan.recipe, batch.indices, batch.params, device)
+                y = torch.as_tensor(batch.labels, device=device)
+                t_logits, t_feats = _teacher_outputs(batch, live_teachers, x, device)
+                with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=req.amp):
+                    g, s = student(x)
+                    loss = method(Batch(s.float(), g.float(), y, t_logits, t_feats, epoch))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss.total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                steps += 1
+                for name, value in loss.terms.items():
+                    sums[name] = sums.get(name, 0) + value.detach()
+                sums["total"] = sums.get("total", 0) + loss.total.detach()
+                if loss.teacher_weights is not None:
+                    weight_sum = loss.teacher_weights if weight_sum is None else weight_sum + loss.teacher_weights
+                if on_step:
+                    on_step(StepRecord(epoch, step, torch.as_tensor(batch.indices),
+                                       {k: float(v) for k, v in loss.terms.items()}, float(loss.total)))
+            if steps == 0:
+                raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
+            lr_now = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            top1, top5 = evaluate(student, dataset, plan.recipe, device)
+            metrics = EpochMetrics(epoch, stream.schedule.view(epoch), {k: float(v) / steps for k, v in sums.items()},
+                                   None if weight_sum is None else [float(w) / steps for w in weight_sum],
+                                   top1, top5, lr_now, time.perf_counter() - t0)
+            result.history.append(metrics)
+            _save_epoch(out, req, config, epoch, student, method, optimizer, scheduler, metrics, result)
+            if on_epoch:
+                on_epoch(metrics)
+    training.save_atomic({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
+                          "test_top1": result.history[-1].test_top1 if result.history else None}, out / "last.pth")
+    return result
+
+
+# -- opening --------------------------------------------------------------------------------
+
+
+def _open_plan(cache: Cache, stores: list[TeacherStore]) -> PlanStore:
+    """The one plan all teachers were computed on (it fixes the views, even for ``ce``)."""
+    if not stores:
+        raise KdcacheError("no teacher stores given: pass --teachers ID (from `kdcache cache ls`); "
+                           "their plan fixes the views, even for ce")
+    plan = PlanStore.open(cache.plan_path(stores[0].plan_id), stores[0].plan_id)
+    check_compatible(plan, stores)
+    return plan
+
+
+def _dataset_of(plan: PlanStore, req: DistillRequest) -> DataSet:
+    """The data set the plan was drawn on, checked by fingerprint; its class count must fit every teacher."""
+    recorded = plan.attrs["dataset"]
+    dataset = load_dataset(req.dataset or recorded["name"], req.data_root)
+    if dataset.fingerprint != recorded["fingerprint"]:
+        raise KdcacheError(f"the stores were computed on a different copy of {recorded['name']} "
+                           f"({recorded['n_samples']} samples) than the one under --data-root; "
+                           "point --data-root at the data precompute used")
+    return dataset
+
+
+def _teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:
+    for s in stores:
+        if s.num_classes != dataset.num_classes:
+            raise StoreError(f"teacher store {s.id} has {s.num_classes} classes but {dataset.name} has "
+                             f"{dataset.num_classes}")
+
+
+@contextlib.contextmanager
+def _teacher_guard(online: bool, stores: list[TeacherStore],
+                   device: torch.device) -> Iterator[list[torch.nn.Module] | None]:
+    """Cached: forbid building any network for the run. Online: build the recorded teachers (sha256 checked)."""
+    if not online:
+        with forbid_construction("the cached distill path runs no teacher network"):
+            yield None
+        return
+    teachers = []
+    for s in stores:
+        ckpt = Path(s.attrs["checkpoint"]["path"])
+        if not ckpt.is_file():
+            raise CheckpointError(f"--online needs teacher {s.id}'s checkpoint {ckpt}, which no longer exists")
+        if sha256_file(ckpt) != s.attrs["checkpoint"]["sha256"]:
+            raise CheckpointError(f"--online: checkpoint {ckpt} changed since teacher store {s.id} was written "
+                                  "(sha256 differs)")
+        model = build_model(s.attrs["arch"], s.num_classes)
+        load_checkpoint(model, ckpt)
+        teachers.append(model.eval().to(device))
+    yield teachers
+
+
+def _teacher_outputs(batch: StreamBatch, live: list[torch.nn.Module] | None, x: torch.Tensor,
+                     device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The K teachers' logits and features for this batch, float32 on the device."""
+    if live is None:  # cached (or a method that uses no teacher: the lists are empty)
+        return ([z.to(device, non_blocking=True).float() for z in batch.teacher_logits],
+                [h.to(device, non_blocking=True).float() for h in batch.teacher_features])
+    logits, feats = [], []
+    with torch.no_grad():
+        for t in live:
+            h, z = t(x)
+            logits.append(z.float())
+            feats.append(h.float())
+    return logits, feats
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+# -- the run directory ----------------------------------------------------------------------
+
+
+def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[TeacherStore], plan: PlanStore,
+            dataset: DataSet) -> dict[str, Any]:
+    args = asdict(req)
+    args.update(out=str(req.out), cache=str(req.cache) if req.cache else None,
+                data_root=str(req.data_root) if req.data_root else None, lr=lr, milestones=milestones,
+                teachers=[s.id for s in stores], dataset=dataset.name)
+    args.pop("resume")
+    return {"args": args, "plan_id": plan.id,
+            "teachers": [{"id": s.id, "arch": s.attrs["arch"], "test_accuracy": s.attrs.get("test_accuracy")}
+                         for s in stores],
+            "kdcache_version": __version__, "git_sha": _git_sha(), "torch_version": torch.__version__}
+
+
+# Options that may change on --resume without changing what the run computes.
+_FREE_ON_RESUME = {"epochs", "device", "prefetch", "out", "cache", "data_root"}
+
+
+def _check_run_dir(out: Path, resume: bool) -> None:
+    if resume:
+        if not (out / "checkpoint.pth").is_file():
+            raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} does not exist; drop --resume to start a run")
+    elif (out / "checkpoint.pth").exists():
+        raise KdcacheError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def _resume(out: Path, config: dict[str, Any], student: torch.nn.Module, method: Method,
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
+    ckpt = read_checkpoint(out / "checkpoint.pth")
+    if not isinstance(ckpt, dict) or not {"model", "method", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt):
+        raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} is not a kdcache distill checkpoint")
+    before = {k: v for k, v in ckpt["args"].items() if k not in _FREE_ON_RESUME}
+    now = {k: v for k, v in config["args"].items() if k not in _FREE_ON_RESUME}
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {out}; "
+                           "resume with the same options or start a new --out")
+    try:
+        student.load_state_dict(ckpt["model"])
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["lr_scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} does not fit this run: "
+                              f"{str(exc).splitlines()[0]}") from None
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    epoch = int(ckpt["epoch"])
+    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return epoch + 1, float(ckpt.get("best_top1", 0.0))
+
+
+def _save_epoch(out: Path, req: DistillRequest, config: dict[str, Any], epoch: int, student: torch.nn.Module,
+                method: Method, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                metrics: EpochMetrics, result: DistillResult) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(asdict(metrics)) + "\n")
+    if metrics.test_top1 > result.best_top1 or epoch == 1:
+        result.best_top1 = max(result.best_top1, metrics.test_top1)
+        training.save_atomic({"model": student.state_dict(), "epoch": epoch, "arch": req.student,
+                              "test_top1": metrics.test_top1}, out / "best.pth")
+    training.save_atomic({
+        "model": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": config["args"],
+        "best_top1": result.best_top1, "rng": {"torch": torch.get_rng_state()}, "arch": req.student,
+    }, out / "checkpoint.pth")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -1,0 +1,24 @@
+"""The eval stage: top-1 / top-5 of a checkpoint on a data set's test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdcache.data import load_dataset
+from kdcache.device import resolve_device
+from kdcache.errors import CheckpointError
+from kdcache.evaluate import evaluate
+from kdcache.models import build_model, load_checkpoint, model_info
+
+
+def evaluate_checkpoint(arch: str, checkpoint: Path, dataset: str, data_root: Path | None = None,
+                        device: str | None = None, batch_size: int = 256) -> tuple[float, float]:
+    """Load ``checkpoint`` into ``arch`` and return its (top-1, top-5) in percent on the test split."""
+    model_info(arch)
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {checkpoint} not found")
+    data = load_dataset(dataset, data_root)
+    dev = resolve_device(device)
+    model = build_model(arch, data.num_classes)
+    load_checkpoint(model, checkpoint)
+    return evaluate(model.to(dev), data, data.recipe, dev, batch_size)

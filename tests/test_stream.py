@@ -1,0 +1,135 @@
+"""The stream reader: schedule, exact rows for every teacher, bounded read-ahead, refusals."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcache.errors import StoreError
+from kdcache.store import Cache, PlanStore, TeacherStore
+from kdcache.stream import Schedule, TeacherStream
+
+V, N, C = 4, 40, 3
+
+
+def make_plan(cache: Cache, pid: str = "plan000000000000") -> PlanStore:
+    rng = np.random.default_rng(7)
+    order = np.stack([rng.permutation(N) for _ in range(V)]).astype(np.int32)
+    params = rng.integers(0, 9, (V, N, 3)).astype(np.int16)
+    labels = (np.arange(N) % C).astype(np.int32)
+    attrs = {"dataset": {"name": "x", "n_samples": N, "n_classes": C, "fingerprint": "f"},
+             "recipe": {"name": "crop-flip"}, "seed": 0}
+    return PlanStore.create(cache.plan_path(pid), cache.lock_path("plan", pid), pid, attrs, order, params, labels)
+
+
+def make_teacher(cache: Cache, tid: str, plan: PlanStore, dim: int, rows: int, seed: int) -> tuple[TeacherStore, np.ndarray, np.ndarray]:
+    attrs = {"plan_id": plan.id, "arch": "resnet8", "num_classes": C, "feature_dim": dim,
+             "checkpoint": {"path": "/x", "sha256": "0"}, "dataset": "x"}
+    store = TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (plan.n_views, plan.n_samples, C, dim),
+                                          rows, torch.zeros(C, dim), torch.zeros(C))
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((plan.n_views, plan.n_samples, C)).astype(np.float16)
+    feats = rng.standard_normal((plan.n_views, plan.n_samples, dim)).astype(np.float16)
+    for v in range(plan.n_views):
+        for c in range(store.chunks_per_view):
+            r = store.rows(c)
+            store.write_chunk(v, c, logits[v, r], feats[v, r], 0)
+    store.mark_complete()
+    return cache.open_teacher(tid), logits, feats
+
+
+@pytest.fixture
+def cache(tmp_path: Path) -> Cache:
+    c = Cache.at(tmp_path / "cache")
+    c.ensure_writable()
+    return c
+
+
+def test_schedule_is_a_pure_function_of_seed_and_epoch() -> None:
+    s = Schedule(n_views=5, n_samples=50, chunk_rows=8, seed=3)
+    assert sorted(s.view(e) for e in range(1, 6)) == list(range(5))  # each view once per V epochs
+    assert [s.view(e) for e in range(6, 11)] == [s.view(e) for e in range(1, 6)]  # then it wraps
+    assert sorted(s.chunk_order(2).tolist()) == list(range(7))
+    rows = s.epoch_rows(2)
+    assert sorted(rows.tolist()) == list(range(50))
+    # reads stay sequential: consecutive runs of rows each come from one whole chunk
+    pos = 0
+    for c in s.chunk_order(2):
+        size = min(8, 50 - 8 * c)
+        assert set(rows[pos:pos + size] // 8) == {c}
+        pos += size
+    again = Schedule(5, 50, 8, 3)
+    assert np.array_equal(again.epoch_rows(2), rows) and again.view(4) == s.view(4)
+    other = Schedule(5, 50, 8, 4)
+    assert not np.array_equal(other.epoch_rows(2), rows)
+    assert not np.array_equal(s.epoch_rows(3), rows)
+    assert s.steps(16) == 3
+
+
+def test_batches_carry_each_teachers_exact_rows(cache: Cache) -> None:
+    plan = make_plan(cache)
+    a, za, ha = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
+    b, zb, hb = make_teacher(cache, "b" * 16, plan, dim=7, rows=16, seed=2)  # a wider teacher, larger chunks
+    stream = TeacherStream(plan, [a, b], seed=11, prefetch=1)
+    epoch = 3
+    batches = list(stream.epoch(epoch, batch_size=6))
+    assert len(batches) == N // 6
+    v = stream.schedule.view(epoch)
+    seen = np.concatenate([bt.rows for bt in batches])
+    assert np.array_equal(seen, stream.schedule.epoch_rows(epoch)[: len(seen)])
+    order, params = plan.view(v)
+    for bt in batches:
+        assert bt.view == v
+        assert np.array_equal(bt.indices, order[bt.rows]) and np.array_equal(bt.params, params[bt.rows])
+        assert np.array_equal(bt.labels, plan.labels[order[bt.rows]])
+        assert torch.equal(bt.teacher_logits[0], torch.from_numpy(za[v, bt.rows]))
+        assert torch.equal(bt.teacher_features[0], torch.from_numpy(ha[v, bt.rows]))
+        assert torch.equal(bt.teacher_logits[1], torch.from_numpy(zb[v, bt.rows]))
+        assert torch.equal(bt.teacher_features[1], torch.from_numpy(hb[v, bt.rows]))
+        assert bt.teacher_logits[0].dtype == torch.float16
+
+
+def test_read_ahead_is_bounded_and_stops_with_the_consumer(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = make_plan(cache)
+    a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=4, seed=1)  # 10 chunks a view
+    reads: list[int] = []
+    original = TeacherStore.read_rows
+
+    def counting(self, v, start, stop):
+        reads.append(start)
+        return original(self, v, start, stop)
+
+    monkeypatch.setattr(TeacherStore, "read_rows", counting)
+    stream = TeacherStream(plan, [a], seed=0, prefetch=2)
+    it = stream.epoch(1, batch_size=4)
+    next(it)
+    threading.Event().wait(0.3)  # give the reader every chance to run ahead
+    # one block consumed, at most `prefetch` queued, one more held by the blocked reader
+    assert 1 <= len(reads) <= 1 + 2 + 1
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "kdcache-stream"]
+
+
+def test_a_damaged_chunk_stops_the_run_naming_store_and_chunk(cache: Cache) -> None:
+    plan = make_plan(cache)
+    a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
+    path = a.path / "logits" / "c" / "2" / "3" / "0"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    stream = TeacherStream(plan, [a], seed=0)
+    epoch = next(e for e in range(1, V + 1) if stream.schedule.view(e) == 2)
+    with pytest.raises(StoreError, match=rf"teacher store {a.id}: logits chunk \(view 2, chunk 3\) is damaged"):
+        list(stream.epoch(epoch, batch_size=4))
+
+
+def test_teachers_on_different_plans_are_refused(cache: Cache) -> None:
+    p1, p2 = make_plan(cache, "plan100000000000"), make_plan(cache, "plan200000000000")
+    a, _, _ = make_teacher(cache, "a" * 16, p1, dim=5, rows=8, seed=1)
+    b, _, _ = make_teacher(cache, "b" * 16, p2, dim=5, rows=8, seed=1)
+    with pytest.raises(StoreError, match="different view plans"):
+        TeacherStream(p1, [a, b], seed=0)
