@@ -29,14 +29,15 @@ def main() -> None:
     Typical use:
       kdcache train-teacher --arch resnet8 --dataset digits --out t.pth --epochs 30
       kdcache precompute --teacher resnet8 --checkpoint t.pth --dataset digits --views 20
+      kdcache distill --student resnet8 --teachers ID --teachers ID --method camkd --out run
       kdcache cache ls
     """
 
 
 def _register() -> None:
-    from kdcache.cli import cache, listing, teacher
+    from kdcache.cli import cache, listing, student, teacher
 
-    for command in (*listing.COMMANDS, *teacher.COMMANDS, cache.cache):
+    for command in (*listing.COMMANDS, *teacher.COMMANDS, *student.COMMANDS, cache.cache):
         main.add_command(command)
 
 

@@ -162,7 +162,7 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                     weight_sum = loss.teacher_weights if weight_sum is None else weight_sum + loss.teacher_weights
                 if on_step:
                     on_step(StepRecord(epoch, step, torch.as_tensor(batch.indices),
-                                       {k: float(v) for k, v in loss.terms.items()}, float(loss.total)))
+                                       {k: float(v.detach()) for k, v in loss.terms.items()}, float(loss.total.detach())))
             if steps == 0:
                 raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
             lr_now = optimizer.param_groups[0]["lr"]

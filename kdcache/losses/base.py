@@ -1,0 +1,184 @@
+"""Shared types and building blocks of the distillation methods.
+
+The per-sample quantities of METHODS.md live here so that every method computes
+them the same way: ``CE(z, y)``, ``KL_k,i`` at temperature ``T`` (with its ``T²``),
+the per-sample feature distance ``(1/D) ‖h − r(g)‖²``, and the aligner
+``r(g) = ReLU(BN(A g + c))``. Everything is vectorised over teachers where their
+shapes agree and created on the inputs' device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdcache.errors import KdcacheError
+
+CAMKD_WEIGHTS = ("confidence", "uniform")
+CAMKD_FEATURE_WEIGHTS = ("v", "w")
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The knobs of every method; ``None`` weights mean the method's own default (METHODS.md)."""
+
+    temperature: float = 4.0       # T
+    gamma: float = 1.0             # weight of L_CE
+    alpha: float | None = None     # weight of L_KD; None -> method default (1, or 0 for fitnet, 0 for ce)
+    beta: float | None = None      # weight of L_feat; None -> fitnet 100, fitnet-mkd 100, camkd 50, others 0
+    camkd_weights: str = "confidence"   # camkd ablation: "confidence" | "uniform" (w = v = 1/K)
+    camkd_feature_weights: str = "v"    # camkd ablation: "v" (paper) | "w" (feature term weighted by w)
+    aekd_cap: float = 0.6          # the official C; u = clamp(C, 1/K, 1)
+
+
+@dataclass
+class Batch:
+    """What a method sees of one training step: the student's outputs and the K teachers' cached outputs."""
+
+    student_logits: Tensor        # (B, C)
+    student_feature: Tensor       # (B, D_s)
+    labels: Tensor                # (B,) int64
+    teacher_logits: list[Tensor]  # K x (B, C), float32, no grad
+    teacher_features: list[Tensor]  # K x (B, D_k), float32, no grad
+    epoch: int                    # 1-based
+
+
+@dataclass
+class LossTerms:
+    """A method's result: the total to backpropagate, its unweighted terms, and the teacher weights for logs."""
+
+    total: Tensor                 # scalar: gamma*ce + alpha*kd + beta*feat
+    terms: dict[str, Tensor]      # unweighted scalar terms: "ce", "kd", "feat"
+    teacher_weights: Tensor | None  # (K,) detached batch-mean weight of each teacher; None for ce
+    sample_weights: Tensor | None   # (B, K) detached per-sample KD weights (camkd, ebkd), else None
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """Registry facts about a method, for the command line and the training loop."""
+
+    name: str
+    description: str
+    n_teachers: str               # "0", "1" or "K"
+    uses_features: bool           # needs teacher features
+    uses_heads: bool              # needs teacher classifiers
+
+
+# -- per-sample quantities ----------------------------------------------------------------
+
+
+def as_float(t: Tensor) -> Tensor:
+    """``t`` in at least float32: half and bfloat16 (mixed precision) are upcast, float64 is kept."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def ce_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
+    """``CE(z, y) = −log σ(z)[y]`` for logits ``(..., B, C)`` and labels ``(B,)``; returns ``(..., B)``."""
+    log_p = F.log_softmax(as_float(logits), dim=-1)
+    index = labels.expand(log_p.shape[:-1]).unsqueeze(-1)
+    return -log_p.gather(-1, index).squeeze(-1)
+
+
+def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``KL_k,i = T² Σ_c p(c) (log p(c) − log q(c))``, ``p = σ(z/T)``, ``q = σ(s/T)``.
+
+    ``student_logits`` is ``(B, C)``; ``teacher_logits`` is ``(B, C)`` or stacked ``(K, B, C)``;
+    the result is ``(B,)`` or ``(K, B)``. Same as the official ``DistillKL(is_ca=True)``.
+    """
+    t = float(temperature)
+    log_q = F.log_softmax(as_float(student_logits) / t, dim=-1)
+    log_p = F.log_softmax(as_float(teacher_logits) / t, dim=-1)
+    return (t * t) * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def feature_distance(aligned: Tensor, target: Tensor) -> Tensor:
+    """``(1/D) ‖h_i − r(g_i)‖²`` per sample, ``(B, D)`` inputs to ``(B,)`` (the official per-sample MSE)."""
+    return (as_float(aligned) - as_float(target)).pow(2).mean(-1)
+
+
+def stack_teachers(tensors: list[Tensor]) -> Tensor:
+    """Teacher logits as one ``(K, B, C)`` tensor (all teachers share C)."""
+    return torch.stack([as_float(t) for t in tensors], dim=0)
+
+
+class Aligner(nn.Module):
+    """``r(g) = ReLU(BN(A g + c))``: maps the student feature (D_s) onto a teacher's feature space (D_k).
+
+    The vector form of the official 1x1 conv + BatchNorm + ReLU ``Embed``; trained
+    with the student by the same optimizer. In train mode BN uses batch statistics.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(student_dim, teacher_dim)
+        self.bn = nn.BatchNorm1d(teacher_dim)
+
+    def forward(self, g: Tensor) -> Tensor:
+        """Aligned student feature, ``(B, D_s)`` to ``(B, D_k)``."""
+        return F.relu(self.bn(self.linear(g)))
+
+
+# -- the method base class ----------------------------------------------------------------
+
+
+class Method(nn.Module):
+    """A distillation loss: ``forward(batch)`` gives ``L = γ·L_CE + α·L_KD + β·L_feat`` and its terms.
+
+    Subclasses set ``info`` and their default α, β; trainable parts (aligners) are
+    submodules, so ``method.parameters()`` joins the student's optimizer.
+    """
+
+    info: ClassVar[MethodInfo]
+    default_alpha: ClassVar[float] = 1.0
+    default_beta: ClassVar[float] = 0.0
+
+    def __init__(self, *, num_classes: int, student_dim: int, teacher_dims: list[int],
+                 options: MethodOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.num_classes = int(num_classes)
+        self.student_dim = int(student_dim)
+        self.teacher_dims = [int(d) for d in teacher_dims]
+        self.n_teachers = len(self.teacher_dims)
+        self.temperature = float(options.temperature)
+        self.gamma = float(options.gamma)
+        self.alpha = float(self.default_alpha if options.alpha is None else options.alpha)
+        self.beta = float(self.default_beta if options.beta is None else options.beta)
+
+    def forward(self, batch: Batch) -> LossTerms:  # pragma: no cover - every subclass overrides it
+        """The loss of one batch."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"K={self.n_teachers}, T={self.temperature:g}, gamma={self.gamma:g}, "
+                f"alpha={self.alpha:g}, beta={self.beta:g}")
+
+    # helpers for subclasses
+
+    def _check_batch(self, batch: Batch, features: bool = False) -> None:
+        """One clear line when the batch does not carry the K teachers this method was built for."""
+        if len(batch.teacher_logits) != self.n_teachers:
+            raise KdcacheError(f"{self.info.name}: the batch carries {len(batch.teacher_logits)} teachers' logits, "
+                               f"the method was built for {self.n_teachers}")
+        if features and len(batch.teacher_features) != self.n_teachers:
+            raise KdcacheError(f"{self.info.name}: the batch carries {len(batch.teacher_features)} teachers' "
+                               f"features, the method was built for {self.n_teachers}")
+
+    def _combine(self, ce: Tensor, kd: Tensor | None = None, feat: Tensor | None = None,
+                 feat_active: bool = True) -> Tensor:
+        """``γ·ce + α·kd + β·feat``; a term whose weight is 0 (or, for feat, inactive) is left out, not multiplied
+        by 0, so that it adds no gradient and a non-finite value in it cannot poison the total."""
+        total = self.gamma * ce
+        if kd is not None and self.alpha != 0.0:
+            total = total + self.alpha * kd
+        if feat is not None and feat_active and self.beta != 0.0:
+            total = total + self.beta * feat
+        return total
+
+    def _constant_weights(self, value: float, like: Tensor) -> Tensor:
+        """A ``(K,)`` vector of one constant weight, on ``like``'s device."""
+        return torch.full((self.n_teachers,), value, dtype=torch.float32, device=like.device)

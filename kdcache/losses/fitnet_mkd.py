@@ -1,0 +1,37 @@
+"""``fitnet-mkd``: ``aver`` plus a hint to every teacher,
+``L_feat = (1/K) Σ_k (1/B) Σ_i (1/D_k) ‖h_k,i − r_k(g_i)‖²``, ``β = 100``.
+
+Deliberate fix: the official script averages the per-teacher hint losses through
+``torch.tensor(list)``, which detaches them, so its hint never trains anything;
+here the term carries gradients into the regressors ``r_k`` and the student.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from kdcache.losses.aver import average_kd
+from kdcache.losses.base import Aligner, Batch, LossTerms, Method, MethodInfo, MethodOptions
+from kdcache.losses.fitnet import hint_distances
+
+
+class FitNetMKD(Method):
+    """Equal-weight multi-teacher KD plus equal-weight hints with one trained regressor per teacher."""
+
+    info = MethodInfo("fitnet-mkd", "AVER-MKD plus a FitNet hint to every teacher", "K",
+                      uses_features=True, uses_heads=False)
+    default_beta = 100.0
+
+    def __init__(self, *, num_classes: int, student_dim: int, teacher_dims: list[int],
+                 options: MethodOptions) -> None:
+        super().__init__(num_classes=num_classes, student_dim=student_dim, teacher_dims=teacher_dims,
+                         options=options)
+        self.aligners = nn.ModuleList([Aligner(self.student_dim, d) for d in self.teacher_dims])
+
+    def forward(self, batch: Batch) -> LossTerms:
+        """CE, the averaged KD and the averaged (trainable) hint."""
+        self._check_batch(batch, features=True)
+        ce, kd = average_kd(self, batch)
+        feat = hint_distances(self.aligners, batch).mean()  # (K, B) -> mean: (1/K) Σ_k (1/B) Σ_i
+        return LossTerms(total=self._combine(ce, kd, feat), terms={"ce": ce, "kd": kd, "feat": feat},
+                         teacher_weights=self._constant_weights(1.0 / self.n_teachers, ce), sample_weights=None)

@@ -1,0 +1,205 @@
+"""`kdcache distill` end to end: every method from the CLI, the run directory, resume, no teacher network,
+cached against online, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import run_cli
+from kdcache.errors import KdcacheError
+from kdcache.losses import method_names
+from kdcache.models import build_model
+from kdcache.pipelines.distill import DistillRequest, StepRecord, distill
+from kdcache.pipelines.evaluate import evaluate_checkpoint
+
+
+@pytest.fixture(scope="module")
+def two_teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[Path]]:
+    """Two digits teacher stores on one plan (resnet8 and wrn_16_1, different widths), and their checkpoints."""
+    root = tmp_path_factory.mktemp("distill")
+    cache = root / "cache"
+    ids, ckpts = [], []
+    for seed, arch in enumerate(("resnet8", "wrn_16_1")):
+        torch.manual_seed(seed)
+        ckpt = root / f"{arch}.pth"
+        torch.save({"model": build_model(arch, 10).state_dict()}, ckpt)
+        result = run_cli("precompute", "--teacher", arch, "--checkpoint", ckpt, "--dataset", "digits",
+                         "--cache", cache, "--views", 3, "--chunk-rows", 256, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        ids.append(result.stdout.strip().splitlines()[-1])
+        ckpts.append(ckpt)
+    return cache, ids, ckpts
+
+
+def request(cache: Path, teachers: list[str], out: Path, method: str = "camkd", **kw) -> DistillRequest:
+    defaults = dict(student="resnet8", teachers=teachers, method=method, out=out, cache=cache, epochs=2,
+                    batch_size=64, milestones=[2], device="cpu", seed=0)
+    return DistillRequest(**{**defaults, **kw})
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_from_the_command_line(method: str, two_teachers, tmp_path: Path) -> None:
+    cache, ids, _ = two_teachers
+    teachers = ids[:1] if method in ("kd", "fitnet") else ids
+    epochs = 2 if method == "camkd" else 1  # camkd's feature term starts in epoch 2
+    args = ["distill", "--student", "resnet8", "--method", method, "--cache", cache, "--out", tmp_path / "run",
+            "--epochs", epochs, "--device", "cpu"]
+    for t in teachers:
+        args += ["--teachers", t[:8]]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["config.json", "metrics.jsonl", "checkpoint.pth", "best.pth", "last.pth"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    for r in records:
+        assert {"train", "teacher_weights", "test_top1", "test_top5", "lr", "seconds", "view"} <= set(r)
+        assert "ce" in r["train"] and "total" in r["train"]
+        assert all(np.isfinite(v) for v in r["train"].values())
+        assert 0 <= r["test_top1"] <= r["test_top5"] <= 100
+    if method in ("camkd", "ebkd", "aekd"):
+        assert len(records[0]["teacher_weights"]) == 2
+    if method == "camkd":
+        assert sum(records[0]["teacher_weights"]) == pytest.approx(1.0, abs=1e-5)
+    config = json.loads((run / "config.json").read_text())
+    assert config["args"]["method"] == method and config["args"]["teachers"] == teachers
+    assert config["args"]["lr"] == 0.05 and config["plan_id"]
+    assert torch.load(run / "last.pth", weights_only=False)["model"].keys() == build_model("resnet8", 10).state_dict().keys()
+
+
+def test_the_cached_path_builds_no_teacher_network(two_teachers, tmp_path: Path) -> None:
+    cache, ids, ckpts = two_teachers
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for c in ckpts:  # the teachers' checkpoints are gone for the whole run
+        shutil.move(c, hidden / c.name)
+    attempts: list[str] = []
+
+    def try_to_build(_metrics) -> None:
+        try:
+            build_model("resnet8", 10)
+            attempts.append("built")
+        except KdcacheError as exc:
+            attempts.append(str(exc))
+
+    try:
+        distill(request(cache, ids, tmp_path / "run", epochs=1), on_epoch=try_to_build)
+    finally:
+        for c in ckpts:
+            shutil.move(hidden / c.name, c)
+    assert attempts == ["refusing to build a network: the cached distill path runs no teacher network"]
+    build_model("resnet8", 10)  # allowed again after the run
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(two_teachers, tmp_path: Path) -> None:
+    cache, ids, _ = two_teachers
+    distill(request(cache, ids, tmp_path / "straight", epochs=3))
+
+    def stop_after_two(m) -> None:
+        if m.epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(request(cache, ids, tmp_path / "split", epochs=3), on_epoch=stop_after_two)
+    assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)["epoch"] == 2
+    distill(request(cache, ids, tmp_path / "split", epochs=3, resume=True))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
+    b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
+    for part in ("model", "method"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_a_seed_makes_a_run_reproducible(two_teachers, tmp_path: Path) -> None:
+    cache, ids, _ = two_teachers
+    steps: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        distill(request(cache, ids, tmp_path / name, epochs=1, seed=seed),
+                on_step=lambda r, n=name: steps[n].append(r.indices))
+    assert all(torch.equal(x, y) for x, y in zip(steps["a"], steps["b"]))
+    assert not torch.equal(steps["a"][0], steps["c"][0])
+    wa = torch.load(tmp_path / "a" / "last.pth", weights_only=False)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pth", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cached_and_online_runs_see_the_same_batches_and_losses(two_teachers, tmp_path: Path) -> None:
+    """A whole epoch, one seed. The learning rate is made negligible so both students stay the same network
+    and each batch's loss differs only by what float16 storage of the teacher outputs explains (float16 keeps
+    11 significant bits: a relative rounding of at most 2**-11 = 4.9e-4 per stored number)."""
+    cache, ids, _ = two_teachers
+    runs: dict[str, list[StepRecord]] = {"cached": [], "online": []}
+    for name in runs:
+        distill(request(cache, ids, tmp_path / name, epochs=1, lr=1e-12, online=name == "online"),
+                on_step=runs[name].append)
+    cached, online = runs["cached"], runs["online"]
+    assert len(cached) == len(online) == 1437 // 64
+    for c, o in zip(cached, online):
+        assert torch.equal(c.indices, o.indices)
+        assert c.terms.keys() == o.terms.keys() == {"ce", "kd", "feat"}
+        assert c.terms["ce"] == pytest.approx(o.terms["ce"], rel=1e-6)  # no teacher in it
+        for term in ("kd", "feat"):
+            assert c.terms[term] == pytest.approx(o.terms[term], rel=2e-3, abs=1e-6), (c.step, term)
+        assert c.total == pytest.approx(o.total, rel=2e-3)
+
+
+def test_online_refuses_a_changed_checkpoint(two_teachers, tmp_path: Path) -> None:
+    cache, ids, ckpts = two_teachers
+    original = ckpts[0].read_bytes()
+    torch.manual_seed(99)
+    torch.save({"model": build_model("resnet8", 10).state_dict()}, ckpts[0])
+    try:
+        with pytest.raises(KdcacheError, match="changed since teacher store .* was written"):
+            distill(request(cache, ids, tmp_path / "run", epochs=1, online=True))
+    finally:
+        ckpts[0].write_bytes(original)
+
+
+def test_refusals(two_teachers, tmp_path: Path) -> None:
+    cache, ids, ckpts = two_teachers
+    other = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", ckpts[0], "--dataset", "digits",
+                    "--cache", cache, "--views", 2, "--chunk-rows", 256, "--device", "cpu")
+    other_id = other.stdout.strip().splitlines()[-1]
+    with pytest.raises(KdcacheError, match="different view plans"):
+        distill(request(cache, [ids[0], other_id], tmp_path / "a"))
+    with pytest.raises(KdcacheError, match="needs exactly 1 teacher|exactly one teacher"):
+        distill(request(cache, ids, tmp_path / "b", method="kd"))
+    distill(request(cache, ids, tmp_path / "c", epochs=1))
+    with pytest.raises(KdcacheError, match="already holds a run; pass --resume"):
+        distill(request(cache, ids, tmp_path / "c", epochs=1))
+    with pytest.raises(KdcacheError, match="--resume: method differ"):
+        distill(request(cache, ids, tmp_path / "c", epochs=2, method="aver", resume=True))
+    group = zarr.open_group(cache / "teachers" / other_id, mode="r+")
+    group.attrs["complete"] = False
+    with pytest.raises(KdcacheError, match="is incomplete"):
+        distill(request(cache, [other_id], tmp_path / "d"))
+    group.attrs.update({"complete": True, "num_classes": 100})
+    with pytest.raises(KdcacheError, match="has 100 classes but digits has 10"):
+        distill(request(cache, [other_id], tmp_path / "e"))
+    group.attrs["num_classes"] = 10
+
+
+def test_eval_prints_top1_and_top5(two_teachers, tmp_path: Path) -> None:
+    cache, ids, _ = two_teachers
+    distill(request(cache, ids, tmp_path / "run", epochs=1))
+    result = run_cli("eval", "--arch", "resnet8", "--checkpoint", tmp_path / "run" / "best.pth", "--dataset", "digits",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    top1, top5 = evaluate_checkpoint("resnet8", tmp_path / "run" / "best.pth", "digits", device="cpu")
+    assert result.stdout.strip() == f"top-1 {top1:.2f}%  top-5 {top5:.2f}%"
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert top1 == pytest.approx(metrics["test_top1"])
