@@ -50,4 +50,4 @@ class EntropyKD(Method):
         kl = kl_per_sample(batch.student_logits, z, self.temperature)
         kd = (w * kl).sum() / (kl.shape[1] * self.n_teachers)
         return LossTerms(total=self._combine(ce, kd), terms={"ce": ce, "kd": kd},
-                         teacher_weights=w.mean(1) / 2, sample_weights=w.t().contiguous())
+                         teacher_weights=w.mean(1), sample_weights=w.t().contiguous())
