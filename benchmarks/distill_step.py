@@ -21,19 +21,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import fake_cifar100, machine
 from kdcache.models import build_model
 from kdcache.pipelines.distill import DistillRequest, StepRecord, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
-from kdcache.store import Cache
+from kdcache.data import load_dataset
+from kdcache.pipelines.precompute import ensure_plan
+from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id
+from kdcache.views import get_recipe
 
 WARMUP = 3
 
 
 def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset: str) -> list[str]:
     ids = []
+    tmp.mkdir(parents=True, exist_ok=True)
     for seed in range(k):
         torch.manual_seed(seed)
         ckpt = tmp / f"{arch}-{seed}.pth"
@@ -76,35 +81,79 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None)
     ap.add_argument("--memory", action="store_true", help="Also measure peak RSS over V and 4V views (digits).")
+    ap.add_argument("--no-steps", action="store_true", help="Skip the step times (with --memory).")
     args = ap.parse_args()
 
+    print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        root = fake_cifar100(tmp / "data", args.samples)
-        ids = make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100")
-        common = dict(student=args.student, teachers=ids, cache=tmp / "cache", data_root=root, epochs=1,
-                      batch_size=args.batch_size, device=args.device, seed=0)
-        t_student = step_time(DistillRequest(method="ce", out=tmp / "ce", **common))
-        t_cached = step_time(DistillRequest(method="camkd", out=tmp / "cached", **common))
-        t_online = step_time(DistillRequest(method="camkd", out=tmp / "online", online=True, **common))
-        print(f"machine: {machine()}")
-        print(f"{args.teachers} x {args.teacher} -> {args.student}, batch {args.batch_size}, "
-              f"{args.samples} CIFAR-shaped samples, steps timed per epoch: {args.samples // args.batch_size - 1 - WARMUP}")
-        print(f"t_student {t_student * 1e3:9.1f} ms/step")
-        print(f"t_cached  {t_cached * 1e3:9.1f} ms/step   t_cached / t_student = {t_cached / t_student:.3f}")
-        print(f"t_online  {t_online * 1e3:9.1f} ms/step   t_online / t_cached  = {t_online / t_cached:.2f}")
-
+        if not args.no_steps:
+            measure_steps(tmp, args)
         if args.memory:
-            v = 3
-            small = make_teachers(tmp / "m1", None, "resnet8", 2, views=v, dataset="digits")
-            large = make_teachers(tmp / "m4", None, "resnet8", 2, views=4 * v, dataset="digits")
-            rss_v = peak_rss_of_distill(tmp / "m1" / "cache", small, tmp / "m1" / "run", v)
-            rss_4v = peak_rss_of_distill(tmp / "m4" / "cache", large, tmp / "m4" / "run", 4 * v)
-            size = lambda c: sum(p.stat().st_size for p in (c / "teachers").rglob("*") if p.is_file())
-            print(f"peak RSS, camkd resnet8 <- 2 x resnet8 on digits: {v} views/{v} epochs {rss_v / 1024:.0f} MiB "
-                  f"(stores {size(tmp / 'm1' / 'cache') / 2**20:.1f} MiB); {4 * v} views/{4 * v} epochs "
-                  f"{rss_4v / 1024:.0f} MiB (stores {size(tmp / 'm4' / 'cache') / 2**20:.1f} MiB); "
-                  f"ratio {rss_4v / rss_v:.3f}")
+            measure_memory(tmp)
+
+
+def measure_steps(tmp: Path, args: argparse.Namespace) -> None:
+    """t_student, t_cached and t_online on the same data, student, batch and device."""
+    root = fake_cifar100(tmp / "data", args.samples)
+    ids = make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100")
+    common = dict(student=args.student, teachers=ids, cache=tmp / "cache", data_root=root, epochs=1,
+                  batch_size=args.batch_size, device=args.device, seed=0)
+    t_student = step_time(DistillRequest(method="ce", out=tmp / "ce", **common))
+    t_cached = step_time(DistillRequest(method="camkd", out=tmp / "cached", **common))
+    t_online = step_time(DistillRequest(method="camkd", out=tmp / "online", online=True, **common))
+    print(f"{args.teachers} x {args.teacher} -> {args.student}, batch {args.batch_size}, {args.samples} "
+          f"CIFAR-shaped samples, steps timed per epoch: {args.samples // args.batch_size - 1 - WARMUP}")
+    print(f"t_student {t_student * 1e3:9.1f} ms/step")
+    print(f"t_cached  {t_cached * 1e3:9.1f} ms/step   t_cached / t_student = {t_cached / t_student:.3f}")
+    print(f"t_online  {t_online * 1e3:9.1f} ms/step   t_online / t_cached  = {t_online / t_cached:.2f}")
+
+
+def synthetic_stores(cache_root: Path, n_views: int, k: int, dim: int) -> list[str]:
+    """K complete digits teacher stores of random float16 rows, ``dim`` features wide (no teacher is run)."""
+    dataset = load_dataset("digits")
+    recipe = get_recipe(dataset.recipe)
+    desc = {"name": recipe.name, **recipe.config}
+    pid = plan_id(dataset.fingerprint, desc, n_views, 0)
+    cache = Cache.at(cache_root)
+    cache.ensure_writable()
+    ensure_plan(cache, dataset, recipe.name, desc, n_views, 0, pid)
+    n, c = len(dataset.train), dataset.num_classes
+    rng = np.random.default_rng(0)
+    ids = []
+    for t in range(k):
+        tid = teacher_id(pid, "synthetic", f"{t:064x}")
+        attrs = {"plan_id": pid, "arch": "synthetic", "num_classes": c, "feature_dim": dim, "dataset": "digits",
+                 "checkpoint": {"path": "-", "sha256": f"{t:064x}"}}
+        rows = chunk_rows_for(n, dim)
+        store = TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (n_views, n, c, dim), rows,
+                                              torch.randn(c, dim) / dim ** 0.5, torch.zeros(c))
+        for v, ch in store.pending():
+            r = store.rows(ch)
+            store.write_chunk(v, ch, rng.standard_normal((r.stop - r.start, c)).astype(np.float16),
+                              np.abs(rng.standard_normal((r.stop - r.start, dim))).astype(np.float16), 0)
+        store.mark_complete(test_accuracy=0.0, view_accuracy=0.0)
+        ids.append(tid)
+    return ids
+
+
+def measure_memory(tmp: Path, v: int = 3, dim: int = 2048) -> None:
+    """Peak RSS of a camkd distill over V views in V epochs against 4V views in 4V epochs.
+
+    Two synthetic teachers with 2048-wide features (a resnet50's) make each view 5.9 MB a
+    teacher, so the 4V run reads 4x the bytes of the V run: any accumulation would show.
+    """
+    results = []
+    for views in (v, 4 * v):
+        root = tmp / f"mem{views}"
+        ids = synthetic_stores(root / "cache", views, 2, dim)
+        rss = peak_rss_of_distill(root / "cache", ids, root / "run", views)
+        read = sum(p.stat().st_size for p in (root / "cache" / "teachers").rglob("*") if p.is_file()) / 2**20
+        results.append((views, rss / 1024, read))
+    (v1, r1, b1), (v4, r4, b4) = results
+    print(f"peak RSS, camkd resnet8 <- 2 synthetic teachers (D={dim}) on digits, one view per epoch: "
+          f"{v1} views/epochs {r1:.0f} MiB (reads {b1:.0f} MiB of stores); {v4} views/epochs {r4:.0f} MiB "
+          f"(reads {b4:.0f} MiB); ratio {r4 / r1:.3f}")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,12 @@ def test_eval_prints_top1_and_top5(two_teachers, tmp_path: Path) -> None:
     assert result.stdout.strip() == f"top-1 {top1:.2f}%  top-5 {top5:.2f}%"
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert top1 == pytest.approx(metrics["test_top1"])
+
+
+def test_mixed_precision_runs_on_cpu(two_teachers, tmp_path: Path) -> None:
+    cache, ids, _ = two_teachers
+    steps: list[StepRecord] = []
+    result = distill(request(cache, ids, tmp_path / "amp", epochs=1, amp=True), on_step=steps.append)
+    assert len(steps) == 1437 // 64 and all(np.isfinite(s.total) for s in steps)
+    assert json.loads((tmp_path / "amp" / "config.json").read_text())["args"]["amp"] is True
+    assert result.history[0].test_top1 >= 0
