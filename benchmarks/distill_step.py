@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from common import fake_cifar100, machine
-from kdcache.models import build_model
-from kdcache.pipelines.distill import DistillRequest, StepRecord, distill
-from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.data import load_dataset
-from kdcache.pipelines.precompute import ensure_plan
+from kdcache.models import build_model
+from kdcache.pipelines.distill import DistillRequest, distill
+from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute
 from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id
 from kdcache.views import get_recipe
 

@@ -50,6 +50,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, milestones: list[int],
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=decay)
 
 
+def build_sgd(params: Iterable[torch.nn.Parameter], arch: str, epochs: int, lr: float | None, momentum: float,
+              weight_decay: float, milestones: list[int] | None
+              ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR, float, list[int]]:
+    """Optimizer and schedule with the official defaults filled in for ``arch`` and ``epochs``.
+
+    Returns them with the learning rate and milestones actually used, for the run's record.
+    """
+    lr = lr if lr is not None else official_lr(arch)
+    milestones = milestones if milestones is not None else milestones_for(epochs)
+    optimizer = make_optimizer(params, lr, momentum, weight_decay)
+    return optimizer, make_scheduler(optimizer, milestones), lr, milestones
+
+
 def check_hyperparameters(epochs: int, batch_size: int, lr: float | None, weight_decay: float,
                           momentum: float) -> None:
     """Refuse out-of-range training options with one line each."""

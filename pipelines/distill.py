@@ -26,7 +26,7 @@ from kdcache.data import DataSet, load_dataset
 from kdcache.device import resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
-from kdcache.losses import Batch, LossTerms, Method, MethodOptions, build_method, method_info
+from kdcache.losses import Batch, Method, MethodOptions, build_method, method_info
 from kdcache.models import build_model, feature_dim, forbid_construction, load_checkpoint, model_info
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
@@ -115,11 +115,9 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                           teacher_dims=[s.feature_dim for s in stores],
                           teacher_heads=[s.head() for s in stores] if info.uses_heads else None,
                           options=req.options).to(device)
-    lr = req.lr if req.lr is not None else training.official_lr(req.student)
-    milestones = req.milestones if req.milestones is not None else training.milestones_for(req.epochs)
-    optimizer = training.make_optimizer([*student.parameters(), *method.parameters()], lr, req.momentum,
-                                        req.weight_decay)
-    scheduler = training.make_scheduler(optimizer, milestones)
+    optimizer, scheduler, lr, milestones = training.build_sgd(
+        [*student.parameters(), *method.parameters()], req.student, req.epochs, req.lr, req.momentum,
+        req.weight_decay, req.milestones)
     config = _config(req, lr, milestones, stores, plan, dataset)
     start, best = 1, 0.0
     if req.resume:

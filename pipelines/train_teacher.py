@@ -73,10 +73,8 @@ def train_teacher(req: TrainTeacherRequest,
     torch.manual_seed(req.seed)
 
     model = build_model(req.arch, dataset.num_classes).to(device)
-    lr = req.lr if req.lr is not None else training.official_lr(req.arch)
-    milestones = req.milestones if req.milestones is not None else training.milestones_for(req.epochs)
-    optimizer = training.make_optimizer(model.parameters(), lr, req.momentum, req.weight_decay)
-    scheduler = training.make_scheduler(optimizer, milestones)
+    optimizer, scheduler, _, _ = training.build_sgd(model.parameters(), req.arch, req.epochs, req.lr, req.momentum,
+                                                    req.weight_decay, req.milestones)
     start, best_acc = 1, 0.0
     if req.resume:
         start, best_acc = _resume(req, model, optimizer, scheduler)
