@@ -32,8 +32,8 @@ def precompute(ckpt: Path, cache: Path, *extra: str, arch: str = "resnet8", view
     return result.stdout.strip().splitlines()[-1]
 
 
-def teacher(ckpt: Path, arch: str = "resnet8") -> torch.nn.Module:
-    model = build_model(arch, 10)
+def teacher(ckpt: Path, arch: str = "resnet8", classes: int = 10) -> torch.nn.Module:
+    model = build_model(arch, classes)
     load_checkpoint(model, ckpt)
     return model.eval()
 
@@ -181,3 +181,34 @@ def test_killed_run_resumes_at_its_last_completed_chunk(digits_teacher: Path, tm
     assert not list(store_path.rglob("*.partial"))
     verify = run_cli("cache", "verify", tid, "--cache", tmp_path / "c")
     assert verify.exit_code == 0 and f"{tid}: ok" in verify.output
+
+
+def test_imagefolder_with_a_torchvision_teacher(tmp_path: Path) -> None:
+    """The ImageNet-style path: files decoded per batch, resized-crop-flip replay, a torchvision model."""
+    from fakes import write_fake_imagefolder
+
+    root = write_fake_imagefolder(tmp_path / "data", n_classes=3, n_per_class_train=3, n_per_class_val=1)
+    ckpt = tmp_path / "r18.pth"
+    torch.save(build_model("resnet18", 3).state_dict(), ckpt)
+    result = run_cli("precompute", "--teacher", "resnet18", "--checkpoint", ckpt, "--dataset", "imagefolder",
+                     "--data-root", root, "--cache", tmp_path / "c", "--views", 2, "--chunk-rows", 4,
+                     "--batch-size", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    cache = Cache.at(tmp_path / "c")
+    store = cache.open_teacher(result.stdout.strip().splitlines()[-1])
+    plan = cache.open_plan(store.plan_id)
+    assert plan.recipe == "resized-crop-flip" and plan.view(0)[1].shape == (9, 5)
+    assert store.group["features"].shape == (2, 9, 512) and store.verify() == []
+    data = load_dataset("imagefolder", root)
+    order, params = plan.view(1)
+    views = []
+    for r in range(3):  # the first forward batch of chunk 0, built with torchvision's own functions
+        i, j, h, w, flip = params[r].tolist()
+        img = TF.resized_crop(data.train.load([order[r]])[0], i, j, h, w, [224, 224], antialias=True)
+        img = TF.hflip(img) if flip else img
+        views.append(TF.normalize(img.float().div(255), data.mean, data.std))
+    with torch.inference_mode():
+        h_ref, z_ref = teacher(ckpt, "resnet18", classes=3)(torch.stack(views))
+    z, feats = store.read_chunk(1, 0)
+    torch.testing.assert_close(torch.from_numpy(z[:3]).float(), z_ref.half().float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(torch.from_numpy(feats[:3]).float(), h_ref.half().float(), atol=2e-3, rtol=2e-3)
