@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from kdcache import __version__, training
@@ -91,8 +92,6 @@ class DistillResult:
     history: list[EpochMetrics]
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pth", "best.pth", "last.pth")
-
 
 def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None = None,
             on_step: Callable[[StepRecord], None] | None = None) -> DistillResult:
@@ -140,6 +139,7 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
             method.train()
             sums: dict[str, torch.Tensor] = {}
             weight_sum: torch.Tensor | None = None
+            per_sample: list[tuple[np.ndarray, torch.Tensor]] = []
             steps = 0
             for step, batch in enumerate(stream.epoch(epoch, req.batch_size)):
                 x = view_batch(dataset, source, plan.recipe, batch.indices, batch.params, device)
@@ -158,6 +158,8 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                 sums["total"] = sums.get("total", 0) + loss.total.detach()
                 if loss.teacher_weights is not None:
                     weight_sum = loss.teacher_weights if weight_sum is None else weight_sum + loss.teacher_weights
+                if loss.sample_weights is not None:
+                    per_sample.append((batch.indices, loss.sample_weights))
                 if on_step:
                     on_step(StepRecord(epoch, step, torch.as_tensor(batch.indices),
                                        {k: float(v.detach()) for k, v in loss.terms.items()}, float(loss.total.detach())))
@@ -170,6 +172,8 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                                    None if weight_sum is None else [float(w) / steps for w in weight_sum],
                                    top1, top5, lr_now, time.perf_counter() - t0)
             result.history.append(metrics)
+            if per_sample:
+                _save_sample_weights(out / "sample_weights.npz", epoch, per_sample, plan.labels)
             _save_epoch(out, req, config, epoch, student, method, optimizer, scheduler, metrics, result)
             if on_epoch:
                 on_epoch(metrics)
@@ -319,6 +323,17 @@ def _save_epoch(out: Path, req: DistillRequest, config: dict[str, Any], epoch: i
         "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": config["args"],
         "best_top1": result.best_top1, "rng": {"torch": torch.get_rng_state()}, "arch": req.student,
     }, out / "checkpoint.pth")
+
+
+def _save_sample_weights(path: Path, epoch: int, per_sample: list[tuple[np.ndarray, torch.Tensor]],
+                         labels: np.ndarray) -> None:
+    """The per-sample KD weights (B, K) of every sample the epoch trained on, with its id and label
+    (the data of the paper's Figure 3); replaced every epoch, so it holds the latest."""
+    indices = np.concatenate([i for i, _ in per_sample])
+    weights = torch.cat([w for _, w in per_sample]).float().cpu().numpy()
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, epoch=epoch, indices=indices, labels=labels[indices], weights=weights)
+    tmp.replace(path)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -56,8 +56,9 @@ def test_every_method_from_the_command_line(method: str, two_teachers, tmp_path:
     result = run_cli(*args)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
+    extra = ["sample_weights.npz"] if method in ("camkd", "ebkd") else []
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.json", "metrics.jsonl", "checkpoint.pth", "best.pth", "last.pth"])
+        ["config.json", "metrics.jsonl", "checkpoint.pth", "best.pth", "last.pth", *extra])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
     for r in records:
@@ -69,6 +70,12 @@ def test_every_method_from_the_command_line(method: str, two_teachers, tmp_path:
         assert len(records[0]["teacher_weights"]) == 2
     if method == "camkd":
         assert sum(records[0]["teacher_weights"]) == pytest.approx(1.0, abs=1e-5)
+        saved = np.load(run / "sample_weights.npz")
+        assert int(saved["epoch"]) == epochs and saved["weights"].shape == (1437 // 64 * 64, 2)
+        assert np.allclose(saved["weights"].sum(1), 1.0, atol=1e-5)
+        assert np.allclose(saved["weights"].mean(0), records[-1]["teacher_weights"], atol=1e-5)
+        from kdcache.data import load_dataset
+        assert np.array_equal(saved["labels"], load_dataset("digits").train.labels[saved["indices"]])
     config = json.loads((run / "config.json").read_text())
     assert config["args"]["method"] == method and config["args"]["teachers"] == teachers
     assert config["args"]["lr"] == 0.05 and config["plan_id"]
