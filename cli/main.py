@@ -35,9 +35,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from kdcache.cli import cache, listing, student, teacher
+    from kdcache.cli import cache, demo, listing, student, teacher
 
-    for command in (*listing.COMMANDS, *teacher.COMMANDS, *student.COMMANDS, cache.cache):
+    for command in (*demo.COMMANDS, *listing.COMMANDS, *teacher.COMMANDS, *student.COMMANDS, cache.cache):
         main.add_command(command)
 
 

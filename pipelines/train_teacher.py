@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,7 @@ class TrainTeacherRequest:
     seed: int = 0
     device: str | None = None
     resume: bool = False
+    label_map: dict[int, int] | None = None  # train on corrupted labels: class a is taught as label_map[a]
 
 
 @dataclass
@@ -82,7 +84,7 @@ def train_teacher(req: TrainTeacherRequest,
     train = dataset.train
     if getattr(train, "resident", False):
         train = train.to(device)
-    labels = torch.as_tensor(train.labels).to(device)
+    labels = torch.as_tensor(_relabel(train.labels, req.label_map)).to(device)
     n = len(train)
     if n < req.batch_size:
         raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {n} training samples")
@@ -124,6 +126,16 @@ def train_teacher(req: TrainTeacherRequest,
         if on_epoch:
             on_epoch(record)
     return result
+
+
+def _relabel(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """Labels with every class ``a`` in ``label_map`` replaced by ``label_map[a]`` (the test split stays true)."""
+    if not label_map:
+        return labels
+    table = np.arange(int(labels.max()) + 1)
+    for src, dst in label_map.items():
+        table[src] = dst
+    return table[labels]
 
 
 def _resume(req: TrainTeacherRequest, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

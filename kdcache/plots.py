@@ -1,0 +1,248 @@
+"""Figures of distillation runs: test accuracy per epoch, and the per-sample teacher weights (Figure 3).
+
+``load_run`` reads a run directory written by ``kdcache distill`` (config.json,
+metrics.jsonl, and sample_weights.npz for camkd and ebkd). The plot functions draw
+on ``matplotlib.figure.Figure`` objects rendered by the Agg canvas: no pyplot, no
+global backend switch, so they are safe headless and from several threads. They
+write a PNG and return the Figure, so callers and tests can inspect what was drawn.
+matplotlib is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kdcache.errors import KdcacheError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+WIDTH_IN, HEIGHT_IN, DPI = 8.0, 5.0, 120
+
+
+@dataclass
+class SampleWeights:
+    """The per-sample KD weight of each teacher in one epoch, as sample_weights.npz holds it."""
+
+    epoch: int
+    indices: np.ndarray   # (n,) training sample ids
+    labels: np.ndarray    # (n,)
+    weights: np.ndarray   # (n, K)
+
+
+@dataclass
+class RunRecord:
+    """One run directory: its name, config.json, the metrics.jsonl records, and the sample weights if any."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    sample_weights: SampleWeights | None = None
+
+    @property
+    def method(self) -> str | None:
+        return self.config.get("args", {}).get("method")
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("args", {}).get("seed")
+
+    @property
+    def label(self) -> str:
+        """"method seed=S" when the config records both, else the run's name."""
+        if self.method is None or self.seed is None:
+            return self.name
+        return f"{self.method} seed={self.seed}"
+
+    def teacher_labels(self) -> list[str]:
+        """One label per teacher: arch, short store id and test accuracy where config.json has them."""
+        labels = []
+        for k, t in enumerate(self.config.get("teachers") or []):
+            text = f"T{k + 1}: {t.get('arch', '?')} ({str(t.get('id', '?'))[:8]})"
+            if isinstance(t.get("test_accuracy"), (int, float)):
+                text += f", acc {t['test_accuracy']:.1f}%"
+            labels.append(text)
+        return labels
+
+
+def load_run(path: Path | str, name: str | None = None) -> RunRecord:
+    """Read the run directory ``path`` (named ``name``, default its directory name).
+
+    Raises KdcacheError with one line when it is not a kdcache run or a file in it cannot be read.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise KdcacheError(f"{path} is not a directory; give a run directory written by `kdcache distill --out`")
+    missing = [f for f in ("config.json", "metrics.jsonl") if not (path / f).is_file()]
+    if missing:
+        raise KdcacheError(f"{path} is not a kdcache run: it has no {' or '.join(missing)} "
+                           "(give directories written by `kdcache distill --out`)")
+    config = _read_config(path / "config.json")
+    metrics = _read_metrics(path / "metrics.jsonl")
+    weights = None
+    if (path / "sample_weights.npz").is_file():
+        weights = _read_sample_weights(path / "sample_weights.npz", len(config.get("teachers") or []))
+    return RunRecord(name or path.resolve().name, path, config, metrics, weights)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise KdcacheError(f"cannot read {path}: {_one_line(exc)}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise KdcacheError(f"{path} is not a kdcache run config (no \"args\" object)")
+    return config
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KdcacheError(f"cannot read {path}: {_one_line(exc)}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KdcacheError(f"{path} line {number} is not valid JSON: {_one_line(exc)}") from None
+        if not isinstance(record, dict) or not {"epoch", "test_top1"} <= set(record):
+            raise KdcacheError(f"{path} line {number} is not a kdcache epoch record (no epoch or test_top1)")
+        records.append(record)
+    return records
+
+
+def _read_sample_weights(path: Path, n_teachers: int) -> SampleWeights:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            saved = SampleWeights(int(f["epoch"]), f["indices"], f["labels"], f["weights"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise KdcacheError(f"cannot read {path}: {_one_line(exc)}") from None
+    w = saved.weights
+    if w.ndim != 2 or (n_teachers and w.shape[1] != n_teachers) or len(saved.indices) != len(w):
+        raise KdcacheError(f"{path} holds weights of shape {w.shape} for {len(saved.indices)} samples; "
+                           f"expected (n, {n_teachers or 'K'})")
+    return saved
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def _new_figure(width: float = WIDTH_IN, height: float = HEIGHT_IN) -> Figure:
+    """A Figure on its own Agg canvas (no pyplot state), with constrained layout."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise KdcacheError("drawing figures needs matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path | str) -> None:
+    """Write the PNG next to its final name, then move it there, so a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise KdcacheError(f"cannot write {path}: {_one_line(exc)}") from None
+
+
+def _legend_labels(runs: list[RunRecord]) -> list[str]:
+    """Each run's label, with its name added where two runs would otherwise read the same."""
+    labels = [r.label for r in runs]
+    return [f"{lab} ({r.name})" if labels.count(lab) > 1 and lab != r.name else lab
+            for lab, r in zip(labels, runs)]
+
+
+def plot_accuracy_curves(runs: list[RunRecord], path: Path | str) -> Figure:
+    """Test top-1 per epoch, one line per run, written as a PNG to ``path``; returns the Figure.
+
+    Compares methods and seeds at a glance; the legend sits outside the axes so it never hides a curve.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for run, label in zip(runs, _legend_labels(runs)):
+        epochs = [m["epoch"] for m in run.metrics]
+        top1 = [m["test_top1"] for m in run.metrics]
+        if not epochs:
+            label += " (no epochs yet)"
+        ax.plot(epochs, top1, label=label, linewidth=1.8, marker="o" if len(epochs) <= 40 else None,
+                markersize=4)
+    ax.set_title("Test top-1 accuracy per epoch")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.4)
+    fig.legend(loc="outside right upper", title="run", fontsize="small")
+    _save(fig, path)
+    return fig
+
+
+def plot_weight_distributions(run: RunRecord, path: Path | str, bins: int = 40) -> Figure:
+    """The paper's Figure 3: for each teacher, a histogram of its per-sample KD weights, written to ``path``.
+
+    One panel per teacher on shared axes, so a teacher the method trusts more shows up as mass further
+    right; the dashed line marks the equal share (what uniform weights would give), the dotted one the mean.
+    """
+    if run.sample_weights is None:
+        raise KdcacheError(f"{run.path} has no sample_weights.npz (only camkd and ebkd runs record per-sample "
+                           "weights)")
+    saved = run.sample_weights
+    w = np.asarray(saved.weights, dtype=np.float64)
+    n, k = w.shape
+    names = run.teacher_labels() or [f"T{i + 1}" for i in range(k)]
+    ncols = min(k, 3)
+    nrows = math.ceil(k / ncols)
+    fig = _new_figure(WIDTH_IN, max(HEIGHT_IN, 2.6 * nrows + 1.0))
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
+    lo, hi = (float(w.min()), float(w.max())) if n else (0.0, 1.0)
+    if hi - lo < 1e-6:  # all weights equal (uniform ablation, K = 1): a visible bin around the value
+        lo, hi = lo - 0.05, hi + 0.05
+    edges = np.linspace(lo, hi, bins + 1)
+    equal_share = float(w.sum(1).mean() / k) if n else None
+    for i, ax in enumerate(axes):
+        if i >= k:
+            ax.set_visible(False)
+            continue
+        counts, _ = np.histogram(w[:, i], bins=edges)
+        ax.stairs(counts, edges, fill=True, color=f"C{i}", alpha=0.8, label="samples")
+        if equal_share is not None:
+            ax.axvline(equal_share, color="0.3", linestyle="--", linewidth=1,
+                       label=f"equal share {equal_share:.2f}")
+            ax.axvline(w[:, i].mean(), color="black", linestyle=":", linewidth=1.5,
+                       label=f"mean {w[:, i].mean():.3f}")
+        ax.set_title(names[i], fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small", loc="upper left")
+        if i % ncols == 0:
+            ax.set_ylabel("samples")
+        if i >= k - ncols:
+            ax.set_xlabel("per-sample KD weight")
+            ax.tick_params(labelbottom=True)
+    ax0 = axes[0]
+    ax0.set_ylim(top=ax0.get_ylim()[1] * 1.25)  # head-room for the legends above the tallest bar
+    fig.suptitle(f"Per-sample teacher weights: {run.label} ({run.name}), epoch {saved.epoch}, {n} samples")
+    _save(fig, path)
+    return fig

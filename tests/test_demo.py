@@ -1,0 +1,57 @@
+"""`kdcache demo`: the whole pipeline end to end, its reuse on a second run, and its evidence arithmetic."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from kdcache.pipelines import demo
+from kdcache.pipelines.train_teacher import _relabel
+
+
+def test_corrupted_labels_rotate_only_the_named_classes() -> None:
+    labels = np.array([0, 3, 5, 8, 9, 3])
+    assert _relabel(labels, {3: 5, 5: 8, 8: 3}).tolist() == [0, 5, 8, 3, 9, 5]
+    assert _relabel(labels, None) is labels
+
+
+def test_weight_evidence_is_the_mean_over_the_named_classes() -> None:
+    saved = [{"labels": np.array([3, 1, 5]), "weights": np.array([[0.5, 0.1], [0.2, 0.6], [0.7, 0.3]])},
+             {"labels": np.array([8, 2]), "weights": np.array([[0.4, 0.2], [0.9, 0.8]])}]
+    got = demo.corrupted_teacher_weights(saved, [3, 5, 8], teacher=1)
+    assert got["corrupted_classes"] == pytest.approx((0.1 + 0.3 + 0.2) / 3)
+    assert got["other_classes"] == pytest.approx((0.6 + 0.8) / 2)
+
+
+def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = tuple(demo.DemoTeacher(t.name, "resnet8", 1, t.label_map) for t in demo.TEACHERS)
+    monkeypatch.setattr(demo, "TEACHERS", tiny)
+    args = ["demo", "--out", tmp_path / "d", "--epochs", 1, "--device", "cpu"]
+    first = run_cli(*args)
+    assert first.exit_code == 0, first.output
+    out = first.stdout
+    for name in ("good", "corrupted", "weak"):
+        assert f"teacher {name} (resnet8)" in out
+    assert "teacher ensemble" in out
+    for method in demo.METHODS:
+        assert f"student resnet8 {method} " in out
+    assert "camkd's mean weight on the corrupted teacher" in out
+    record = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert set(record["students"]) == set(demo.METHODS)
+    assert 0 < record["camkd_weights_on_corrupted_teacher"]["corrupted_classes"] < 1
+    assert len(list((tmp_path / "d" / "cache" / "teachers").iterdir())) == 3
+    assert len(list((tmp_path / "d" / "cache" / "plans").iterdir())) == 1  # one plan shared by the teachers
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.pth")}
+
+    t0 = time.perf_counter()
+    second = run_cli(*args)
+    assert second.exit_code == 0, second.output
+    assert "reused 3 teachers, 3 stores, 6 runs" in second.stdout
+    assert time.perf_counter() - t0 < 30
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.pth")} == stamps
+    assert second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]  # the same table
