@@ -57,20 +57,20 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        """"method seed=S" when the config records both, else the run's name."""
+        """The run's legend label: ``method seed=S`` when config.json records both, else its name."""
         if self.method is None or self.seed is None:
             return self.name
         return f"{self.method} seed={self.seed}"
 
     def teacher_labels(self) -> list[str]:
-        """One label per teacher: arch, short store id and test accuracy where config.json has them."""
-        labels = []
-        for k, t in enumerate(self.config.get("teachers") or []):
-            text = f"T{k + 1}: {t.get('arch', '?')} ({str(t.get('id', '?'))[:8]})"
-            if isinstance(t.get("test_accuracy"), (int, float)):
-                text += f", acc {t['test_accuracy']:.1f}%"
-            labels.append(text)
-        return labels
+        """One label per teacher, "T1: arch (short id)", from config.json."""
+        return [f"T{k + 1}: {t.get('arch', '?')} ({str(t.get('id', '?'))[:8]})"
+                for k, t in enumerate(self.config.get("teachers") or [])]
+
+    def teacher_accuracies(self) -> list[float | None]:
+        """Each teacher's test accuracy (%) as config.json records it, None where it does not."""
+        return [t.get("test_accuracy") if isinstance(t.get("test_accuracy"), (int, float)) else None
+                for t in self.config.get("teachers") or []]
 
 
 def load_run(path: Path | str, name: str | None = None) -> RunRecord:
@@ -129,7 +129,7 @@ def _read_sample_weights(path: Path, n_teachers: int) -> SampleWeights:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise KdcacheError(f"cannot read {path}: {_one_line(exc)}") from None
     w = saved.weights
-    if w.ndim != 2 or (n_teachers and w.shape[1] != n_teachers) or len(saved.indices) != len(w):
+    if w.ndim != 2 or w.shape[1] == 0 or (n_teachers and w.shape[1] != n_teachers) or len(saved.indices) != len(w):
         raise KdcacheError(f"{path} holds weights of shape {w.shape} for {len(saved.indices)} samples; "
                            f"expected (n, {n_teachers or 'K'})")
     return saved
@@ -174,28 +174,42 @@ def _legend_labels(runs: list[RunRecord]) -> list[str]:
             for lab, r in zip(labels, runs)]
 
 
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_accuracy_curves(runs: list[RunRecord], path: Path | str) -> Figure:
     """Test top-1 per epoch, one line per run, written as a PNG to ``path``; returns the Figure.
 
     Compares methods and seeds at a glance; the legend sits outside the axes so it never hides a curve.
     """
+    if not runs:
+        raise KdcacheError("no runs to plot")
     from matplotlib.ticker import MaxNLocator
 
     fig = _new_figure()
     ax = fig.add_subplot()
+    colors: dict[str, str] = {}   # one colour per method, one line style per run of that method
+    styles: dict[str, int] = {}
     for run, label in zip(runs, _legend_labels(runs)):
+        group = run.method or run.name
+        color = colors.setdefault(group, f"C{len(colors) % 10}")
+        style = _LINE_STYLES[styles.get(group, 0) % len(_LINE_STYLES)]
+        styles[group] = styles.get(group, 0) + 1
         epochs = [m["epoch"] for m in run.metrics]
         top1 = [m["test_top1"] for m in run.metrics]
         if not epochs:
             label += " (no epochs yet)"
-        ax.plot(epochs, top1, label=label, linewidth=1.8, marker="o" if len(epochs) <= 40 else None,
-                markersize=4)
+        ax.plot(epochs, top1, label=label, color=color, linestyle=style, linewidth=1.8,
+                marker="o" if len(epochs) <= 40 else None, markersize=4)
     ax.set_title("Test top-1 accuracy per epoch")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 accuracy (%)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    seen = [m["epoch"] for r in runs for m in r.metrics]
+    if seen and max(seen) - min(seen) < 2:  # one or two epochs: whole-number ticks around them
+        ax.set_xlim(min(seen) - 0.5, max(seen) + 0.5)
     ax.grid(True, alpha=0.4)
-    fig.legend(loc="outside right upper", title="run", fontsize="small")
+    fig.legend(loc="outside right upper", title="run", fontsize="small", ncols=math.ceil(len(runs) / 24))
     _save(fig, path)
     return fig
 
@@ -209,40 +223,57 @@ def plot_weight_distributions(run: RunRecord, path: Path | str, bins: int = 40) 
     if run.sample_weights is None:
         raise KdcacheError(f"{run.path} has no sample_weights.npz (only camkd and ebkd runs record per-sample "
                            "weights)")
+    from matplotlib.ticker import MaxNLocator
+
     saved = run.sample_weights
     w = np.asarray(saved.weights, dtype=np.float64)
     n, k = w.shape
     names = run.teacher_labels() or [f"T{i + 1}" for i in range(k)]
+    accuracies = run.teacher_accuracies() or [None] * k
     ncols = min(k, 3)
     nrows = math.ceil(k / ncols)
-    fig = _new_figure(WIDTH_IN, max(HEIGHT_IN, 2.6 * nrows + 1.0))
+    fig = _new_figure(WIDTH_IN if ncols <= 2 else 10.0, max(HEIGHT_IN, 2.6 * nrows + 1.0))
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
-    lo, hi = (float(w.min()), float(w.max())) if n else (0.0, 1.0)
-    if hi - lo < 1e-6:  # all weights equal (uniform ablation, K = 1): a visible bin around the value
-        lo, hi = lo - 0.05, hi + 0.05
+    finite = np.isfinite(w)  # a diverged run can hold NaN: left out of the bins and the means, and said so
+    lo, hi = (float(w[finite].min()), float(w[finite].max())) if finite.any() else (0.0, 1.0)
+    if hi - lo < 1e-6:  # all weights equal (uniform ablation, K = 1): one bin centred on the value
+        lo, hi, bins = lo - 0.05, hi + 0.05, 2 * (bins // 2) + 1
     edges = np.linspace(lo, hi, bins + 1)
-    equal_share = float(w.sum(1).mean() / k) if n else None
+    rows = finite.all(1)
+    equal_share = float(w[rows].sum(1).mean() / k) if rows.any() else None
     for i, ax in enumerate(axes):
         if i >= k:
             ax.set_visible(False)
             continue
         counts, _ = np.histogram(w[:, i], bins=edges)
-        ax.stairs(counts, edges, fill=True, color=f"C{i}", alpha=0.8, label="samples")
+        ax.stairs(counts, edges, fill=True, color=f"C{i}", alpha=0.85)
+        column = w[finite[:, i], i]
         if equal_share is not None:
-            ax.axvline(equal_share, color="0.3", linestyle="--", linewidth=1,
-                       label=f"equal share {equal_share:.2f}")
-            ax.axvline(w[:, i].mean(), color="black", linestyle=":", linewidth=1.5,
-                       label=f"mean {w[:, i].mean():.3f}")
-        ax.set_title(names[i], fontsize="medium")
+            ax.axvline(equal_share, color="0.35", linestyle="--", linewidth=1.2)
+        if column.size:
+            ax.axvline(column.mean(), color="black", linestyle=":", linewidth=1.8)
+        facts = ([f"test acc {accuracies[i]:.1f}%"] if accuracies[i] is not None else []) + \
+            [f"mean weight {column.mean():.3f}" if column.size else "no finite weights"]
+        ax.set_title(f"{names[i]}\n{', '.join(facts)}", fontsize="medium")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="x-small", loc="upper left")
         if i % ncols == 0:
             ax.set_ylabel("samples")
         if i >= k - ncols:
             ax.set_xlabel("per-sample KD weight")
             ax.tick_params(labelbottom=True)
-    ax0 = axes[0]
-    ax0.set_ylim(top=ax0.get_ylim()[1] * 1.25)  # head-room for the legends above the tallest bar
-    fig.suptitle(f"Per-sample teacher weights: {run.label} ({run.name}), epoch {saved.epoch}, {n} samples")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))  # shared: counts of samples
+    if not finite.any():  # nothing drawn: keep the empty count axis at 0..1 rather than around 0
+        axes[0].set_ylim(0, 1)
+    if equal_share is not None:  # the reference lines look alike in every panel: one legend, outside the data
+        from matplotlib.lines import Line2D
+
+        fig.legend([Line2D([], [], color="0.35", linestyle="--", linewidth=1.2),
+                    Line2D([], [], color="black", linestyle=":", linewidth=1.8)],
+                   [f"equal share ({equal_share:.2f}: what uniform weights give)", "the teacher's mean weight"],
+                   loc="outside lower center", ncols=2, fontsize="small")
+    name = "" if run.name in (run.label, run.method) else f" ({run.name})"
+    bad = f", {int((~finite).sum())} non-finite weights left out" if not finite.all() else ""
+    fig.suptitle(f"Per-sample KD weights of each teacher: {run.label}{name}\n"
+                 f"epoch {saved.epoch}, {n} samples{bad}")
     _save(fig, path)
     return fig
