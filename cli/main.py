@@ -35,10 +35,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from kdcache.cli import cache, demo, listing, report, student, teacher
+    from kdcache.cli import cache, demo, listing, recipe, report, student, teacher
 
     for command in (*demo.COMMANDS, *listing.COMMANDS, *teacher.COMMANDS, *student.COMMANDS, *report.COMMANDS,
-                    cache.cache):
+                    *recipe.COMMANDS, cache.cache):
         main.add_command(command)
 
 

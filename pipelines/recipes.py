@@ -244,8 +244,7 @@ class RecipePlan:
 
     def lines(self) -> list[str]:
         """The dry run, for a person."""
-        r, n, c, v = self.recipe, self.n_samples, self.num_classes, self.views
-        k = len(self.stores)
+        r, n, v, k = self.recipe, self.n_samples, self.views, len(self.stores)
         out = [f"recipe     {r.name} ({r.table} setting): {r.title} on {r.dataset}",
                f"grid       methods {', '.join(r.methods)} × {self.seeds} seeds × {self.epochs} epochs; "
                f"{v} views, plan seed {r.plan_seed}"]
@@ -255,7 +254,8 @@ class RecipePlan:
                     f"{_bytes(s.features_bytes)} + head {_bytes(s.head_bytes)}",
                     f"           = {_bytes(s.raw_bytes)} raw, about {_bytes(s.estimated_bytes)} on disk "
                     f"(estimate: compression ratio {COMPRESSION_RATIO} measured in benchmarks/RESULTS.md)"]
-        out += [f"plan       shared by the {k} stores: order ({v}, {n}) int32, params, labels: {_bytes(self.plan_bytes)}",
+        out += [f"plan       shared by the {k} stores: order ({v}, {n}) int32, params, labels: "
+                f"{_bytes(self.plan_bytes)}",
                 f"disk       {_bytes(self.total_raw_bytes)} raw, about {_bytes(self.total_estimated_bytes)} after "
                 f"compression (estimate)",
                 f"forward    online: {self.methods_with_teachers} methods using teachers × {self.seeds} seeds × "
@@ -534,7 +534,10 @@ def format_table(result: RecipeResult) -> str:
     seeds, and the paper's figure ("n/a" where it was not found).
     """
     r, plan = result.recipe, result.plan
-    paper = lambda label: r.paper.get(label, "n/a")  # noqa: E731
+
+    def paper(label: str) -> str:
+        return r.paper.get(label, "n/a")
+
     head = f"{r.title} (best epoch)"
     rows = [f"# {r.name}: CA-MKD {r.table} setting, {r.dataset}", "",
             f"Top-1 test accuracy (%) on the {r.dataset} test split. Students: mean ± sample standard deviation "

@@ -210,5 +210,6 @@ def test_imagefolder_with_a_torchvision_teacher(tmp_path: Path) -> None:
     with torch.inference_mode():
         h_ref, z_ref = teacher(ckpt, "resnet18", classes=3)(torch.stack(views))
     z, feats = store.read_chunk(1, 0)
-    torch.testing.assert_close(torch.from_numpy(z[:3]).float(), z_ref.half().float(), atol=2e-3, rtol=2e-3)
-    torch.testing.assert_close(torch.from_numpy(feats[:3]).float(), h_ref.half().float(), atol=2e-3, rtol=2e-3)
+    # resnet18's float32 sums depend on the CPU's thread split; a wrong view or row would differ by O(1)
+    torch.testing.assert_close(torch.from_numpy(z[:3]).float(), z_ref.half().float(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(torch.from_numpy(feats[:3]).float(), h_ref.half().float(), atol=1e-2, rtol=1e-2)

@@ -105,12 +105,21 @@ def test_cli_list_and_dry_run_write_nothing(tmp_path: Path) -> None:
 # -- end to end on tiny synthetic CIFAR-100 ---------------------------------------------------
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a busy 2-core machine run much faster on one intra-op thread (no spinning at barriers)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _mtimes(root: Path, pattern: str) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in root.rglob(pattern)}
 
 
-def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path) -> None:
-    data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=128, n_test=32, seed=0)
+def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread: None) -> None:
+    data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=64, n_test=16, seed=0)
     out, cache = tmp_path / "out", tmp_path / "cache"
     # a user-supplied pretrained teacher in the RepDistiller format: used as it is, never trained
     torch.manual_seed(123)
@@ -178,8 +187,28 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path) -> None:
 
     # the dry run reads the real size and sees the finished grid
     dry = run_recipe(TINY, **{**kw, "say": None}, dry_run=True)
-    assert dry.plan.n_samples == 128 and dry.plan.num_classes == 100
-    assert dry.plan.stores[0].arrays_bytes == 1 * 128 * (100 + 64) * 2
-    assert dry.plan.online_forward_passes == 5 * 2 * 1 * 128 * 3
+    assert dry.plan.n_samples == 64 and dry.plan.num_classes == 100
+    assert dry.plan.stores[0].arrays_bytes == 1 * 64 * (100 + 64) * 2
+    assert dry.plan.online_forward_passes == 5 * 2 * 1 * 64 * 3
     assert any("12 student runs" in line and "12 already finished" in line for line in dry.lines)
     assert any("resnet8-0.pth: found, used as it is" in line for line in dry.lines)
+
+
+def test_teacher_checkpoint_states_and_foreign_runs(tmp_path: Path) -> None:
+    ckpt = tmp_path / "resnet8-0.pth"
+    assert recipes._checkpoint_state(ckpt, 5) == "missing"
+    torch.save({"model": {}, "optimizer": {}, "lr_scheduler": {}, "epoch": 3, "arch": "resnet8"}, ckpt)
+    assert recipes._checkpoint_state(ckpt, 5) == "partial"  # kdcache's own run, stopped early: resumed
+    assert recipes._checkpoint_state(ckpt, 3) == "done"
+    torch.save({"model": {}, "epoch": 3}, ckpt)  # a pretrained checkpoint from elsewhere: used as it is
+    assert recipes._checkpoint_state(ckpt, 240) == "done"
+    assert [(a, p.name, s) for a, p, s in recipes.teacher_checkpoints(
+        recipes.find_recipe("t3-resnet56-resnet20x4-vgg13-vgg8"), tmp_path)] == [
+        ("resnet56", "resnet56-0.pth", 0), ("resnet20x4", "resnet20x4-0.pth", 0), ("vgg13", "vgg13-0.pth", 0)]
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"args": {"epochs": 240, "teachers": ["a", "b"]}}))
+    recipes._check_finished_run(run, 240, ["a", "b"])
+    with pytest.raises(KdcacheError, match="another grid"):
+        recipes._check_finished_run(run, 30, ["a", "b"])
