@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from kdcache.batches import test_batches
 from kdcache.data import DataSet
+from kdcache.device import resolve_device
+from kdcache.models import build_model, load_checkpoint
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
@@ -29,3 +33,20 @@ def evaluate(model: torch.nn.Module, dataset: DataSet, recipe: str, device: torc
         total += len(y)
     model.train(was_training)
     return 100.0 * top1 / total, 100.0 * top5 / total
+
+
+@torch.inference_mode()
+def ensemble_accuracy(teachers: list[tuple[str, Path]], dataset: DataSet, device: str | None) -> float:
+    """Test top-1 of the teachers' averaged softmax."""
+    dev = resolve_device(device)
+    models = []
+    for arch, ckpt in teachers:
+        m = build_model(arch, dataset.num_classes)
+        load_checkpoint(m, ckpt)
+        models.append(m.eval().to(dev))
+    correct = total = 0
+    for x, y in test_batches(dataset, dataset.recipe, dev, 256):
+        probs = sum(torch.softmax(m(x)[1], dim=1) for m in models)
+        correct += int((probs.argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total

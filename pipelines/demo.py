@@ -18,17 +18,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from kdcache.batches import test_batches
 from kdcache.data import load_dataset
-from kdcache.device import resolve_device
-from kdcache.models import build_model, load_checkpoint
+from kdcache.errors import CheckpointError
+from kdcache.evaluate import ensemble_accuracy
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
-from kdcache.errors import CheckpointError
 from kdcache.store import Cache
 
 CORRUPTED_CLASSES = {3: 5, 5: 8, 8: 3}
@@ -120,23 +117,6 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = 1, epochs: int =
     result.camkd_weights = corrupted_teacher_weights(weights, list(CORRUPTED_CLASSES), teacher=corrupted)
     (out / "demo.json").write_text(json.dumps(_as_json(result), indent=2) + "\n")
     return result
-
-
-@torch.inference_mode()
-def ensemble_accuracy(teachers: list[tuple[str, Path]], dataset, device: str | None) -> float:
-    """Test top-1 of the teachers' averaged softmax."""
-    dev = resolve_device(device)
-    models = []
-    for arch, ckpt in teachers:
-        m = build_model(arch, dataset.num_classes)
-        load_checkpoint(m, ckpt)
-        models.append(m.eval().to(dev))
-    correct = total = 0
-    for x, y in test_batches(dataset, dataset.recipe, dev, 256):
-        probs = sum(torch.softmax(m(x)[1], dim=1) for m in models)
-        correct += int((probs.argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
 
 
 def corrupted_teacher_weights(saved: list, classes: list[int], teacher: int) -> dict[str, float]:

@@ -54,6 +54,7 @@ import torch
 from kdcache import training
 from kdcache.data import dataset_names, load_dataset
 from kdcache.errors import CheckpointError, DatasetError, KdcacheError, UnknownNameError
+from kdcache.evaluate import ensemble_accuracy
 from kdcache.losses import method_info
 from kdcache.models import build_model, feature_dim, model_info
 from kdcache.models.checkpoint import read_checkpoint
@@ -500,7 +501,6 @@ def _run_accuracy(run: Path) -> tuple[float, float]:
 def _ensemble(out: Path, ckpts: list[tuple[str, Path, int]], ids: list[str], dataset, device: str | None,
               say: Say) -> float:
     """Test top-1 of the teachers' averaged softmax, kept in ``<out>/ensemble.json`` per set of stores."""
-    from kdcache.pipelines.demo import ensemble_accuracy
 
     path = out / "ensemble.json"
     if path.is_file():
