@@ -47,7 +47,7 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -118,6 +118,25 @@ def register_recipe(recipe: Recipe, replace: bool = False) -> Recipe:
     """Add ``recipe`` to the registry after checking its names, so a typo fails here and not hours later."""
     if recipe.name in _REGISTRY and not replace:
         raise KdcacheError(f"recipe {recipe.name!r} is already registered")
+    _REGISTRY[recipe.name] = check_recipe(recipe)
+    return recipe
+
+
+def custom_recipe(teachers: Sequence[str], student: str, dataset: str = "cifar100") -> Recipe:
+    """A setting not in the registry (any column of the paper's tables): K teachers to one student.
+
+    It runs the paper's methods over three seeds with the official schedule, like
+    the registered recipes; its name records the setting, e.g. ``custom-resnet32x4x3-ShuffleV2``.
+    """
+    counts = Counter(teachers)
+    label = "-".join(f"{a}x{n}" if n > 1 else a for a, n in counts.items())
+    return check_recipe(Recipe(name=f"custom-{label}-{student}", table="custom", dataset=dataset,
+                               teachers=tuple(teachers), student=student,
+                               source="given on the command line (kdcache recipe run custom)"))
+
+
+def check_recipe(recipe: Recipe) -> Recipe:
+    """Refuse unknown architectures, methods or data set and non-positive counts; return the recipe."""
     if not recipe.teachers:
         raise KdcacheError(f"recipe {recipe.name!r} has no teachers")
     for arch in (*recipe.teachers, recipe.student):
@@ -130,7 +149,6 @@ def register_recipe(recipe: Recipe, replace: bool = False) -> Recipe:
     for label, value in (("seeds", recipe.seeds), ("epochs", recipe.epochs), ("views", recipe.views)):
         if value < 1:
             raise KdcacheError(f"recipe {recipe.name!r}: {label} must be at least 1 (got {value})")
-    _REGISTRY[recipe.name] = recipe
     return recipe
 
 

@@ -102,6 +102,31 @@ def test_cli_list_and_dry_run_write_nothing(tmp_path: Path) -> None:
     assert isinstance(bad.exception, KdcacheError) and "--seeds" in str(bad.exception)
 
 
+def test_custom_recipe_runs_any_setting_given_on_the_command_line(tmp_path: Path) -> None:
+    custom = recipes.custom_recipe(["wrn_40_2", "wrn_40_2", "resnet56"], "ShuffleV1")
+    assert custom.name == "custom-wrn_40_2x2-resnet56-ShuffleV1" and custom.name not in recipes.recipe_names()
+    assert custom.teachers == ("wrn_40_2", "wrn_40_2", "resnet56") and custom.dataset == "cifar100"
+    assert custom.methods == recipes.find_recipe("t1-resnet32x4-vgg8").methods
+
+    out = tmp_path / "out"
+    result = invoke("run", "custom", "--teacher", "wrn_40_2", "--teacher", "wrn_40_2", "--teacher", "resnet56",
+                    "--student", "ShuffleV1", "--data-root", tmp_path, "--out", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    # wrn_40_2's feature is 128 wide, resnet56's 64: 240 views x 50000 rows x D x 2 bytes
+    assert f"features (240, 50000, 128) float16 2.9 GiB ({240 * 50000 * 128 * 2:,} B)" in result.output
+    assert f"features (240, 50000, 64) float16 1.4 GiB ({240 * 50000 * 64 * 2:,} B)" in result.output
+    assert "wrn_40_2-1.pth: missing" in result.output and "resnet56-0.pth: missing" in result.output
+    assert not out.exists()
+
+    for args, message in ((["--student", "vgg8"], "needs --teacher"),
+                          (["--teacher", "vgg13"], "needs --teacher"),
+                          (["--teacher", "vgg13", "--student", "vgg8", "--dataset", "mnist"], "unknown data set")):
+        bad = invoke("run", "custom", *args, "--data-root", tmp_path, "--out", out, "--dry-run")
+        assert bad.exit_code != 0 and message in bad.output + str(bad.exception)
+    named = invoke("run", "t1-resnet32x4-vgg8", "--student", "vgg8", "--data-root", tmp_path, "--out", out)
+    assert named.exit_code == 2 and "NAME custom only" in named.output
+
+
 # -- end to end on tiny synthetic CIFAR-100 ---------------------------------------------------
 
 
