@@ -26,6 +26,7 @@ from kdcache.models.checkpoint import read_checkpoint
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
+from kdcache.runs import SampleWeights, load_run
 from kdcache.store import Cache
 
 CORRUPTED_CLASSES = {3: 5, 5: 8, 8: 3}
@@ -109,9 +110,10 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = 1, epochs: int =
                 distill(DistillRequest(student=STUDENT, teachers=ids, method=method, out=run, cache=cache,
                                        epochs=epochs, seed=seed, device=device,
                                        resume=(run / "checkpoint.pth").is_file()))
-            result.students.setdefault(method, []).append(_final_top1(run))
-            if method == "camkd":
-                weights.append(np.load(run / "sample_weights.npz"))
+            record = load_run(run)
+            result.students.setdefault(method, []).append(record.final_top1)
+            if method == "camkd" and record.sample_weights is not None:
+                weights.append(record.sample_weights)
     result.seconds["distill"] = time.perf_counter() - t0
     corrupted = next(i for i, t in enumerate(TEACHERS) if t.label_map)
     result.camkd_weights = corrupted_teacher_weights(weights, list(CORRUPTED_CLASSES), teacher=corrupted)
@@ -119,12 +121,12 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = 1, epochs: int =
     return result
 
 
-def corrupted_teacher_weights(saved: list, classes: list[int], teacher: int) -> dict[str, float]:
+def corrupted_teacher_weights(saved: list[SampleWeights], classes: list[int], teacher: int) -> dict[str, float]:
     """CA-MKD's mean KD weight on ``teacher`` over the samples of ``classes`` and over all other samples."""
     if not saved:
         return {}
-    labels = np.concatenate([s["labels"] for s in saved])
-    w = np.concatenate([s["weights"][:, teacher] for s in saved])
+    labels = np.concatenate([s.labels for s in saved])
+    w = np.concatenate([s.weights[:, teacher] for s in saved])
     inside = np.isin(labels, classes)
     return {"corrupted_classes": float(w[inside].mean()), "other_classes": float(w[~inside].mean())}
 
@@ -152,11 +154,6 @@ def _finished_training(ckpt: Path, epochs: int) -> bool:
         return int(read_checkpoint(ckpt).get("epoch", 0)) >= epochs
     except CheckpointError:  # an unreadable leftover is simply trained again
         return False
-
-
-def _final_top1(run: Path) -> float:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return float(json.loads(lines[-1])["test_top1"])
 
 
 def _as_json(result: DemoResult) -> dict:

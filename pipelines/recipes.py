@@ -61,6 +61,7 @@ from kdcache.models.checkpoint import read_checkpoint
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
+from kdcache.runs import load_run
 from kdcache.store import Cache
 from kdcache.store.format import STORED_DTYPE
 from kdcache.text import human_bytes
@@ -446,7 +447,8 @@ def run_recipe(name: str | Recipe, data_root: Path | None, cache: Path | None, o
                 distill(DistillRequest(student=recipe.student, teachers=ids, method=method, out=run, cache=cache,
                                        data_root=data_root, epochs=epochs, seed=seed, device=device,
                                        resume=resume))
-            best, last = _run_accuracy(run)
+            record = load_run(run)
+            best, last = record.best_top1, record.final_top1
             result.students.setdefault(method, []).append({"seed": seed, "best": best, "last": last})
 
     result.table = format_table(result)
@@ -506,14 +508,6 @@ def _check_finished_run(run: Path, epochs: int, ids: list[str]) -> None:
     if args.get("epochs") != epochs or args.get("teachers") != ids:
         raise KdcacheError(f"{run} holds a finished run of another grid (epochs {args.get('epochs')}, other "
                            f"teachers or stores); choose another --out or remove it")
-
-
-def _run_accuracy(run: Path) -> tuple[float, float]:
-    """Best epoch's and last epoch's test top-1 of a run (the official scripts report the best)."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if not records:
-        raise KdcacheError(f"{run / 'metrics.jsonl'} is empty; remove {run} to train that run again")
-    return max(r["test_top1"] for r in records), float(records[-1]["test_top1"])
 
 
 def _ensemble(out: Path, ckpts: list[tuple[str, Path, int]], ids: list[str], dataset, device: str | None,

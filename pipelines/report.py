@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdcache.errors import KdcacheError
-from kdcache.plots import load_run, plot_accuracy_curves, plot_weight_distributions
+from kdcache.plots import plot_accuracy_curves, plot_weight_distributions
+from kdcache.runs import load_run
 
 
 def report(runs: list[Path], out: Path) -> list[Path]:

@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli
 from kdcache.pipelines import demo
 from kdcache.pipelines.train_teacher import _relabel
+from kdcache.runs import SampleWeights
 
 
 def test_corrupted_labels_rotate_only_the_named_classes() -> None:
@@ -21,8 +22,8 @@ def test_corrupted_labels_rotate_only_the_named_classes() -> None:
 
 
 def test_weight_evidence_is_the_mean_over_the_named_classes() -> None:
-    saved = [{"labels": np.array([3, 1, 5]), "weights": np.array([[0.5, 0.1], [0.2, 0.6], [0.7, 0.3]])},
-             {"labels": np.array([8, 2]), "weights": np.array([[0.4, 0.2], [0.9, 0.8]])}]
+    saved = [SampleWeights(1, np.arange(3), np.array([3, 1, 5]), np.array([[0.5, 0.1], [0.2, 0.6], [0.7, 0.3]])),
+             SampleWeights(2, np.arange(2), np.array([8, 2]), np.array([[0.4, 0.2], [0.9, 0.8]]))]
     got = demo.corrupted_teacher_weights(saved, [3, 5, 8], teacher=1)
     assert got["corrupted_classes"] == pytest.approx((0.1 + 0.3 + 0.2) / 3)
     assert got["other_classes"] == pytest.approx((0.6 + 0.8) / 2)

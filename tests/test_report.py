@@ -23,7 +23,8 @@ from kdcache.errors import KdcacheError
 from kdcache.models import build_model
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.report import report, run_names
-from kdcache.plots import RunRecord, SampleWeights, load_run, plot_accuracy_curves, plot_weight_distributions
+from kdcache.plots import plot_accuracy_curves, plot_weight_distributions
+from kdcache.runs import RunRecord, SampleWeights, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
