@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import click
 
@@ -21,7 +20,7 @@ def cache() -> None:
 
 @cache.command("ls")
 @cache_option
-def ls(cache: Path | None) -> None:
+def ls(cache: str | None) -> None:
     """List teacher stores with their plan, arch, views, size and accuracy."""
     c = Cache.at(cache)
     rows = list_stores(c)
@@ -39,7 +38,7 @@ def ls(cache: Path | None) -> None:
 @cache.command("info")
 @click.argument("teacher_id")
 @cache_option
-def info(teacher_id: str, cache: Path | None) -> None:
+def info(teacher_id: str, cache: str | None) -> None:
     """Show a teacher store's attributes, arrays and plan (TEACHER_ID may be a unique prefix)."""
     click.echo(json.dumps(store_info(Cache.at(cache), teacher_id), indent=2, default=str))
 
@@ -47,7 +46,7 @@ def info(teacher_id: str, cache: Path | None) -> None:
 @cache.command("verify")
 @click.argument("teacher_id", required=False)
 @cache_option
-def verify(teacher_id: str | None, cache: Path | None) -> None:
+def verify(teacher_id: str | None, cache: str | None) -> None:
     """Read every chunk (checksums) and every completion marker of one store, or of all."""
     report = verify_stores(Cache.at(cache), teacher_id)
     bad = 0
@@ -68,6 +67,6 @@ def verify(teacher_id: str | None, cache: Path | None) -> None:
 @cache.command("rm")
 @click.argument("teacher_id")
 @cache_option
-def rm(teacher_id: str, cache: Path | None) -> None:
+def rm(teacher_id: str, cache: str | None) -> None:
     """Delete a teacher store (its plan stays for other teachers)."""
     click.echo(f"removed {remove_store(Cache.at(cache), teacher_id)}")

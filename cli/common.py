@@ -10,8 +10,9 @@ import click
 from tqdm.auto import tqdm
 
 cache_option = click.option(
-    "--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Cache directory of plans and teacher stores [default: $KDCACHE_HOME, else ~/.cache/kdcache].")
+    "--cache", type=str, default=None, metavar="DIR|URL",
+    help="Cache of plans and teacher stores: a directory, or an fsspec URL (file://, s3://... with the "
+         "file system's package installed) [default: $KDCACHE_HOME, else ~/.cache/kdcache].")
 data_root_option = click.option(
     "--data-root", type=click.Path(path_type=Path), default=None,
     help="Where the data set lies on disk (not needed for digits). Nothing is ever downloaded.")

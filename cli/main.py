@@ -10,14 +10,25 @@ from kdcache import __version__
 from kdcache.errors import KdcacheError
 
 
+class OneLineUsageError(click.ClickException):
+    """A usage error (bad option, value or argument) as one line, keeping click's exit status 2."""
+
+    exit_code = 2
+
+
 class KdcacheGroup(click.Group):
-    """Turns the library's user errors into click's one-line error and exit status 1."""
+    """Turns user errors into one line: the library's with exit status 1, click's usage errors with 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KdcacheError as exc:
             raise click.ClickException(str(exc)) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise OneLineUsageError(f"{exc.format_message()} (`{where} --help` lists the options)") from None
 
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -8,6 +8,7 @@ import click
 
 from kdcache import training
 from kdcache.cli.common import cache_option, data_root_option, device_option, milestones_option
+from kdcache.distributed import DistContext
 from kdcache.losses import MethodOptions, method_info, method_names
 from kdcache.pipelines.distill import DistillRequest, EpochMetrics, distill
 from kdcache.pipelines.evaluate import evaluate_checkpoint
@@ -59,7 +60,11 @@ def distill_cmd(student: str, teachers: tuple[str, ...], method: str, out: Path,
                 gamma: float, alpha: float | None, beta: float | None, camkd_weights: str,
                 camkd_feature_weights: str, seed: int, device: str | None, amp: bool, prefetch: int, online: bool,
                 resume: bool) -> None:
-    """Train a student from cached teacher stores with CA-MKD or a baseline."""
+    """Train a student from cached teacher stores with CA-MKD or a baseline.
+
+    Under `torchrun --nproc_per_node N $(command -v kdcache) distill ...` it trains data-parallel on N ranks:
+    --batch-size is the global batch (a multiple of N), rank 0 writes the run directory and prints.
+    """
     options = MethodOptions(temperature=temperature, gamma=gamma, alpha=alpha, beta=beta,
                             camkd_weights=camkd_weights, camkd_feature_weights=camkd_feature_weights)
     req = DistillRequest(student=student, teachers=list(teachers), method=method, out=out, cache=cache,
@@ -73,9 +78,14 @@ def distill_cmd(student: str, teachers: tuple[str, ...], method: str, out: Path,
         click.echo(f"epoch {m.epoch:>3}/{epochs}  {terms}{weights}  test top-1 {m.test_top1:6.2f}%  "
                    f"top-5 {m.test_top5:6.2f}%  lr {m.lr:.4g}  {m.seconds:.1f}s", err=True)
 
-    result = distill(req, on_epoch=report)
-    click.echo(f"best test top-1 {result.best_top1:.2f}%; run in {result.out}", err=True)
-    click.echo(str(result.out))
+    def started(ctx: DistContext) -> None:
+        if ctx.distributed:
+            click.echo(f"distributed: {ctx.world} ranks, backend {ctx.backend}", err=True)
+
+    result = distill(req, on_epoch=report, on_start=started)
+    if result.is_main:  # under torchrun, rank 0 alone reports
+        click.echo(f"best test top-1 {result.best_top1:.2f}%; run in {result.out}", err=True)
+        click.echo(str(result.out))
 
 
 @click.command("eval")

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kdcache.cli.common import cache_option, data_root_option, device_option, milestones_option, row_progress
-from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute
+from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute_many
 from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
 from kdcache import training
 
@@ -47,9 +47,12 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 
 
 @click.command("precompute")
-@click.option("--teacher", required=True, help="The teacher's architecture, from `kdcache models`.")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Teacher weights: {'model': sd}, {'state_dict': sd} or a bare state_dict.")
+@click.option("--teacher", "teachers", required=True, multiple=True,
+              help="The teacher's architecture, from `kdcache models`; repeat with --checkpoint for several teachers.")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Teacher weights: {'model': sd}, {'state_dict': sd} or a bare state_dict; one per --teacher, "
+                   "in the same order.")
 @click.option("--dataset", required=True, help="Data set from `kdcache datasets`.")
 @data_root_option
 @cache_option
@@ -60,21 +63,36 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--batch-size", type=int, default=None, help="Forward batch size [default: 2048 on GPU, 256 on CPU].")
 @device_option
 @click.option("--chunk-rows", type=int, default=None, help="Rows per stored chunk [default: about 2 MB a chunk].")
+@click.option("--workers", type=int, default=None,
+              help="Run on a local dask cluster of N workers: one per GPU on a GPU machine, else N processes.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache "
+                   "and see the cache, checkpoints and data at the same paths.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
-def precompute_cmd(teacher: str, checkpoint: Path, dataset: str, data_root: Path | None, cache: Path | None,
-                   views: int, plan_seed: int, recipe: str | None, batch_size: int | None, device: str | None,
-                   chunk_rows: int | None, dry_run: bool) -> None:
-    """Run a teacher over a stored plan of augmented views and store its outputs.
+def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
+                   cache: str | None, views: int, plan_seed: int, recipe: str | None, batch_size: int | None,
+                   device: str | None, chunk_rows: int | None, workers: int | None, scheduler: str | None,
+                   dry_run: bool) -> None:
+    """Run teachers over a stored plan of augmented views and store their outputs.
 
-    The last line of standard output is the teacher id, for `kdcache distill --teachers`.
+    The last line of standard output is the teacher id, for `kdcache distill --teachers`;
+    with several --teacher/--checkpoint pairs, the last lines are their ids, one a line, in the order given.
     """
-    req = PrecomputeRequest(teacher=teacher, checkpoint=checkpoint, dataset=dataset, data_root=data_root,
-                            cache=cache, views=views, plan_seed=plan_seed, recipe=recipe, batch_size=batch_size,
-                            device=device, chunk_rows=chunk_rows, dry_run=dry_run)
-    result = precompute(req, progress=row_progress(f"precompute {teacher}"))
-    for line in result.lines:
-        click.echo(line, err=not dry_run)
-    click.echo(result.teacher_id)
+    if len(teachers) != len(checkpoints):
+        raise click.UsageError(f"got {len(teachers)} --teacher and {len(checkpoints)} --checkpoint options; "
+                               "give one --checkpoint per --teacher, in the same order")
+    reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
+                              plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
+                              chunk_rows=chunk_rows, dry_run=dry_run)
+            for t, c in zip(teachers, checkpoints)]
+    results = precompute_many(reqs, workers=workers, scheduler=scheduler,
+                              progress=row_progress(f"precompute {', '.join(teachers)}"),
+                              warn=lambda msg: click.echo(f"Warning: {msg}", err=True))
+    for result in results:
+        for line in result.lines:
+            click.echo(line, err=not dry_run)
+    for result in results:
+        click.echo(result.teacher_id)
 
 
 COMMANDS = (train_teacher_cmd, precompute_cmd)

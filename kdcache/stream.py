@@ -7,6 +7,10 @@ see different batches while every read stays a whole, sequential chunk. The
 :class:`TeacherStream` reads the chunk blocks of all K teachers on background
 threads (dask's threaded scheduler) a bounded number of blocks ahead of the
 training step, so memory does not grow with the number of views or samples.
+
+Under torchrun each rank streams its own slice of every global batch (see
+:class:`TeacherStream`): the global order is the same pure function of (seed, epoch)
+on every rank, so the ranks need not talk to each other to split it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dask
 import numpy as np
 import torch
 
+from kdcache.distributed import split_batch
 from kdcache.errors import StoreError
 from kdcache.store import PlanStore, TeacherStore
 
@@ -80,28 +85,49 @@ class _Block:
 
 
 class TeacherStream:
-    """Batches of an epoch with the K teachers' rows, read ``prefetch`` chunk blocks ahead on background threads."""
+    """Batches of an epoch with the K teachers' rows, read ``prefetch`` chunk blocks ahead on background threads.
+
+    With ``world`` > 1 the stream is rank ``rank``'s share of a data-parallel run: the
+    global batches are the ones a single process would use, and this rank gets the
+    contiguous slice ``[rank·b, (rank+1)·b)`` of each, ``b = batch_size / world``
+    (the batch size must divide evenly). The rank reads only its rows of the teacher
+    arrays: for each chunk block it selects the rows that land in its slices and
+    keeps, queues and hands to the device nothing else. The trade-off: a chunk is
+    the unit of compression and of the CRC32C checksum, so every chunk holding one
+    of its rows is still fetched and decompressed whole by each rank (with chunks far
+    larger than a batch, that is every chunk of the view); only chunks without any
+    of its rows, e.g. past the dropped last batch, are skipped. Splitting by chunk
+    instead would save the reads but change which samples share a batch.
+    """
 
     def __init__(self, plan: PlanStore, stores: list[TeacherStore], seed: int, prefetch: int = 2,
-                 read_teachers: bool = True, pin_memory: bool = False) -> None:
+                 read_teachers: bool = True, pin_memory: bool = False, rank: int = 0, world: int = 1) -> None:
         check_compatible(plan, stores)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
         self.plan = plan
         self.stores = stores
         self.read_teachers = read_teachers
         self.prefetch = max(1, prefetch)
         self.pin_memory = pin_memory
+        self.rank, self.world = rank, world
         # Read in blocks of the largest chunk: every teacher's chunks are powers of two (or the whole view).
         block_rows = max((s.chunk_rows for s in stores), default=plan.n_samples)
         self.schedule = Schedule(plan.n_views, plan.n_samples, block_rows, seed)
         self.labels = plan.labels
 
     def epoch(self, epoch: int, batch_size: int) -> Iterator[StreamBatch]:
-        """The batches of ``epoch`` (1-based) in order; the incomplete last batch is dropped."""
+        """The batches of ``epoch`` (1-based) in order; the incomplete last batch is dropped.
+
+        ``batch_size`` is the global batch; with ``world`` > 1 each batch holds this
+        rank's ``batch_size / world`` rows of it.
+        """
+        local = split_batch(batch_size, self.world)
         v = self.schedule.view(epoch)
         order, params = self.plan.view(v)
         blocks: queue.Queue[_Block | BaseException | None] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        reader = threading.Thread(target=self._read, args=(epoch, v, blocks, stop), daemon=True,
+        reader = threading.Thread(target=self._read, args=(epoch, v, batch_size, blocks, stop), daemon=True,
                                   name="kdcache-stream")
         reader.start()
         try:
@@ -113,8 +139,8 @@ class TeacherStream:
                 if isinstance(item, BaseException):
                     raise item
                 carry = item if carry is None else _concat(carry, item)
-                while len(carry.rows) >= batch_size:
-                    head, carry = _split(carry, batch_size)
+                while len(carry.rows) >= local:
+                    head, carry = _split(carry, local)
                     yield self._batch(v, head, order, params)
         finally:
             stop.set()
@@ -124,23 +150,42 @@ class TeacherStream:
                 except queue.Empty:
                     reader.join(0.01)
 
-    def _read(self, epoch: int, v: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _read(self, epoch: int, v: int, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
         try:
+            position = 0  # of the block's first row in the epoch's reading order
             for c in self.schedule.chunk_order(epoch):
                 if stop.is_set():
                     return
                 rows = self.schedule.row_shuffle(epoch, int(c))
                 start = int(c) * self.schedule.chunk_rows
-                logits, features = self._read_block(v, start, start + len(rows)) if self.read_teachers else ([], [])
-                local = rows - start
-                out.put(_Block(rows, [z[local] for z in logits], [h[local] for h in features]))
+                if self.world == 1:
+                    z, h = self._read_block(v, start, start + len(rows)) if self.read_teachers else ([], [])
+                    local = rows - start
+                    out.put(_Block(rows, [a[local] for a in z], [a[local] for a in h]))
+                else:
+                    mine = rows[self._mine(position + np.arange(len(rows)), batch_size)]
+                    if len(mine):
+                        z, h = self._read_selected(v, mine) if self.read_teachers else ([], [])
+                        out.put(_Block(mine, z, h))
+                position += len(rows)
             out.put(None)
         except BaseException as exc:  # handed to the training thread, which raises it
             out.put(exc)
 
+    def _mine(self, positions: np.ndarray, batch_size: int) -> np.ndarray:
+        """Which epoch positions fall in this rank's slice of a complete global batch."""
+        share = batch_size // self.world
+        complete = positions < self.schedule.steps(batch_size) * batch_size
+        return complete & (positions % batch_size // share == self.rank)
+
     def _read_block(self, v: int, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Rows [start, stop) of view ``v`` of every teacher, read in parallel on dask's threaded scheduler."""
         parts = dask.compute(*[dask.delayed(s.read_rows)(v, start, stop) for s in self.stores], scheduler="threads")
+        return [p[0] for p in parts], [p[1] for p in parts]
+
+    def _read_selected(self, v: int, rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Rows ``rows`` of view ``v`` (in that order) of every teacher, in parallel on dask's threaded scheduler."""
+        parts = dask.compute(*[dask.delayed(read_selected)(s, v, rows) for s in self.stores], scheduler="threads")
         return [p[0] for p in parts], [p[1] for p in parts]
 
     def _batch(self, v: int, block: _Block, order: np.ndarray, params: np.ndarray) -> StreamBatch:
@@ -151,6 +196,33 @@ class TeacherStream:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory() if self.pin_memory else t
+
+
+def read_selected(store: TeacherStore, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and features of the rows ``rows`` of view ``v``, in the order given; nothing else is kept.
+
+    Chunk by chunk, so that a damaged or missing chunk is named as
+    :meth:`TeacherStore.read_chunk` names it. zarr decompresses each chunk that holds
+    a wanted row and copies out only the wanted rows; other chunks are not read.
+    """
+    rows = np.asarray(rows)
+    sorted_rows = np.sort(rows)
+    chunk_of = sorted_rows // store.chunk_rows
+    out: list[np.ndarray] = []
+    for name in ("logits", "features"):
+        parts = []
+        for c in np.unique(chunk_of):
+            try:
+                part = store.group[name].get_orthogonal_selection((v, sorted_rows[chunk_of == c]))
+            except ValueError as exc:  # the CRC32C codec's checksum mismatch
+                raise StoreError(f"teacher store {store.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
+                                 f"run `kdcache cache verify {store.id}`") from None
+            if np.isnan(part).any():  # NaN is the fill value: the chunk was never written or was deleted
+                raise StoreError(f"teacher store {store.id}: {name} chunk (view {v}, chunk {c}) is missing; "
+                                 f"run `kdcache cache verify {store.id}`")
+            parts.append(part)
+        out.append(np.concatenate(parts)[np.searchsorted(sorted_rows, rows)])
+    return out[0], out[1]
 
 
 def _concat(a: _Block, b: _Block) -> _Block:

@@ -28,7 +28,7 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
     """Every teacher store in the cache, complete or not."""
     out = []
     for tid in cache.teacher_ids():
-        path = cache.teacher_path(tid)
+        path = cache.teacher_location(tid)
         try:
             store = TeacherStore.open(path, tid, require_complete=False)
         except StoreError as exc:
@@ -44,13 +44,13 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
 def store_info(cache: Cache, prefix: str) -> dict[str, Any]:
     """The attributes of a teacher store and of its plan, with array shapes and size on disk."""
     store = cache.open_teacher(prefix, require_complete=False)
-    info: dict[str, Any] = {"teacher_id": store.id, "path": str(store.path), "bytes": size_on_disk(store.path),
+    info: dict[str, Any] = {"teacher_id": store.id, "path": str(store.path), "bytes": size_on_disk(store.location),
                             "chunks_written": f"{store.done_count()}/{store.total_chunks}", **store.attrs}
     info["arrays"] = {name: {"shape": list(store.group[name].shape), "chunks": list(store.group[name].chunks),
                              "dtype": str(store.group[name].dtype)}
                       for name in ("logits", "features", "head/weight", "head/bias")}
     try:
-        plan = PlanStore.open(cache.plan_path(store.plan_id), store.plan_id)
+        plan = PlanStore.open(cache.plan_location(store.plan_id), store.plan_id)
         info["plan"] = {"plan_id": plan.id, **plan.attrs}
     except StoreError as exc:
         info["plan"] = f"unreadable: {exc}"
@@ -66,13 +66,13 @@ def verify_stores(cache: Cache, prefix: str | None = None,
         if on_store:
             on_store(tid)
         try:
-            store = TeacherStore.open(cache.teacher_path(tid), tid, require_complete=False)
+            store = TeacherStore.open(cache.teacher_location(tid), tid, require_complete=False)
         except StoreError as exc:
             report[tid] = [str(exc)]
             continue
         problems = store.verify()
         try:
-            plan = PlanStore.open(cache.plan_path(store.plan_id), store.plan_id)
+            plan = PlanStore.open(cache.plan_location(store.plan_id), store.plan_id)
             problems += plan.verify()
             if (plan.n_views, plan.n_samples) != (store.n_views, store.n_samples):
                 problems.append(f"plan {plan.id} has {plan.n_views}x{plan.n_samples} rows, "

@@ -6,6 +6,17 @@ then train epoch by epoch: stream batches (teacher rows read ahead on background
 threads), replay the same views for the student, compute the method's loss, step;
 evaluate, log and checkpoint after every epoch. The cached path never builds a
 teacher network: model construction is forbidden once the student exists.
+
+Under torchrun the same function runs on every rank as data-parallel training
+(``kdcache.distributed``): the global batch is ``--batch-size``, as for a single
+process; rank r trains on the contiguous slice ``[r·B/N, (r+1)·B/N)`` of every global
+batch, reading only those rows of the stores, and DistributedDataParallel averages
+the gradients, so each step follows the mean loss over the global batch wherever a
+method's loss is a mean over samples. Batch-norm layers (the student's, the
+aligners') normalise each slice with its own statistics; DDP hands rank 0's running
+statistics to all ranks before every forward pass. Rank 0 alone checks and writes
+the run directory, evaluates and reports; logged loss terms and teacher weights are
+means over the ranks.
 """
 
 from __future__ import annotations
@@ -21,13 +32,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from kdcache import __version__, training
+from kdcache import __version__, distributed, training
 from kdcache.batches import view_batch
 from kdcache.data import DataSet, load_dataset
 from kdcache.device import resolve_device
+from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
-from kdcache.losses import Batch, Method, MethodOptions, build_method, method_info
+from kdcache.losses import Batch, LossTerms, Method, MethodInfo, MethodOptions, build_method, method_info
 from kdcache.models import build_model, feature_dim, forbid_construction, load_checkpoint, model_info
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
@@ -90,12 +102,41 @@ class DistillResult:
     out: Path
     best_top1: float
     history: list[EpochMetrics]
+    student: torch.nn.Module | None = None   # the trained student (this rank's copy)
+    is_main: bool = True                     # False on the ranks of a torchrun job other than rank 0
 
+
+class StudentLoss(torch.nn.Module):
+    """The student and the method as one module: one forward pass gives the loss of a batch.
+
+    One module so that DistributedDataParallel averages the gradients of both the
+    student and the method's trainable parts (the aligners of fitnet, fitnet-mkd, camkd).
+    """
+
+    def __init__(self, student: torch.nn.Module, method: Method) -> None:
+        super().__init__()
+        self.student = student
+        self.method = method
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, teacher_logits: list[torch.Tensor],
+                teacher_features: list[torch.Tensor], epoch: int) -> LossTerms:
+        """The method's loss terms for the student's outputs on ``x``."""
+        g, s = self.student(x)
+        return self.method(Batch(s.float(), g.float(), labels, teacher_logits, teacher_features, epoch))
 
 
 def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None = None,
-            on_step: Callable[[StepRecord], None] | None = None) -> DistillResult:
-    """Train ``req.student`` with ``req.method`` from the teacher stores; write the run directory ``req.out``."""
+            on_step: Callable[[StepRecord], None] | None = None,
+            on_start: Callable[[DistContext], None] | None = None) -> DistillResult:
+    """Train ``req.student`` with ``req.method`` from the teacher stores; write the run directory ``req.out``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank runs this: ``req.batch_size`` stays
+    the global batch, each rank trains on its equal slice of it (reading only its rows
+    of the stores), DDP averages the gradients, and rank 0 alone checks and writes the
+    run directory and evaluates. ``on_start`` (with the rank's context) and
+    ``on_epoch`` (metrics averaged over the ranks) are called on rank 0 only;
+    ``on_step`` on every rank, with that rank's slice and its own loss terms.
+    """
     training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum)
     model_info(req.student)
     info = method_info(req.method)
@@ -104,9 +145,20 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     plan = _open_plan(cache, stores)
     dataset = _dataset_of(plan, req)
     _teacher_classes_fit(stores, dataset)
-    device = resolve_device(req.device)
+    with distributed.process_group(resolve_device(req.device)) as ctx:
+        distributed.split_batch(req.batch_size, ctx.world)  # an uneven split is refused before any work
+        if on_start and ctx.is_main:
+            on_start(ctx)
+        return _train(req, info, stores, plan, dataset, ctx, on_epoch, on_step)
+
+
+def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], plan: PlanStore, dataset: DataSet,
+           ctx: DistContext, on_epoch: Callable[[EpochMetrics], None] | None,
+           on_step: Callable[[StepRecord], None] | None) -> DistillResult:
+    """Build the student and the method, restore or start the run directory, then train epoch by epoch."""
+    device = ctx.device
     out = Path(req.out)
-    _check_run_dir(out, req.resume)
+    ctx.on_main(lambda: _check_run_dir(out, req.resume))
 
     torch.manual_seed(req.seed)
     student = build_model(req.student, dataset.num_classes).to(device)
@@ -120,23 +172,26 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     config = _config(req, lr, milestones, stores, plan, dataset)
     start, best = 1, 0.0
     if req.resume:
-        start, best = _resume(out, config, student, method, optimizer, scheduler)
-    else:
+        start, best = _resume(out, config, student, method, optimizer, scheduler, ctx)
+    elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
-    _write_json(out / "config.json", config)
+    if ctx.is_main:
+        _write_json(out / "config.json", config)
+    # The method's parameters (aligners) go unused where its feature term is off (camkd's first epoch, beta 0).
+    model = ctx.wrap(StudentLoss(student, method),
+                     find_unused_parameters=any(p.requires_grad for p in method.parameters()))
 
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
     uses_teachers = info.n_teachers != "0"
     stream = TeacherStream(plan, stores, req.seed, req.prefetch, read_teachers=uses_teachers and not req.online,
-                           pin_memory=device.type == "cuda")
-    result = DistillResult(out, best, [])
+                           pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world)
+    result = DistillResult(out, best, [], student, ctx.is_main)
     scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
     with _teacher_guard(req.online and uses_teachers, stores, device) as live_teachers:
         for epoch in range(start, req.epochs + 1):
             t0 = time.perf_counter()
-            student.train()
-            method.train()
+            model.train()
             sums: dict[str, torch.Tensor] = {}
             weight_sum: torch.Tensor | None = None
             per_sample: list[tuple[np.ndarray, torch.Tensor]] = []
@@ -146,8 +201,7 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                 y = torch.as_tensor(batch.labels, device=device)
                 t_logits, t_feats = _teacher_outputs(batch, live_teachers, x, device)
                 with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=req.amp):
-                    g, s = student(x)
-                    loss = method(Batch(s.float(), g.float(), y, t_logits, t_feats, epoch))
+                    loss = model(x, y, t_logits, t_feats, epoch)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss.total).backward()
                 scaler.step(optimizer)
@@ -167,19 +221,47 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                 raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
             lr_now = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            top1, top5 = evaluate(student, dataset, plan.recipe, device)
+            sums = _mean_over_ranks(ctx, sums)
+            weight_sum = None if weight_sum is None else ctx.all_reduce_mean(weight_sum)
+            per_sample = _gather_sample_weights(ctx, per_sample)
+            # Rank 0's batch-norm running statistics are the ones DDP hands to every rank, so it evaluates.
+            top1, top5 = ctx.on_main(lambda: evaluate(student, dataset, plan.recipe, device))
             metrics = EpochMetrics(epoch, stream.schedule.view(epoch), {k: float(v) / steps for k, v in sums.items()},
                                    None if weight_sum is None else [float(w) / steps for w in weight_sum],
                                    top1, top5, lr_now, time.perf_counter() - t0)
             result.history.append(metrics)
-            if per_sample:
-                _save_sample_weights(out / "sample_weights.npz", epoch, per_sample, plan.labels)
-            _save_epoch(out, req, config, epoch, student, method, optimizer, scheduler, metrics, result)
-            if on_epoch:
-                on_epoch(metrics)
-    training.save_atomic({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
-                          "test_top1": result.history[-1].test_top1 if result.history else None}, out / "last.pth")
+            is_best = metrics.test_top1 > result.best_top1 or epoch == 1
+            result.best_top1 = max(result.best_top1, metrics.test_top1)
+            if ctx.is_main:
+                if per_sample:
+                    _save_sample_weights(out / "sample_weights.npz", epoch, per_sample, plan.labels)
+                _save_epoch(out, req, config, epoch, student, method, optimizer, scheduler, metrics, is_best,
+                            result.best_top1)
+                if on_epoch:
+                    on_epoch(metrics)
+    if ctx.is_main:
+        training.save_atomic({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
+                              "test_top1": result.history[-1].test_top1 if result.history else None},
+                             out / "last.pth")
     return result
+
+
+def _mean_over_ranks(ctx: DistContext, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each summed loss term averaged over the ranks (every rank runs the same number of steps)."""
+    if not ctx.distributed:
+        return sums
+    names = sorted(sums)
+    mean = ctx.all_reduce_mean(torch.stack([torch.as_tensor(sums[n]).float() for n in names]))
+    return dict(zip(names, mean))
+
+
+def _gather_sample_weights(ctx: DistContext, per_sample: list[tuple[np.ndarray, torch.Tensor]]
+                           ) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Every rank's per-step sample weights, step by step in rank order: the global batches' order."""
+    if not ctx.distributed or not per_sample:
+        return per_sample
+    ranks = ctx.all_gather([(i, w.cpu()) for i, w in per_sample])
+    return [part for step in zip(*ranks) for part in step]
 
 
 # -- opening --------------------------------------------------------------------------------
@@ -283,16 +365,11 @@ def _check_run_dir(out: Path, resume: bool) -> None:
 
 
 def _resume(out: Path, config: dict[str, Any], student: torch.nn.Module, method: Method,
-            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
-    ckpt = read_checkpoint(out / "checkpoint.pth")
-    if not isinstance(ckpt, dict) or not {"model", "method", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt):
-        raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} is not a kdcache distill checkpoint")
-    before = {k: v for k, v in ckpt["args"].items() if k not in _FREE_ON_RESUME}
-    now = {k: v for k, v in config["args"].items() if k not in _FREE_ON_RESUME}
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-        raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {out}; "
-                           "resume with the same options or start a new --out")
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            ctx: DistContext) -> tuple[int, float]:
+    """Restore the run in ``out``: rank 0 reads and checks checkpoint.pth and hands it to every rank, so the
+    other ranks need no view of the run directory and a refusal stops them all."""
+    ckpt = ctx.on_main(lambda: _read_checkpoint(out, config))
     try:
         student.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
@@ -303,25 +380,39 @@ def _resume(out: Path, config: dict[str, Any], student: torch.nn.Module, method:
                               f"{str(exc).splitlines()[0]}") from None
     torch.set_rng_state(ckpt["rng"]["torch"])
     epoch = int(ckpt["epoch"])
-    lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
-    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    if ctx.is_main:
+        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     return epoch + 1, float(ckpt.get("best_top1", 0.0))
+
+
+def _read_checkpoint(out: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """checkpoint.pth of the run in ``out``, refused unless it is a distill checkpoint of the same options."""
+    ckpt = read_checkpoint(out / "checkpoint.pth")
+    if not isinstance(ckpt, dict) or not {"model", "method", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt):
+        raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} is not a kdcache distill checkpoint")
+    before = {k: v for k, v in ckpt["args"].items() if k not in _FREE_ON_RESUME}
+    now = {k: v for k, v in config["args"].items() if k not in _FREE_ON_RESUME}
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {out}; "
+                           "resume with the same options or start a new --out")
+    return ckpt
 
 
 def _save_epoch(out: Path, req: DistillRequest, config: dict[str, Any], epoch: int, student: torch.nn.Module,
                 method: Method, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                metrics: EpochMetrics, result: DistillResult) -> None:
+                metrics: EpochMetrics, is_best: bool, best_top1: float) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(asdict(metrics)) + "\n")
-    if metrics.test_top1 > result.best_top1 or epoch == 1:
-        result.best_top1 = max(result.best_top1, metrics.test_top1)
+    if is_best:
         training.save_atomic({"model": student.state_dict(), "epoch": epoch, "arch": req.student,
                               "test_top1": metrics.test_top1}, out / "best.pth")
     training.save_atomic({
         "model": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
         "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": config["args"],
-        "best_top1": result.best_top1, "rng": {"torch": torch.get_rng_state()}, "arch": req.student,
+        "best_top1": best_top1, "rng": {"torch": torch.get_rng_state()}, "arch": req.student,
     }, out / "checkpoint.pth")
 
 

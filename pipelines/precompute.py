@@ -1,18 +1,21 @@
-"""The precompute stage: run one teacher over a stored view plan and write its store.
+"""The precompute stage: run teachers over a stored view plan and write their stores.
 
-Read top to bottom: resolve the inputs and ids, say what would be written
-(``dry_run``), find or make the plan, take the writer lock, write the chunks that
-are not written yet (the forward pass of one chunk overlaps the write of the
-previous one), then record accuracies and mark the store complete.
+Read top to bottom: resolve the inputs and ids (:func:`prepare`), say what would be
+written (``dry_run``), find or make the plan, take the writer lock, write the chunks
+that are not written yet (the forward pass of one chunk overlaps the write of the
+previous one), then record accuracies and mark the store complete (:func:`finish`).
+:func:`precompute_many` runs several teachers on one plan, one after another here or
+as tasks on a dask cluster (:mod:`kdcache.pipelines.precompute_cluster`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,23 +29,25 @@ from kdcache.models import build_model, feature_dim, load_checkpoint, model_info
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
 from kdcache.store.format import STORED_DTYPE
 from kdcache.text import human_bytes
-from kdcache.views import draw_plan, get_recipe
+from kdcache.views import Recipe, draw_plan, get_recipe
 
 DEFAULT_VIEWS = 240  # one fresh view per epoch of the official 240-epoch schedule
 MAX_WRITES_IN_FLIGHT = 2
 
 Progress = Callable[[int], None]
+ProgressFactory = Callable[[int, int], Progress]
+Warn = Callable[[str], None]
 
 
 @dataclass
 class PrecomputeRequest:
-    """Everything ``kdcache precompute`` takes."""
+    """Everything ``kdcache precompute`` takes for one teacher."""
 
     teacher: str
     checkpoint: Path
     dataset: str
     data_root: Path | None = None
-    cache: Path | None = None
+    cache: Path | str | None = None  # a directory or an fsspec URL
     views: int = DEFAULT_VIEWS
     plan_seed: int = 0
     recipe: str | None = None
@@ -58,29 +63,131 @@ class PrecomputeResult:
 
     teacher_id: str
     plan_id: str
-    path: Path
+    path: Path | str  # a Path in a local cache, a URL otherwise
     status: str  # "dry-run", "complete" (found finished), "written"
     lines: list[str] = field(default_factory=list)
 
 
-def precompute(req: PrecomputeRequest, progress: Callable[[int, int], Progress] | None = None) -> PrecomputeResult:
-    """Run the teacher over the plan and write its store; return at once if it is already complete.
+@dataclass
+class TeacherJob:
+    """One teacher resolved: its data set, ids, model (on the device, eval mode) and store shape."""
+
+    req: PrecomputeRequest
+    dataset: DataSet
+    recipe: Recipe
+    cache: Cache
+    plan_id: str
+    teacher_id: str
+    checkpoint_sha256: str
+    device: torch.device
+    model: torch.nn.Module
+    shape: tuple[int, int, int, int]  # (V, N, C, D)
+    chunk_rows: int
+
+    @property
+    def recipe_desc(self) -> dict:
+        return {"name": self.recipe.name, **self.recipe.config}
+
+    @property
+    def path(self) -> Path | str:
+        return self.cache.teacher_path(self.teacher_id)
+
+    @property
+    def batch_size(self) -> int:
+        return self.req.batch_size or default_batch_size(self.device, cpu=256, gpu=2048)
+
+    def store_attrs(self) -> dict:
+        """The attributes a new store records about its teacher."""
+        _, _, c, d = self.shape
+        return {
+            "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
+            "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
+            "dataset": self.req.dataset,
+        }
+
+    def open_store(self) -> TeacherStore:
+        """Create the store or reopen it to resume (the caller holds the writer lock)."""
+        return TeacherStore.open_for_writing(self.cache.teacher_location(self.teacher_id), self.teacher_id,
+                                             self.store_attrs(), self.shape, self.chunk_rows, *_head(self.model))
+
+    def is_complete(self) -> bool:
+        return _is_complete(self.cache, self.teacher_id)
+
+    def result(self, status: str, lines: list[str]) -> PrecomputeResult:
+        return PrecomputeResult(self.teacher_id, self.plan_id, self.path, status, lines)
+
+    def complete_result(self) -> PrecomputeResult:
+        return self.result("complete", [f"teacher store {self.teacher_id} is already complete at {self.path}"])
+
+
+def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
+               warn: Warn | None = None, dataset: DataSet | None = None) -> PrecomputeResult:
+    """Run the teacher over the plan in this process and write its store; return at once if it is already complete.
 
     ``progress(total_rows, rows_done)``, if given, returns a callback told the row count of each chunk written.
+    ``warn`` is told a guarantee the cache's backend lacks, before any work (default: Python's warnings).
+    ``dataset``: the request's data set if already loaded.
     """
+    job = prepare(req, dataset)
+    if req.dry_run:
+        return job.result("dry-run", _dry_run_lines(job))
+    if job.is_complete():
+        return job.complete_result()
+    warn_lacking_guarantee(job.cache, warn)
+    job.cache.ensure_writable()
+    plan = ensure_plan(job.cache, job.dataset, job.recipe.name, job.recipe_desc, req.views, req.plan_seed, job.plan_id)
+    with job.cache.teacher_lock(job.teacher_id):
+        store = job.open_store()
+        if store.attrs.get("complete"):
+            return job.complete_result()
+        pending = store.pending()
+        tick = progress(req.views * job.shape[1], _rows_done(store, pending)) if progress else None
+        write_chunks(job.model, job.dataset, plan, store, pending, job.device, job.batch_size, tick)
+        lines = finish(job, store)
+    return job.result("written", lines)
+
+
+def precompute_many(reqs: Sequence[PrecomputeRequest], workers: int | None = None, scheduler: str | None = None,
+                    progress: ProgressFactory | None = None, warn: Warn | None = None) -> list[PrecomputeResult]:
+    """Several teachers on one plan (requests that differ only in teacher and checkpoint), results in order.
+
+    Without ``workers`` or ``scheduler``: one teacher after another in this process, as
+    :func:`precompute`. With ``workers=N`` a local dask cluster of N workers runs the
+    chunks; with ``scheduler=ADDRESS`` an existing one does (see
+    :mod:`kdcache.pipelines.precompute_cluster`).
+    """
+    if not reqs:
+        raise KdcacheError("no teacher given: pass --teacher ARCH --checkpoint CKPT")
+    _check_one_plan(reqs)
+    if (workers is None and scheduler is None) or reqs[0].dry_run:
+        dataset = load_dataset(reqs[0].dataset, reqs[0].data_root) if len(reqs) > 1 else None
+        said: set[str] = set()
+
+        def once(msg: str) -> None:  # the teachers share one cache: say what it lacks once
+            if msg not in said:
+                said.add(msg)
+                (warn or _python_warning)(msg)
+
+        return [precompute(r, progress, once, dataset) for r in reqs]
+    from kdcache.pipelines.precompute_cluster import precompute_on_cluster
+
+    return precompute_on_cluster(reqs, workers=workers, scheduler=scheduler, progress=progress, warn=warn)
+
+
+def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJob:
+    """Check the request, load the data set (unless given) and the teacher, and work out the ids and shape."""
     _check_options(req)
-    dataset = load_dataset(req.dataset, req.data_root)
+    if dataset is None:
+        dataset = load_dataset(req.dataset, req.data_root)
     recipe = get_recipe(req.recipe or dataset.recipe)
     model_info(req.teacher)  # unknown architecture: fail before hashing anything
     if not Path(req.checkpoint).is_file():
         raise CheckpointError(f"checkpoint {req.checkpoint} not found")
     cache = Cache.at(req.cache)
 
-    recipe_desc = {"name": recipe.name, **recipe.config}
-    pid = plan_id(dataset.fingerprint, recipe_desc, req.views, req.plan_seed)
+    pid = plan_id(dataset.fingerprint, {"name": recipe.name, **recipe.config}, req.views, req.plan_seed)
     ckpt_sha = sha256_file(req.checkpoint)
     tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE)
-    path = cache.teacher_path(tid)
 
     device = resolve_device(req.device)
     model = build_model(req.teacher, dataset.num_classes)
@@ -88,39 +195,33 @@ def precompute(req: PrecomputeRequest, progress: Callable[[int, int], Progress] 
     model.eval().to(device)
     n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
     rows = req.chunk_rows or chunk_rows_for(n, max(c, d))
+    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), rows)
 
-    if req.dry_run:
-        return PrecomputeResult(tid, pid, path, "dry-run", _dry_run_lines(req, dataset, recipe.name, c, d, rows, cache, pid, tid))
-    if _is_complete(path, tid):
-        return PrecomputeResult(tid, pid, path, "complete", [f"teacher store {tid} is already complete at {path}"])
 
-    cache.ensure_writable()
-    plan = ensure_plan(cache, dataset, recipe.name, recipe_desc, req.views, req.plan_seed, pid)
-    attrs = {
-        "plan_id": pid, "arch": req.teacher, "num_classes": c, "feature_dim": d,
-        "checkpoint": {"path": str(Path(req.checkpoint).resolve()), "sha256": ckpt_sha},
-        "dataset": req.dataset,
-    }
-    with cache.teacher_lock(tid):
-        store = TeacherStore.open_for_writing(path, tid, attrs, (req.views, n, c, d), rows, *_head(model))
-        if store.attrs.get("complete"):
-            return PrecomputeResult(tid, pid, path, "complete", [f"teacher store {tid} is already complete at {path}"])
-        pending = store.pending()
-        batch = req.batch_size or default_batch_size(device, cpu=256, gpu=2048)
-        tick = progress(req.views * n, _rows_done(store)) if progress else None
-        write_chunks(model, dataset, plan, store, pending, device, batch, tick)
-        test_top1, test_top5 = evaluate(model, dataset, recipe.name, device, batch)
-        store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=100.0 * store.view_accuracy())
-    lines = [f"wrote teacher store {tid} at {path}",
-             f"test accuracy {test_top1:.2f}% (top-5 {test_top5:.2f}%), accuracy over the views "
-             f"{100.0 * store.view_accuracy():.2f}%"]
-    return PrecomputeResult(tid, pid, path, "written", lines)
+def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
+    """Evaluate the teacher on the test split, record the accuracies and mark the store complete."""
+    test_top1, test_top5 = evaluate(job.model, job.dataset, job.recipe.name, job.device, job.batch_size)
+    view_acc = 100.0 * store.view_accuracy()
+    store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=view_acc)
+    return [f"wrote teacher store {job.teacher_id} at {job.path}",
+            f"test accuracy {test_top1:.2f}% (top-5 {test_top5:.2f}%), accuracy over the views {view_acc:.2f}%"]
+
+
+def warn_lacking_guarantee(cache: Cache, warn: Warn | None) -> None:
+    """Say, once and before any work, which guarantee the cache's backend lacks (if any)."""
+    note = cache.lacking_guarantee()
+    if note:
+        (warn or _python_warning)(note)
+
+
+def _python_warning(msg: str) -> None:
+    warnings.warn(msg, stacklevel=4)
 
 
 def ensure_plan(cache: Cache, dataset: DataSet, recipe: str, recipe_desc: dict, n_views: int, seed: int,
                 pid: str) -> PlanStore:
     """The plan with id ``pid``, drawn and written now if the cache does not hold it yet."""
-    path = cache.plan_path(pid)
+    path = cache.plan_location(pid)
     try:
         return PlanStore.open(path, pid)
     except StoreError:
@@ -189,17 +290,25 @@ def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return model.head.weight.detach(), model.head.bias.detach()
 
 
-def _rows_done(store: TeacherStore) -> int:
-    markers = store.markers()
-    return sum(store.rows(c).stop - store.rows(c).start for _, c in zip(*np.nonzero(markers >= 0)))
+def _rows_done(store: TeacherStore, pending: list[tuple[int, int]]) -> int:
+    todo = sum(store.rows(c).stop - store.rows(c).start for _, c in pending)
+    return store.n_views * store.n_samples - todo
 
 
-def _is_complete(path: Path, tid: str) -> bool:
+def _is_complete(cache: Cache, tid: str) -> bool:
     try:
-        TeacherStore.open(path, tid)
+        TeacherStore.open(cache.teacher_location(tid), tid)
         return True
     except StoreError:
         return False
+
+
+def _check_one_plan(reqs: Sequence[PrecomputeRequest]) -> None:
+    """Teachers of one call share the plan and every option but their architecture and checkpoint."""
+    first = {k: v for k, v in vars(reqs[0]).items() if k not in ("teacher", "checkpoint")}
+    for r in reqs[1:]:
+        if {k: v for k, v in vars(r).items() if k not in ("teacher", "checkpoint")} != first:
+            raise KdcacheError("teachers precomputed together must share the data set, plan and options")
 
 
 def _check_options(req: PrecomputeRequest) -> None:
@@ -211,17 +320,18 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--chunk-rows must be at least 1 (got {req.chunk_rows})")
 
 
-def _dry_run_lines(req: PrecomputeRequest, dataset: DataSet, recipe: str, c: int, d: int, rows: int,
-                   cache: Cache, pid: str, tid: str) -> list[str]:
-    n, v = len(dataset.train), req.views
+def _dry_run_lines(job: TeacherJob) -> list[str]:
+    req, dataset, cache, pid, tid = job.req, job.dataset, job.cache, job.plan_id, job.teacher_id
+    v, n, c, d = job.shape
+    rows = job.chunk_rows
     total_rows = v * n
     logits_b, features_b = total_rows * c * 2, total_rows * d * 2
-    plan_state = "exists" if (cache.plan_path(pid) / "zarr.json").exists() else "to be drawn"
-    store_state = "complete" if _is_complete(cache.teacher_path(tid), tid) else (
-        "partial, would resume" if (cache.teacher_path(tid) / "zarr.json").exists() else "new")
+    plan_state = "exists" if cache.plan_location(pid).exists("zarr.json") else "to be drawn"
+    store_state = "complete" if job.is_complete() else (
+        "partial, would resume" if cache.teacher_location(tid).exists("zarr.json") else "new")
     return [
         f"teacher    {req.teacher} from {req.checkpoint}",
-        f"data set   {dataset.name}: {n} training samples, {dataset.num_classes} classes, recipe {recipe}",
+        f"data set   {dataset.name}: {n} training samples, {dataset.num_classes} classes, recipe {job.recipe.name}",
         f"plan       {pid} ({plan_state}): {v} views x {n} samples = {total_rows} rows (seed {req.plan_seed})",
         f"store      {tid} ({store_state}) under {cache.root}",
         f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}",
@@ -229,4 +339,3 @@ def _dry_run_lines(req: PrecomputeRequest, dataset: DataSet, recipe: str, c: int
         f"total      {human_bytes(logits_b + features_b)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
-

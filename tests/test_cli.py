@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 import zarr
 
 from conftest import run_cli
+from fakes import cifar_batch, fake_cifar, write_fake_cifar, write_py2_pickle
 from kdcache import training
 from kdcache.data import dataset_names
 from kdcache.models import build_model, model_names
@@ -136,6 +139,92 @@ def _unwritable(tmp_path: Path) -> Path:
     return blocker / "cache"
 
 
+@pytest.fixture(scope="module")
+def prebuilt(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with two complete stores of the digits teacher: on plan seed 0 and on plan seed 1.
+    Every bad-input case starts from a copy of it in ``tmp_path / "c"``."""
+    cache = tmp_path_factory.mktemp("prebuilt") / "c"
+    for seed in (0, 1):
+        result = run_cli(*precompute_args(digits_teacher, cache), "--plan-seed", seed)
+        assert result.exit_code == 0, result.output
+    return cache
+
+
+def _stores(tmp_path: Path) -> tuple[str, str]:
+    """The ids of the prebuilt stores in ``tmp_path / "c"``: on plan seed 0, and on plan seed 1."""
+    cache = Cache.at(tmp_path / "c")
+    seeds = {cache.open_plan(cache.open_teacher(t).plan_id).attrs["seed"]: t for t in cache.teacher_ids()}
+    return seeds[0], seeds[1]
+
+
+def distill_args(tmp_path: Path, *teachers: str) -> list:
+    ids = teachers or _stores(tmp_path)[:1]
+    return ["distill", "--student", "resnet8", "--method", "camkd", *[a for t in ids for a in ("--teachers", t)],
+            "--cache", tmp_path / "c", "--out", tmp_path / "run", "--epochs", 1, "--device", "cpu"]
+
+
+def train_args(tmp_path: Path, *extra: object) -> list:
+    return ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", tmp_path / "x.pth",
+            "--device", "cpu", *extra]
+
+
+def _store_of_other_class_count(tmp_path: Path) -> str:
+    tid = _stores(tmp_path)[0]
+    zarr.open_group(tmp_path / "c" / "teachers" / tid, mode="r+").attrs["num_classes"] = 100
+    return tid
+
+
+def _checkpoint_of_other_class_count(tmp_path: Path) -> Path:
+    path = tmp_path / "r8-100.pth"
+    torch.save({"model": build_model("resnet8", 100).state_dict(), "arch": "resnet8"}, path)
+    return path
+
+
+def _overflowing_checkpoint(tmp_path: Path, digits_teacher: Path) -> Path:
+    """The digits teacher with its classifier scaled by 1e30: every logit is inf in float16."""
+    model = build_model("resnet8", 10)
+    model.load_state_dict(torch.load(digits_teacher, weights_only=True)["model"])
+    with torch.no_grad():
+        model.head.weight.mul_(1e30)
+        model.head.bias.mul_(1e30)
+    path = tmp_path / "inf.pth"
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def _resume_corrupt_run(tmp_path: Path, digits_teacher: Path) -> list:
+    """--resume of a run directory whose checkpoint.pth was cut short."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(digits_teacher.read_bytes()[:3000])
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    return [*distill_args(tmp_path), "--resume"]
+
+
+def _resume_corrupt_teacher(tmp_path: Path, digits_teacher: Path) -> list:
+    """train-teacher --resume of a checkpoint cut short."""
+    (tmp_path / "x.pth").write_bytes(digits_teacher.read_bytes()[:3000])
+    return train_args(tmp_path, "--resume")
+
+
+def _cifar_root(tmp_path: Path, damage: str) -> Path:
+    """A fake CIFAR-10 with one file missing, cut short, or holding 10 images but 9 labels."""
+    root = write_fake_cifar(tmp_path / "data", "cifar10", n_train=50, n_test=20)
+    folder = root / "cifar-10-batches-py"
+    if damage == "missing":
+        (folder / "data_batch_3").unlink()
+    elif damage == "short":
+        (folder / "data_batch_2").write_bytes((folder / "data_batch_2").read_bytes()[:2000])
+    else:
+        fake = fake_cifar("cifar10", 50, 20)
+        write_py2_pickle(folder / "data_batch_1",
+                         cifar_batch("cifar10", fake.train_rows[:10], fake.train_labels[:9], "training batch 1 of 5"))
+    return root
+
+
+def _cifar_args(tmp_path: Path, ckpt: Path, damage: str) -> list:
+    return [*precompute_args(ckpt, tmp_path / "c", dataset="cifar10"), "--data-root", _cifar_root(tmp_path, damage)]
+
+
 # (name, arguments as a function of (tmp_path, teacher checkpoint), what the one line must say)
 BAD_INPUT = [
     ("unknown architecture", lambda t, c: precompute_args(c, t / "c", arch="resnet9"), "unknown architecture 'resnet9'"),
@@ -159,22 +248,87 @@ BAD_INPUT = [
                                          t / "x.pth", "--lr", "-0.1"], "--lr must be positive"),
     ("train: resume without checkpoint", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits",
                                                        "--out", t / "x.pth", "--resume"], "does not exist"),
+    # unknown names
+    ("unknown recipe", lambda t, c: [*precompute_args(c, t / "c"), "--recipe", "zoom"],
+     "unknown augmentation recipe 'zoom'"),
+    ("distill: unknown student", lambda t, c: [*distill_args(t), "--student", "resnet9"],
+     "unknown architecture 'resnet9'"),
+    ("distill: unknown method", lambda t, c: [*distill_args(t), "--method", "nope"],
+     "Invalid value for '--method': 'nope' is not one of"),
+    ("distill: unknown store id", lambda t, c: distill_args(t, "ffff"), "no teacher store matches 'ffff'"),
+    # class counts and plans that do not fit
+    ("checkpoint of another class count", lambda t, c: precompute_args(_checkpoint_of_other_class_count(t), t / "c"),
+     "the checkpoint has 100 classes, the model 10"),
+    ("store of another class count", lambda t, c: distill_args(t, _store_of_other_class_count(t)),
+     "has 100 classes but digits has 10"),
+    ("teachers on different plans", lambda t, c: distill_args(t, *_stores(t)),
+     "the teachers were precomputed on different view plans"),
+    ("distill: store of a newer format", lambda t, c: distill_args(t, _newer_format_store(t, c)[1]),
+     "store format 99"),
+    # data roots with missing or short files
+    ("CIFAR folder lacking a batch", lambda t, c: _cifar_args(t, c, "missing"), "lacks data_batch_3"),
+    ("truncated CIFAR batch", lambda t, c: _cifar_args(t, c, "short"), "data_batch_2: truncated or not a CIFAR pickle"),
+    ("CIFAR batch with the wrong sample count", lambda t, c: _cifar_args(t, c, "count"),
+     "data_batch_1 is malformed: 10 data rows but 9 labels"),
+    # teacher outputs that are not finite
+    ("inf teacher outputs", lambda t, c: precompute_args(_overflowing_checkpoint(t, c), t / "c"),
+     "produced NaN or inf (after float16 conversion) at view 0, rows [0, 1, 2, 3, 4] ..."),
+    # corrupt checkpoints to resume from
+    ("distill: resume from a corrupt checkpoint.pth", _resume_corrupt_run,
+     "run/checkpoint.pth: it is truncated or not a PyTorch file"),
+    ("train: resume from a corrupt checkpoint", _resume_corrupt_teacher,
+     "x.pth: it is truncated or not a PyTorch file"),
+    # out-of-range options
+    ("zero chunk rows", lambda t, c: [*precompute_args(c, t / "c"), "--chunk-rows", "0"],
+     "--chunk-rows must be at least 1"),
+    ("distill: zero epochs", lambda t, c: [*distill_args(t), "--epochs", "0"], "--epochs must be at least 1"),
+    ("distill: zero batch", lambda t, c: [*distill_args(t), "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("distill: negative lr", lambda t, c: [*distill_args(t), "--lr", "-0.1"], "--lr must be positive"),
+    ("train: zero batch", lambda t, c: train_args(t, "--batch-size", "0"), "--batch-size must be at least 1"),
 ]
 
 
+def _files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _complete(node: Path) -> bool:
+    return (node / "zarr.json").is_file() and zarr.open_group(node, mode="r").attrs.get("complete") is True
+
+
+def assert_nothing_half_written(root: Path, before: dict[str, str]) -> None:
+    """A refused command leaves every file it found as it was (lock files aside, which record their last
+    holder) and adds nothing that could pass for a result: no checkpoint, run or data file, no completion
+    marker; a plan only whole and marked complete; a teacher store only marked incomplete."""
+    after = _files(root)
+    assert before.keys() <= after.keys(), sorted(before.keys() - after.keys())
+    changed = sorted(k for k in before.keys() & after.keys() if before[k] != after[k] and "/locks/" not in f"/{k}")
+    assert not changed, changed
+    for new in sorted(after.keys() - before.keys()):
+        parts = new.split("/")
+        if "locks" in parts[:-1]:
+            continue
+        for kind, ok in (("plans", _complete), ("teachers", lambda node: not _complete(node))):
+            if kind in parts[:-2]:
+                node = root.joinpath(*parts[:parts.index(kind) + 2])
+                assert ok(node) and "/done/c/" not in f"/{new}", new
+                break
+        else:
+            raise AssertionError(f"a refused command wrote {new}")
+
+
 @pytest.mark.parametrize("case", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
-def test_user_errors_are_one_clear_line(case, tmp_path: Path, digits_teacher: Path) -> None:
+def test_user_errors_are_one_clear_line(case, tmp_path: Path, digits_teacher: Path, prebuilt: Path) -> None:
     _, make_args, expected = case
+    shutil.copytree(prebuilt, tmp_path / "c")
     args = [str(a) for a in make_args(tmp_path, digits_teacher)]
+    before = _files(tmp_path)
     result = subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True,
                             env={**os.environ, "KDCACHE_HOME": str(tmp_path / "home")})
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    assert expected in lines[0]
-    teachers = tmp_path / "c" / "teachers"
-    if args[0] == "precompute" and teachers.exists():  # nothing half-written looks complete
-        for store in teachers.iterdir():
-            assert zarr.open_group(store, mode="r").attrs.get("format") == 99 or \
-                zarr.open_group(store, mode="r").attrs.get("complete") is True
+    assert expected in lines[0], lines[0]
+    assert_nothing_half_written(tmp_path, before)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
-from kdcache.errors import StoreError
+from kdcache.errors import KdcacheError, StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.stream import Schedule, TeacherStream
 
@@ -124,6 +125,71 @@ def test_a_damaged_chunk_stops_the_run_naming_store_and_chunk(cache: Cache) -> N
     stream = TeacherStream(plan, [a], seed=0)
     epoch = next(e for e in range(1, V + 1) if stream.schedule.view(e) == 2)
     with pytest.raises(StoreError, match=rf"teacher store {a.id}: logits chunk \(view 2, chunk 3\) is damaged"):
+        list(stream.epoch(epoch, batch_size=4))
+
+
+def test_each_rank_streams_and_reads_only_its_slice_of_every_global_batch(cache: Cache,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = make_plan(cache)
+    a, za, ha = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
+    b, zb, hb = make_teacher(cache, "b" * 16, plan, dim=7, rows=16, seed=2)
+    epoch, batch = 3, 6
+    single = list(TeacherStream(plan, [a, b], seed=11).epoch(epoch, batch))
+    v = single[0].view
+    reads: list[tuple[str, list[int]]] = []
+    original = zarr.Array.get_orthogonal_selection
+
+    def recording(self, selection, *args, **kwargs):
+        if self.path in ("logits", "features"):
+            reads.append((self.path, np.asarray(selection[1]).tolist()))
+        return original(self, selection, *args, **kwargs)
+
+    def whole_block(*_args):
+        raise AssertionError("a rank read a whole block")
+
+    monkeypatch.setattr(zarr.Array, "get_orthogonal_selection", recording)
+    monkeypatch.setattr(TeacherStore, "read_rows", whole_block)
+    for world in (2, 3):
+        ranks = []
+        for rank in range(world):
+            reads.clear()
+            batches = list(TeacherStream(plan, [a, b], seed=11, rank=rank, world=world).epoch(epoch, batch))
+            assert len(batches) == len(single) and {len(bt.rows) for bt in batches} == {batch // world}
+            for bt in batches:
+                assert torch.equal(bt.teacher_logits[0], torch.from_numpy(za[v, bt.rows]))
+                assert torch.equal(bt.teacher_features[0], torch.from_numpy(ha[v, bt.rows]))
+                assert torch.equal(bt.teacher_logits[1], torch.from_numpy(zb[v, bt.rows]))
+                assert torch.equal(bt.teacher_features[1], torch.from_numpy(hb[v, bt.rows]))
+            # of each teacher array it took its own rows, each once, and nothing else
+            mine = np.concatenate([bt.rows for bt in batches]).tolist()
+            for path in ("logits", "features"):
+                got = sum((rows for p, rows in reads if p == path), [])
+                assert sorted(got) == sorted(mine * 2)  # two teachers
+            ranks.append(batches)
+        for step, whole in enumerate(single):
+            parts = [ranks[r][step] for r in range(world)]
+            assert np.array_equal(np.concatenate([p.rows for p in parts]), whole.rows)
+            assert np.array_equal(np.concatenate([p.indices for p in parts]), whole.indices)
+            assert np.array_equal(np.concatenate([p.params for p in parts]), whole.params)
+            assert torch.equal(torch.cat([p.teacher_logits[1] for p in parts]), whole.teacher_logits[1])
+    whole = list(TeacherStream(plan, [a, b], seed=11, read_teachers=False).epoch(epoch, batch))
+    live = list(TeacherStream(plan, [a, b], seed=11, read_teachers=False, rank=1, world=2).epoch(epoch, batch))
+    assert [bt.rows.tolist() for bt in live] == [bt.rows[3:].tolist() for bt in whole]
+    assert live[0].teacher_logits == [] and [bt.rows.tolist() for bt in whole] == [bt.rows.tolist() for bt in single]
+    with pytest.raises(KdcacheError, match="--batch-size 6 does not split evenly over 4 ranks"):
+        next(TeacherStream(plan, [a], seed=11, rank=0, world=4).epoch(epoch, batch))
+
+
+def test_a_damaged_chunk_stops_a_rank_naming_store_and_chunk(cache: Cache) -> None:
+    plan = make_plan(cache)
+    a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
+    path = a.path / "features" / "c" / "2" / "3" / "0"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    stream = TeacherStream(plan, [a], seed=0, rank=1, world=2)
+    epoch = next(e for e in range(1, V + 1) if stream.schedule.view(e) == 2)
+    with pytest.raises(StoreError, match=rf"teacher store {a.id}: features chunk \(view 2, chunk 3\) is damaged"):
         list(stream.epoch(epoch, batch_size=4))
 
 

@@ -6,6 +6,7 @@ of (image, stored parameters) and never depends on an RNG at read time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 from functools import cached_property
 from pathlib import Path
@@ -17,44 +18,57 @@ import zarr
 from kdcache import __version__
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
+from kdcache.store.location import Location, Where
 from kdcache.store.lock import WriterLock
 
 
 class PlanStore:
     """A complete, read-only view plan: ``order`` (V, N), ``params`` (V, N, P), ``labels`` (N,)."""
 
-    def __init__(self, group: zarr.Group, path: Path, plan_id: str) -> None:
+    def __init__(self, group: zarr.Group, location: Where, plan_id: str) -> None:
         self.group = group
-        self.path = path
+        self.location = Location.of(location)
         self.id = plan_id
 
+    @property
+    def path(self) -> Path | str:
+        """The plan's folder: a Path when local, its URL otherwise."""
+        return self.location.given
+
     @classmethod
-    def open(cls, path: Path, plan_id: str) -> "PlanStore":
+    def open(cls, path: Where, plan_id: str) -> "PlanStore":
         """Open a plan read-only; refuse one that is missing, unfinished or of another format."""
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"plan {plan_id} not found at {path}; run `kdcache precompute` to create it")
-        group = zarr.open_group(path, mode="r")
+        where = Location.of(path)
+        if not where.exists("zarr.json"):
+            raise StoreError(f"plan {plan_id} not found at {where}; run `kdcache precompute` to create it")
+        group = zarr.open_group(where.zarr_store(read_only=True), mode="r")
         attrs = dict(group.attrs)
         fmt.check_format(attrs, "plan", f"plan {plan_id}")
         if not attrs.get("complete"):
-            raise StoreError(f"plan {plan_id} at {path} is incomplete; run `kdcache precompute` again to finish it")
-        return cls(group, path, plan_id)
+            raise StoreError(f"plan {plan_id} at {where} is incomplete; run `kdcache precompute` again to finish it")
+        return cls(group, where, plan_id)
 
     @classmethod
-    def create(cls, path: Path, lock_path: Path, plan_id: str, attrs: dict[str, Any],
+    def create(cls, path: Where, lock_path: Path | None, plan_id: str, attrs: dict[str, Any],
                order: np.ndarray, params: np.ndarray, labels: np.ndarray) -> "PlanStore":
-        """Write a plan once; concurrent creators wait for the first and then reuse its plan."""
-        with WriterLock(lock_path, f"plan {plan_id}", wait=True):
+        """Write a plan once; concurrent creators wait for the first and then reuse its plan.
+
+        ``lock_path`` None (a backend without locks): the plan is written without one; its
+        content is a pure function of its id, so two creators write the same bytes.
+        """
+        where = Location.of(path)
+        lock = WriterLock(lock_path, f"plan {plan_id}", wait=True) if lock_path is not None else contextlib.nullcontext()
+        with lock:
             try:
-                return cls.open(path, plan_id)
+                return cls.open(where, plan_id)
             except StoreError:
                 pass  # absent or unfinished: (re)write it below
             n_views, n_samples, n_params = params.shape
             rows = min(n_samples, fmt.MAX_PLAN_CHUNK_ROWS)
             try:
-                group = zarr.open_group(path, mode="w", zarr_format=3)
+                group = zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3)
             except OSError as exc:
-                raise StoreError(f"cannot write plan at {path}: {exc.strerror}") from None
+                raise StoreError(f"cannot write plan at {where}: {exc.strerror or exc}") from None
             common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
             group.create_array("order", shape=order.shape, chunks=(1, rows), dtype="int32",
                                fill_value=-1, **common)[...] = order
@@ -68,7 +82,7 @@ class PlanStore:
                 "kdcache_version": __version__,
             })
             group.attrs["complete"] = True  # last: a plan without it is never read
-            return cls.open(path, plan_id)
+            return cls.open(where, plan_id)
 
     @cached_property
     def attrs(self) -> dict[str, Any]:

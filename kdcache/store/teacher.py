@@ -24,6 +24,7 @@ import zarr
 from kdcache import __version__
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
+from kdcache.store.location import Location, Where
 
 DATA_ARRAYS = ("logits", "features")
 
@@ -31,19 +32,28 @@ DATA_ARRAYS = ("logits", "features")
 class TeacherStore:
     """One teacher's outputs over one plan. Open with :meth:`open` to read, :meth:`open_for_writing` to fill."""
 
-    def __init__(self, group: zarr.Group, path: Path, teacher_id: str) -> None:
+    def __init__(self, group: zarr.Group, location: Where, teacher_id: str) -> None:
         self.group = group
-        self.path = path
+        self.location = Location.of(location)
         self.id = teacher_id
+
+    @property
+    def path(self) -> Path | str:
+        """The store's folder: a Path when local, its URL otherwise."""
+        return self.location.given
 
     # -- opening ----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, teacher_id: str, require_complete: bool = True) -> "TeacherStore":
-        """Open read-only; refuse a store that is missing, of another format or (by default) unfinished."""
-        if not (path / "zarr.json").exists():
-            raise StoreError(f"teacher store {teacher_id} not found at {path}; run `kdcache precompute` first")
-        store = cls(zarr.open_group(path, mode="r"), path, teacher_id)
+    def open(cls, path: Where, teacher_id: str, require_complete: bool = True,
+             writable: bool = False) -> "TeacherStore":
+        """Open read-only (``writable``: to fill chunks of an existing store); refuse a store that is
+        missing, of another format or (by default) unfinished."""
+        where = Location.of(path)
+        if not where.exists("zarr.json"):
+            raise StoreError(f"teacher store {teacher_id} not found at {where}; run `kdcache precompute` first")
+        group = zarr.open_group(where.zarr_store(read_only=not writable), mode="r+" if writable else "r")
+        store = cls(group, where, teacher_id)
         fmt.check_format(store.attrs, "teacher", f"teacher store {teacher_id}")
         if require_complete and not store.attrs.get("complete"):
             raise StoreError(
@@ -53,28 +63,29 @@ class TeacherStore:
         return store
 
     @classmethod
-    def open_for_writing(cls, path: Path, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
+    def open_for_writing(cls, path: Where, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
                          chunk_rows: int, head_weight: torch.Tensor, head_bias: torch.Tensor) -> "TeacherStore":
         """Create the store, or reopen an unfinished one to resume it. The caller holds the writer lock.
 
         ``shape`` is (V, N, C, D). An existing store whose attributes disagree with
         ``attrs`` is not this teacher's and is refused rather than overwritten.
         """
-        _remove_partial_files(path)
-        if (path / "zarr.json").exists():
-            store = cls.open(path, teacher_id, require_complete=False)
+        where = Location.of(path)
+        _remove_partial_files(where)
+        if where.exists("zarr.json"):
+            store = cls.open(where, teacher_id, require_complete=False)
             for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim"):
                 if store.attrs.get(key) != attrs.get(key):
                     raise StoreError(
-                        f"teacher store {teacher_id} at {path} holds {key}={store.attrs.get(key)!r}, "
+                        f"teacher store {teacher_id} at {where} holds {key}={store.attrs.get(key)!r}, "
                         f"expected {attrs.get(key)!r}; remove it with `kdcache cache rm {teacher_id}`"
                     )
-            return cls(zarr.open_group(path, mode="r+"), path, teacher_id)
+            return cls.open(where, teacher_id, require_complete=False, writable=True)
         n_views, n_samples, n_classes, dim = shape
         try:
-            group = zarr.open_group(path, mode="w", zarr_format=3)
+            group = zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3)
         except OSError as exc:
-            raise StoreError(f"cannot write teacher store at {path}: {exc.strerror}") from None
+            raise StoreError(f"cannot write teacher store at {where}: {exc.strerror or exc}") from None
         common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
         for name, width in (("logits", n_classes), ("features", dim)):
             group.create_array(name, shape=(n_views, n_samples, width), chunks=(1, chunk_rows, width),
@@ -92,7 +103,7 @@ class TeacherStore:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "kdcache_version": __version__, "torch_version": torch.__version__,
         })
-        return cls(group, path, teacher_id)
+        return cls(group, where, teacher_id)
 
     # -- shape ------------------------------------------------------------------------------
 
@@ -146,10 +157,27 @@ class TeacherStore:
     def done_count(self) -> int:
         return int((self.markers() >= 0).sum())
 
-    def pending(self) -> list[tuple[int, int]]:
-        """Chunks (view, chunk) still to write, in plan order."""
-        v, c = np.nonzero(self.markers() < 0)
-        return list(zip(v.tolist(), c.tolist()))
+    def pending(self, view: int | None = None) -> list[tuple[int, int]]:
+        """Chunks (view, chunk) still to write, in plan order (of one ``view`` if given).
+
+        A marker that fails its checksum (a write torn by a crash, possible where the
+        backend does not rename files into place) counts as not written: its chunk is written again.
+        """
+        views = range(self.n_views) if view is None else [view]
+        out = []
+        for v in views:
+            try:
+                row = self.group["done"][v]
+            except ValueError:  # the CRC32C codec's checksum mismatch: read marker by marker
+                row = np.array([self._marker_or_missing(v, c) for c in range(self.chunks_per_view)])
+            out += [(v, int(c)) for c in np.nonzero(row < 0)[0]]
+        return out
+
+    def _marker_or_missing(self, v: int, c: int) -> int:
+        try:
+            return int(self.group["done"][v, c])
+        except ValueError:
+            return -1
 
     def view_accuracy(self) -> float:
         """Top-1 accuracy of the teacher over every stored row, from the markers."""
@@ -161,11 +189,25 @@ class TeacherStore:
     # -- writing ----------------------------------------------------------------------------
 
     def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray, n_correct: int) -> None:
-        """Write chunk (v, c) of both arrays, then its completion marker."""
+        """Write chunk (v, c) of both arrays, then its completion marker.
+
+        A write the file system refuses (disk full, I/O error) is a StoreError naming the
+        chunk; the marker is then not written, so re-running the same precompute redoes the chunk.
+        """
         rows = self.rows(c)
-        self.group["logits"][v, rows] = logits
-        self.group["features"][v, rows] = features
-        self.group["done"][v, c] = n_correct
+        name = "logits"
+        try:
+            self.group["logits"][v, rows] = logits
+            name = "features"
+            self.group["features"][v, rows] = features
+            name = "completion marker"
+            self.group["done"][v, c] = n_correct
+        except OSError as exc:
+            raise StoreError(
+                f"teacher store {self.id} at {self.path}: writing the {name} of chunk (view {v}, chunk {c}) failed: "
+                f"{exc.strerror or exc}; make room (or fix the disk) and run the same `kdcache precompute` again "
+                "to resume from that chunk"
+            ) from None
 
     def mark_complete(self, **extra: Any) -> None:
         """Record final attributes and declare the store complete (the last write)."""
@@ -179,6 +221,14 @@ class TeacherStore:
     def read_chunk(self, v: int, c: int) -> tuple[np.ndarray, np.ndarray]:
         """Logits (R, C) and features (R, D), float16, of chunk (v, c); a damaged chunk is a StoreError."""
         rows = self.rows(c)
+        try:
+            marked = int(self.group["done"][v, c]) >= 0
+        except ValueError as exc:  # the marker's own checksum
+            raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is damaged ({exc}); "
+                             f"run `kdcache cache verify {self.id}`") from None
+        if not marked:  # deleted after the store was completed: the chunk cannot be trusted
+            raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
+                             f"run `kdcache cache verify {self.id}`")
         out = []
         for name in DATA_ARRAYS:
             try:
@@ -223,9 +273,10 @@ class TeacherStore:
         for v, c in zip(*np.nonzero(markers < 0)):
             problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
         for name in DATA_ARRAYS:
+            written = self.location.files(f"{name}/c")  # one listing, also on object stores
             for v, c in self._chunks():
                 rows = self.rows(c)
-                if not (self.path / name / "c" / str(v) / str(c) / "0").exists():
+                if f"{name}/c/{v}/{c}/0" not in written:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is missing")
                     continue
                 try:
@@ -249,8 +300,10 @@ class TeacherStore:
                 yield v, c
 
 
-def _remove_partial_files(path: Path) -> None:
-    """Delete the temporary files a killed writer may leave (zarr writes ``*.partial`` then renames)."""
-    if path.exists():
+def _remove_partial_files(where: Location) -> None:
+    """Delete the temporary files a killed writer may leave in a local directory (zarr's local
+    store writes ``*.partial`` then renames them into place)."""
+    path = where.local_path
+    if path is not None and path.exists():
         for stray in path.rglob("*.partial"):
             stray.unlink(missing_ok=True)
