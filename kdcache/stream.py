@@ -185,7 +185,7 @@ class TeacherStream:
 
     def _read_selected(self, v: int, rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Rows ``rows`` of view ``v`` (in that order) of every teacher, in parallel on dask's threaded scheduler."""
-        parts = dask.compute(*[dask.delayed(read_selected)(s, v, rows) for s in self.stores], scheduler="threads")
+        parts = dask.compute(*[dask.delayed(s.read_selected)(v, rows) for s in self.stores], scheduler="threads")
         return [p[0] for p in parts], [p[1] for p in parts]
 
     def _batch(self, v: int, block: _Block, order: np.ndarray, params: np.ndarray) -> StreamBatch:
@@ -196,33 +196,6 @@ class TeacherStream:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory() if self.pin_memory else t
-
-
-def read_selected(store: TeacherStore, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and features of the rows ``rows`` of view ``v``, in the order given; nothing else is kept.
-
-    Chunk by chunk, so that a damaged or missing chunk is named as
-    :meth:`TeacherStore.read_chunk` names it. zarr decompresses each chunk that holds
-    a wanted row and copies out only the wanted rows; other chunks are not read.
-    """
-    rows = np.asarray(rows)
-    sorted_rows = np.sort(rows)
-    chunk_of = sorted_rows // store.chunk_rows
-    out: list[np.ndarray] = []
-    for name in ("logits", "features"):
-        parts = []
-        for c in np.unique(chunk_of):
-            try:
-                part = store.group[name].get_orthogonal_selection((v, sorted_rows[chunk_of == c]))
-            except ValueError as exc:  # the CRC32C codec's checksum mismatch
-                raise StoreError(f"teacher store {store.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
-                                 f"run `kdcache cache verify {store.id}`") from None
-            if np.isnan(part).any():  # NaN is the fill value: the chunk was never written or was deleted
-                raise StoreError(f"teacher store {store.id}: {name} chunk (view {v}, chunk {c}) is missing; "
-                                 f"run `kdcache cache verify {store.id}`")
-            parts.append(part)
-        out.append(np.concatenate(parts)[np.searchsorted(sorted_rows, rows)])
-    return out[0], out[1]
 
 
 def _concat(a: _Block, b: _Block) -> _Block:

@@ -193,6 +193,16 @@ def test_a_damaged_chunk_stops_a_rank_naming_store_and_chunk(cache: Cache) -> No
         list(stream.epoch(epoch, batch_size=4))
 
 
+def test_a_deleted_marker_stops_a_rank_naming_store_and_chunk(cache: Cache) -> None:
+    plan = make_plan(cache)
+    a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
+    (a.path / "done" / "c" / "1" / "2").unlink()
+    stream = TeacherStream(plan, [a], seed=0, rank=0, world=2)
+    epoch = next(e for e in range(1, V + 1) if stream.schedule.view(e) == 1)
+    with pytest.raises(StoreError, match=rf"teacher store {a.id}: completion marker of \(view 1, chunk 2\) is missing"):
+        list(stream.epoch(epoch, batch_size=4))
+
+
 def test_teachers_on_different_plans_are_refused(cache: Cache) -> None:
     p1, p2 = make_plan(cache, "plan100000000000"), make_plan(cache, "plan200000000000")
     a, _, _ = make_teacher(cache, "a" * 16, p1, dim=5, rows=8, seed=1)

@@ -218,8 +218,12 @@ class TeacherStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def read_chunk(self, v: int, c: int) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (R, C) and features (R, D), float16, of chunk (v, c); a damaged chunk is a StoreError."""
+    def read_chunk(self, v: int, c: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (R, C) and features (R, D), float16, of chunk (v, c); a damaged chunk is a StoreError.
+
+        ``within``, if given, keeps only those row positions inside the chunk (in that
+        order): the chunk is still decompressed and checked whole, but nothing else is kept.
+        """
         rows = self.rows(c)
         try:
             marked = int(self.group["done"][v, c]) >= 0
@@ -232,7 +236,10 @@ class TeacherStore:
         out = []
         for name in DATA_ARRAYS:
             try:
-                block = self.group[name][v, rows]
+                if within is None:
+                    block = self.group[name][v, rows]
+                else:
+                    block = self.group[name].get_orthogonal_selection((v, rows.start + np.asarray(within)))
             except ValueError as exc:  # the CRC32C codec's checksum mismatch
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
                                  f"run `kdcache cache verify {self.id}`") from None
@@ -241,6 +248,25 @@ class TeacherStore:
                                  f"run `kdcache cache verify {self.id}`")
             out.append(block)
         return out[0], out[1]
+
+    def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and features of the rows ``rows`` of view ``v``, in the order given, chunk by chunk.
+
+        For a rank that needs only its slice of each batch: chunks holding none of
+        ``rows`` are not read, and of the others only the wanted rows are kept.
+        """
+        rows = np.asarray(rows)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        chunk_of = sorted_rows // self.chunk_rows
+        logits, features = [], []
+        for c in np.unique(chunk_of):
+            z, h = self.read_chunk(v, int(c), sorted_rows[chunk_of == c] - int(c) * self.chunk_rows)
+            logits.append(z)
+            features.append(h)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return np.concatenate(logits)[back], np.concatenate(features)[back]
 
     def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Logits and features of rows [start, stop) of view ``v``, read chunk by chunk (so errors name the chunk).
