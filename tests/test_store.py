@@ -213,3 +213,14 @@ def test_unwritable_cache_is_one_clear_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="cannot create cache directory .*pass a writable --cache"):
         Cache.at(blocker / "cache").ensure_writable()
+
+
+def test_a_store_caught_half_created_is_refused_with_one_line(tmp_path: Path) -> None:
+    """A second precompute (or a reader) may open a store while its writer is still creating it."""
+    path = tmp_path / "teachers" / "t"
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    with pytest.raises(StoreError, match="is not a kdcache teacher store"):  # group made, no attributes yet
+        TeacherStore.open(path, "t")
+    group.attrs.update({"kind": "teacher", "format": fmt.FORMAT_VERSION})  # attributes begun, no arrays yet
+    with pytest.raises(StoreError, match=r"teacher store t is incomplete \(being created\)"):
+        TeacherStore.open(path, "t")

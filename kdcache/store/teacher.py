@@ -56,11 +56,16 @@ class TeacherStore:
         store = cls(group, where, teacher_id)
         fmt.check_format(store.attrs, "teacher", f"teacher store {teacher_id}")
         if require_complete and not store.attrs.get("complete"):
-            raise StoreError(
-                f"teacher store {teacher_id} is incomplete ({store.done_count()} of {store.total_chunks} chunks); "
-                "run the same `kdcache precompute` again to finish it"
-            )
+            raise StoreError(f"teacher store {teacher_id} is incomplete ({store._progress()}); "
+                             "run the same `kdcache precompute` again to finish it")
         return store
+
+    def _progress(self) -> str:
+        """'k of n chunks', or 'being created' while a writer has made the group but not yet all its arrays."""
+        try:
+            return f"{self.done_count()} of {self.total_chunks} chunks"
+        except (KeyError, FileNotFoundError, ValueError):
+            return "being created"
 
     @classmethod
     def open_for_writing(cls, path: Where, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
