@@ -112,11 +112,10 @@ def synthetic_stores(cache_root: Path, n_views: int, k: int, dim: int) -> list[s
     """K complete digits teacher stores of random float16 rows, ``dim`` features wide (no teacher is run)."""
     dataset = load_dataset("digits")
     recipe = get_recipe(dataset.recipe)
-    desc = {"name": recipe.name, **recipe.config}
-    pid = plan_id(dataset.fingerprint, desc, n_views, 0)
+    pid = plan_id(dataset.fingerprint, recipe.description, n_views, 0)
     cache = Cache.at(cache_root)
     cache.ensure_writable()
-    ensure_plan(cache, dataset, recipe.name, desc, n_views, 0, pid)
+    ensure_plan(cache, dataset, recipe, n_views, 0, pid)
     n, c = len(dataset.train), dataset.num_classes
     rng = np.random.default_rng(0)
     ids = []

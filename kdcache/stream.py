@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import dask
 import numpy as np
@@ -159,13 +159,16 @@ class TeacherStream:
                 rows = self.schedule.row_shuffle(epoch, int(c))
                 start = int(c) * self.schedule.chunk_rows
                 if self.world == 1:
-                    z, h = self._read_block(v, start, start + len(rows)) if self.read_teachers else ([], [])
+                    stop_row = start + len(rows)
+                    z, h = (self._from_every_teacher(lambda s: s.read_rows(v, start, stop_row))
+                            if self.read_teachers else ([], []))
                     local = rows - start
                     out.put(_Block(rows, [a[local] for a in z], [a[local] for a in h]))
                 else:
                     mine = rows[self._mine(position + np.arange(len(rows)), batch_size)]
                     if len(mine):
-                        z, h = self._read_selected(v, mine) if self.read_teachers else ([], [])
+                        z, h = (self._from_every_teacher(lambda s: s.read_selected(v, mine))
+                                if self.read_teachers else ([], []))
                         out.put(_Block(mine, z, h))
                 position += len(rows)
             out.put(None)
@@ -178,14 +181,10 @@ class TeacherStream:
         complete = positions < self.schedule.steps(batch_size) * batch_size
         return complete & (positions % batch_size // share == self.rank)
 
-    def _read_block(self, v: int, start: int, stop: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Rows [start, stop) of view ``v`` of every teacher, read in parallel on dask's threaded scheduler."""
-        parts = dask.compute(*[dask.delayed(s.read_rows)(v, start, stop) for s in self.stores], scheduler="threads")
-        return [p[0] for p in parts], [p[1] for p in parts]
-
-    def _read_selected(self, v: int, rows: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Rows ``rows`` of view ``v`` (in that order) of every teacher, in parallel on dask's threaded scheduler."""
-        parts = dask.compute(*[dask.delayed(s.read_selected)(v, rows) for s in self.stores], scheduler="threads")
+    def _from_every_teacher(self, read: Callable[[TeacherStore], tuple[np.ndarray, np.ndarray]]
+                            ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """``read`` (logits and features of one store) done for every teacher, in parallel on dask's threads."""
+        parts = dask.compute(*[dask.delayed(read)(s) for s in self.stores], scheduler="threads")
         return [p[0] for p in parts], [p[1] for p in parts]
 
     def _batch(self, v: int, block: _Block, order: np.ndarray, params: np.ndarray) -> StreamBatch:

@@ -85,16 +85,12 @@ class TeacherJob:
     chunk_rows: int
 
     @property
-    def recipe_desc(self) -> dict:
-        return {"name": self.recipe.name, **self.recipe.config}
-
-    @property
     def path(self) -> Path | str:
         return self.cache.teacher_path(self.teacher_id)
 
     @property
     def batch_size(self) -> int:
-        return self.req.batch_size or default_batch_size(self.device, cpu=256, gpu=2048)
+        return forward_batch_size(self.device, self.req.batch_size)
 
     def store_attrs(self) -> dict:
         """The attributes a new store records about its teacher."""
@@ -135,7 +131,7 @@ def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
         return job.complete_result()
     warn_lacking_guarantee(job.cache, warn)
     job.cache.ensure_writable()
-    plan = ensure_plan(job.cache, job.dataset, job.recipe.name, job.recipe_desc, req.views, req.plan_seed, job.plan_id)
+    plan = ensure_plan(job.cache, job.dataset, job.recipe, req.views, req.plan_seed, job.plan_id)
     with job.cache.teacher_lock(job.teacher_id):
         store = job.open_store()
         if store.attrs.get("complete"):
@@ -185,7 +181,7 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
         raise CheckpointError(f"checkpoint {req.checkpoint} not found")
     cache = Cache.at(req.cache)
 
-    pid = plan_id(dataset.fingerprint, {"name": recipe.name, **recipe.config}, req.views, req.plan_seed)
+    pid = plan_id(dataset.fingerprint, recipe.description, req.views, req.plan_seed)
     ckpt_sha = sha256_file(req.checkpoint)
     tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE)
 
@@ -218,20 +214,19 @@ def _python_warning(msg: str) -> None:
     warnings.warn(msg, stacklevel=4)
 
 
-def ensure_plan(cache: Cache, dataset: DataSet, recipe: str, recipe_desc: dict, n_views: int, seed: int,
-                pid: str) -> PlanStore:
+def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, seed: int, pid: str) -> PlanStore:
     """The plan with id ``pid``, drawn and written now if the cache does not hold it yet."""
     path = cache.plan_location(pid)
     try:
         return PlanStore.open(path, pid)
     except StoreError:
         pass
-    sizes = dataset.train.sizes if get_recipe(recipe).needs_sizes else None
-    order, params = draw_plan(recipe, n_views, len(dataset.train), seed, sizes)
+    sizes = dataset.train.sizes if recipe.needs_sizes else None
+    order, params = draw_plan(recipe.name, n_views, len(dataset.train), seed, sizes)
     attrs = {
         "dataset": {"name": dataset.name, "n_samples": len(dataset.train), "n_classes": dataset.num_classes,
                     "fingerprint": dataset.fingerprint},
-        "recipe": recipe_desc, "seed": seed,
+        "recipe": recipe.description, "seed": seed,
     }
     labels = np.asarray(dataset.train.labels, dtype=np.int32)
     return PlanStore.create(path, cache.lock_path("plan", pid), pid, attrs, order, params, labels)
@@ -276,6 +271,11 @@ def forward_rows(model: torch.nn.Module, dataset: DataSet, source: ImageSource, 
     return torch.cat(out_z), torch.cat(out_h)
 
 
+def forward_batch_size(device: torch.device, requested: int | None) -> int:
+    """The teacher's forward batch: ``--batch-size`` if given, else 2048 on a GPU and 256 on a CPU."""
+    return requested or default_batch_size(device, cpu=256, gpu=2048)
+
+
 def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor, tid: str, v: int, rows: slice) -> None:
     bad = ~(torch.isfinite(logits).all(1) & torch.isfinite(features).all(1))
     if bad.any():
@@ -291,8 +291,7 @@ def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rows_done(store: TeacherStore, pending: list[tuple[int, int]]) -> int:
-    todo = sum(store.rows(c).stop - store.rows(c).start for _, c in pending)
-    return store.n_views * store.n_samples - todo
+    return store.n_views * store.n_samples - store.rows_in(c for _, c in pending)
 
 
 def _is_complete(cache: Cache, tid: str) -> bool:

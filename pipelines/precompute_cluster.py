@@ -36,12 +36,12 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from kdcache.data import DataSet, load_dataset
-from kdcache.device import default_batch_size, resolve_device
+from kdcache.device import resolve_device
 from kdcache.errors import CheckpointError, DatasetError, KdcacheError
 from kdcache.models import build_model, load_checkpoint
 from kdcache.pipelines.precompute import (
-    PrecomputeRequest, PrecomputeResult, Progress, ProgressFactory, TeacherJob, Warn, ensure_plan, finish, prepare,
-    warn_lacking_guarantee, write_chunks,
+    PrecomputeRequest, PrecomputeResult, Progress, ProgressFactory, TeacherJob, Warn, ensure_plan, finish,
+    forward_batch_size, prepare, warn_lacking_guarantee, write_chunks,
 )
 from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
 
@@ -101,8 +101,7 @@ def _run(jobs: list[TeacherJob], workers: int | None, scheduler: str | None, pro
     cache = job0.cache
     warn_lacking_guarantee(cache, warn)
     cache.ensure_writable()
-    ensure_plan(cache, job0.dataset, job0.recipe.name, job0.recipe_desc, job0.req.views, job0.req.plan_seed,
-                job0.plan_id)
+    ensure_plan(cache, job0.dataset, job0.recipe, job0.req.views, job0.req.plan_seed, job0.plan_id)
     results: dict[str, PrecomputeResult] = {}
     with contextlib.ExitStack() as stack:
         for job in jobs:
@@ -132,8 +131,7 @@ def chunk_tasks(job: TeacherJob, store: TeacherStore, spec: TeacherSpec) -> list
     for v, chunks in by_view.items():
         for i in range(0, len(chunks), per_task):
             run = tuple(chunks[i:i + per_task])
-            rows = sum(store.rows(c).stop - store.rows(c).start for c in run)
-            tasks.append(ChunkTask(spec, v, run, rows))
+            tasks.append(ChunkTask(spec, v, run, store.rows_in(run)))
     return tasks
 
 
@@ -327,9 +325,8 @@ def fill_chunks(task: ChunkTask) -> int:
     plan = PlanStore.open(cache.plan_location(spec.plan_id), spec.plan_id)
     wanted = set(task.chunks)
     todo = [(v, c) for v, c in store.pending(task.view) if c in wanted]
-    batch = spec.batch_size or default_batch_size(device, cpu=256, gpu=2048)
-    write_chunks(model, dataset, plan, store, todo, device, batch)
-    return sum(store.rows(c).stop - store.rows(c).start for _, c in todo)
+    write_chunks(model, dataset, plan, store, todo, device, forward_batch_size(device, spec.batch_size))
+    return store.rows_in(c for _, c in todo)
 
 
 def _worker_dataset(spec: TeacherSpec) -> DataSet:

@@ -259,3 +259,10 @@ def write_fake_imagefolder(
         else:
             Image.fromarray(arr).save(path, format="PNG")
     return root
+
+
+def flip_byte(path: Path, mask: int = 0xFF) -> None:
+    """Damage a file on disk: XOR its middle byte with ``mask``, as a bad sector or a stray write would."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= mask
+    path.write_bytes(bytes(data))

@@ -14,7 +14,7 @@ import torch
 import zarr
 
 from conftest import run_cli
-from fakes import cifar_batch, fake_cifar, write_fake_cifar, write_py2_pickle
+from fakes import cifar_batch, fake_cifar, flip_byte, write_fake_cifar, write_py2_pickle
 from kdcache import training
 from kdcache.data import dataset_names
 from kdcache.models import build_model, model_names
@@ -96,9 +96,7 @@ def test_cache_ls_info_verify_rm(digits_teacher: Path, tmp_path: Path) -> None:
     assert run_cli("cache", "verify", "--cache", cache).exit_code == 0
 
     chunk = cache / "teachers" / tid / "features" / "c" / "1" / "2" / "0"
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x55
-    chunk.write_bytes(bytes(data))
+    flip_byte(chunk, 0x55)
     bad = run_cli("cache", "verify", tid, "--cache", cache)
     assert bad.exit_code == 1
     assert "features: chunk (view 1, chunk 2) is damaged" in bad.stdout

@@ -39,7 +39,7 @@ import torch
 import zarr
 
 from conftest import run_cli
-from fakes import write_fake_cifar
+from fakes import flip_byte, write_fake_cifar
 from kdcache.errors import StoreError
 from kdcache.models import build_model
 from kdcache.store import WriterLock
@@ -365,12 +365,6 @@ def test_precompute_killed_early_mid_chunk_and_near_the_end_resumes_bit_identica
 # -- 2. Damaged data ---------------------------------------------------------------------------
 
 
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_damaged_or_deleted_chunk_or_marker_is_named_by_verify_and_stops_distill(shared: Shared,
                                                                                  tmp_path: Path) -> None:
     """A byte flipped in a chunk file, a deleted chunk file, a deleted completion marker: in the chunk
@@ -379,7 +373,7 @@ def test_damaged_or_deleted_chunk_or_marker_is_named_by_verify_and_stops_distill
     v, c = schedule.view(1), int(schedule.chunk_order(1)[0])
     where = f"(view {v}, chunk {c})"
     cases = {  # damage -> (what verify says, what distill's error says)
-        "flip": (lambda s: _flip_byte(s / "features" / "c" / str(v) / str(c) / "0"),
+        "flip": (lambda s: flip_byte(s / "features" / "c" / str(v) / str(c) / "0"),
                  f"features: chunk {where} is damaged", f"features chunk {where} is damaged"),
         "chunk": (lambda s: (s / "logits" / "c" / str(v) / str(c) / "0").unlink(),
                   f"logits: chunk {where} is missing", f"logits chunk {where} is missing"),

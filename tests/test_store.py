@@ -15,6 +15,7 @@ import pytest
 import torch
 import zarr
 
+from fakes import flip_byte
 from kdcache.errors import StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore, WriterLock, chunk_rows_for
 from kdcache.store import format as fmt
@@ -131,17 +132,11 @@ def test_resume_keeps_written_chunks_and_refuses_a_different_teacher(cache: Cach
         TeacherStore.open_for_writing(store.path, store.id, attrs, (V, N, C, D), R, torch.zeros(C, D), torch.zeros(C))
 
 
-def _flip_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def test_damaged_missing_chunks_and_markers_are_named(cache: Cache) -> None:
     store = make_store(cache)
     fill(store)
     store.mark_complete()
-    _flip_byte(store.path / "features" / "c" / "1" / "2" / "0")
+    flip_byte(store.path / "features" / "c" / "1" / "2" / "0")
     (store.path / "logits" / "c" / "2" / "0" / "0").unlink()
     (store.path / "done" / "c" / "0" / "1").unlink()
     problems = cache.open_teacher(store.id).verify()

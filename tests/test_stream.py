@@ -10,6 +10,7 @@ import pytest
 import torch
 import zarr
 
+from fakes import flip_byte
 from kdcache.errors import KdcacheError, StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.stream import Schedule, TeacherStream
@@ -118,10 +119,7 @@ def test_read_ahead_is_bounded_and_stops_with_the_consumer(cache: Cache, monkeyp
 def test_a_damaged_chunk_stops_the_run_naming_store_and_chunk(cache: Cache) -> None:
     plan = make_plan(cache)
     a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
-    path = a.path / "logits" / "c" / "2" / "3" / "0"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(a.path / "logits" / "c" / "2" / "3" / "0")
     stream = TeacherStream(plan, [a], seed=0)
     epoch = next(e for e in range(1, V + 1) if stream.schedule.view(e) == 2)
     with pytest.raises(StoreError, match=rf"teacher store {a.id}: logits chunk \(view 2, chunk 3\) is damaged"):
@@ -183,10 +181,7 @@ def test_each_rank_streams_and_reads_only_its_slice_of_every_global_batch(cache:
 def test_a_damaged_chunk_stops_a_rank_naming_store_and_chunk(cache: Cache) -> None:
     plan = make_plan(cache)
     a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=8, seed=1)
-    path = a.path / "features" / "c" / "2" / "3" / "0"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(a.path / "features" / "c" / "2" / "3" / "0")
     stream = TeacherStream(plan, [a], seed=0, rank=1, world=2)
     epoch = next(e for e in range(1, V + 1) if stream.schedule.view(e) == 2)
     with pytest.raises(StoreError, match=rf"teacher store {a.id}: features chunk \(view 2, chunk 3\) is damaged"):

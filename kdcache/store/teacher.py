@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -152,6 +152,10 @@ class TeacherStore:
     def rows(self, c: int) -> slice:
         """The rows of chunk ``c`` within a view."""
         return fmt.chunk_slice(c, self.chunk_rows, self.n_samples)
+
+    def rows_in(self, chunks: Iterable[int]) -> int:
+        """How many rows the chunks ``chunks`` (of one view each) hold together."""
+        return sum(self.rows(c).stop - self.rows(c).start for c in chunks)
 
     # -- completion markers -----------------------------------------------------------------
 

@@ -27,6 +27,11 @@ class Recipe:
     config: dict
     needs_sizes: bool
 
+    @property
+    def description(self) -> dict:
+        """Name and settings together, as the plan stores them and its id hashes them."""
+        return {"name": self.name, **self.config}
+
 
 _RECIPES: dict[str, Recipe] = {
     r.name: r
