@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -17,7 +18,9 @@ from kdcache.models import (
     extract_state_dict,
     feature_dim,
     forbid_construction,
+    forward_with_map,
     load_checkpoint,
+    map_shape,
     model_info,
     model_names,
 )
@@ -390,3 +393,57 @@ def test_unreadable_checkpoints(tmp_path) -> None:
     torch.save({"epoch": 3, "best_acc": 71.2}, good)
     with pytest.raises(CheckpointError, match="no state dict found"):
         load_checkpoint(build_model("resnet8", 10), good)
+
+
+# --- last-block maps and the size-adaptive global pool ---------------------------------------
+
+# The fixed pool RepDistiller's code applies to each CIFAR architecture's last-block map at 32 px.
+_REPDISTILLER_POOL = {
+    "resnet8": lambda m: nn.AvgPool2d(8)(m), "resnet32x4": lambda m: nn.AvgPool2d(8)(m),
+    "wrn_16_2": lambda m: F.avg_pool2d(m, 8), "wrn_40_1": lambda m: F.avg_pool2d(m, 8),
+    "ShuffleV1": lambda m: F.avg_pool2d(m, 4), "ShuffleV2": lambda m: F.avg_pool2d(m, 4),
+    "MobileNetV2": lambda m: nn.AvgPool2d(2, ceil_mode=True)(m), "vgg8": lambda m: nn.AdaptiveAvgPool2d((1, 1))(m),
+}
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_exposes_its_last_block_map(name: str) -> None:
+    model = _randomized(name).eval()
+    x = _input(name, 3)
+    with torch.no_grad():
+        h, z = model(x)
+        m, h2, z2 = forward_with_map(model, x)
+    assert m.dim() == 4 and m.shape[0] == 3 and tuple(m.shape[1:]) == map_shape(model, x.shape[-1])
+    assert torch.equal(h, h2) and torch.equal(z, z2)
+    assert torch.equal(model.pool_map(m), h)
+
+
+@pytest.mark.parametrize("name", sorted(_REPDISTILLER_POOL))
+def test_size_adaptive_pool_is_bit_identical_to_the_fixed_pool_at_32px(name: str) -> None:
+    model = _randomized(name).eval()
+    with torch.no_grad():
+        m, h, z = forward_with_map(model, _input(name, 4))
+        fixed = torch.flatten(_REPDISTILLER_POOL[name](m), 1)
+    assert torch.equal(h, fixed)  # bit for bit, not within a tolerance
+    assert torch.equal(z, model.head(fixed))
+
+
+@pytest.mark.parametrize("name", [n for n in model_names() if model_info(n).family == "cifar"])
+def test_cifar_models_take_64px_images(name: str) -> None:
+    model = build_model(name, 10).eval()
+    with torch.no_grad():
+        m, h, z = forward_with_map(model, torch.randn(2, 3, 64, 64))
+    assert h.shape == (2, feature_dim(model)) and z.shape == (2, 10)
+    assert torch.isfinite(z).all()
+    assert tuple(m.shape[1:]) == map_shape(model, 64)
+    # the pooled features are the plain mean of the map over its positions
+    torch.testing.assert_close(h, m.mean((2, 3)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_size_a_model_cannot_take_is_one_line() -> None:
+    with pytest.raises(KdcacheError) as info:
+        map_shape(build_model("vgg8", 10), 4)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("vgg8 cannot take 4x4 images")
+    assert map_shape(build_model("resnet32x4", 100), 32) == (256, 8, 8)  # PAPER.md's 256x8x8
+    assert map_shape(build_model("vgg8", 100), 32) == (512, 4, 4)

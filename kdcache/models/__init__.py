@@ -3,7 +3,10 @@
 Every registered model maps a batch ``x`` to ``(h, z)``: ``h`` (B, D) is the
 input of the model's final ``nn.Linear`` and ``z`` (B, C) the logits, and
 ``model.head`` is that linear layer (a property, so it adds no state_dict keys),
-so ``model.head(h)`` reproduces ``z``. The CIFAR family keeps RepDistiller /
+so ``model.head(h)`` reproduces ``z``. Every model also exposes its last-block
+map: ``model.feature_map(x)`` (B, C', H, W) is what its global pool receives (the
+official CA-MKD ``feat[-2]``) and ``model.pool_map(m)`` gives ``h`` from it, so
+``forward`` is ``head(pool_map(feature_map(x)))``. The CIFAR family keeps RepDistiller /
 CA-MKD names and keys, the ImageNet family torchvision's.
 """
 
@@ -13,6 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from kdcache.errors import KdcacheError, UnknownNameError
@@ -22,7 +26,7 @@ from .cifar import CIFAR_MODELS
 from .imagenet import IMAGENET_MODELS
 
 __all__ = [
-    "ModelInfo", "model_names", "model_info", "build_model", "feature_dim",
+    "ModelInfo", "model_names", "model_info", "build_model", "feature_dim", "forward_with_map", "map_shape",
     "load_checkpoint", "extract_state_dict", "read_checkpoint", "forbid_construction",
 ]
 
@@ -94,6 +98,35 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 def feature_dim(model: nn.Module) -> int:
     """Width D of the penultimate features ``h``: the input size of ``model.head``."""
     return int(model.head.in_features)
+
+
+def forward_with_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, h, z)`` of one forward pass: the last-block map, the pooled features and the logits."""
+    m = model.feature_map(x)
+    h = model.pool_map(m)
+    return m, h, model.head(h)
+
+
+def map_shape(model: nn.Module, image_size: int) -> tuple[int, int, int]:
+    """``(C', H, W)`` of ``model``'s last-block map for square inputs of side ``image_size``.
+
+    Runs the model on the meta device (no memory, no arithmetic); raises
+    KdcacheError with one line when the model cannot take that size.
+    """
+    import copy
+
+    meta = copy.deepcopy(model).to("meta").eval()
+    try:
+        with torch.no_grad():
+            m, h, z = forward_with_map(meta, torch.empty(2, 3, image_size, image_size, device="meta"))
+    except (RuntimeError, ValueError) as exc:
+        arch = getattr(model, "kdcache_arch", type(model).__name__)
+        raise KdcacheError(f"{arch} cannot take {image_size}x{image_size} images: "
+                           f"{str(exc).splitlines()[0]}") from None
+    if m.dim() != 4 or min(m.shape[-2:]) < 1:
+        raise KdcacheError(f"{getattr(model, 'kdcache_arch', '?')} gives a last-block map of shape "
+                           f"{tuple(m.shape[1:])} for {image_size}x{image_size} images")
+    return int(m.shape[1]), int(m.shape[2]), int(m.shape[3])
 
 
 @contextlib.contextmanager

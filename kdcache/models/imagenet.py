@@ -24,11 +24,18 @@ class ResNet(tvm.ResNet):
         """The final linear classifier ``fc``: ``z = head(h)``."""
         return self.fc
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map ``layer4`` gives, the input of the global pool."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map."""
+        return torch.flatten(self.avgpool(m), 1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        h = torch.flatten(self.avgpool(x), 1)
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 
@@ -40,11 +47,18 @@ class ShuffleNetV2(tvm.ShuffleNetV2):
         """The final linear classifier ``fc``: ``z = head(h)``."""
         return self.fc
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map ``conv5`` gives, the input of the global pool."""
+        x = self.maxpool(self.conv1(x))
+        return self.conv5(self.stage4(self.stage3(self.stage2(x))))
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map (torchvision's own mean)."""
+        return m.mean([2, 3])
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""
-        x = self.maxpool(self.conv1(x))
-        x = self.conv5(self.stage4(self.stage3(self.stage2(x))))
-        h = x.mean([2, 3])
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 
@@ -60,10 +74,17 @@ class MobileNetV2(tvm.MobileNetV2):
         """The final linear classifier ``classifier[1]``: ``z = head(h)``."""
         return self.classifier[1]
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map ``features`` gives, the input of the global pool."""
+        return self.features(x)
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map (pool, then the classifier's dropout)."""
+        return self.classifier[0](torch.flatten(F.adaptive_avg_pool2d(m, (1, 1)), 1))
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled (post-dropout) penultimate features and logits."""
-        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
-        h = self.classifier[0](torch.flatten(x, 1))
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 

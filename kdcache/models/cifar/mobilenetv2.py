@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from kdcache.models.pool import GlobalAvgPool
+
 
 def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
@@ -68,7 +70,7 @@ class MobileNetV2(nn.Module):
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
+        self.avgpool = GlobalAvgPool()  # RepDistiller's AvgPool2d(2, ceil_mode) at 32 px, global at any size
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -86,13 +88,20 @@ class MobileNetV2(nn.Module):
         """The final linear classifier ``classifier[0]``: ``z = head(h)``."""
         return self.classifier[0]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(h, z)``: pooled penultimate features and logits."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map (after ``conv2``), the input of the global pool."""
         out = self.conv1(x)
         for stage in self.blocks:
             out = stage(out)
-        out = self.conv2(out)
-        h = torch.flatten(self.avgpool(out), 1)
+        return self.conv2(out)
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map."""
+        return self.avgpool(m)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(h, z)``: pooled penultimate features and logits."""
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 

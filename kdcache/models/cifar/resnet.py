@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.models.pool import GlobalAvgPool
+
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution, padding 1, no bias."""
@@ -54,7 +56,7 @@ class ResNet(nn.Module):
         self.layer1 = self._make_layer(num_filters[1], n)
         self.layer2 = self._make_layer(num_filters[2], n, stride=2)
         self.layer3 = self._make_layer(num_filters[3], n, stride=2)
-        self.avgpool = nn.AvgPool2d(8)
+        self.avgpool = GlobalAvgPool()  # AvgPool2d(8) at 32 px, global at any size
         self.fc = nn.Linear(num_filters[3] * BasicBlock.expansion, num_classes)
 
         for m in self.modules():
@@ -82,11 +84,18 @@ class ResNet(nn.Module):
         """The final linear classifier: ``z = head(h)``."""
         return self.fc
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map, the input of the global pool (the official ``feat[-2]``)."""
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map."""
+        return self.avgpool(m)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        h = torch.flatten(self.avgpool(x), 1)
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 

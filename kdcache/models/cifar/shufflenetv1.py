@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.models.pool import global_avg_pool
+
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[N, g*c, H, W] -> [N, c*g, H, W]: interleave the channels of the ``groups`` groups."""
@@ -76,11 +78,18 @@ class ShuffleNet(nn.Module):
         """The final linear classifier: ``z = head(h)``."""
         return self.linear
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map, the input of the global pool (the official ``feat[-2]``)."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.layer3(self.layer2(self.layer1(out)))
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map (avg_pool2d(4) at 32 px, global at any size)."""
+        return global_avg_pool(m)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
-        h = torch.flatten(F.avg_pool2d(out, 4), 1)
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 

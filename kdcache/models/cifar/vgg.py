@@ -68,8 +68,8 @@ class VGG(nn.Module):
         """The final linear classifier: ``z = head(h)``."""
         return self.classifier
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(h, z)``: pooled penultimate features and logits."""
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map, the input of the global pool (the official ``feat[-2]``)."""
         size = x.shape[2]
         x = self.pool0(F.relu(self.block0(x)))
         x = self.pool1(F.relu(self.block1(x)))
@@ -78,8 +78,15 @@ class VGG(nn.Module):
         # RepDistiller pools after block3 only for 64x64 input (Tiny-ImageNet).
         if size == 64:
             x = self.pool3(x)
-        x = F.relu(self.block4(x))
-        h = torch.flatten(self.pool4(x), 1)
+        return F.relu(self.block4(x))
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map (``pool4`` is already adaptive)."""
+        return torch.flatten(self.pool4(m), 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(h, z)``: pooled penultimate features and logits."""
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 

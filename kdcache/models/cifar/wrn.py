@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdcache.models.pool import global_avg_pool
+
 
 class BasicBlock(nn.Module):
     """Pre-activation block: bn-relu-conv3x3, bn-relu-conv3x3, plus shortcut."""
@@ -84,11 +86,18 @@ class WideResNet(nn.Module):
         """The final linear classifier: ``z = head(h)``."""
         return self.fc
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's map after the final BN and ReLU, the input of the global pool (``feat[-2]``)."""
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        return F.relu(self.bn1(out))
+
+    def pool_map(self, m: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``h`` of a last-block map (avg_pool2d(8) at 32 px, global at any size)."""
+        return global_avg_pool(m)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.relu(self.bn1(out))
-        h = torch.flatten(F.avg_pool2d(out, 8), 1)
+        h = self.pool_map(self.feature_map(x))
         return h, self.head(h)
 
 
