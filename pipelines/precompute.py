@@ -27,7 +27,7 @@ from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
 from kdcache.models import build_model, feature_dim, load_checkpoint, model_info
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
-from kdcache.store.format import STORED_DTYPE
+from kdcache.store.format import DEFAULT_FEATURE_FORM, STORED_DTYPE
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, draw_plan, get_recipe
 
@@ -55,6 +55,7 @@ class PrecomputeRequest:
     device: str | None = None
     chunk_rows: int | None = None
     dry_run: bool = False
+    features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
 
 
 @dataclass

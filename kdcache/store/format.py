@@ -36,6 +36,28 @@ COMPRESSION = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 
 STORED_DTYPE = "float16"
 
+# What a teacher store keeps besides its logits (DESIGN, "The store"):
+# "pooled" the penultimate vector (V, N, D); "spatial" the last-block map its global
+# pool receives (V, N, C', H, W), as the official CA-MKD code matches it; "none" nothing.
+FEATURE_FORMS = ("pooled", "spatial", "none")
+DEFAULT_FEATURE_FORM = "pooled"
+
+
+def feature_shape(form: str, dim: int, map_shape: tuple[int, int, int]) -> tuple[int, ...]:
+    """The per-row shape of a store's ``features`` array in ``form``: (D,), (C', H, W) or () for none."""
+    if form == "pooled":
+        return (int(dim),)
+    if form == "spatial":
+        return tuple(int(s) for s in map_shape)
+    if form == "none":
+        return ()
+    raise StoreError(f"unknown feature form {form!r}; known: {', '.join(FEATURE_FORMS)}")
+
+
+def row_bytes(num_classes: int, features: tuple[int, ...], itemsize: int = 2) -> int:
+    """Uncompressed bytes of one stored row: its logits plus its features (none when ``features`` is ())."""
+    return itemsize * (int(num_classes) + (int(np.prod(features)) if features else 0))
+
 
 def compressors() -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
     """The bytes-to-bytes codec chain of every array: light compression, then a checksum."""
