@@ -8,6 +8,7 @@ import click
 
 from kdcache.cli.common import cache_option, data_root_option, device_option, milestones_option, row_progress
 from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute_many
+from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS
 from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
 from kdcache import training
 
@@ -68,11 +69,15 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache "
                    "and see the cache, checkpoints and data at the same paths.")
+@click.option("--features", type=click.Choice(FEATURE_FORMS), default=DEFAULT_FEATURE_FORM, show_default=True,
+              help="What to store besides the logits: pooled, the penultimate vector (D values a row); spatial, the "
+                   "last-block map the official CA-MKD code matches (C'xHxW a row, e.g. 46x the bytes for "
+                   "resnet32x4); none, logits only (ce, kd, aver, ebkd, aekd). The form is part of the teacher id.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, batch_size: int | None,
                    device: str | None, chunk_rows: int | None, workers: int | None, scheduler: str | None,
-                   dry_run: bool) -> None:
+                   features: str, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
@@ -83,7 +88,7 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                                "give one --checkpoint per --teacher, in the same order")
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
-                              chunk_rows=chunk_rows, dry_run=dry_run)
+                              chunk_rows=chunk_rows, dry_run=dry_run, features=features)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

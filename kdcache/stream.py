@@ -74,7 +74,7 @@ class StreamBatch:
     params: np.ndarray                  # (B, P) replay parameters of those rows
     labels: np.ndarray                  # (B,)
     teacher_logits: list[torch.Tensor]  # K x (B, C) float16 (empty when teachers run live)
-    teacher_features: list[torch.Tensor]  # K x (B, D_k) float16
+    teacher_features: list[torch.Tensor]  # K x (B, D_k) or (B, C_k, H_k, W_k) float16; empty in the form none
 
 
 @dataclass
@@ -163,13 +163,13 @@ class TeacherStream:
                     z, h = (self._from_every_teacher(lambda s: s.read_rows(v, start, stop_row))
                             if self.read_teachers else ([], []))
                     local = rows - start
-                    out.put(_Block(rows, [a[local] for a in z], [a[local] for a in h]))
+                    out.put(_Block(rows, [a[local] for a in z], [a[local] for a in h if a is not None]))
                 else:
                     mine = rows[self._mine(position + np.arange(len(rows)), batch_size)]
                     if len(mine):
                         z, h = (self._from_every_teacher(lambda s: s.read_selected(v, mine))
                                 if self.read_teachers else ([], []))
-                        out.put(_Block(mine, z, h))
+                        out.put(_Block(mine, z, [a for a in h if a is not None]))
                 position += len(rows)
             out.put(None)
         except BaseException as exc:  # handed to the training thread, which raises it
@@ -181,8 +181,8 @@ class TeacherStream:
         complete = positions < self.schedule.steps(batch_size) * batch_size
         return complete & (positions % batch_size // share == self.rank)
 
-    def _from_every_teacher(self, read: Callable[[TeacherStore], tuple[np.ndarray, np.ndarray]]
-                            ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def _from_every_teacher(self, read: Callable[[TeacherStore], tuple[np.ndarray, np.ndarray | None]]
+                            ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
         """``read`` (logits and features of one store) done for every teacher, in parallel on dask's threads."""
         parts = dask.compute(*[dask.delayed(read)(s) for s in self.stores], scheduler="threads")
         return [p[0] for p in parts], [p[1] for p in parts]

@@ -22,6 +22,7 @@ class StoreSummary:
     bytes: int
     test_accuracy: float | None
     state: str  # "complete", "partial (k/n chunks)", or "unreadable: why"
+    features: str = "?"  # the feature form: pooled, spatial or none
 
 
 def list_stores(cache: Cache) -> list[StoreSummary]:
@@ -37,7 +38,8 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
         a = store.attrs
         state = "complete" if a.get("complete") else f"partial ({store.done_count()}/{store.total_chunks} chunks)"
         out.append(StoreSummary(tid, store.plan_id, a.get("arch", "?"), a.get("dataset", "?"), store.n_views,
-                                store.n_samples, size_on_disk(path), a.get("test_accuracy"), state))
+                                store.n_samples, size_on_disk(path), a.get("test_accuracy"), state,
+                                store.feature_form))
     return out
 
 
@@ -48,7 +50,7 @@ def store_info(cache: Cache, prefix: str) -> dict[str, Any]:
                             "chunks_written": f"{store.done_count()}/{store.total_chunks}", **store.attrs}
     info["arrays"] = {name: {"shape": list(store.group[name].shape), "chunks": list(store.group[name].chunks),
                              "dtype": str(store.group[name].dtype)}
-                      for name in ("logits", "features", "head/weight", "head/bias")}
+                      for name in (*store.data_arrays, "head/weight", "head/bias")}
     try:
         plan = PlanStore.open(cache.plan_location(store.plan_id), store.plan_id)
         info["plan"] = {"plan_id": plan.id, **plan.attrs}

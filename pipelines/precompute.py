@@ -25,9 +25,9 @@ from kdcache.data import DataSet, ImageSource, load_dataset
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
-from kdcache.models import build_model, feature_dim, load_checkpoint, model_info
+from kdcache.models import build_model, feature_dim, forward_with_map, load_checkpoint, map_shape, model_info
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
-from kdcache.store.format import DEFAULT_FEATURE_FORM, STORED_DTYPE
+from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, draw_plan, get_recipe
 
@@ -83,6 +83,7 @@ class TeacherJob:
     device: torch.device
     model: torch.nn.Module
     shape: tuple[int, int, int, int]  # (V, N, C, D)
+    feature_shape: tuple[int, ...]    # per row: (D,) pooled, (C', H, W) spatial, () none
     chunk_rows: int
 
     @property
@@ -98,6 +99,7 @@ class TeacherJob:
         _, _, c, d = self.shape
         return {
             "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
+            "features": self.req.features,
             "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
             "dataset": self.req.dataset,
         }
@@ -105,7 +107,8 @@ class TeacherJob:
     def open_store(self) -> TeacherStore:
         """Create the store or reopen it to resume (the caller holds the writer lock)."""
         return TeacherStore.open_for_writing(self.cache.teacher_location(self.teacher_id), self.teacher_id,
-                                             self.store_attrs(), self.shape, self.chunk_rows, *_head(self.model))
+                                             self.store_attrs(), self.shape, self.chunk_rows, *_head(self.model),
+                                             feature_shape=self.feature_shape)
 
     def is_complete(self) -> bool:
         return _is_complete(self.cache, self.teacher_id)
@@ -184,15 +187,19 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
 
     pid = plan_id(dataset.fingerprint, recipe.description, req.views, req.plan_seed)
     ckpt_sha = sha256_file(req.checkpoint)
-    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE)
+    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features)
 
     device = resolve_device(req.device)
     model = build_model(req.teacher, dataset.num_classes)
     load_checkpoint(model, req.checkpoint)
+    # A model that cannot take the views' size fails here, before any plan or store exists.
+    spatial = map_shape(model, int(recipe.config.get("size", dataset.image_size)))
     model.eval().to(device)
     n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
-    rows = req.chunk_rows or chunk_rows_for(n, max(c, d))
-    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), rows)
+    fshape = feature_shape(req.features, d, spatial)
+    rows = req.chunk_rows or chunk_rows_for(n, max(c, int(np.prod(fshape)) if fshape else 0))
+    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
+                      rows)
 
 
 def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
@@ -247,12 +254,14 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                 view_cache = (v, *plan.view(v))
             rows = store.rows(c)
             indices, params = view_cache[1][rows], view_cache[2][rows]
-            logits, features = forward_rows(model, dataset, source, plan.recipe, indices, params, device, batch_size)
+            logits, features = forward_rows(model, dataset, source, plan.recipe, indices, params, device, batch_size,
+                                            store.feature_form)
             _refuse_non_finite(logits, features, store.id, v, rows)
             n_correct = int((logits.float().argmax(1) == labels[indices]).sum())
             while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
                 in_flight.popleft().result()
-            in_flight.append(writer.submit(store.write_chunk, v, c, logits.numpy(), features.numpy(), n_correct))
+            in_flight.append(writer.submit(store.write_chunk, v, c, logits.numpy(),
+                                           None if features is None else features.numpy(), n_correct))
             if tick:
                 in_flight[-1].add_done_callback(lambda _f, n=len(indices): tick(n))
         while in_flight:
@@ -261,15 +270,18 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
 
 @torch.inference_mode()
 def forward_rows(model: torch.nn.Module, dataset: DataSet, source: ImageSource, recipe: str, indices: np.ndarray,
-                 params: np.ndarray, device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's float16 logits and features, on the CPU, for these rows of a view."""
+                 params: np.ndarray, device: torch.device, batch_size: int,
+                 features: str = DEFAULT_FEATURE_FORM) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's float16 logits and features in the form ``features`` (None for none), on the CPU,
+    for these rows of a view."""
     out_z, out_h = [], []
     for start in range(0, len(indices), batch_size):
         sl = slice(start, start + batch_size)
-        h, z = model(view_batch(dataset, source, recipe, indices[sl], params[sl], device))
+        m, h, z = forward_with_map(model, view_batch(dataset, source, recipe, indices[sl], params[sl], device))
         out_z.append(z.to(torch.float16).cpu())
-        out_h.append(h.to(torch.float16).cpu())
-    return torch.cat(out_z), torch.cat(out_h)
+        if features != "none":
+            out_h.append((m if features == "spatial" else h).to(torch.float16).cpu())
+    return torch.cat(out_z), (torch.cat(out_h) if out_h else None)
 
 
 def forward_batch_size(device: torch.device, requested: int | None) -> int:
@@ -277,8 +289,10 @@ def forward_batch_size(device: torch.device, requested: int | None) -> int:
     return requested or default_batch_size(device, cpu=256, gpu=2048)
 
 
-def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor, tid: str, v: int, rows: slice) -> None:
-    bad = ~(torch.isfinite(logits).all(1) & torch.isfinite(features).all(1))
+def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid: str, v: int, rows: slice) -> None:
+    bad = ~torch.isfinite(logits).all(1)
+    if features is not None:
+        bad |= ~torch.isfinite(features).flatten(1).all(1)
     if bad.any():
         where = (torch.nonzero(bad).flatten()[:5] + rows.start).tolist()
         raise KdcacheError(
@@ -318,14 +332,20 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--batch-size must be at least 1 (got {req.batch_size})")
     if req.chunk_rows is not None and req.chunk_rows < 1:
         raise KdcacheError(f"--chunk-rows must be at least 1 (got {req.chunk_rows})")
+    if req.features not in FEATURE_FORMS:
+        raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
 
 
 def _dry_run_lines(job: TeacherJob) -> list[str]:
     req, dataset, cache, pid, tid = job.req, job.dataset, job.cache, job.plan_id, job.teacher_id
     v, n, c, d = job.shape
-    rows = job.chunk_rows
+    rows, fshape = job.chunk_rows, job.feature_shape
     total_rows = v * n
-    logits_b, features_b = total_rows * c * 2, total_rows * d * 2
+    per_row = row_bytes(c, fshape)
+    logits_b, features_b = total_rows * c * 2, total_rows * (per_row - c * 2)
+    features_line = (f"features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
+                     f"features   {req.features} {_shape((v, n, *fshape))} float16, chunks {_shape((1, rows, *fshape))}: "
+                     f"{human_bytes(features_b)}")
     plan_state = "exists" if cache.plan_location(pid).exists("zarr.json") else "to be drawn"
     store_state = "complete" if job.is_complete() else (
         "partial, would resume" if cache.teacher_location(tid).exists("zarr.json") else "new")
@@ -335,7 +355,12 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         f"plan       {pid} ({plan_state}): {v} views x {n} samples = {total_rows} rows (seed {req.plan_seed})",
         f"store      {tid} ({store_state}) under {cache.root}",
         f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}",
-        f"features   ({v}, {n}, {d}) float16, chunks (1, {rows}, {d}): {human_bytes(features_b)}",
+        features_line,
+        f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {c * 2} B + features {per_row - c * 2} B)",
         f"total      {human_bytes(logits_b + features_b)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"

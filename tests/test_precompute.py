@@ -111,9 +111,27 @@ def test_dry_run_says_what_it_would_write_and_writes_nothing(digits_teacher: Pat
     out = result.stdout
     assert "3 views x 1437 samples = 4311 rows" in out
     assert "logits     (3, 1437, 10) float16, chunks (1, 256, 10): 84.2 KiB" in out
-    assert "features   (3, 1437, 64) float16, chunks (1, 256, 64): 538.9 KiB" in out
+    assert "features   pooled (3, 1437, 64) float16, chunks (1, 256, 64): 538.9 KiB" in out
+    assert "per view   207.7 KiB (148 B a row: logits 20 B + features 128 B)" in out
     assert "4311 teacher forward passes" in out
     assert out.strip().splitlines()[-1] == precompute(digits_teacher, tmp_path / "c")
+
+
+@pytest.mark.parametrize("form, features_line, row", [
+    # resnet8's last-block map on 32-px digits views is 64x8x8: 4096 float16 values, 8192 B a row;
+    # 3 x 1437 rows x 8192 B = 35,315,712 B = 33.68 MiB; a view 1437 x (20 + 8192) B = 11.25 MiB.
+    ("spatial", "features   spatial (3, 1437, 64, 8, 8) float16, chunks (1, 256, 64, 8, 8): 33.7 MiB",
+     "per view   11.3 MiB (8212 B a row: logits 20 B + features 8192 B)"),
+    ("none", "features   none (logits only: ce, kd, aver, ebkd, aekd)",
+     "per view   28.1 KiB (20 B a row: logits 20 B + features 0 B)"),
+])
+def test_dry_run_states_the_bytes_of_each_feature_form(digits_teacher: Path, tmp_path: Path, form: str,
+                                                       features_line: str, row: str) -> None:
+    result = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
+                     "--cache", tmp_path / "c", "--views", 3, "--chunk-rows", ROWS, "--features", form, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "c").exists()
+    assert features_line in result.stdout and row in result.stdout
 
 
 def test_ids_follow_content(digits_teacher: Path, tmp_path: Path) -> None:

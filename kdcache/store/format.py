@@ -84,12 +84,18 @@ def plan_id(fingerprint: str, recipe: dict[str, Any], n_views: int, seed: int) -
     )
 
 
-def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED_DTYPE) -> str:
-    """Id of a teacher store: the same teacher on the same plan is the same store."""
-    return content_id(
-        {"format": FORMAT_VERSION, "kind": "teacher", "plan_id": plan, "arch": arch,
-         "checkpoint_sha256": checkpoint_sha256, "dtype": dtype}
-    )
+def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED_DTYPE,
+               features: str = "pooled") -> str:
+    """Id of a teacher store: the same teacher on the same plan in the same feature form is the same store.
+
+    The pooled form hashes exactly what ids hashed before the forms existed, so pooled
+    stores written by earlier versions keep their ids.
+    """
+    payload = {"format": FORMAT_VERSION, "kind": "teacher", "plan_id": plan, "arch": arch,
+               "checkpoint_sha256": checkpoint_sha256, "dtype": dtype}
+    if features != "pooled":
+        payload["features"] = features
+    return content_id(payload)
 
 
 def default_cache_dir() -> Path:

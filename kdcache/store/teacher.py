@@ -2,7 +2,11 @@
 
 Arrays (Zarr format 3, every chunk CRC32C-checked):
 
-- ``logits`` (V, N, C) and ``features`` (V, N, D), float16, chunks (1, R, ·), rows in plan order;
+- ``logits`` (V, N, C), float16, chunks (1, R, C), rows in plan order;
+- ``features`` in the store's feature form (attribute ``features``): ``pooled`` (V, N, D), the
+  penultimate vector; ``spatial`` (V, N, C', H, W), the last-block map the teacher's global
+  pool receives (the official CA-MKD ``feat[-2]``); ``none``: no features array. float16,
+  chunks (1, R, ·) with R chosen from the wider of a logits row and a features row;
 - ``head/weight`` (C, D) and ``head/bias`` (C,), float32;
 - ``done`` (V, n_chunks) int32, one chunk per element: the completion marker of chunk
   (v, c), written after both data chunks are in place. It holds the number of rows
@@ -26,7 +30,6 @@ from kdcache.errors import StoreError
 from kdcache.store import format as fmt
 from kdcache.store.location import Location, Where
 
-DATA_ARRAYS = ("logits", "features")
 
 
 class TeacherStore:
@@ -69,31 +72,41 @@ class TeacherStore:
 
     @classmethod
     def open_for_writing(cls, path: Where, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
-                         chunk_rows: int, head_weight: torch.Tensor, head_bias: torch.Tensor) -> "TeacherStore":
+                         chunk_rows: int, head_weight: torch.Tensor, head_bias: torch.Tensor,
+                         feature_shape: tuple[int, ...] | None = None) -> "TeacherStore":
         """Create the store, or reopen an unfinished one to resume it. The caller holds the writer lock.
 
-        ``shape`` is (V, N, C, D). An existing store whose attributes disagree with
-        ``attrs`` is not this teacher's and is refused rather than overwritten.
+        ``shape`` is (V, N, C, D); ``attrs["features"]`` names the feature form (default pooled) and
+        ``feature_shape`` the per-row shape of its features array ((D,) when not given; () for none).
+        An existing store whose attributes disagree with ``attrs`` is not this teacher's and is
+        refused rather than overwritten.
         """
         where = Location.of(path)
         _remove_partial_files(where)
         if where.exists("zarr.json"):
             store = cls.open(where, teacher_id, require_complete=False)
-            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim"):
-                if store.attrs.get(key) != attrs.get(key):
+            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features"):
+                if store.attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None) != \
+                        attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None):
                     raise StoreError(
                         f"teacher store {teacher_id} at {where} holds {key}={store.attrs.get(key)!r}, "
                         f"expected {attrs.get(key)!r}; remove it with `kdcache cache rm {teacher_id}`"
                     )
             return cls.open(where, teacher_id, require_complete=False, writable=True)
         n_views, n_samples, n_classes, dim = shape
+        form = attrs.get("features", fmt.DEFAULT_FEATURE_FORM)
+        fshape = tuple(int(s) for s in ((dim,) if feature_shape is None else feature_shape))
+        if form not in fmt.FEATURE_FORMS or (form == "none") != (fshape == ()):
+            raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
         try:
             group = zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3)
         except OSError as exc:
             raise StoreError(f"cannot write teacher store at {where}: {exc.strerror or exc}") from None
         common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
-        for name, width in (("logits", n_classes), ("features", dim)):
-            group.create_array(name, shape=(n_views, n_samples, width), chunks=(1, chunk_rows, width),
+        for name, row in (("logits", (n_classes,)), ("features", fshape)):
+            if name == "features" and form == "none":
+                continue
+            group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
                                dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(), **common)
         chunks = fmt.n_chunks(n_samples, chunk_rows)
         group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1, **common)
@@ -104,6 +117,7 @@ class TeacherStore:
                           fill_value=fmt.float_fill(), **common)[...] = head_bias.detach().cpu().float().numpy()
         group.attrs.update({
             **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
+            "features": form, "feature_shape": list(fshape),
             "chunk_rows": chunk_rows, "complete": False,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "kdcache_version": __version__, "torch_version": torch.__version__,
@@ -136,6 +150,21 @@ class TeacherStore:
     @property
     def feature_dim(self) -> int:
         return int(self.attrs["feature_dim"])
+
+    @property
+    def feature_form(self) -> str:
+        """``pooled``, ``spatial`` or ``none`` (stores written before the forms existed are pooled)."""
+        return str(self.attrs.get("features", fmt.DEFAULT_FEATURE_FORM))
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Per-row shape of the features: (D,) pooled, (C', H, W) spatial, () none."""
+        return tuple(int(s) for s in self.attrs.get("feature_shape", [self.feature_dim]))
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """The arrays of one stored row: logits, and features unless the form is none."""
+        return ("logits",) if self.feature_form == "none" else ("logits", "features")
 
     @property
     def chunk_rows(self) -> int:
@@ -197,8 +226,8 @@ class TeacherStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray, n_correct: int) -> None:
-        """Write chunk (v, c) of both arrays, then its completion marker.
+    def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray | None, n_correct: int) -> None:
+        """Write chunk (v, c) of the data arrays (``features`` is None in the form none), then its completion marker.
 
         A write the file system refuses (disk full, I/O error) is a StoreError naming the
         chunk; the marker is then not written, so re-running the same precompute redoes the chunk.
@@ -207,8 +236,9 @@ class TeacherStore:
         name = "logits"
         try:
             self.group["logits"][v, rows] = logits
-            name = "features"
-            self.group["features"][v, rows] = features
+            if features is not None:
+                name = "features"
+                self.group["features"][v, rows] = features
             name = "completion marker"
             self.group["done"][v, c] = n_correct
         except OSError as exc:
@@ -227,8 +257,9 @@ class TeacherStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def read_chunk(self, v: int, c: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (R, C) and features (R, D), float16, of chunk (v, c); a damaged chunk is a StoreError.
+    def read_chunk(self, v: int, c: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (R, C) and features (R, *feature_shape), float16, of chunk (v, c) (features None in the form
+        none); a damaged chunk is a StoreError.
 
         ``within``, if given, keeps only those row positions inside the chunk (in that
         order): the chunk is still decompressed and checked whole, but nothing else is kept.
@@ -242,8 +273,8 @@ class TeacherStore:
         if not marked:  # deleted after the store was completed: the chunk cannot be trusted
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
                              f"run `kdcache cache verify {self.id}`")
-        out = []
-        for name in DATA_ARRAYS:
+        out: list[np.ndarray | None] = []
+        for name in self.data_arrays:
             try:
                 if within is None:
                     block = self.group[name][v, rows]
@@ -256,9 +287,9 @@ class TeacherStore:
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is missing; "
                                  f"run `kdcache cache verify {self.id}`")
             out.append(block)
-        return out[0], out[1]
+        return out[0], (out[1] if len(out) > 1 else None)
 
-    def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits and features of the rows ``rows`` of view ``v``, in the order given, chunk by chunk.
 
         For a rank that needs only its slice of each batch: chunks holding none of
@@ -275,9 +306,9 @@ class TeacherStore:
             features.append(h)
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
-        return np.concatenate(logits)[back], np.concatenate(features)[back]
+        return np.concatenate(logits)[back], (None if features[0] is None else np.concatenate(features)[back])
 
-    def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits and features of rows [start, stop) of view ``v``, read chunk by chunk (so errors name the chunk).
 
         Teachers of different widths have different chunk sizes; a reader walks
@@ -286,9 +317,12 @@ class TeacherStore:
         first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
         parts = [self.read_chunk(v, c) for c in range(first, last + 1)]
         offset = first * self.chunk_rows
+        rows = slice(start - offset, stop - offset)
         logits = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        if parts[0][1] is None:
+            return logits[rows], None
         features = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        return logits[start - offset:stop - offset], features[start - offset:stop - offset]
+        return logits[rows], features[rows]
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
@@ -307,11 +341,12 @@ class TeacherStore:
             return problems + [f"done: completion markers are damaged ({exc})"]
         for v, c in zip(*np.nonzero(markers < 0)):
             problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
-        for name in DATA_ARRAYS:
+        for name in self.data_arrays:
             written = self.location.files(f"{name}/c")  # one listing, also on object stores
+            inner = "/0" * (self.group[name].ndim - 2)  # one chunk spans every dimension after (view, row)
             for v, c in self._chunks():
                 rows = self.rows(c)
-                if f"{name}/c/{v}/{c}/0" not in written:
+                if f"{name}/c/{v}/{c}{inner}" not in written:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is missing")
                     continue
                 try:
