@@ -137,7 +137,7 @@ def ref_total(name: str, terms: dict[str, float], gamma: float, alpha: float, be
     total = gamma * terms["ce"]
     if "kd" in terms:
         total += alpha * terms["kd"]
-    if "feat" in terms and not (name == "camkd" and epoch == 1):
+    if "feat" in terms and epoch > 1:  # the official loop: CE and KD only in epoch 1, for every feature method
         total += beta * terms["feat"]
     return total
 
@@ -228,6 +228,9 @@ GOLDEN = ([(n, MethodOptions(), 2) for n in DEFAULTS] + [(n, CUSTOM[n], 2) for n
     ("camkd", MethodOptions(camkd_weights="uniform", camkd_feature_weights="w"), 2),
     ("camkd", MethodOptions(beta=0.0), 2),
     ("fitnet", MethodOptions(alpha=0.5), 2),
+    ("fitnet", MethodOptions(alpha=0.5), 1),
+    ("fitnet-mkd", MethodOptions(), 1),
+    ("fitnet-mkd", CUSTOM["fitnet-mkd"], 1),
 ])
 
 
@@ -419,13 +422,15 @@ def test_camkd_uniform_ablation_gives_one_over_k():
     assert torch.allclose(out.sample_weights, torch.full((B, 3), 1 / 3, dtype=out.sample_weights.dtype))
 
 
+@pytest.mark.parametrize("name", ["camkd", "fitnet-mkd", "fitnet"])
 @pytest.mark.parametrize("epoch,beta", [(1, None), (2, 0.0), (1, 0.0)])
-def test_camkd_feature_term_left_out(epoch, beta):
-    """First epoch or beta = 0: total is γ·ce + α·kd; the aligners get no gradient through it."""
-    method, batch, data = make_case("camkd", MethodOptions(beta=beta, gamma=0.9), epoch=epoch)
+def test_feature_term_left_out(name, epoch, beta):
+    """First epoch (the official loop's rule for every feature method) or beta = 0: total is γ·ce + α·kd;
+    the aligners get no gradient through it, and the term is still reported."""
+    method, batch, data = make_case(name, MethodOptions(beta=beta, gamma=0.9, alpha=1.0), epoch=epoch)
     out = method(batch)
     assert num(out.total) == pytest.approx(0.9 * num(out.terms["ce"]) + num(out.terms["kd"]), rel=1e-12)
-    assert num(out.terms["feat"]) == pytest.approx(ref_terms("camkd", data, 4.0)[0]["feat"], rel=1e-9)
+    assert num(out.terms["feat"]) == pytest.approx(ref_terms(name, data, 4.0)[0]["feat"], rel=1e-9)
     out.total.backward()
     for p in method.parameters():
         assert p.grad is None or not p.grad.any()

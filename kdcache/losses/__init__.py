@@ -16,7 +16,8 @@ from torch import Tensor
 from kdcache.errors import KdcacheError, UnknownNameError
 from kdcache.losses.aekd import AdaptiveEnsembleKD
 from kdcache.losses.aver import AverageKD
-from kdcache.losses.base import Aligner, Batch, LossTerms, Method, MethodInfo, MethodOptions
+from kdcache.losses.base import (Aligner, Batch, FeatureShape, LossTerms, MapAligner, Method, MethodInfo,
+                                 MethodOptions)
 from kdcache.losses.camkd import ConfidenceAwareMKD
 from kdcache.losses.ce import CrossEntropy
 from kdcache.losses.ebkd import EntropyKD
@@ -24,7 +25,7 @@ from kdcache.losses.fitnet import FitNet
 from kdcache.losses.fitnet_mkd import FitNetMKD
 from kdcache.losses.kd import KnowledgeDistillation
 
-__all__ = ["Aligner", "Batch", "LossTerms", "Method", "MethodInfo", "MethodOptions", "build_method",
+__all__ = ["Aligner", "Batch", "FeatureShape", "LossTerms", "MapAligner", "Method", "MethodInfo", "MethodOptions", "build_method",
            "method_info", "method_names"]
 
 _REGISTRY: dict[str, type[Method]] = {cls.info.name: cls for cls in (
@@ -49,11 +50,12 @@ def method_info(name: str) -> MethodInfo:
     return _lookup(name).info
 
 
-def build_method(name: str, *, num_classes: int, student_dim: int, teacher_dims: list[int],
+def build_method(name: str, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
                  teacher_heads: list[tuple[Tensor, Tensor]] | None = None,
                  options: MethodOptions = MethodOptions()) -> Method:
-    """The method ``name`` for a student of feature size ``student_dim`` and teachers of feature sizes
-    ``teacher_dims``; ``teacher_heads`` (each ``(W (C, D_k), b (C,))``) are required by camkd only.
+    """The method ``name`` for a student feature of shape ``student_dim`` and teacher features of shapes
+    ``teacher_dims``: widths D for pooled vectors, ``(C, H, W)`` for last-block maps (all of one kind);
+    ``teacher_heads`` (each ``(W (C, D_k), b (C,))``, ``D_k`` the pooled width) are required by camkd only.
 
     Raises KdcacheError with one line when the teacher count does not fit the method (kd and fitnet
     take exactly one teacher, the others at least one; ce ignores teachers), when camkd has no heads,
@@ -62,7 +64,8 @@ def build_method(name: str, *, num_classes: int, student_dim: int, teacher_dims:
     cls = _lookup(name)
     info = cls.info
     _check_options(info, options)
-    dims = [int(d) for d in teacher_dims]
+    dims = [_shape(d) for d in teacher_dims]
+    student_dim = _shape(student_dim)
     if info.n_teachers == "0":
         dims = []
     elif info.n_teachers == "1" and len(dims) != 1:
@@ -70,7 +73,7 @@ def build_method(name: str, *, num_classes: int, student_dim: int, teacher_dims:
                            "use aver, ebkd, aekd, fitnet-mkd or camkd for several")
     elif info.n_teachers == "K" and len(dims) < 1:
         raise KdcacheError(f"{name} needs at least 1 teacher, got none")
-    if any(d < 1 for d in dims) or student_dim < 1 or num_classes < 1:
+    if any(min(_as_tuple(d)) < 1 for d in [*dims, student_dim]) or num_classes < 1:
         raise KdcacheError(f"{name}: feature sizes and class count must be positive "
                            f"(student {student_dim}, teachers {dims}, classes {num_classes})")
     kwargs: dict = dict(num_classes=num_classes, student_dim=student_dim, teacher_dims=dims, options=options)
@@ -79,6 +82,19 @@ def build_method(name: str, *, num_classes: int, student_dim: int, teacher_dims:
             raise KdcacheError(f"{name} needs the teachers' classifiers (teacher_heads), none were given")
         kwargs["teacher_heads"] = list(teacher_heads)
     return cls(**kwargs)
+
+
+def _shape(d: FeatureShape) -> FeatureShape:
+    """A width as an int, a map shape as a tuple of three ints."""
+    if isinstance(d, (tuple, list)):
+        if len(d) != 3:
+            raise KdcacheError(f"a feature shape is a width D or a map shape (C, H, W), got {tuple(d)}")
+        return tuple(int(s) for s in d)
+    return int(d)
+
+
+def _as_tuple(d: FeatureShape) -> tuple[int, ...]:
+    return d if isinstance(d, tuple) else (d,)
 
 
 def _check_options(info: MethodInfo, options: MethodOptions) -> None:

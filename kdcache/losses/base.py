@@ -2,9 +2,12 @@
 
 The per-sample quantities of METHODS.md live here so that every method computes
 them the same way: ``CE(z, y)``, ``KL_k,i`` at temperature ``T`` (with its ``T²``),
-the per-sample feature distance ``(1/D) ‖h − r(g)‖²``, and the aligner
-``r(g) = ReLU(BN(A g + c))``. Everything is vectorised over teachers where their
-shapes agree and created on the inputs' device.
+the per-sample feature distance ``(1/D) ‖h − r(g)‖²`` (a mean over every feature
+value: over D for vectors, over C·H·W for maps), and the aligners: ``r(g) =
+ReLU(BN(A g + c))`` for pooled vectors, and for last-block maps the official
+``Embed`` (1x1 conv + BN + ReLU) after resizing the student's map to the teacher's
+H×W. Everything is vectorised over teachers where their shapes agree and created
+on the inputs' device.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import KdcacheError
+from kdcache.models.pool import global_avg_pool
+
+# A feature's per-sample shape: D for a pooled vector, (C, H, W) for a last-block map.
+FeatureShape = int | tuple[int, int, int]
 
 CAMKD_WEIGHTS = ("confidence", "uniform")
 CAMKD_FEATURE_WEIGHTS = ("v", "w")
@@ -40,10 +47,10 @@ class Batch:
     """What a method sees of one training step: the student's outputs and the K teachers' cached outputs."""
 
     student_logits: Tensor        # (B, C)
-    student_feature: Tensor       # (B, D_s)
+    student_feature: Tensor       # (B, D_s) pooled, or (B, C_s, H_s, W_s) the last-block map
     labels: Tensor                # (B,) int64
     teacher_logits: list[Tensor]  # K x (B, C), float32, no grad
-    teacher_features: list[Tensor]  # K x (B, D_k), float32, no grad
+    teacher_features: list[Tensor]  # K x (B, D_k) or (B, C_k, H_k, W_k), float32, no grad
     epoch: int                    # 1-based
 
 
@@ -96,8 +103,9 @@ def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: f
 
 
 def feature_distance(aligned: Tensor, target: Tensor) -> Tensor:
-    """``(1/D) ‖h_i − r(g_i)‖²`` per sample, ``(B, D)`` inputs to ``(B,)`` (the official per-sample MSE)."""
-    return (as_float(aligned) - as_float(target)).pow(2).mean(-1)
+    """``(1/D) ‖h_i − r(g_i)‖²`` per sample: ``(B, D)`` or ``(B, C, H, W)`` inputs to ``(B,)``, the mean over
+    every value of a sample (the official ``MSELoss(reduction='none')(...).reshape(B, -1).mean(-1)``)."""
+    return (as_float(aligned) - as_float(target)).pow(2).flatten(1).mean(-1)
 
 
 def stack_teachers(tensors: list[Tensor]) -> Tensor:
@@ -122,6 +130,53 @@ class Aligner(nn.Module):
         return F.relu(self.bn(self.linear(g)))
 
 
+class MapAligner(nn.Module):
+    """The official CA-MKD aligner of last-block maps: the student's map resized to the teacher's H×W, then
+    ``ReLU(BN(Conv1x1(·)))`` to the teacher's channels.
+
+    As the official ``CalWeight``: average-pooled (``adaptive_avg_pool2d``) when the
+    student's map is at least as tall as the teacher's, bilinearly interpolated when it
+    is smaller; the 1x1 convolution has a bias (the official ``Embed``). Trained with
+    the student; in train mode BN uses batch statistics.
+    """
+
+    def __init__(self, student_shape: tuple[int, int, int], teacher_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        (c_s, h_s, _), (c_t, h_t, w_t) = student_shape, teacher_shape
+        self.size = (int(h_t), int(w_t))
+        self.shrink = h_s >= h_t
+        self.conv = nn.Conv2d(c_s, c_t, kernel_size=1)
+        self.bn = nn.BatchNorm2d(c_t)
+
+    def forward(self, m: Tensor) -> Tensor:
+        """Aligned student map, ``(B, C_s, H_s, W_s)`` to ``(B, C_k, H_k, W_k)``."""
+        if self.shrink:
+            m = F.adaptive_avg_pool2d(m, self.size)
+        else:
+            m = F.interpolate(m, size=self.size, mode="bilinear")
+        return F.relu(self.bn(self.conv(m)))
+
+
+def make_aligner(student: FeatureShape, teacher: FeatureShape) -> nn.Module:
+    """The aligner from the student's feature to a teacher's: vectors to vectors, maps to maps."""
+    if isinstance(student, int) and isinstance(teacher, int):
+        return Aligner(student, teacher)
+    if isinstance(student, tuple) and isinstance(teacher, tuple) and len(student) == len(teacher) == 3:
+        return MapAligner(student, teacher)
+    raise KdcacheError(f"cannot align a student feature of shape {student} to a teacher feature of shape {teacher}: "
+                       "both must be pooled vectors or both last-block maps")
+
+
+def pooled_width(shape: FeatureShape) -> int:
+    """The width of the pooled vector a feature gives: D, or C for a (C, H, W) map."""
+    return shape if isinstance(shape, int) else int(shape[0])
+
+
+def pool_feature(r: Tensor) -> Tensor:
+    """A feature as the teacher's classifier takes it: vectors as they are, maps through the global pool."""
+    return global_avg_pool(r) if r.dim() == 4 else r
+
+
 # -- the method base class ----------------------------------------------------------------
 
 
@@ -136,13 +191,13 @@ class Method(nn.Module):
     default_alpha: ClassVar[float] = 1.0
     default_beta: ClassVar[float] = 0.0
 
-    def __init__(self, *, num_classes: int, student_dim: int, teacher_dims: list[int],
+    def __init__(self, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
                  options: MethodOptions) -> None:
         super().__init__()
         self.options = options
         self.num_classes = int(num_classes)
-        self.student_dim = int(student_dim)
-        self.teacher_dims = [int(d) for d in teacher_dims]
+        self.student_dim = student_dim
+        self.teacher_dims = list(teacher_dims)
         self.n_teachers = len(self.teacher_dims)
         self.temperature = float(options.temperature)
         self.gamma = float(options.gamma)
@@ -167,6 +222,15 @@ class Method(nn.Module):
         if features and len(batch.teacher_features) != self.n_teachers:
             raise KdcacheError(f"{self.info.name}: the batch carries {len(batch.teacher_features)} teachers' "
                                f"features, the method was built for {self.n_teachers}")
+
+    def _feature_active(self, batch: Batch) -> bool:
+        """Whether the feature term joins the total: as in the official training loop, epoch 1 trains on CE
+        and KD only, for every method with a feature term; ``β`` acts from epoch 2 on."""
+        return batch.epoch > 1
+
+    def _feature_grad(self, active: bool) -> torch.autograd.grad_mode.set_grad_enabled:
+        """Build the feature term's graph only where it joins the total (it is still computed for the log)."""
+        return torch.set_grad_enabled(torch.is_grad_enabled() and active and self.beta != 0.0)
 
     def _combine(self, ce: Tensor, kd: Tensor | None = None, feat: Tensor | None = None,
                  feat_active: bool = True) -> Tensor:

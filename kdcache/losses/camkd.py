@@ -11,6 +11,13 @@ softmax-over-teachers of ``CE(ẑ_k,i, y_i)`` gives ``v_k,i``, and
 code, ``v`` is not detached: gradients flow through it (and through ``W_k, b_k``,
 which are buffers and never change) into ``r_k`` and the student.
 
+Feature forms: with pooled vectors (kdcache's compact form) ``r_k`` is a linear +
+BN + ReLU aligner and ``D_k`` the vector's width. With last-block maps (the official
+form, ``feat[-2]``) the student's map is resized to teacher k's H×W and aligned by
+1x1 conv + BN + ReLU (:class:`~kdcache.losses.base.MapAligner`), the distance is the
+mean over C·H·W, and ``ẑ_k`` is teacher k's global average pool and classifier
+applied to the aligned map, exactly the official ``CalWeight`` + ``CAMKD`` path.
+
 First epoch: ``L_feat`` is computed and reported in ``terms["feat"]`` for the log
 (under ``no_grad``, so it costs no graph; BN running statistics still update, as
 they do in the official code) but left out of ``total``; ``β`` acts from epoch 2.
@@ -28,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.base import (CAMKD_FEATURE_WEIGHTS, CAMKD_WEIGHTS, Aligner, Batch, LossTerms, Method,
+from kdcache.losses.base import (CAMKD_FEATURE_WEIGHTS, CAMKD_WEIGHTS, Batch, FeatureShape, LossTerms, Method,
                                  MethodInfo, MethodOptions, as_float, ce_per_sample, feature_distance,
-                                 kl_per_sample, stack_teachers)
+                                 kl_per_sample, make_aligner, pool_feature, pooled_width, stack_teachers)
 
 
 def confidence_weights(losses: Tensor) -> Tensor:
@@ -52,7 +59,7 @@ class ConfidenceAwareMKD(Method):
                       uses_features=True, uses_heads=True)
     default_beta = 50.0
 
-    def __init__(self, *, num_classes: int, student_dim: int, teacher_dims: list[int],
+    def __init__(self, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
                  teacher_heads: list[tuple[Tensor, Tensor]], options: MethodOptions) -> None:
         super().__init__(num_classes=num_classes, student_dim=student_dim, teacher_dims=teacher_dims,
                          options=options)
@@ -66,8 +73,9 @@ class ConfidenceAwareMKD(Method):
             raise KdcacheError(f"camkd: {len(teacher_heads)} teacher heads for {self.n_teachers} teachers")
         self.uniform = options.camkd_weights == "uniform"
         self.feature_weights = options.camkd_feature_weights
-        self.aligners = nn.ModuleList([Aligner(self.student_dim, d) for d in self.teacher_dims])
-        for k, ((weight, bias), dim) in enumerate(zip(teacher_heads, self.teacher_dims)):
+        self.aligners = nn.ModuleList([make_aligner(self.student_dim, d) for d in self.teacher_dims])
+        for k, (weight, bias) in enumerate(teacher_heads):
+            dim = pooled_width(self.teacher_dims[k])
             weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
             if tuple(weight.shape) != (self.num_classes, dim) or tuple(bias.shape) != (self.num_classes,):
                 raise KdcacheError(f"camkd: teacher {k}'s head is {tuple(weight.shape)} + {tuple(bias.shape)}, "
@@ -94,8 +102,8 @@ class ConfidenceAwareMKD(Method):
             w = confidence_weights(ce_per_sample(z, batch.labels)).detach()
         kd = (w * kl).sum() / (n * k)
 
-        feat_active = batch.epoch > 1
-        with torch.set_grad_enabled(torch.is_grad_enabled() and feat_active and self.beta != 0.0):
+        feat_active = self._feature_active(batch)
+        with self._feature_grad(feat_active):
             feat = self._feature_term(batch, w)
         return LossTerms(total=self._combine(ce, kd, feat, feat_active), terms={"ce": ce, "kd": kd, "feat": feat},
                          teacher_weights=w.mean(1).detach(), sample_weights=w.t().detach().contiguous())
@@ -109,7 +117,8 @@ class ConfidenceAwareMKD(Method):
             dists.append(feature_distance(r, h))
             if not self.uniform and self.feature_weights == "v":
                 weight, bias = self.head(k)
-                head_losses.append(ce_per_sample(F.linear(r.to(weight.dtype), weight, bias), batch.labels))
+                head_losses.append(ce_per_sample(F.linear(pool_feature(r).to(weight.dtype), weight, bias),
+                                                 batch.labels))
         dist = torch.stack(dists, dim=0)                                                  # (K, B)
         if self.uniform or self.feature_weights == "w":
             v = w
