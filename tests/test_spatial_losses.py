@@ -149,7 +149,7 @@ def test_camkd_equals_the_official_formula(teachers) -> None:
     method, batch, heads = make_case("camkd", seed=2, teachers=teachers)
     ours = method(batch).terms["feat"]
     official, _ = official_feature_term(method, batch, heads)
-    assert float(ours) == pytest.approx(float(official), rel=1e-12)
+    assert float(ours.detach()) == pytest.approx(float(official.detach()), rel=1e-12)
     # and its gradients with respect to the student's map and logits
     g_ours = torch.autograd.grad(ours, batch.student_feature, retain_graph=True)[0]
     g_official = torch.autograd.grad(official_feature_term(method, batch, heads)[0], batch.student_feature)[0]
@@ -178,11 +178,11 @@ def test_fitnet_hint_on_maps_and_the_epoch_one_rule() -> None:
     r = method.aligners[0](batch.student_feature)
     expected = ((r - batch.teacher_features[0]) ** 2).flatten(1).mean(1).mean()
     out = method(batch)
-    assert float(out.terms["feat"]) == pytest.approx(float(expected), rel=1e-12)
-    assert float(out.total) == pytest.approx(float(out.terms["ce"] + 100.0 * out.terms["feat"]), rel=1e-12)
+    assert float(out.terms["feat"].detach()) == pytest.approx(float(expected.detach()), rel=1e-12)
+    assert float(out.total.detach()) == pytest.approx(float((out.terms["ce"] + 100.0 * out.terms["feat"]).detach()), rel=1e-12)
     first = make_case("fitnet", seed=4, teachers=[TEACHERS[0]], epoch=1)
     out1 = first[0](first[1])
-    assert float(out1.total) == pytest.approx(float(out1.terms["ce"]), rel=1e-12)  # α = 0, and no hint in epoch 1
+    assert float(out1.total.detach()) == pytest.approx(float(out1.terms["ce"].detach()), rel=1e-12)  # α = 0, and no hint in epoch 1
 
 
 def test_vectors_and_maps_do_not_mix() -> None:
