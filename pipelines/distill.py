@@ -40,7 +40,8 @@ from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
 from kdcache.losses import Batch, LossTerms, Method, MethodInfo, MethodOptions, build_method, method_info
-from kdcache.models import build_model, feature_dim, forbid_construction, load_checkpoint, model_info
+from kdcache.models import (build_model, feature_dim, forbid_construction, forward_with_map, load_checkpoint,
+                            map_shape, model_info)
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
 from kdcache.stream import StreamBatch, TeacherStream, check_compatible
@@ -113,16 +114,19 @@ class StudentLoss(torch.nn.Module):
     student and the method's trainable parts (the aligners of fitnet, fitnet-mkd, camkd).
     """
 
-    def __init__(self, student: torch.nn.Module, method: Method) -> None:
+    def __init__(self, student: torch.nn.Module, method: Method, spatial: bool = False) -> None:
         super().__init__()
         self.student = student
         self.method = method
+        self.spatial = spatial
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, teacher_logits: list[torch.Tensor],
                 teacher_features: list[torch.Tensor], epoch: int) -> LossTerms:
-        """The method's loss terms for the student's outputs on ``x``."""
-        g, s = self.student(x)
-        return self.method(Batch(s.float(), g.float(), labels, teacher_logits, teacher_features, epoch))
+        """The method's loss terms for the student's outputs on ``x`` (its last-block map as the feature when the
+        teachers' stores are spatial, else its pooled vector)."""
+        m, g, s = forward_with_map(self.student, x)
+        return self.method(Batch(s.float(), (m if self.spatial else g).float(), labels, teacher_logits,
+                                 teacher_features, epoch))
 
 
 def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None = None,
@@ -143,6 +147,7 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     cache = Cache.at(req.cache)
     stores = [cache.open_teacher(t) for t in req.teachers]
     plan = _open_plan(cache, stores)
+    _feature_form(stores, info)
     dataset = _dataset_of(plan, req)
     _teacher_classes_fit(stores, dataset)
     with distributed.process_group(resolve_device(req.device)) as ctx:
@@ -161,9 +166,13 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
     ctx.on_main(lambda: _check_run_dir(out, req.resume))
 
     torch.manual_seed(req.seed)
-    student = build_model(req.student, dataset.num_classes).to(device)
-    method = build_method(req.method, num_classes=dataset.num_classes, student_dim=feature_dim(student),
-                          teacher_dims=[s.feature_dim for s in stores],
+    student = build_model(req.student, dataset.num_classes)
+    student_map = map_shape(student, view_size(plan, dataset))  # a student that cannot take the views fails here
+    student = student.to(device)
+    spatial = _feature_form(stores, info) == "spatial"
+    method = build_method(req.method, num_classes=dataset.num_classes,
+                          student_dim=student_map if spatial else feature_dim(student),
+                          teacher_dims=[s.feature_shape if spatial else s.feature_dim for s in stores],
                           teacher_heads=[s.head() for s in stores] if info.uses_heads else None,
                           options=req.options).to(device)
     optimizer, scheduler, lr, milestones = training.build_sgd(
@@ -179,7 +188,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
     if ctx.is_main:
         _write_json(out / "config.json", config)
     # The method's parameters (aligners) go unused where its feature term is off (camkd's first epoch, beta 0).
-    model = ctx.wrap(StudentLoss(student, method),
+    model = ctx.wrap(StudentLoss(student, method, spatial),
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
 
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
@@ -199,7 +208,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
             for step, batch in enumerate(stream.epoch(epoch, req.batch_size)):
                 x = view_batch(dataset, source, plan.recipe, batch.indices, batch.params, device)
                 y = torch.as_tensor(batch.labels, device=device)
-                t_logits, t_feats = _teacher_outputs(batch, live_teachers, x, device)
+                t_logits, t_feats = _teacher_outputs(batch, live_teachers, x, device, spatial)
                 with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=req.amp):
                     loss = model(x, y, t_logits, t_feats, epoch)
                 optimizer.zero_grad(set_to_none=True)
@@ -288,6 +297,26 @@ def _dataset_of(plan: PlanStore, req: DistillRequest) -> DataSet:
     return dataset
 
 
+def _feature_form(stores: list[TeacherStore], info: MethodInfo) -> str:
+    """The feature form every store shares; refused when they differ, or when the method needs features the
+    stores do not hold."""
+    forms = {s.feature_form for s in stores}
+    if len(forms) > 1:
+        listing = ", ".join(f"{s.id} {s.feature_form}" for s in stores)
+        raise StoreError(f"the teachers were precomputed in different feature forms ({listing}); "
+                         "precompute them with the same --features")
+    form = forms.pop()
+    if info.uses_features and form == "none":
+        raise StoreError(f"{info.name} needs the teachers' features but store {stores[0].id} holds logits only "
+                         "(precomputed with --features none); precompute with --features pooled or spatial")
+    return form
+
+
+def view_size(plan: PlanStore, dataset: DataSet) -> int:
+    """The side of the plan's square views."""
+    return int(plan.attrs["recipe"].get("size", dataset.image_size))
+
+
 def _teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:
     for s in stores:
         if s.num_classes != dataset.num_classes:
@@ -318,17 +347,18 @@ def _teacher_guard(online: bool, stores: list[TeacherStore],
 
 
 def _teacher_outputs(batch: StreamBatch, live: list[torch.nn.Module] | None, x: torch.Tensor,
-                     device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The K teachers' logits and features for this batch, float32 on the device."""
+                     device: torch.device, spatial: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The K teachers' logits and features (last-block maps when ``spatial``) for this batch, float32 on the
+    device."""
     if live is None:  # cached (or a method that uses no teacher: the lists are empty)
         return ([z.to(device, non_blocking=True).float() for z in batch.teacher_logits],
                 [h.to(device, non_blocking=True).float() for h in batch.teacher_features])
     logits, feats = [], []
     with torch.no_grad():
         for t in live:
-            h, z = t(x)
+            m, h, z = forward_with_map(t, x)
             logits.append(z.float())
-            feats.append(h.float())
+            feats.append((m if spatial else h).float())
     return logits, feats
 
 
