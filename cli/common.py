@@ -28,6 +28,14 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
 milestones_option = click.option(
     "--lr-milestones", callback=_milestones, default=None, metavar="E1,E2,...",
     help="Epochs at which the lr is divided by 10 [default: 150,180,210 scaled to --epochs].")
+recipe_option = click.option(
+    "--recipe", default=None, metavar="NAME[:SIZE]",
+    help="View recipe: crop-flip (pad 4, crop, flip) or resized-crop-flip (RandomResizedCrop + flip), optionally "
+         "with the view side, e.g. crop-flip:64 [default: the data set's; for imagefolder the CIFAR recipe at the "
+         "images' side when all are one square side of at most 96 px, else resized-crop-flip at 224].")
+image_size_option = click.option(
+    "--image-size", type=click.IntRange(1, 1024), default=None, metavar="PX",
+    help="Side of the square views (imagefolder data only) [default: the recipe's, see --recipe].")
 device_option = click.option(
     "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from kdcache import training
-from kdcache.cli.common import cache_option, data_root_option, device_option, milestones_option
+from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
+                                recipe_option)
 from kdcache.distributed import DistContext
 from kdcache.losses import MethodOptions, method_info, method_names
 from kdcache.pipelines.distill import DistillRequest, EpochMetrics, distill
@@ -94,12 +95,15 @@ def distill_cmd(student: str, teachers: tuple[str, ...], method: str, out: Path,
               help="Weights: {'model': sd}, {'state_dict': sd} or a bare state_dict.")
 @click.option("--dataset", required=True, help="Data set from `kdcache datasets`.")
 @data_root_option
+@recipe_option
+@image_size_option
 @device_option
 @click.option("--batch-size", type=int, default=256, help="Evaluation batch size.")
-def eval_cmd(arch: str, checkpoint: Path, dataset: str, data_root: Path | None, device: str | None,
-             batch_size: int) -> None:
-    """Print a checkpoint's top-1 and top-5 accuracy on the test split."""
-    top1, top5 = evaluate_checkpoint(arch, checkpoint, dataset, data_root, device, batch_size)
+def eval_cmd(arch: str, checkpoint: Path, dataset: str, data_root: Path | None, recipe: str | None,
+             image_size: int | None, device: str | None, batch_size: int) -> None:
+    """Print a checkpoint's top-1 and top-5 accuracy on the test split, on the test-time view of the recipe the
+    model was trained with (give the same --recipe / --image-size as to train-teacher)."""
+    top1, top5 = evaluate_checkpoint(arch, checkpoint, dataset, data_root, device, batch_size, recipe, image_size)
     click.echo(f"top-1 {top1:.2f}%  top-5 {top5:.2f}%")
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli.common import cache_option, data_root_option, device_option, milestones_option, row_progress
+from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
+                                recipe_option, row_progress)
 from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute_many
 from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS
 from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
@@ -27,15 +28,19 @@ from kdcache import training
 @click.option("--momentum", type=float, default=training.MOMENTUM, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=training.WEIGHT_DECAY, help="Weight decay.")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights and the augmentation.")
+@recipe_option
+@image_size_option
 @device_option
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
 def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path, epochs: int, batch_size: int,
                       lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
-                      seed: int, device: str | None, resume: bool) -> None:
+                      seed: int, recipe: str | None, image_size: int | None, device: str | None,
+                      resume: bool) -> None:
     """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
     req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              milestones=lr_milestones, seed=seed, device=device, resume=resume)
+                              milestones=lr_milestones, seed=seed, device=device, resume=resume, recipe=recipe,
+                              image_size=image_size)
 
     def report(r: EpochRecord) -> None:
         click.echo(f"epoch {r.epoch:>3}/{epochs}  loss {r.loss:.4f}  train {r.train_acc:6.2f}%  "
@@ -60,7 +65,8 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--views", type=int, default=DEFAULT_VIEWS,
               help="Augmented views of the training set to store (a student epoch uses one).")
 @click.option("--plan-seed", type=int, default=0, help="Seed the view plan is drawn from.")
-@click.option("--recipe", default=None, help="View recipe: crop-flip or resized-crop-flip [default: the data set's].")
+@recipe_option
+@image_size_option
 @click.option("--batch-size", type=int, default=None, help="Forward batch size [default: 2048 on GPU, 256 on CPU].")
 @device_option
 @click.option("--chunk-rows", type=int, default=None, help="Rows per stored chunk [default: about 2 MB a chunk].")
@@ -75,7 +81,8 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
                    "resnet32x4); none, logits only (ce, kd, aver, ebkd, aekd). The form is part of the teacher id.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
-                   cache: str | None, views: int, plan_seed: int, recipe: str | None, batch_size: int | None,
+                   cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
+                   batch_size: int | None,
                    device: str | None, chunk_rows: int | None, workers: int | None, scheduler: str | None,
                    features: str, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
@@ -88,7 +95,7 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                                "give one --checkpoint per --teacher, in the same order")
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
-                              chunk_rows=chunk_rows, dry_run=dry_run, features=features)
+                              chunk_rows=chunk_rows, dry_run=dry_run, features=features, image_size=image_size)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

@@ -45,6 +45,7 @@ from kdcache.models import (build_model, feature_dim, forbid_construction, forwa
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
 from kdcache.stream import StreamBatch, TeacherStream, check_compatible
+from kdcache.views import get_recipe
 
 
 @dataclass
@@ -167,7 +168,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
 
     torch.manual_seed(req.seed)
     student = build_model(req.student, dataset.num_classes)
-    student_map = map_shape(student, view_size(plan, dataset))  # a student that cannot take the views fails here
+    student_map = map_shape(student, view_size(plan))  # a student that cannot take the views fails here
     student = student.to(device)
     spatial = _feature_form(stores, info) == "spatial"
     method = build_method(req.method, num_classes=dataset.num_classes,
@@ -312,9 +313,9 @@ def _feature_form(stores: list[TeacherStore], info: MethodInfo) -> str:
     return form
 
 
-def view_size(plan: PlanStore, dataset: DataSet) -> int:
+def view_size(plan: PlanStore) -> int:
     """The side of the plan's square views."""
-    return int(plan.attrs["recipe"].get("size", dataset.image_size))
+    return get_recipe(plan.recipe).size
 
 
 def _teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:

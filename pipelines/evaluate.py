@@ -8,17 +8,20 @@ from kdcache.data import load_dataset
 from kdcache.device import resolve_device
 from kdcache.errors import CheckpointError
 from kdcache.evaluate import evaluate
-from kdcache.models import build_model, load_checkpoint, model_info
+from kdcache.models import build_model, load_checkpoint, map_shape, model_info
 
 
 def evaluate_checkpoint(arch: str, checkpoint: Path, dataset: str, data_root: Path | None = None,
-                        device: str | None = None, batch_size: int = 256) -> tuple[float, float]:
-    """Load ``checkpoint`` into ``arch`` and return its (top-1, top-5) in percent on the test split."""
+                        device: str | None = None, batch_size: int = 256, recipe: str | None = None,
+                        image_size: int | None = None) -> tuple[float, float]:
+    """Load ``checkpoint`` into ``arch`` and return its (top-1, top-5) in percent on the test split, viewed as
+    ``recipe`` at ``image_size`` prescribes (default: the data set's)."""
     model_info(arch)
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint {checkpoint} not found")
-    data = load_dataset(dataset, data_root)
+    data = load_dataset(dataset, data_root, recipe, image_size)
     dev = resolve_device(device)
     model = build_model(arch, data.num_classes)
+    map_shape(model, data.image_size)  # a model that cannot take the views: one line, before any work
     load_checkpoint(model, checkpoint)
     return evaluate(model.to(dev), data, data.recipe, dev, batch_size)

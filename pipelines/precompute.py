@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kdcache.batches import view_batch
-from kdcache.data import DataSet, ImageSource, load_dataset
+from kdcache.data import DataSet, ImageSource, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
@@ -50,7 +50,8 @@ class PrecomputeRequest:
     cache: Path | str | None = None  # a directory or an fsspec URL
     views: int = DEFAULT_VIEWS
     plan_seed: int = 0
-    recipe: str | None = None
+    recipe: str | None = None        # view recipe (name or name:size); default: the data set's
+    image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     batch_size: int | None = None
     device: str | None = None
     chunk_rows: int | None = None
@@ -177,9 +178,9 @@ def precompute_many(reqs: Sequence[PrecomputeRequest], workers: int | None = Non
 def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJob:
     """Check the request, load the data set (unless given) and the teacher, and work out the ids and shape."""
     _check_options(req)
-    if dataset is None:
-        dataset = load_dataset(req.dataset, req.data_root)
-    recipe = get_recipe(req.recipe or dataset.recipe)
+    dataset = with_views(load_dataset(req.dataset, req.data_root) if dataset is None else dataset,
+                         req.recipe, req.image_size)
+    recipe = get_recipe(dataset.recipe)
     model_info(req.teacher)  # unknown architecture: fail before hashing anything
     if not Path(req.checkpoint).is_file():
         raise CheckpointError(f"checkpoint {req.checkpoint} not found")
@@ -193,7 +194,7 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     model = build_model(req.teacher, dataset.num_classes)
     load_checkpoint(model, req.checkpoint)
     # A model that cannot take the views' size fails here, before any plan or store exists.
-    spatial = map_shape(model, int(recipe.config.get("size", dataset.image_size)))
+    spatial = map_shape(model, recipe.size)
     model.eval().to(device)
     n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
     fshape = feature_shape(req.features, d, spatial)

@@ -21,7 +21,7 @@ from kdcache.data import load_dataset
 from kdcache.device import resolve_device
 from kdcache.errors import CheckpointError, KdcacheError
 from kdcache.evaluate import evaluate
-from kdcache.models import build_model, model_info
+from kdcache.models import build_model, map_shape, model_info
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache import training
 from kdcache.views import draw_plan, get_recipe
@@ -44,6 +44,8 @@ class TrainTeacherRequest:
     seed: int = 0
     device: str | None = None
     resume: bool = False
+    recipe: str | None = None        # view recipe (name or name:size); default: the data set's
+    image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     label_map: dict[int, int] | None = None  # train on corrupted labels: class a is taught as label_map[a]
 
 
@@ -70,11 +72,13 @@ def train_teacher(req: TrainTeacherRequest,
     """Train ``req.arch`` on ``req.dataset`` and keep the latest state in ``req.out`` after every epoch."""
     training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum)
     model_info(req.arch)
-    dataset = load_dataset(req.dataset, req.data_root)
+    dataset = load_dataset(req.dataset, req.data_root, req.recipe, req.image_size)
     device = resolve_device(req.device)
     torch.manual_seed(req.seed)
 
-    model = build_model(req.arch, dataset.num_classes).to(device)
+    model = build_model(req.arch, dataset.num_classes)
+    map_shape(model, dataset.image_size)  # a model that cannot take the views: one line, before any epoch
+    model = model.to(device)
     optimizer, scheduler, _, _ = training.build_sgd(model.parameters(), req.arch, req.epochs, req.lr, req.momentum,
                                                     req.weight_decay, req.milestones)
     start, best_acc = 1, 0.0

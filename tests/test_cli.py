@@ -90,7 +90,7 @@ def test_cache_ls_info_verify_rm(digits_teacher: Path, tmp_path: Path) -> None:
     ls = run_cli("cache", "ls", "--cache", cache)
     assert ls.exit_code == 0
     row = ls.stdout.splitlines()[1].split()
-    assert row[0] == tid and row[2:6] == ["resnet8", "digits", "2", "1437"] and row[-1] == "complete"
+    assert row[0] == tid and row[2:7] == ["resnet8", "pooled", "digits", "2", "1437"] and row[-1] == "complete"
     info = run_cli("cache", "info", tid[:6], "--cache", cache)
     assert info.exit_code == 0 and f'"teacher_id": "{tid}"' in info.stdout and '"n_views": 2' in info.stdout
     assert run_cli("cache", "verify", "--cache", cache).exit_code == 0

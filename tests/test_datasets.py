@@ -365,9 +365,8 @@ def test_imagefolder_corrupt_image_is_named(tmp_path):
     with pytest.raises(DatasetError) as err:
         ds.train.load([0, 1])
     assert bad in str(err.value)
-    fresh = load_dataset("imagefolder", root)
-    with pytest.raises(DatasetError) as err:
-        fresh.train.sizes
+    with pytest.raises(DatasetError) as err:  # loading reads a few headers to choose the default view
+        load_dataset("imagefolder", root).train.sizes
     assert bad in str(err.value)
 
 

@@ -6,13 +6,15 @@ that says where to put it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kdcache.data import cifar, digits, imagefolder
 from kdcache.data.base import DataSet, FileSource, ImageSource, TensorSource
-from kdcache.errors import UnknownNameError
+from kdcache.errors import DatasetError, UnknownNameError
+from kdcache.views import get_recipe
 
 __all__ = [
     "DataSet",
@@ -59,10 +61,27 @@ def dataset_description(name: str) -> str:
     return _entry(name).describe()
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None) -> DataSet:
-    """Load data set `name` from `root` (its --data-root; ignored by `digits`).
+def load_dataset(name: str, root: str | os.PathLike | None = None, recipe: str | None = None,
+                 image_size: int | None = None) -> DataSet:
+    """Load data set `name` from `root` (its --data-root; ignored by `digits`), viewed with `recipe` at
+    `image_size` pixels where given (default: the data set's own, see :func:`with_views`).
 
     Raises UnknownNameError for an unregistered name and DatasetError for a
     missing or malformed data set, each with a one-line message saying what to do.
     """
-    return _entry(name).load(root)
+    return with_views(_entry(name).load(root), recipe, image_size)
+
+
+def with_views(data: DataSet, recipe: str | None = None, image_size: int | None = None) -> DataSet:
+    """`data` with its default view recipe and size replaced by `recipe` (a name or ``name:size``) and
+    `image_size`; either may be None to keep the data set's. Images held in memory (CIFAR, digits) have one
+    size, so only image folders take another ``image_size``."""
+    if recipe is None and image_size is None:
+        return data
+    current = get_recipe(data.recipe)
+    rec = get_recipe(recipe or current.name, image_size if image_size is not None else
+                     (None if recipe and ":" in recipe else current.size))
+    if data.train.resident and rec.size != data.image_size:
+        raise DatasetError(f"{data.name} images are {data.image_size}x{data.image_size}: an image size of {rec.size} "
+                           "applies to imagefolder data only")
+    return dataclasses.replace(data, recipe=rec.spec, image_size=rec.size)

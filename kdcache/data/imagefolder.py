@@ -15,11 +15,18 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from kdcache.data.base import DataSet, FileSource
+from kdcache.data.base import DataSet, FileSource, read_image_size
 from kdcache.errors import DatasetError
+from kdcache.views import Recipe, get_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Image folders whose images are all square and at most this side (Tiny-ImageNet: 64 px) are viewed by
+# default with the CIFAR recipe (pad 4, crop, flip) at their own size, as the paper trains Tiny-ImageNet;
+# larger or varied images with RandomResizedCrop(224) + flip.
+SMALL_SIDE = 96
+_SIZE_PROBES = 32  # image headers read, evenly spaced over the training list, to choose that default
 
 
 def _names(items: list[str], limit: int = 5) -> str:
@@ -85,23 +92,37 @@ def load_imagefolder(root: str | os.PathLike | None) -> DataSet:
     def source(samples: list[tuple[str, int]]) -> FileSource:
         return FileSource([p for p, _ in samples], [c for _, c in samples])
 
+    recipe = default_recipe([p for p, _ in train_samples])
     return DataSet(
         name="imagefolder",
         num_classes=len(classes),
         classes=list(classes),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
-        recipe="resized-crop-flip",
-        image_size=224,
+        recipe=recipe.spec,
+        image_size=recipe.size,
         train=source(train_samples),
         test=source(val_samples),
         fingerprint=_fingerprint(train_dir, train_samples),
     )
 
 
+def default_recipe(paths: list[str]) -> Recipe:
+    """crop-flip at the images' side when every probed image is one square side of at most SMALL_SIDE pixels;
+    resized-crop-flip at 224 otherwise."""
+    step = max(1, len(paths) // _SIZE_PROBES)
+    sides = {read_image_size(p) for p in paths[::step][:_SIZE_PROBES]}
+    if len(sides) == 1:
+        (h, w), = sides
+        if h == w <= SMALL_SIDE:
+            return get_recipe("crop-flip", h)
+    return get_recipe("resized-crop-flip")
+
+
 def describe() -> str:
     """One line for `kdcache datasets`."""
     return (
-        "ROOT/train/<class>/* and ROOT/val/<class>/* images of any size (Tiny-ImageNet, "
-        "Stanford Dogs), viewed at 224x224; needs --data-root"
+        "ROOT/train/<class>/* and ROOT/val/<class>/* images (Tiny-ImageNet, Stanford Dogs); viewed with the CIFAR "
+        f"recipe at their own size when all are one square side <= {SMALL_SIDE} px, else RandomResizedCrop(224); "
+        "--recipe and --image-size choose; needs --data-root"
     )

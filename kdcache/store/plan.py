@@ -20,6 +20,7 @@ from kdcache.errors import StoreError
 from kdcache.store import format as fmt
 from kdcache.store.location import Location, Where
 from kdcache.store.lock import WriterLock
+from kdcache.views.recipes import recipe_spec
 
 
 class PlanStore:
@@ -103,7 +104,8 @@ class PlanStore:
 
     @property
     def recipe(self) -> str:
-        return str(self.attrs["recipe"]["name"])
+        """The plan's recipe spec: its name, or ``name:size`` for views of a non-default side."""
+        return recipe_spec(self.attrs["recipe"])
 
     @cached_property
     def labels(self) -> np.ndarray:

@@ -32,6 +32,18 @@ class Recipe:
         """Name and settings together, as the plan stores them and its id hashes them."""
         return {"name": self.name, **self.config}
 
+    @property
+    def size(self) -> int:
+        """The side of a replayed view."""
+        return int(self.config["size"])
+
+    @property
+    def spec(self) -> str:
+        """The name, or ``name:size`` when the view side is not the recipe's registered default
+        (``crop-flip:64``): what commands and plans pass around to name a recipe."""
+        default = _RECIPES[self.name].config["size"]
+        return self.name if self.size == default else f"{self.name}:{self.size}"
+
 
 _RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -59,19 +71,42 @@ def recipe_names() -> list[str]:
     return sorted(_RECIPES)
 
 
-def get_recipe(name: str) -> Recipe:
-    """The recipe called `name` (a copy: its config may be mutated freely).
+# Smallest and largest view side a recipe may be given.
+MIN_SIZE, MAX_SIZE = 1, 1024
+
+
+def get_recipe(name: str, size: int | None = None) -> Recipe:
+    """The recipe called `name`, a spec ``name:size`` or ``name`` with ``size``: its views are ``size`` pixels
+    square (default: the registered size, 32 for crop-flip, 224 for resized-crop-flip). A copy: its config may
+    be mutated freely.
 
     Raises UnknownNameError listing the known names, so a typo on the command
-    line is one clear line.
+    line is one clear line, and KdcacheError for a size out of range.
     """
+    base, _, given = str(name).partition(":") if isinstance(name, str) else (name, "", "")
     try:
-        recipe = _RECIPES[name]
+        recipe = _RECIPES[base]
     except (KeyError, TypeError):
         raise UnknownNameError(
             f"unknown augmentation recipe {name!r}; known recipes: {', '.join(recipe_names())}"
         ) from None
-    return Recipe(recipe.name, recipe.n_params, copy.deepcopy(recipe.config), recipe.needs_sizes)
+    config = copy.deepcopy(recipe.config)
+    if given:
+        if not given.isdigit():
+            raise KdcacheError(f"recipe {name!r}: the size after ':' must be a whole number of pixels")
+        if size is not None and int(given) != size:
+            raise KdcacheError(f"recipe {name!r} and image size {size} disagree")
+        size = int(given)
+    if size is not None:
+        if isinstance(size, bool) or not MIN_SIZE <= int(size) <= MAX_SIZE:
+            raise KdcacheError(f"image size must lie in {MIN_SIZE}..{MAX_SIZE} pixels, got {size!r}")
+        config["size"] = int(size)
+    return Recipe(recipe.name, recipe.n_params, config, recipe.needs_sizes)
+
+
+def recipe_spec(description: dict) -> str:
+    """The spec (``name`` or ``name:size``) of a recipe description as a plan stores it."""
+    return get_recipe(str(description["name"]), int(description["size"])).spec
 
 
 def draw_plan(

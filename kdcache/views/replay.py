@@ -19,8 +19,9 @@ from kdcache.views.recipes import get_recipe
 
 Images = torch.Tensor | list[torch.Tensor]
 
-# The test-time view of resized-crop-flip: shorter side to 256, centre 224.
+# The test-time view of resized-crop-flip: shorter side to 256, centre 224 (the same proportion at other sizes).
 _EVAL_RESIZE = 256
+_EVAL_CROP = 224
 
 
 def replay(recipe: str, images: Images, params: torch.Tensor) -> torch.Tensor:
@@ -44,8 +45,9 @@ def replay(recipe: str, images: Images, params: torch.Tensor) -> torch.Tensor:
 def eval_view(recipe: str, images: Images) -> torch.Tensor:
     """The deterministic test-time view matching `recipe`, uint8 (B, 3, S, S).
 
-    crop-flip: the image itself (it is already S x S); resized-crop-flip:
-    shorter side resized to 256 (bilinear, antialiased), then the centre S x S.
+    crop-flip: the image itself (resized to S x S first where it is not);
+    resized-crop-flip: shorter side resized to round(S * 256 / 224) (256 at S = 224;
+    bilinear, antialiased), then the centre S x S.
     """
     rec = get_recipe(recipe)
     return _EVAL[rec.name](images, rec.config)
@@ -99,7 +101,15 @@ def _batch_size(images: Images) -> int:
 
 
 def _stacked(images: Images, size: int, recipe: str) -> torch.Tensor:
-    """The batch as one (B, C, size, size) tensor; crop-flip works on S x S images."""
+    """The batch as one (B, C, size, size) tensor; crop-flip works on S x S images.
+
+    Decoded files (a list) of another size are first resized to S x S (bilinear,
+    antialiased: torchvision's ``Resize([S, S])``), so crop-flip serves image folders
+    of any size; a resident batch must already be S x S.
+    """
+    if isinstance(images, list):
+        images = [img if tuple(img.shape[-2:]) == (size, size) else TF.resize(img, [size, size], antialias=True)
+                  for img in images]
     batch = torch.stack(images) if isinstance(images, list) else images
     if batch.dtype != torch.uint8 or batch.ndim != 4 or tuple(batch.shape[2:]) != (size, size):
         raise KdcacheError(
@@ -153,8 +163,9 @@ def _eval_resized_crop_flip(images: Images, config: dict) -> torch.Tensor:
     size = config["size"]
     if _batch_size(images) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
+    shorter = round(size * _EVAL_RESIZE / _EVAL_CROP)
     return torch.stack([
-        TF.center_crop(TF.resize(img, [_EVAL_RESIZE], antialias=True), [size, size]) for img in images
+        TF.center_crop(TF.resize(img, [shorter], antialias=True), [size, size]) for img in images
     ])
 
 
