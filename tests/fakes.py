@@ -266,3 +266,26 @@ def flip_byte(path: Path, mask: int = 0xFF) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= mask
     path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- killing a precompute midway
+
+
+def completion_markers(store_path: Path) -> list[Path]:
+    """The completion-marker files of a teacher store written so far, sorted."""
+    root = Path(store_path) / "done" / "c"
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def kill_after_markers(cmd: list[str], store_path: Path, n: int, timeout: float = 120.0) -> None:
+    """Start ``cmd`` and SIGKILL it once the store at ``store_path`` holds ``n`` completion markers."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while len(completion_markers(store_path)) < n and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 import zarr
 
 from conftest import run_cli
-from fakes import flip_byte
+from fakes import completion_markers, flip_byte, kill_after_markers
 from kdcache.data import load_dataset
 from kdcache.models import build_model, forward_with_map, load_checkpoint
 from kdcache.store import Cache
@@ -122,11 +120,6 @@ def test_an_unknown_form_is_one_line(digits_teacher: Path, tmp_path: Path) -> No
     assert not (tmp_path / "c").exists()
 
 
-def _markers(store_path: Path) -> list[Path]:
-    root = store_path / "done" / "c"
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
 def test_killed_spatial_run_resumes_bit_identical(digits_teacher: Path, tmp_path: Path) -> None:
     args = ["precompute", "--teacher", "resnet8", "--checkpoint", str(digits_teacher), "--dataset", "digits",
             "--views", "4", "--chunk-rows", "64", "--batch-size", "64", "--device", "cpu", "--features", "spatial"]
@@ -135,13 +128,8 @@ def test_killed_spatial_run_resumes_bit_identical(digits_teacher: Path, tmp_path
     tid = reference.stdout.strip().splitlines()[-1]
     store_path = tmp_path / "c" / "teachers" / tid
 
-    proc = subprocess.Popen([*cli, "--cache", str(tmp_path / "c")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while len(_markers(store_path)) < 10 and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done_before = _markers(store_path)
+    kill_after_markers([*cli, "--cache", str(tmp_path / "c")], store_path, 10)
+    done_before = completion_markers(store_path)
     assert 10 <= len(done_before) < 4 * 23, "the run was not killed midway"
     chunk = "0/0/0"  # the features chunk spans every dimension after (view, row)
     inodes = {(m.parent.name, m.name): (store_path / "features" / "c" / m.parent.name / m.name / chunk).stat().st_ino

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import torchvision.transforms.functional as TF
 import zarr
 
 from conftest import run_cli
-from fakes import write_fake_cifar
+from fakes import completion_markers, kill_after_markers, write_fake_cifar
 from kdcache.data import load_dataset
 from kdcache.evaluate import evaluate
 from kdcache.models import build_model, load_checkpoint
@@ -160,10 +159,6 @@ def test_cifar_format_data_through_the_real_loader(tmp_path: Path) -> None:
     assert store.chunks_per_view == 3 and store.verify() == []
 
 
-def _markers(store_path: Path) -> list[Path]:
-    return sorted((store_path / "done" / "c").rglob("*")) if (store_path / "done" / "c").exists() else []
-
-
 def test_killed_run_resumes_at_its_last_completed_chunk(digits_teacher: Path, tmp_path: Path) -> None:
     args = ["precompute", "--teacher", "resnet8", "--checkpoint", str(digits_teacher), "--dataset", "digits",
             "--views", "6", "--chunk-rows", "64", "--batch-size", "64", "--device", "cpu"]
@@ -172,14 +167,9 @@ def test_killed_run_resumes_at_its_last_completed_chunk(digits_teacher: Path, tm
     tid = reference.stdout.strip().splitlines()[-1]
     store_path = tmp_path / "c" / "teachers" / tid
 
-    proc = subprocess.Popen([*cli, "--cache", str(tmp_path / "c")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while len([m for m in _markers(store_path) if m.is_file()]) < 10 and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_markers([*cli, "--cache", str(tmp_path / "c")], store_path, 10)
     total = 6 * 23
-    done_before = {m: m.stat().st_ino for m in _markers(store_path) if m.is_file()}
+    done_before = {m: m.stat().st_ino for m in completion_markers(store_path)}
     assert 10 <= len(done_before) < total, "the run was not killed midway"
     assert not zarr.open_group(store_path, mode="r").attrs["complete"]
     data_before = {}
