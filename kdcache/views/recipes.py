@@ -105,8 +105,10 @@ def get_recipe(name: str, size: int | None = None) -> Recipe:
 
 
 def recipe_spec(description: dict) -> str:
-    """The spec (``name`` or ``name:size``) of a recipe description as a plan stores it."""
-    return get_recipe(str(description["name"]), int(description["size"])).spec
+    """The spec (``name`` or ``name:size``) of a recipe description as a plan stores it; a description
+    without a size (plans written before sizes were recorded) means the recipe's registered size."""
+    size = description.get("size")
+    return get_recipe(str(description["name"]), None if size is None else int(size)).spec
 
 
 def draw_plan(
