@@ -14,6 +14,7 @@ test can compare what a loader returns with what was written.
 
 from __future__ import annotations
 
+import gzip
 import pickle
 import struct
 from collections.abc import Sequence
@@ -289,3 +290,31 @@ def kill_after_markers(cmd: list[str], store_path: Path, n: int, timeout: float 
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8) as an IDX file: magic 0 0 8 ndim, the dimensions as big-endian int32, the bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    return header + array.tobytes()
+
+
+def write_fake_mnist(folder: Path, n_train: int = 12, n_test: int = 5, seed: int = 0, gz: bool = False,
+                     classes: int = 10) -> tuple[dict[str, np.ndarray], Path]:
+    """Random 28x28 images and labels written as the four IDX files in ``folder`` (gzipped with ``gz``).
+    Returns the arrays written (train_images, train_labels, test_images, test_labels) and the folder."""
+    rng = np.random.default_rng(seed)
+    arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train_labels": (np.arange(n_train) % classes).astype(np.uint8),
+              "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "test_labels": (np.arange(n_test) % classes).astype(np.uint8)}
+    names = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, array in arrays.items():
+        data = idx_bytes(array)
+        if gz:
+            (folder / (names[key] + ".gz")).write_bytes(gzip.compress(data))
+        else:
+            (folder / names[key]).write_bytes(data)
+    return arrays, folder

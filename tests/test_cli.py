@@ -226,7 +226,7 @@ def _cifar_args(tmp_path: Path, ckpt: Path, damage: str) -> list:
 # (name, arguments as a function of (tmp_path, teacher checkpoint), what the one line must say)
 BAD_INPUT = [
     ("unknown architecture", lambda t, c: precompute_args(c, t / "c", arch="resnet9"), "unknown architecture 'resnet9'"),
-    ("unknown data set", lambda t, c: precompute_args(c, t / "c", dataset="mnist"), "unknown data set 'mnist'"),
+    ("unknown data set", lambda t, c: precompute_args(c, t / "c", dataset="svhn"), "unknown data set 'svhn'"),
     ("missing checkpoint", lambda t, c: precompute_args(t / "nope.pth", t / "c"), "nope.pth not found"),
     ("checkpoint of another arch", lambda t, c: precompute_args(_other_arch_checkpoint(t), t / "c"),
      "does not fit architecture 'resnet8' (it was saved from architecture 'wrn_16_1')"),

@@ -38,7 +38,7 @@ CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
 
 
 def test_names_and_descriptions():
-    assert dataset_names() == ["cifar10", "cifar100", "imagefolder", "digits"]
+    assert dataset_names() == ["cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "digits"]
     for name in ("cifar10", "cifar100", "imagefolder"):
         assert "needs --data-root" in dataset_description(name)
     assert "no --data-root needed" in dataset_description("digits")
@@ -53,8 +53,8 @@ def test_unknown_name_lists_known_names():
     assert "'imagenet'" in msg
     for name in dataset_names():
         assert name in msg
-    with pytest.raises(UnknownNameError, match="cifar10, cifar100, imagefolder, digits"):
-        dataset_description("mnist")
+    with pytest.raises(UnknownNameError, match="cifar10, cifar100, mnist, fashion-mnist, imagefolder, digits"):
+        dataset_description("svhn")
 
 
 # ---------------------------------------------------------------- CIFAR

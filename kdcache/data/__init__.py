@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kdcache.data import cifar, digits, imagefolder
+from kdcache.data import cifar, digits, imagefolder, mnist
 from kdcache.data.base import DataSet, FileSource, ImageSource, TensorSource
 from kdcache.errors import DatasetError, UnknownNameError
 from kdcache.views import get_recipe
@@ -36,6 +36,9 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {
     "cifar10": _Entry(lambda root: cifar.load_cifar("cifar10", root), lambda: cifar.describe("cifar10")),
     "cifar100": _Entry(lambda root: cifar.load_cifar("cifar100", root), lambda: cifar.describe("cifar100")),
+    "mnist": _Entry(lambda root: mnist.load_mnist("mnist", root), lambda: mnist.describe("mnist")),
+    "fashion-mnist": _Entry(lambda root: mnist.load_mnist("fashion-mnist", root),
+                            lambda: mnist.describe("fashion-mnist")),
     "imagefolder": _Entry(imagefolder.load_imagefolder, imagefolder.describe),
     # digits ships with scikit-learn: any root is ignored
     "digits": _Entry(lambda root: digits.load_digits_dataset(), digits.describe),
