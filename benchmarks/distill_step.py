@@ -1,14 +1,19 @@
 """Distill step times side by side: the student alone, CA-MKD from the stores, CA-MKD with live teachers.
 
     python benchmarks/distill_step.py                       # 3 x resnet32x4 -> vgg8, batch 64, CIFAR-shaped
+    python benchmarks/distill_step.py --features pooled spatial   # the same teachers in both feature forms
     python benchmarks/distill_step.py --memory              # also: peak RSS of distill over V and 4V views
 
 - t_student: a plain ``ce`` step (student forward, backward, SGD step), the bound;
 - t_cached:  a ``camkd`` step, teacher rows streamed from the stores;
 - t_online:  a ``camkd`` step, the same teachers run live on the same views.
-All three go through the same distill pipeline on the same synthetic CIFAR-100
-data, student, batch size and device, in one process; the step time is the
-median interval between consecutive steps (first steps dropped as warm-up).
+t_cached and t_online are taken for each ``--features`` form: the same teacher
+checkpoints precomputed as pooled stores (penultimate vectors, kdcache's compact
+CA-MKD) and as spatial stores (last-block maps, the official CA-MKD, with the
+student's map aligned by 1x1 conv + BN + ReLU). All go through the same distill
+pipeline on the same synthetic CIFAR-100 data, student, batch size and device,
+in one process; the step time is the median interval between consecutive steps
+(first steps dropped as warm-up).
 """
 
 from __future__ import annotations
@@ -35,15 +40,18 @@ from kdcache.views import get_recipe
 WARMUP = 3
 
 
-def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset: str) -> list[str]:
+def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset: str,
+                  features: str = "pooled") -> list[str]:
+    """K teachers of random weights (seeds 0..K-1, the same checkpoints for every form) precomputed in ``features``."""
     ids = []
     tmp.mkdir(parents=True, exist_ok=True)
     for seed in range(k):
-        torch.manual_seed(seed)
         ckpt = tmp / f"{arch}-{seed}.pth"
-        torch.save({"model": build_model(arch, 100 if dataset == "cifar100" else 10).state_dict()}, ckpt)
+        if not ckpt.exists():
+            torch.manual_seed(seed)
+            torch.save({"model": build_model(arch, 100 if dataset == "cifar100" else 10).state_dict()}, ckpt)
         ids.append(precompute(PrecomputeRequest(teacher=arch, checkpoint=ckpt, dataset=dataset, data_root=root,
-                                                cache=tmp / "cache", views=views)).teacher_id)
+                                                cache=tmp / "cache", views=views, features=features)).teacher_id)
     return ids
 
 
@@ -73,12 +81,15 @@ def peak_rss_of_distill(cache: Path, ids: list[str], out: Path, epochs: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="resnet32x4")
-    ap.add_argument("--student", default="vgg8")
-    ap.add_argument("--teachers", type=int, default=3)
-    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--teacher", default="resnet32x4", help="Teacher architecture (random weights).")
+    ap.add_argument("--student", default="vgg8", help="Student architecture.")
+    ap.add_argument("--teachers", type=int, default=3, help="How many teachers.")
+    ap.add_argument("--samples", type=int, default=1024, help="Synthetic CIFAR-100 training images (one epoch).")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
+    ap.add_argument("--features", nargs="+", choices=("pooled", "spatial"), default=["pooled"],
+                    help="Feature forms of the teacher stores to time camkd on, in this order (default: pooled).")
+    ap.add_argument("--no-online", action="store_true", help="Skip t_online.")
     ap.add_argument("--memory", action="store_true", help="Also measure peak RSS over V and 4V views (digits).")
     ap.add_argument("--no-steps", action="store_true", help="Skip the step times (with --memory).")
     args = ap.parse_args()
@@ -93,19 +104,27 @@ def main() -> None:
 
 
 def measure_steps(tmp: Path, args: argparse.Namespace) -> None:
-    """t_student, t_cached and t_online on the same data, student, batch and device."""
+    """t_student, then t_cached and t_online for each feature form, on the same data, student, batch and device."""
     root = fake_cifar100(tmp / "data", args.samples)
-    ids = make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100")
-    common = dict(student=args.student, teachers=ids, cache=tmp / "cache", data_root=root, epochs=1,
+    ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100", features=form)
+           for form in args.features}
+    common = dict(student=args.student, cache=tmp / "cache", data_root=root, epochs=1,
                   batch_size=args.batch_size, device=args.device, seed=0)
-    t_student = step_time(DistillRequest(method="ce", out=tmp / "ce", **common))
-    t_cached = step_time(DistillRequest(method="camkd", out=tmp / "cached", **common))
-    t_online = step_time(DistillRequest(method="camkd", out=tmp / "online", online=True, **common))
+    t_student = step_time(DistillRequest(method="ce", out=tmp / "ce", teachers=ids[args.features[0]], **common))
+    t_cached = {form: step_time(DistillRequest(method="camkd", out=tmp / f"cached-{form}", teachers=ids[form],
+                                               **common)) for form in args.features}
+    t_online = {} if args.no_online else {
+        form: step_time(DistillRequest(method="camkd", out=tmp / f"online-{form}", teachers=ids[form], online=True,
+                                       **common)) for form in args.features}
     print(f"{args.teachers} x {args.teacher} -> {args.student}, batch {args.batch_size}, {args.samples} "
           f"CIFAR-shaped samples, steps timed per epoch: {args.samples // args.batch_size - 1 - WARMUP}")
     print(f"t_student {t_student * 1e3:9.1f} ms/step")
-    print(f"t_cached  {t_cached * 1e3:9.1f} ms/step   t_cached / t_student = {t_cached / t_student:.3f}")
-    print(f"t_online  {t_online * 1e3:9.1f} ms/step   t_online / t_cached  = {t_online / t_cached:.2f}")
+    for form in args.features:
+        print(f"{form:>8}: t_cached {t_cached[form] * 1e3:9.1f} ms/step   "
+              f"t_cached / t_student = {t_cached[form] / t_student:.3f}")
+        if form in t_online:
+            print(f"{form:>8}: t_online {t_online[form] * 1e3:9.1f} ms/step   "
+                  f"t_online / t_cached  = {t_online[form] / t_cached[form]:.2f}")
 
 
 def synthetic_stores(cache_root: Path, n_views: int, k: int, dim: int) -> list[str]:

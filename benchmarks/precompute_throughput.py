@@ -1,12 +1,18 @@
 """Precompute throughput against its bound: the same teacher's bare forward pass, same batch, same process.
 
     python benchmarks/precompute_throughput.py --arch resnet32x4 --samples 2048 --views 2
+    python benchmarks/precompute_throughput.py --arch resnet8 --features pooled spatial   # both forms, alternating
 
-The bound feeds the same replayed views, built beforehand, to ``model(x)`` under inference mode and
-does nothing else. Precompute does everything: plan lookup, image gather, replay
+The bound feeds the same replayed views, built beforehand, to the teacher under inference mode and
+does nothing else, in two ways: ``model(x)`` (the pooled vector and the logits) at ``--batch-size``,
+and ``forward_with_map(model, x)`` (the last-block map too, what precompute calls in every form) at
+the batch precompute actually runs for each form: precompute forwards one chunk at a time, so its
+batch is at most the chunk's rows (64 for a spatial resnet32x4 store). For the CIFAR and torchvision
+models both run the same layers, so at equal batches they should agree within noise.
+Precompute does everything: plan lookup, image gather, replay
 and normalisation, the forward pass, float16 conversion, compression, checksums
-and the writes with their completion markers. The ratio says what the pipeline
-costs beyond the teacher itself.
+and the writes with their completion markers, in each ``--features`` form. The ratio says what the
+pipeline costs beyond the teacher itself.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,20 +32,20 @@ from common import fake_cifar100, machine
 from kdcache.batches import view_batch
 from kdcache.data import load_dataset
 from kdcache.device import resolve_device
-from kdcache.models import build_model
+from kdcache.models import build_model, forward_with_map
 from kdcache.pipelines import precompute as pc
-from kdcache.store import Cache, TeacherStore
+from kdcache.store.format import FEATURE_FORMS
 from kdcache.views import draw_plan
 
 
 @torch.inference_mode()
-def bare_forward(model: torch.nn.Module, inputs: list[torch.Tensor], device: torch.device) -> float:
-    """Images per second of the bare forward pass over ready-made input batches."""
-    model(inputs[0])  # warm-up
+def bare_forward(forward: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], device: torch.device) -> float:
+    """Images per second of the bare forward pass ``forward(x)`` over ready-made input batches."""
+    forward(inputs[0])  # warm-up
     _sync(device)
     t0 = time.perf_counter()
     for x in inputs:
-        model(x)
+        forward(x)
     _sync(device)
     return sum(len(x) for x in inputs) / (time.perf_counter() - t0)
 
@@ -58,27 +66,37 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arch", default="resnet32x4")
-    ap.add_argument("--samples", type=int, default=2048)
-    ap.add_argument("--views", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--arch", default="resnet32x4", help="The teacher (random weights: they do not change the cost).")
+    ap.add_argument("--samples", type=int, default=2048, help="Synthetic CIFAR-100 training images.")
+    ap.add_argument("--views", type=int, default=2, help="Views of the plan.")
+    ap.add_argument("--batch-size", type=int, default=256, help="The teacher's forward batch, bound and precompute.")
+    ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds of (bounds, then each form's precompute).")
+    ap.add_argument("--features", nargs="+", choices=FEATURE_FORMS, default=["pooled"],
+                    help="Feature forms to precompute, each round in turn (default: pooled).")
     args = ap.parse_args()
     device = resolve_device(args.device)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = fake_cifar100(tmp / "data", args.samples)
+        dataset = load_dataset("cifar100", root)
         model = build_model(args.arch, 100)
         ckpt = tmp / "teacher.pth"
         torch.save({"model": model.state_dict()}, ckpt)
         model.eval().to(device)
         n_rows = args.samples * args.views
+        reqs = {form: pc.PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="cifar100", data_root=root,
+                                           views=args.views, batch_size=args.batch_size, device=str(device),
+                                           features=form) for form in args.features}
+        # Precompute forwards one chunk at a time, so its batch is at most the chunk's rows.
+        batch_of = {form: min(args.batch_size, pc.prepare(req, dataset).chunk_rows) for form, req in reqs.items()}
+        bounds = {("model(x)", args.batch_size): model,
+                  **{("forward_with_map", b): (lambda x: forward_with_map(model, x)) for b in batch_of.values()}}
+        inputs = {b: real_inputs(dataset, n_rows, b, device) for b in {b for _, b in bounds}}
 
-        inputs = real_inputs(load_dataset("cifar100", root), n_rows, args.batch_size, device)
-        # Time the chunk loop alone (the per-row cost) and the whole call, alternating with the bound
-        # so that drift of a shared machine hits both alike; report medians.
+        # Time the chunk loop alone (the per-row cost) and the whole call, alternating with the bounds
+        # so that drift of a shared machine hits all alike; report medians.
         loop_seconds: list[float] = []
         original = pc.write_chunks
 
@@ -89,30 +107,38 @@ def main() -> None:
             loop_seconds.append(time.perf_counter() - t)
 
         pc.write_chunks = timed
-        bounds, totals = [], []
-        for r in range(args.rounds):
-            bounds.append(bare_forward(model, inputs, device))
-            req = pc.PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="cifar100", data_root=root,
-                                       cache=tmp / f"cache{r}", views=args.views, batch_size=args.batch_size,
-                                       device=str(device))
-            t0 = time.perf_counter()
-            result = pc.precompute(req)
-            totals.append(time.perf_counter() - t0)
-        bounds.append(bare_forward(model, inputs, device))
+        bound_rates: dict[tuple[str, int], list[float]] = {key: [] for key in bounds}
+        loops: dict[str, list[float]] = {form: [] for form in args.features}
+        totals: dict[str, list[float]] = {form: [] for form in args.features}
+        for r in range(args.rounds + 1):
+            for key, forward in bounds.items():
+                bound_rates[key].append(bare_forward(forward, inputs[key[1]], device))
+            if r == args.rounds:  # a last set of bounds closes the final round
+                break
+            for form, req in reqs.items():
+                t0 = time.perf_counter()
+                pc.precompute(replace(req, cache=tmp / f"cache-{form}-{r}"))
+                totals[form].append(time.perf_counter() - t0)
+                loops[form].append(loop_seconds.pop())
         pc.write_chunks = original
 
-        bound = statistics.median(bounds)
-        rate = n_rows / statistics.median(loop_seconds)
-        total = statistics.median(totals)
-        store = TeacherStore.open(Cache.at(tmp / "cache0").teacher_path(result.teacher_id), result.teacher_id)
         print(f"machine: {machine()}, device {device}")
         print(f"teacher {args.arch}, {args.views} views x {args.samples} samples = {n_rows} rows, "
-              f"batch {args.batch_size}, chunk rows {store.chunk_rows}, {args.rounds} rounds (medians)")
-        print(f"bare forward (bound): {bound:9.1f} img/s  (rounds: {', '.join(f'{b:.0f}' for b in bounds)})")
-        print(f"precompute loop:      {rate:9.1f} img/s  ratio {rate / bound:.3f}  "
-              f"(rounds: {', '.join(f'{n_rows / t:.0f}' for t in loop_seconds)})")
-        print(f"precompute end-to-end (plan, loop, test eval, marks): {n_rows / total:9.1f} img/s  "
-              f"ratio {n_rows / total / bound:.3f}")
+              f"--batch-size {args.batch_size}, {args.rounds} rounds (medians)")
+        bound = {key: statistics.median(rates) for key, rates in bound_rates.items()}
+        for (name, b), rates in bound_rates.items():
+            print(f"bound {name} at batch {b}: {bound[name, b]:9.1f} img/s  "
+                  f"(rounds: {', '.join(f'{x:.0f}' for x in rates)})")
+        plain = bound["model(x)", args.batch_size]
+        for form in args.features:
+            fair = bound["forward_with_map", batch_of[form]]
+            rate = n_rows / statistics.median(loops[form])
+            total = n_rows / statistics.median(totals[form])
+            print(f"precompute {form}, forward batch {batch_of[form]}: loop {rate:9.1f} img/s  ratio "
+                  f"{rate / plain:.3f} to model(x) at batch {args.batch_size}, {rate / fair:.3f} to "
+                  f"forward_with_map at batch {batch_of[form]}  (rounds: {', '.join(f'{n_rows / t:.0f}' for t in loops[form])})")
+            print(f"    end-to-end (plan, loop, test eval, marks): {total:9.1f} img/s  ratio {total / plain:.3f}, "
+                  f"{total / fair:.3f}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def models() -> None:
 def datasets() -> None:
     """List the data sets kdcache can read."""
     for name in dataset_names():
-        click.echo(f"{name:<12} {dataset_description(name)}")
+        click.echo(f"{name:<13} {dataset_description(name)}")
 
 
 COMMANDS = (models, datasets)

@@ -7,21 +7,30 @@ from pathlib import Path
 import click
 
 from kdcache.cli.common import cache_option, device_option, row_progress
-from kdcache.pipelines.recipes import Recipe, custom_recipe, find_recipe, recipe_names, run_recipe
+from kdcache.pipelines.recipes import (SETUPS, TABLES, Recipe, custom_recipe, find_recipe, recipe_names,
+                                       rows_summary, run_recipe)
 
 
 @click.group("recipe")
 def recipe() -> None:
-    """The CA-MKD paper's settings (Tables 1 and 3): teachers, stores, every method over seeds, the table."""
+    """The CA-MKD paper's settings (Tables 1-4, Figure 4, the appendix): teachers, stores, every row over seeds,
+    the table beside the paper's figures."""
 
 
 @recipe.command("list")
 def list_cmd() -> None:
-    """List the recipes: name, teachers → student, data set, the paper's table."""
+    """List the recipes grouped by the paper's table: name, teachers → student, data, rows."""
+    groups: dict[str, list[Recipe]] = {}
     for name in recipe_names():
         r = find_recipe(name)
-        click.echo(f"{name:<36} {r.title:<40} {r.dataset:<9} {r.table}")
-    click.echo(f"{'custom':<36} {'--teacher A [--teacher B ...] --student S':<40} {'--dataset':<9} any")
+        groups.setdefault(r.table, []).append(r)
+    for table, recipes in groups.items():
+        click.echo(f"{table}: {TABLES.get(table, '')}")
+        for r in recipes:
+            click.echo(f"  {r.name:<46} {r.title:<42} {r.data_label:<14} {rows_summary(r.variants)}")
+    click.echo("custom: any other setting")
+    click.echo(f"  {'custom':<46} {'--teacher A [--teacher B ...] --student S':<42} {'--dataset':<14} "
+               "Table 1's rows")
 
 
 @recipe.command("run")
@@ -34,29 +43,38 @@ def list_cmd() -> None:
               help="Where the data set lies on disk (e.g. the folder holding cifar-100-python/).")
 @cache_option
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the teachers, the runs (<out>/<method>/seed<k>/) and table.md go.")
+              help="Where the teachers, the runs (<out>/<row>/seed<k>/) and table.md go.")
 @click.option("--teachers-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Teacher checkpoints <arch>-<i>.pth: used when present, trained there otherwise "
-                   "[default: OUT/teachers].")
-@click.option("--seeds", type=int, default=None, help="Student seeds per method [default: the recipe's, 3].")
-@click.option("--epochs", type=int, default=None, help="Student epochs [default: the recipe's, 240].")
+              help="Teacher checkpoints <arch>-<i>.pth (<data>/<arch>-<i>.pth off CIFAR-100): used when present, "
+                   "trained there otherwise [default: OUT/teachers].")
+@click.option("--features", type=click.Choice(["spatial", "pooled"]), default=None,
+              help="Feature form of the stores: spatial (the official code's last-block map, the paper's numbers) "
+                   "or pooled (about 46x less disk; beta does not carry over) [default: the recipe's, spatial].")
+@click.option("--setup", type=click.Choice(list(SETUPS)), default=None,
+              help="Training set-up: official (the scripts: lr 0.05/0.01, wd 5e-4), paper (its text: lr 0.1/0.05, "
+                   "wd 1e-4) or cs-kd [default: the recipe's].")
+@click.option("--seeds", type=int, default=None, help="Student seeds per row [default: the recipe's, 3].")
+@click.option("--epochs", type=int, default=None, help="Student epochs [default: the set-up's, 240 or 200].")
 @click.option("--views", type=int, default=None,
-              help="Stored views [default: the recipe's 240, or --epochs when that is smaller].")
+              help="Stored views [default: one per epoch, or --epochs when that is smaller].")
 @click.option("--teacher-epochs", type=int, default=None,
               help="Epochs of the teachers trained here [default: the student epochs].")
 @device_option
 @click.option("--dry-run", is_flag=True,
-              help="Print each store's shape and disk, and the teacher forward passes saved; write nothing.")
+              help="Print each store's shape and disk in both forms, and the teacher forward passes saved; "
+                   "write nothing.")
 def run_cmd(name: str, teachers: tuple[str, ...], student: str | None, dataset: str | None, data_root: Path,
-            cache: Path | None, out: Path, teachers_dir: Path | None, seeds: int | None, epochs: int | None,
-            views: int | None, teacher_epochs: int | None, device: str | None, dry_run: bool) -> None:
+            cache: Path | None, out: Path, teachers_dir: Path | None, features: str | None, setup: str | None,
+            seeds: int | None, epochs: int | None, views: int | None, teacher_epochs: int | None,
+            device: str | None, dry_run: bool) -> None:
     """Run recipe NAME end to end; a second run reuses teachers, stores and finished runs.
 
     NAME is one of `kdcache recipe list`, or `custom` with --teacher (repeated) and
     --student for any other setting. The table (also in OUT/table.md) is printed to standard output.
     """
-    result = run_recipe(_recipe(name, teachers, student, dataset), data_root, cache, out, teachers_dir=teachers_dir, seeds=seeds,
-                        epochs=epochs, views=views, device=device, dry_run=dry_run, teacher_epochs=teacher_epochs,
+    result = run_recipe(_recipe(name, teachers, student, dataset), data_root, cache, out, teachers_dir=teachers_dir,
+                        seeds=seeds, epochs=epochs, views=views, device=device, dry_run=dry_run,
+                        teacher_epochs=teacher_epochs, features=features, setup=setup,
                         say=lambda msg: click.echo(msg, err=True),
                         precompute_progress=row_progress("precompute"))
     if dry_run:

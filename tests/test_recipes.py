@@ -120,7 +120,7 @@ def test_custom_recipe_runs_any_setting_given_on_the_command_line(tmp_path: Path
 
     for args, message in ((["--student", "vgg8"], "needs --teacher"),
                           (["--teacher", "vgg13"], "needs --teacher"),
-                          (["--teacher", "vgg13", "--student", "vgg8", "--dataset", "mnist"], "unknown data set")):
+                          (["--teacher", "vgg13", "--student", "vgg8", "--dataset", "svhn"], "unknown data set")):
         bad = invoke("run", "custom", *args, "--data-root", tmp_path, "--out", out, "--dry-run")
         assert bad.exit_code != 0 and message in bad.output + str(bad.exception)
     named = invoke("run", "t1-resnet32x4-vgg8", "--student", "vgg8", "--data-root", tmp_path, "--out", out)
