@@ -892,7 +892,7 @@ def _check_views(recipe: Recipe, dataset) -> None:
     known = KNOWN_SIZES.get(recipe.data_label)
     if known is None:
         return
-    if (dataset.image_size, dataset.recipe) != (known.image_size, known.view_recipe):
+    if (dataset.image_size, dataset.recipe.partition(":")[0]) != (known.image_size, known.view_recipe):
         raise KdcacheError(
             f"recipe {recipe.name} needs {known.image_size}×{known.image_size} {known.view_recipe} views of "
             f"{DATA_NAMES.get(recipe.data_label, recipe.data_label)}, but data set {recipe.dataset} gives "

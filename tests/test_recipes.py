@@ -3,6 +3,7 @@ recipe end to end on synthetic CIFAR-100 files (teachers shared, every run, resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fakes import write_fake_cifar
+from fakes import write_fake_cifar, write_fake_imagefolder
 from kdcache.cli.recipe import COMMANDS, recipe as recipe_group
 from kdcache.errors import KdcacheError, UnknownNameError
 from kdcache.models import build_model
@@ -28,78 +29,202 @@ def invoke(*args: object):
 
 # -- registry and dry-run arithmetic ----------------------------------------------------------
 
+PAPER_SETTINGS = {
+    "Table 1": ["t1-wrn_40_2-ShuffleV1", "t1-resnet56-MobileNetV2", "t1-vgg13-vgg8", "t1-vgg13-MobileNetV2",
+                "t1-resnet32x4-resnet8x4", "t1-resnet32x4-ShuffleV2", "t1-resnet32x4-vgg8"],
+    "Table 2": ["t2-wrn_40_2-ShuffleV1", "t2-resnet32x4-vgg8", "t2-resnet56-MobileNetV2"],
+    "Table 3": ["t3-resnet8x4-resnet20x4-resnet32x4-vgg8"],
+    "Table 4": ["t4-vgg13-MobileNetV2"],
+    "Figure 4": ["f4-resnet56-MobileNetV2"],
+    "Appendix": ["app-tiny-imagenet-resnet32x4-vgg8", "app-stanford-dogs-resnet34-shufflenet_v2_x0_5"],
+}
 
-def test_registry_holds_the_paper_settings() -> None:
-    names = recipes.recipe_names()
-    assert "t1-resnet32x4-vgg8" in names
-    assert any(recipes.find_recipe(n).table == "Table 3" for n in names)
-    for name in names:
-        r = recipes.find_recipe(name)
-        assert r.dataset == "cifar100" and len(r.teachers) == 3
-        assert r.methods == ("ce", "aver", "fitnet-mkd", "ebkd", "aekd", "camkd")
-        assert (r.seeds, r.epochs, r.views) == (3, 240, 240)
-        assert r.source
+
+def test_registry_holds_every_setting_of_the_paper() -> None:
+    assert recipes.recipe_names() == [n for names in PAPER_SETTINGS.values() for n in names]
+    for table, names in PAPER_SETTINGS.items():
+        for name in names:
+            r = recipes.find_recipe(name)
+            assert r.table == table and r.source and r.features == "spatial" and r.seeds == 3
+    # Table 1: seven columns, each figure as printed in the paper
     t1 = recipes.find_recipe("t1-resnet32x4-vgg8")
-    assert t1.teachers == ("resnet32x4",) * 3 and t1.student == "vgg8"
-    with pytest.raises(UnknownNameError, match="known: t1-resnet32x4-vgg8"):
+    assert t1.teachers == ("resnet32x4",) * 3 and t1.student == "vgg8" and t1.dataset == "cifar100"
+    assert t1.methods == ("ce", "aver", "fitnet-mkd", "ebkd", "aekd", "camkd")
+    assert dict(t1.paper) == {"teacher": "79.31 ± 0.14", "ensemble": "81.16", "ce": "70.74 ± 0.40",
+                              "aver": "73.26 ± 0.39", "fitnet-mkd": "73.27 ± 0.19", "ebkd": "73.60 ± 0.22",
+                              "aekd": "73.11 ± 0.27", "camkd": "75.26 ± 0.32"}
+    assert recipes.find_recipe("t1-wrn_40_2-ShuffleV1").paper["camkd"] == "77.94 ± 0.31"
+    assert recipes.find_recipe("t1-vgg13-MobileNetV2").paper["ebkd"] == "68.24 ± 0.82"
+    # Table 2: KD and FitNet on one teacher, AT/VID/CRD listed and never run, CA-MKD on three
+    t2 = recipes.find_recipe("t2-resnet32x4-vgg8")
+    rows = {v.label: v for v in t2.variants}
+    assert [v.label for v in t2.variants] == ["ce", "kd", "fitnet", "at", "vid", "crd", "camkd"]
+    assert rows["kd"].teachers_of(3) == rows["fitnet"].teachers_of(3) == 1 and rows["camkd"].teachers_of(3) == 3
+    assert [v.label for v in t2.variants if not v.implemented] == ["at", "vid", "crd"]
+    assert t2.methods == ("ce", "kd", "fitnet", "camkd")
+    assert (t2.paper["kd"], t2.paper["crd"], t2.paper["camkd"], t2.paper["teacher"]) == (
+        "72.90 ± 0.34", "73.57 ± 0.25", "75.26 ± 0.13", "79.31")
+    # Table 3: three architectures
+    t3 = recipes.find_recipe("t3-resnet8x4-resnet20x4-resnet32x4-vgg8")
+    assert t3.teachers == ("resnet8x4", "resnet20x4", "resnet32x4") and t3.paper["camkd"] == "75.96 ± 0.05"
+    assert (t3.paper["teacher 1"], t3.paper["teacher 2"], t3.paper["teacher 3"]) == ("72.79", "78.39", "79.31")
+    # Table 4: the ablations are camkd with options
+    t4 = recipes.find_recipe("t4-vgg13-MobileNetV2")
+    assert [(v.label, v.method, v.method_options().camkd_weights, v.method_options().beta,
+             v.method_options().camkd_feature_weights) for v in t4.variants] == [
+        ("camkd-uniform", "camkd", "uniform", None, "v"), ("camkd-beta0", "camkd", "confidence", 0.0, "v"),
+        ("camkd-feature-w", "camkd", "confidence", None, "w"), ("camkd", "camkd", "confidence", None, "v")]
+    assert [v.flags() for v in t4.variants] == ["camkd --camkd-weights uniform", "camkd --beta 0",
+                                                "camkd --camkd-feature-weights w", "camkd"]  # None: beta 50
+    assert t4.paper == {"camkd-uniform": "67.74 ± 0.87", "camkd-beta0": "68.11 ± 0.02",
+                        "camkd-feature-w": "68.82 ± 0.63", "camkd": "69.41 ± 0.20"}
+    # Figure 4: every method on the first 1..4 of four resnet56 teachers
+    f4 = recipes.find_recipe("f4-resnet56-MobileNetV2")
+    assert f4.teachers == ("resnet56",) * 4 and f4.student == "MobileNetV2"
+    sweep = [(v.method, v.teachers_of(4)) for v in f4.variants if v.curve]
+    assert sweep == [(m, k) for m in ("aver", "fitnet-mkd", "ebkd", "aekd", "camkd") for k in (1, 2, 3, 4)]
+    # the appendix: image folders, Stanford Dogs on CS-KD's set-up
+    tiny = recipes.find_recipe("app-tiny-imagenet-resnet32x4-vgg8")
+    dogs = recipes.find_recipe("app-stanford-dogs-resnet34-shufflenet_v2_x0_5")
+    assert (tiny.dataset, tiny.data, tiny.setup, tiny.paper["camkd"]) == ("imagefolder", "tiny-imagenet", "official",
+                                                                         "49.55 ± 0.12")
+    assert (dogs.dataset, dogs.data, dogs.setup, dogs.paper["crd"]) == ("imagefolder", "stanford-dogs", "cs-kd",
+                                                                       "64.61 ± 0.17")
+    assert dogs.teachers == ("resnet34",) * 3 and dogs.student == "shufflenet_v2_x0_5"
+
+    with pytest.raises(UnknownNameError, match="known: t1-wrn_40_2-ShuffleV1"):
         recipes.find_recipe("t9-nothing")
     with pytest.raises(UnknownNameError):
         recipes.register_recipe(Recipe("bad", "Table 1", "cifar100", ("resnet999",), "vgg8"))
+    with pytest.raises(KdcacheError, match="takes one teacher"):
+        recipes.register_recipe(Recipe("bad", "Table 2", "cifar100", ("vgg8",) * 3, "vgg8",
+                                       variants=(recipes.variant("kd", "kd", "KD"),)))
+    with pytest.raises(KdcacheError, match="unknown rows nope"):
+        recipes.register_recipe(Recipe("bad", "Table 1", "cifar100", ("vgg8",), "vgg8", paper={"nope": "1"}))
+    with pytest.raises(KdcacheError, match="row 'x'"):
+        recipes.register_recipe(Recipe("bad", "Table 1", "cifar100", ("vgg8",), "vgg8",
+                                       variants=(recipes.variant("x", "camkd", "X", no_such_option=1),)))
     assert "bad" not in recipes.recipe_names()
 
 
-def test_dry_run_numbers_match_a_hand_calculation() -> None:
-    plan = plan_recipe("t1-resnet32x4-vgg8")
-    V, N, C, D, K, S, E = 240, 50000, 100, 256, 3, 3, 240
-    per_store = 240 * 50000 * (100 + 256) * 2
-    assert per_store == 8_544_000_000
-    assert (plan.views, plan.n_samples, plan.num_classes, plan.seeds, plan.epochs) == (V, N, C, S, E)
-    assert len(plan.stores) == K
+def test_set_ups_give_the_paper_and_cs_kd_optimisers() -> None:
+    official, paper, cskd = (recipes.find_setup(n) for n in ("official", "paper", "cs-kd"))
+    assert (official.resolved_lr("vgg8"), official.resolved_lr("MobileNetV2"), official.weight_decay) == (0.05, 0.01, 5e-4)
+    assert (paper.resolved_lr("vgg8"), paper.resolved_lr("ShuffleV1"), paper.weight_decay) == (0.1, 0.05, 1e-4)
+    assert official.resolved_milestones(240) == paper.resolved_milestones(240) == [150, 180, 210]
+    assert (cskd.epochs, cskd.batch_size, cskd.resolved_lr("shufflenet_v2_x0_5")) == (200, 32, 0.1)
+    assert cskd.resolved_milestones(200) == [101, 151] and cskd.resolved_milestones(20) == [10, 15]
+    dogs = recipes.find_recipe("app-stanford-dogs-resnet34-shufflenet_v2_x0_5")
+    fitnet = next(v for v in dogs.variants if v.label == "fitnet")
+    req = recipes.distill_request(dogs, fitnet, ["a", "b", "c"], Path("r"), 1, 200, cskd)
+    assert (req.method, req.teachers, req.lr, req.weight_decay, req.batch_size, req.milestones) == (
+        "fitnet", ["a"], 0.1, 1e-4, 32, [101, 151])
+    t4 = recipes.find_recipe("t4-vgg13-MobileNetV2")
+    req = recipes.distill_request(t4, t4.variants[0], ["a", "b", "c"], Path("r"), 0, 240, official)
+    assert (req.teachers, req.lr, req.options.camkd_weights, req.milestones) == (["a", "b", "c"], None, "uniform", None)
+    with pytest.raises(UnknownNameError, match="known: official, paper, cs-kd"):
+        recipes.find_setup("sgd")
+
+
+# (recipe, K, N, C, V, pooled D, spatial (C', H, W), teacher-rows run: sum over run rows of their teachers)
+HAND = [
+    ("t1-resnet32x4-vgg8", 3, 50000, 100, 240, 256, (256, 8, 8), 5 * 3),
+    ("t2-resnet32x4-vgg8", 3, 50000, 100, 240, 256, (256, 8, 8), 1 + 1 + 3),
+    ("t3-resnet8x4-resnet20x4-resnet32x4-vgg8", 3, 50000, 100, 240, 256, (256, 8, 8), 5 * 3),
+    ("t4-vgg13-MobileNetV2", 3, 50000, 100, 240, 512, (512, 4, 4), 4 * 3),
+    ("f4-resnet56-MobileNetV2", 4, 50000, 100, 240, 64, (64, 8, 8), 5 * (1 + 2 + 3 + 4)),
+    ("app-tiny-imagenet-resnet32x4-vgg8", 3, 100000, 200, 240, 256, (256, 16, 16), 5 * 3 + 1 + 1),
+    ("app-stanford-dogs-resnet34-shufflenet_v2_x0_5", 3, 12000, 120, 200, 512, (512, 7, 7), 5 * 3 + 1 + 1),
+]
+
+
+@pytest.mark.parametrize("name, k, n, c, v, d, spatial, teacher_rows", HAND)
+def test_dry_run_numbers_match_a_hand_calculation(name: str, k: int, n: int, c: int, v: int, d: int,
+                                                  spatial: tuple[int, int, int], teacher_rows: int) -> None:
+    plan = plan_recipe(name)
+    seeds, epochs = 3, v  # every recipe: three seeds, one stored view per student epoch
+    assert (plan.views, plan.n_samples, plan.num_classes, plan.seeds, plan.epochs) == (v, n, c, seeds, epochs)
+    assert plan.features == "spatial" and len(plan.stores) == k
+    pooled_row = (c + d) * 2
+    spatial_row = (c + spatial[0] * spatial[1] * spatial[2]) * 2
     for s in plan.stores:
-        assert (s.arch, s.feature_dim) == ("resnet32x4", D)
-        assert s.logits_shape == (V, N, C) and s.features_shape == (V, N, D)
-        assert s.arrays_bytes == per_store
-        assert s.head_bytes == (C * D + C) * 4
-        assert s.estimated_bytes == round(per_store / 1.27) + (C * D + C) * 4
-    plan_store = V * N * 4 + V * N * 3 * 2 + N * 4  # order int32, crop-flip params (top, left, flip) int16, labels
-    assert plan.plan_bytes == plan_store
-    assert plan.total_raw_bytes == K * (per_store + (C * D + C) * 4) + plan_store
-    # five of the six methods read teachers (ce does not)
-    online = 5 * S * E * N * K
-    cached = V * N * K
-    assert plan.online_forward_passes == online == 540_000_000
-    assert plan.cached_forward_passes == cached == 36_000_000
-    assert plan.saved_forward_passes == online - cached == 504_000_000
-    assert plan.ratio == pytest.approx(15.0)
-
-    mixed = plan_recipe("t3-resnet56-resnet20x4-vgg13-vgg8", epochs=30)
-    assert [s.feature_dim for s in mixed.stores] == [64, 256, 512]
-    assert mixed.views == 30  # a shorter run stores only the views it uses
-    assert [s.arrays_bytes for s in mixed.stores] == [30 * N * (C + d) * 2 for d in (64, 256, 512)]
+        assert (s.feature_dim, s.map_shape) == (d, spatial)
+        assert (s.row_bytes("pooled"), s.row_bytes("spatial"), s.row_bytes("none")) == (pooled_row, spatial_row, c * 2)
+        assert s.arrays_bytes("spatial") == v * n * spatial_row and s.arrays_bytes("pooled") == v * n * pooled_row
+        assert s.head_bytes == (c * d + c) * 4
+    params = {"crop-flip": 3, "resized-crop-flip": 5}[plan.view_recipe]  # (top, left, flip), (+ height, width)
+    plan_bytes = v * n * 4 + v * n * params * 2 + n * 4  # order int32, params int16, labels int32
+    assert plan.plan_bytes == plan_bytes
+    assert plan.total_raw_bytes("spatial") == k * (v * n * spatial_row + (c * d + c) * 4) + plan_bytes
+    assert plan.online_forward_passes == seeds * epochs * n * teacher_rows
+    assert plan.cached_forward_passes == v * n * k
+    assert plan.saved_forward_passes == seeds * epochs * n * teacher_rows - v * n * k
 
 
-def test_cli_list_and_dry_run_write_nothing(tmp_path: Path) -> None:
+def test_the_paper_setting_in_numbers() -> None:
+    """The figures the issue and the README quote for resnet32x4 over 240 CIFAR-100 views, by hand."""
+    store = plan_recipe("t1-resnet32x4-vgg8").stores[0]
+    assert store.row_bytes("spatial") == (100 + 256 * 8 * 8) * 2 == 32_968
+    assert store.arrays_bytes("spatial") == 240 * 50000 * 32_968 == 395_616_000_000  # about 390 GB per teacher
+    assert store.row_bytes("pooled") == 712 and store.arrays_bytes("pooled") == 8_544_000_000
+    plan = plan_recipe("t1-resnet32x4-vgg8", epochs=30)
+    assert plan.views == 30  # a shorter run stores only the views it uses
+    assert plan_recipe("t1-resnet32x4-vgg8", features="pooled").features == "pooled"
+    assert plan_recipe("t4-vgg13-MobileNetV2", features="pooled").features == "pooled"
+    with pytest.raises(KdcacheError, match="--features"):
+        plan_recipe("t1-resnet32x4-vgg8", features="maps")
+
+
+def test_cli_lists_and_dry_runs_every_setting_writing_nothing(tmp_path: Path) -> None:
     assert COMMANDS == (recipe_group,)
     listed = invoke("list")
     assert listed.exit_code == 0, listed.output
-    assert re.search(r"t1-resnet32x4-vgg8\s+resnet32x4 ×3 → vgg8\s+cifar100", listed.output)
+    for table, names in PAPER_SETTINGS.items():
+        assert f"{table}: " in listed.output
+        for name in names:
+            assert re.search(rf"^  {re.escape(name)}\s", listed.output, re.M), name
+    assert re.search(r"t1-resnet32x4-vgg8\s+resnet32x4 ×3 → vgg8\s+cifar100\s+ce, aver", listed.output)
+    assert "at (not implemented)" in listed.output and "with 1-4 teachers" in listed.output
 
-    out = tmp_path / "out"
-    result = invoke("run", "t1-resnet32x4-vgg8", "--data-root", tmp_path / "no-data", "--out", out,
-                    "--cache", tmp_path / "cache", "--dry-run")
-    assert result.exit_code == 0, result.output
-    text = result.output
-    assert "(240, 50000, 100) float16" in text and "(240, 50000, 256) float16" in text
-    assert "6,144,000,000 B" in text and "2,400,000,000 B" in text
-    assert "estimate" in text and "1.27" in text
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    for name in recipes.recipe_names():
+        result = invoke("run", name, "--data-root", tmp_path / "no-data", "--out", out, "--cache", cache, "--dry-run")
+        assert result.exit_code == 0, (name, result.output)
+        text = result.output
+        assert re.search(r"^  pooled   features .* on disk", text, re.M), name
+        assert re.search(r"^  spatial  features .* on disk  <- this run", text, re.M), name
+        assert "saved: " in text and "teacher forward passes" in text, name
+    text = invoke("run", "t1-resnet32x4-vgg8", "--data-root", tmp_path / "no-data", "--out", out, "--dry-run").output
+    assert "(240, 50000, 100) float16" in text and "(240, 50000, 256, 8, 8) float16" in text
+    assert "32,968 B a row" in text and "395,616,000,000 B" in text and "8,544,000,000 B" in text
     assert "540,000,000" in text and "36,000,000" in text and "504,000,000" in text
     assert "resnet32x4-0.pth: missing, will be trained" in text
-    assert not out.exists() and not (tmp_path / "cache").exists()
+    pooled = invoke("run", "t1-resnet32x4-vgg8", "--data-root", tmp_path, "--out", out, "--dry-run",
+                    "--features", "pooled").output
+    assert re.search(r"^  pooled   features .*  <- this run", pooled, re.M)
+    dogs = invoke("run", "app-stanford-dogs-resnet34-shufflenet_v2_x0_5", "--data-root", tmp_path, "--out", out,
+                  "--dry-run").output
+    assert "set-up     cs-kd" in dogs and "200 views of 224×224 (resized-crop-flip)" in dogs
+    assert "listed, not run (not implemented): at, vid, crd" in dogs
+    assert str(out / "teachers" / "stanford-dogs" / "resnet34-2.pth") in dogs
+    assert not out.exists() and not cache.exists()
 
     unknown = invoke("run", "nope", "--data-root", tmp_path, "--out", out)
     assert isinstance(unknown.exception, KdcacheError)
     bad = invoke("run", "t1-resnet32x4-vgg8", "--data-root", tmp_path, "--out", out, "--seeds", 0, "--dry-run")
     assert isinstance(bad.exception, KdcacheError) and "--seeds" in str(bad.exception)
+
+
+def test_image_folder_recipes_read_their_size_and_refuse_other_views(tmp_path: Path) -> None:
+    tree = write_fake_imagefolder(tmp_path / "tiny", n_classes=4, sizes=[(64, 64)])
+    dry = run_recipe("app-tiny-imagenet-resnet32x4-vgg8", tree, tmp_path / "cache", tmp_path / "out", dry_run=True)
+    assert (dry.plan.n_samples, dry.plan.num_classes, dry.plan.image_size, dry.plan.view_recipe) == (
+        16, 4, 64, "crop-flip:64")
+    assert dry.plan.stores[0].map_shape == (256, 16, 16)
+    small = write_fake_imagefolder(tmp_path / "small", n_classes=2, sizes=[(32, 32)])
+    with pytest.raises(KdcacheError, match="needs 64×64 crop-flip views of Tiny-ImageNet"):
+        run_recipe("app-tiny-imagenet-resnet32x4-vgg8", small, tmp_path / "cache", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "cache").exists()
 
 
 def test_custom_recipe_runs_any_setting_given_on_the_command_line(tmp_path: Path) -> None:
@@ -112,9 +237,10 @@ def test_custom_recipe_runs_any_setting_given_on_the_command_line(tmp_path: Path
     result = invoke("run", "custom", "--teacher", "wrn_40_2", "--teacher", "wrn_40_2", "--teacher", "resnet56",
                     "--student", "ShuffleV1", "--data-root", tmp_path, "--out", out, "--dry-run")
     assert result.exit_code == 0, result.output
-    # wrn_40_2's feature is 128 wide, resnet56's 64: 240 views x 50000 rows x D x 2 bytes
-    assert f"features (240, 50000, 128) float16 2.9 GiB ({240 * 50000 * 128 * 2:,} B)" in result.output
-    assert f"features (240, 50000, 64) float16 1.4 GiB ({240 * 50000 * 64 * 2:,} B)" in result.output
+    # wrn_40_2's pooled feature is 128 wide, resnet56's 64; their maps 128x8x8 and 64x8x8
+    assert f"pooled   features (240, 50000, 128) float16: {(100 + 128) * 2:,} B a row" in result.output
+    assert f"spatial  features (240, 50000, 64, 8, 8) float16: {(100 + 64 * 64) * 2:,} B a row" in result.output
+    assert f"({240 * 50000 * (100 + 128 * 64) * 2:,} B)" in result.output
     assert "wrn_40_2-1.pth: missing" in result.output and "resnet56-0.pth: missing" in result.output
     assert not out.exists()
 
@@ -168,7 +294,7 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
     assert len(list((cache / "teachers").iterdir())) == 3
     assert first.reused == {"teachers": 1, "stores": 0, "runs": 0}
 
-    # every method × seed ran into <out>/<method>/seed<k>/ with its metrics
+    # every row × seed ran into <out>/<label>/seed<k>/ with its metrics
     for method in TINY.methods:
         for seed in range(2):
             run = out / method / f"seed{seed}"
@@ -179,13 +305,14 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
             assert config["seed"] == seed and config["teachers"] == [t["id"] for t in first.teachers]
         assert [r["seed"] for r in first.students[method]] == [0, 1]
 
-    # the table: teachers, ensemble, a mean ± std row per method
+    # the table: teachers, ensemble, a mean ± std row per method beside the paper's figure (n/a: none given)
     table = (out / "table.md").read_text()
     assert table == first.table
-    assert "| Ensemble" in table and "| Teacher 3 (resnet8)" in table
+    assert "| Ensemble of the 3 (majority vote, the paper's)" in table and "| Teacher 3 (resnet8)" in table
+    assert "stores in the **spatial** feature form" in table
     for method in TINY.methods:
-        row = next(line for line in table.splitlines() if f"(`{method}`, resnet8)" in line)
-        assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \| \d+\.\d\d ± \d+\.\d\d \| 2 \| n/a \|$", row), row
+        row = next(line for line in table.splitlines() if f"(`{method}`, " in line)
+        assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \| n/a \| \d+\.\d\d ± \d+\.\d\d \| 2 \|$", row), row
     summary = json.loads((out / "recipe.json").read_text())
     assert summary["recipe"]["name"] == "test-tiny" and set(summary["students"]) == set(TINY.methods)
 
@@ -207,13 +334,13 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
     third = run_recipe(TINY, **kw)
     assert third.reused["runs"] == 11
     runs_said = [m for m in said if m.startswith("run ")]
-    assert len(runs_said) == 1 and "camkd, seed 1" in runs_said[0], said
+    assert len(runs_said) == 1 and runs_said[0].startswith("run 12/12: camkd (camkd, 3 teachers), seed 1"), said
     assert (gone / "last.pth").is_file()
 
     # the dry run reads the real size and sees the finished grid
     dry = run_recipe(TINY, **{**kw, "say": None}, dry_run=True)
     assert dry.plan.n_samples == 64 and dry.plan.num_classes == 100
-    assert dry.plan.stores[0].arrays_bytes == 1 * 64 * (100 + 64) * 2
+    assert dry.plan.stores[0].arrays_bytes("spatial") == 1 * 64 * (100 + 64 * 8 * 8) * 2
     assert dry.plan.online_forward_passes == 5 * 2 * 1 * 64 * 3
     assert any("12 student runs" in line and "12 already finished" in line for line in dry.lines)
     assert any("resnet8-0.pth: found, used as it is" in line for line in dry.lines)
@@ -228,12 +355,51 @@ def test_teacher_checkpoint_states_and_foreign_runs(tmp_path: Path) -> None:
     torch.save({"model": {}, "epoch": 3}, ckpt)  # a pretrained checkpoint from elsewhere: used as it is
     assert recipes._checkpoint_state(ckpt, 240) == "done"
     assert [(a, p.name, s) for a, p, s in recipes.teacher_checkpoints(
-        recipes.find_recipe("t3-resnet56-resnet20x4-vgg13-vgg8"), tmp_path)] == [
-        ("resnet56", "resnet56-0.pth", 0), ("resnet20x4", "resnet20x4-0.pth", 0), ("vgg13", "vgg13-0.pth", 0)]
+        recipes.find_recipe("t3-resnet8x4-resnet20x4-resnet32x4-vgg8"), tmp_path)] == [
+        ("resnet8x4", "resnet8x4-0.pth", 0), ("resnet20x4", "resnet20x4-0.pth", 0), ("resnet32x4", "resnet32x4-0.pth", 0)]
+    f4 = recipes.teacher_checkpoints(recipes.find_recipe("f4-resnet56-MobileNetV2"), tmp_path)
+    assert [(p.name, s) for _, p, s in f4] == [(f"resnet56-{i}.pth", i) for i in range(4)]
+    tiny = recipes.teacher_checkpoints(recipes.find_recipe("app-tiny-imagenet-resnet32x4-vgg8"), tmp_path)
+    assert tiny[0][1] == tmp_path / "tiny-imagenet" / "resnet32x4-0.pth"
 
+    t4 = recipes.find_recipe("t4-vgg13-MobileNetV2")
+    setup = recipes.find_setup("official")
+    req = recipes.distill_request(t4, t4.variants[0], ["a", "b", "c"], tmp_path / "run", 0, 240, setup)
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"args": {"epochs": 240, "teachers": ["a", "b"]}}))
-    recipes._check_finished_run(run, 240, ["a", "b"])
-    with pytest.raises(KdcacheError, match="another grid"):
-        recipes._check_finished_run(run, 30, ["a", "b"])
+    args = {"method": "camkd", "epochs": 240, "teachers": ["a", "b", "c"], "options": dataclasses.asdict(req.options),
+            "weight_decay": 5e-4, "batch_size": 64, "lr": 0.01, "milestones": [150, 180, 210]}
+    (run / "config.json").write_text(json.dumps({"args": args}))
+    recipes._check_finished_run(run, req)
+    for key, other in (("epochs", 30), ("teachers", ["a", "b"]), ("lr", 0.05),
+                       ("options", {**args["options"], "camkd_weights": "confidence"})):
+        (run / "config.json").write_text(json.dumps({"args": {**args, key: other}}))
+        with pytest.raises(KdcacheError, match=f"another grid \\({key} differ"):
+            recipes._check_finished_run(run, req)
+
+
+def test_rows_with_options_teacher_counts_and_unimplemented_methods_run_as_listed(tmp_path: Path,
+                                                                                  one_thread: None) -> None:
+    data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=64, n_test=16, seed=1)
+    rows = (recipes.KD, recipes.CAMKD_UNIFORM, recipes.CAMKD_BETA0,
+            *recipes.teacher_sweep((recipes.AVER,), (1, 2)), recipes.AT)
+    tiny = Recipe(name="test-rows", table="Table 4", dataset="cifar100", teachers=("resnet8",) * 2, student="resnet8",
+                  variants=rows, seeds=1, epochs=1, views=1, features="pooled", paper={"at": "12.34 ± 0.56"},
+                  source="test only")
+    out = tmp_path / "out"
+    result = run_recipe(tiny, data, tmp_path / "cache", out, device="cpu")
+    ids = [t["id"] for t in result.teachers]
+    assert all(t["features"] == "pooled" for t in result.teachers)
+    expect = {"kd": (ids[:1], "confidence", None), "camkd-uniform": (ids, "uniform", None),  # None: beta 50
+              "camkd-beta0": (ids, "confidence", 0.0), "aver-k1": (ids[:1], "confidence", None),
+              "aver-k2": (ids, "confidence", None)}
+    for label, (teachers, weights, beta) in expect.items():
+        args = json.loads((out / label / "seed0" / "config.json").read_text())["args"]
+        assert args["teachers"] == teachers, label
+        if args["method"] == "camkd":
+            assert (args["options"]["camkd_weights"], args["options"]["beta"]) == (weights, beta), label
+    assert not (out / "at").exists()
+    table = result.table
+    assert "| AT (one teacher) | not implemented in kdcache | 12.34 ± 0.56 | | |" in table
+    assert re.search(r"^\| AVER \| \d+\.\d\d \| \d+\.\d\d \|$", table, re.M), table  # the 1- and 2-teacher points
+    assert "stores in the **pooled** feature form" in table
