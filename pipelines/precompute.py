@@ -15,7 +15,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -244,29 +244,49 @@ def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, se
 def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, store: TeacherStore,
                  chunks: list[tuple[int, int]], device: torch.device, batch_size: int,
                  tick: Progress | None = None) -> None:
-    """Forward the teacher over each (view, chunk) and write it; one writer thread overlaps I/O with compute."""
+    """Forward the teacher over the (view, chunk) pairs and write each chunk; one writer thread overlaps I/O
+    with compute. Consecutive chunks of a view are forwarded together, up to ``batch_size`` rows, so that a
+    store of wide rows (a spatial store holds about 60 resnet32x4 rows a chunk) still feeds the teacher
+    whole batches."""
     labels = torch.as_tensor(plan.labels)
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
     view_cache: tuple[int, np.ndarray, np.ndarray] | None = None
     in_flight: deque[Future[None]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as writer:
-        for v, c in chunks:
+        for v, group in chunk_groups(chunks, max(1, batch_size // store.chunk_rows)):
             if view_cache is None or view_cache[0] != v:
                 view_cache = (v, *plan.view(v))
-            rows = store.rows(c)
+            rows = slice(store.rows(group[0]).start, store.rows(group[-1]).stop)
             indices, params = view_cache[1][rows], view_cache[2][rows]
             logits, features = forward_rows(model, dataset, source, plan.recipe, indices, params, device, batch_size,
                                             store.feature_form)
             _refuse_non_finite(logits, features, store.id, v, rows)
-            n_correct = int((logits.float().argmax(1) == labels[indices]).sum())
-            while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
-                in_flight.popleft().result()
-            in_flight.append(writer.submit(store.write_chunk, v, c, logits.numpy(),
-                                           None if features is None else features.numpy(), n_correct))
-            if tick:
-                in_flight[-1].add_done_callback(lambda _f, n=len(indices): tick(n))
+            correct = logits.float().argmax(1) == labels[indices]
+            for c in group:
+                part = slice(store.rows(c).start - rows.start, store.rows(c).stop - rows.start)
+                while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
+                    in_flight.popleft().result()
+                in_flight.append(writer.submit(store.write_chunk, v, c, logits[part].numpy(),
+                                               None if features is None else features[part].numpy(),
+                                               int(correct[part].sum())))
+                if tick:
+                    in_flight[-1].add_done_callback(lambda _f, n=part.stop - part.start: tick(n))
         while in_flight:
             in_flight.popleft().result()
+
+
+def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple[int, list[int]]]:
+    """``(view, [chunk, ...])``: runs of at most ``size`` consecutive chunks of one view, in the given order."""
+    group: list[int] = []
+    view = -1
+    for v, c in chunks:
+        if group and (v != view or c != group[-1] + 1 or len(group) >= size):
+            yield view, group
+            group = []
+        view = v
+        group.append(c)
+    if group:
+        yield view, group
 
 
 @torch.inference_mode()

@@ -144,3 +144,35 @@ def test_killed_spatial_run_resumes_bit_identical(digits_teacher: Path, tmp_path
     for name in ("logits", "features", "done", "head/weight", "head/bias"):
         assert np.array_equal(ref[name][...], got[name][...]), name
     assert not list(store_path.rglob("*.partial"))
+
+
+def test_consecutive_chunks_are_forwarded_as_whole_batches(digits_teacher: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spatial store's chunks hold few rows; precompute still feeds the teacher --batch-size rows at a time,
+    and the bytes are those of one forward per chunk."""
+    from kdcache.pipelines import precompute as pc
+
+    assert list(pc.chunk_groups([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 3), (1, 4)], 2)) == [
+        (0, [0, 1]), (0, [2]), (1, [0, 1]), (1, [3, 4])]
+    seen: list[int] = []
+    real = pc.forward_with_map
+
+    def counting(model: torch.nn.Module, x: torch.Tensor):
+        seen.append(x.shape[0])
+        return real(model, x)
+
+    monkeypatch.setattr(pc, "forward_with_map", counting)
+    grouped = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
+                      "--cache", tmp_path / "a", "--views", 1, "--chunk-rows", 100, "--batch-size", 300,
+                      "--device", "cpu", "--features", "spatial")
+    assert grouped.exit_code == 0, grouped.output
+    assert seen == [300] * 4 + [237]   # 15 chunks of 100 rows (the last 37), three to a forward
+    seen.clear()
+    single = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
+                     "--cache", tmp_path / "b", "--views", 1, "--chunk-rows", 100, "--batch-size", 100,
+                     "--device", "cpu", "--features", "spatial")
+    assert single.exit_code == 0 and seen == [100] * 14 + [37]
+    tid = grouped.stdout.strip().splitlines()[-1]
+    a, b = Cache.at(tmp_path / "a").open_teacher(tid), Cache.at(tmp_path / "b").open_teacher(tid)
+    for name in (*a.data_arrays, "done"):  # done: each chunk's count of correct rows
+        assert np.array_equal(a.group[name][...], b.group[name][...]), name
