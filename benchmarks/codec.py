@@ -36,7 +36,7 @@ from common import machine
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 from kdcache.store import Cache, TeacherStore
-from kdcache.store.format import COMPRESSION
+from kdcache.store.format import COMPRESSION, SPATIAL_COMPRESSION
 
 CANDIDATES = {
     "none": [],
@@ -52,7 +52,9 @@ CANDIDATES = {
     "blosc zstd-1 bitshuffle": [zc.BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")],
     "blosc zstd-3 bitshuffle": [zc.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
 }
-CURRENT = f"blosc {COMPRESSION['cname']}-{COMPRESSION['clevel']} {COMPRESSION['shuffle']}"  # the store's codec
+CURRENT = f"blosc {COMPRESSION['cname']}-{COMPRESSION['clevel']} {COMPRESSION['shuffle']}"  # logits, pooled
+CURRENT_SPATIAL = (f"blosc {SPATIAL_COMPRESSION['cname']}-{SPATIAL_COMPRESSION['clevel']} "
+                   f"{SPATIAL_COMPRESSION['shuffle']}")  # spatial maps
 
 
 def measure(data: np.ndarray, chunk_rows: int, codecs: list, where: Path) -> tuple[int, float, float]:
@@ -108,9 +110,11 @@ def compare_codecs(store: TeacherStore, tmp: Path) -> None:
             s, w, r = measure(a, rows, codecs, tmp / f"a{i}")
             size, t_write, t_read = size + s, t_write + w, t_read + r
         per_row = size / n_rows
-        mark = "  <- current" if name == CURRENT else ""
+        current = CURRENT_SPATIAL if store.feature_form == "spatial" else CURRENT
+        mark = "  <- the store's codec for features" if name == current else ""
         print(f"{name:<26} {per_row:9.1f} {raw_row / per_row:6.2f} {mb / t_write:11.0f} {mb / t_read:10.0f}{mark}")
-    print(f"raw float16: {raw_row:.0f} B/row; chunks of {rows} rows")
+    print(f"raw float16: {raw_row:.0f} B/row; chunks of {rows} rows; as stored (each array its own codec): "
+          f"{sum(disk_bytes(Path(store.path) / name) for name in store.data_arrays) / n_rows:.1f} B/row")
 
 
 def keep_or_derive(store: TeacherStore, tmp: Path, pooled: TeacherStore | None) -> None:

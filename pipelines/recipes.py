@@ -78,9 +78,9 @@ from kdcache.store.format import FEATURE_FORMS, STORED_DTYPE, feature_shape, row
 from kdcache.text import human_bytes
 from kdcache.views import get_recipe as get_view_recipe
 
-# Stored bytes / compressed bytes of teacher logits + features, Blosc zstd-1 bit shuffle
-# (benchmarks/RESULTS.md, "Bytes on disk per stored row"): measured on one pooled store, so an estimate here.
-COMPRESSION_RATIO = 1.27
+# Stored bytes / compressed bytes of teacher logits + features in each form (benchmarks/RESULTS.md, "Bytes on
+# disk per stored row" and "Feature forms"): measured on one digits teacher each, so an estimate here.
+COMPRESSION_RATIO = {"pooled": 1.27, "spatial": 1.86, "none": 1.27}
 
 _ITEMSIZE = {"float16": 2, "float32": 4}[STORED_DTYPE]
 
@@ -583,7 +583,7 @@ class StorePlan:
 
     def estimated_bytes(self, form: str) -> int:
         """On disk after compression: an estimate from the ratio measured in benchmarks/RESULTS.md."""
-        return round(self.arrays_bytes(form) / COMPRESSION_RATIO) + self.head_bytes
+        return round(self.arrays_bytes(form) / COMPRESSION_RATIO[form]) + self.head_bytes
 
 
 @dataclass(frozen=True)
@@ -660,9 +660,10 @@ class RecipePlan:
                        f"{human_bytes(self.total_estimated_bytes(form))} after compression ({which})")
         if self.features not in ("pooled", "spatial"):
             out.append(f"disk       {self.features:<8} {_bytes(self.total_raw_bytes())} raw (this run)")
-        out += [f"           compression estimated with the ratio {COMPRESSION_RATIO} measured on a pooled store "
-                "(benchmarks/RESULTS.md); spatial maps were not measured. The paper's β = 50 was set for the "
-                "spatial form; at the same β the pooled form pushes the student about 3× harder.",
+        out += ["           compression estimated with the ratios measured on digits teachers (benchmarks/RESULTS.md): "
+                f"{COMPRESSION_RATIO['pooled']} pooled, {COMPRESSION_RATIO['spatial']} spatial (post-ReLU maps hold "
+                "about half zeros); real maps may compress differently. The paper's β = 50 was set for the spatial "
+                "form; at the same β the pooled form pushes the student about 3× harder.",
                 f"forward    online: Σ over the rows of seeds × epochs × samples × the row's teachers = "
                 f"{self.online_forward_passes:,} teacher forward passes",
                 f"           cached: {v} views × {n} samples × {k} teachers = {self.cached_forward_passes:,}",

@@ -55,6 +55,13 @@ def test_spatial_rows_are_the_teachers_last_block_maps(digits_teacher: Path, tmp
         torch.testing.assert_close(torch.from_numpy(logits).float(), z.half().float(), atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(torch.from_numpy(maps).float(), m.half().float(), atol=2e-3, rtol=2e-3)
     assert store.verify() == []
+    # maps are stored with zstd and no shuffle (their zeros compress as byte runs), logits with bit shuffle
+    shuffles = {}
+    for name in ("logits", "features"):
+        codecs = json.loads((Path(store.path) / name / "zarr.json").read_text())["codecs"]
+        blosc = next(c for c in codecs if c["name"] == "blosc")["configuration"]
+        shuffles[name] = (blosc["cname"], blosc["clevel"], blosc["shuffle"], codecs[-1]["name"])
+    assert shuffles == {"logits": ("zstd", 1, "bitshuffle", "crc32c"), "features": ("zstd", 1, "noshuffle", "crc32c")}
 
 
 def test_pooling_a_stored_map_gives_the_pooled_store_and_logits_agree(digits_teacher: Path, tmp_path: Path) -> None:

@@ -107,7 +107,8 @@ class TeacherStore:
             if name == "features" and form == "none":
                 continue
             group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
-                               dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(), **common)
+                               dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(),
+                               **{**common, "compressors": fmt.compressors(spatial=len(row) > 1)})
         chunks = fmt.n_chunks(n_samples, chunk_rows)
         group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1, **common)
         head = group.create_group("head")
