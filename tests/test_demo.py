@@ -13,6 +13,7 @@ from conftest import run_cli
 from kdcache.pipelines import demo
 from kdcache.pipelines.train_teacher import _relabel
 from kdcache.runs import SampleWeights
+from kdcache.store import Cache
 
 
 def test_corrupted_labels_rotate_only_the_named_classes() -> None:
@@ -42,8 +43,11 @@ def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkey
     for method in demo.METHODS:
         assert f"student resnet8 {method} " in out
     assert "camkd's mean weight on the corrupted teacher" in out
-    record = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert "student resnet8 camkd" in out and "(spatial form)" in out
+    record = json.loads((tmp_path / "d" / "demo-spatial.json").read_text())
     assert set(record["students"]) == set(demo.METHODS)
+    cache = Cache.at(tmp_path / "d" / "cache")
+    assert [cache.open_teacher(t["id"]).feature_form for t in record["teachers"].values()] == ["spatial"] * 3
     assert 0 < record["camkd_weights_on_corrupted_teacher"]["corrupted_classes"] < 1
     assert len(list((tmp_path / "d" / "cache" / "teachers").iterdir())) == 3
     assert len(list((tmp_path / "d" / "cache" / "plans").iterdir())) == 1  # one plan shared by the teachers
