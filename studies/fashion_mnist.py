@@ -53,7 +53,7 @@ DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 ROTATED = {1: 3, 3: 8, 8: 1}  # the biased teacher learns Trouser as Dress, Dress as Bag, Bag as Trouser
-PARTS = ("A", "beta", "B", "abl", "views", "online")  # the order runs are done in
+PARTS = ("A", "beta", "B", "abl", "online", "views")  # the order runs are done in
 METHODS = ("ce", "kd", "aver", "ebkd", "aekd", "fitnet-mkd", "camkd")
 
 
