@@ -53,7 +53,7 @@ DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 ROTATED = {1: 3, 3: 8, 8: 1}  # the biased teacher learns Trouser as Dress, Dress as Bag, Bag as Trouser
-PARTS = ("A", "beta", "B", "abl", "online", "views")  # the order runs are done in
+PARTS = ("A", "beta", "B", "abl", "views", "online")
 METHODS = ("ce", "kd", "aver", "ebkd", "aekd", "fitnet-mkd", "camkd")
 
 
@@ -173,7 +173,14 @@ def plan_runs(cfg: Config) -> list[Run]:
             for method in ("aver", "camkd"):
                 add(Run("views", f"{method}-spatial-V{v}", method, a, "spatial", v, seed))
         add(Run("online", "camkd-spatial-online", "camkd", a, "spatial", cfg.views, seed, online=True))
-    return sorted(runs.values(), key=lambda r: (PARTS.index(r.part), r.seed, r.name))
+    return sorted(runs.values(), key=run_order)
+
+
+def run_order(run: Run) -> tuple:
+    """A, beta and B part by part; then the other parts seed by seed, so a study cut short still has every
+    part at the first seeds."""
+    first = run.part in PARTS[:3]
+    return (not first, run.seed if not first else 0, PARTS.index(run.part), run.seed, run.name)
 
 
 def run_dir(out: Path, run: Run) -> Path:

@@ -230,7 +230,7 @@ def _figures(out: Path, cfg, beta: dict, views: dict, weights: dict, classes, te
             ax.bar(np.arange(len(classes)) + (k - 1) * width, per_class[:, k], width, label=name)
         ax.set_xticks(range(len(classes)), classes, rotation=30)
         ax.set_ylabel("mean KD weight (last epoch)")
-        ax.set_title("CA-MKD's weights per class, setting B (spatial form, 3 seeds)")
+        ax.set_title("CA-MKD's weights per class, setting B (spatial form, every seed)")
         ax.legend()
         fig.savefig(out / "fmnist-weights.png", dpi=120)
         plt.close(fig)

@@ -38,7 +38,10 @@ def test_plan_lists_every_part_once(study):
     # 3 seeds: A has 8 methods (camkd in two forms); B the same less ce; beta 3 values x 2 forms (50 is A's);
     # Table 4's two other ablations (β = 0 is in beta); views V in 1, 2, 4 x aver, camkd; online camkd
     assert per_part == {"A": 24, "B": 21, "beta": 18, "abl": 6, "views": 18, "online": 3}
-    assert [r.part for r in runs] == sorted((r.part for r in runs), key=study.PARTS.index)
+    order = [(r.part, r.seed) for r in runs]
+    assert order[:24 + 18 + 21] == sorted(order[:63], key=lambda k: (study.PARTS.index(k[0]), k[1]))
+    assert {p for p, _ in order[:63]} == {"A", "beta", "B"}
+    assert order[63:] == sorted(order[63:], key=lambda k: (k[1], study.PARTS.index(k[0])))
 
 
 def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
