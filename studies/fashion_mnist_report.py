@@ -189,36 +189,22 @@ def _figures(out: Path, cfg, beta: dict, views: dict, weights: dict, classes, te
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-    for i, form in enumerate(("pooled", "spatial")):
-        pts = [(k, _mean_std(v[form])) for k, v in enumerate(beta.values())]
-        pts = [(k, m) for k, m in pts if m is not None]
-        if pts:
-            ax.errorbar([k + (i - 0.5) * 0.08 for k, _ in pts], [m[0] for _, m in pts], [m[1] for _, m in pts],
-                        marker="o", capsize=3, label=f"camkd, {form} form")
+    beta_lines = {f"camkd, {form} form": [(k + (i - 0.5) * 0.08, _mean_std(v[form]))
+                                          for k, v in enumerate(beta.values())]
+                  for i, form in enumerate(("pooled", "spatial"))}
+    fig, ax = _accuracy_figure(plt, beta_lines, "β (weight of the feature term)",
+                               "Fashion-MNIST, setting A: camkd against β (3 seeds)")
     ax.set_xticks(range(len(beta)), [str(b) for b in beta])
-    ax.set_xlabel("β (weight of the feature term)")
-    ax.set_ylabel("student test top-1 (%)")
-    ax.set_title("Fashion-MNIST, setting A: camkd against β (3 seeds)")
-    ax.grid(True, alpha=0.4)
-    ax.legend()
     fig.savefig(out / "fmnist-beta.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-    for method in ("aver", "camkd"):
-        pts = [(v, _mean_std(row[method])) for v, row in views.items()]
-        pts = [(v, m) for v, m in pts if m is not None]
-        if pts:
-            ax.errorbar([v for v, _ in pts], [m[0] for _, m in pts], [m[1] for _, m in pts], marker="o",
-                        capsize=3, label=method + (" (spatial)" if method == "camkd" else ""))
+    view_lines = {method + (" (spatial)" if method == "camkd" else ""): [(v, _mean_std(row[method]))
+                                                                          for v, row in views.items()]
+                  for method in ("aver", "camkd")}
+    fig, ax = _accuracy_figure(plt, view_lines, f"stored views V ({cfg.epochs} epochs)",
+                               "Fashion-MNIST, setting A: accuracy against stored views")
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(views), [str(v) for v in views])
-    ax.set_xlabel(f"stored views V ({cfg.epochs} epochs)")
-    ax.set_ylabel("student test top-1 (%)")
-    ax.set_title("Fashion-MNIST, setting A: accuracy against stored views")
-    ax.grid(True, alpha=0.4)
-    ax.legend()
     fig.savefig(out / "fmnist-views.png", dpi=120)
     plt.close(fig)
 
@@ -234,3 +220,19 @@ def _figures(out: Path, cfg, beta: dict, views: dict, weights: dict, classes, te
         ax.legend()
         fig.savefig(out / "fmnist-weights.png", dpi=120)
         plt.close(fig)
+
+
+def _accuracy_figure(plt, lines: dict, xlabel: str, title: str):
+    """Student accuracy (mean ± std over seeds) as one error-bar line per label; points without runs left out."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
+    for label, pts in lines.items():
+        pts = [(x, m) for x, m in pts if m is not None]
+        if pts:
+            ax.errorbar([x for x, _ in pts], [m[0] for _, m in pts], [m[1] for _, m in pts], marker="o", capsize=3,
+                        label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("student test top-1 (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.4)
+    ax.legend()
+    return fig, ax
