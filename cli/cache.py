@@ -8,7 +8,7 @@ import sys
 import click
 
 from kdcache.cli.common import cache_option
-from kdcache.pipelines.cache_admin import list_stores, remove_store, store_info, verify_stores
+from kdcache.pipelines.cache_admin import list_stores, remedy, remove_store, store_info, verify_stores
 from kdcache.store import Cache
 from kdcache.text import human_bytes
 
@@ -54,14 +54,14 @@ def verify(teacher_id: str | None, cache: str | None) -> None:
     for tid, problems in report.items():
         if problems:
             bad += 1
-            click.echo(f"{tid}: {len(problems)} problem(s)")
+            click.echo(f"{tid}: {len(problems)} problem(s); {remedy(tid, problems)}")
             for p in problems:
                 click.echo(f"  {p}")
         else:
             click.echo(f"{tid}: ok")
     if bad:
-        click.echo(f"{bad} of {len(report)} store(s) damaged or incomplete; re-run their `kdcache precompute` "
-                   "after `kdcache cache rm` to rebuild them", err=True)
+        click.echo(f"{bad} of {len(report)} store(s) unfinished or damaged; each line above says what to do",
+                   err=True)
         sys.exit(1)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,13 +42,59 @@ device_option = click.option(
     "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 
 
-def row_progress(description: str) -> Callable[[int, int], Callable[[int], None]]:
-    """A progress factory for row-counting work: a bar on a terminal, quiet in logs."""
+# Seconds between progress lines when stderr is not a terminal (a log file, a batch job's output).
+LOG_INTERVAL_S = 30.0
 
-    def start(total: int, done: int) -> Callable[[int], None]:
-        bar = tqdm(total=total, initial=done, desc=description, unit="row", unit_scale=True,
-                   disable=None, file=sys.stderr, dynamic_ncols=True)
-        return bar.update
+
+def row_progress(description: str, log_interval: float | None = None) -> Callable[..., Callable[[int], None]]:
+    """A progress factory for long work: ``start(total, done, unit="row", what=description)`` returns the
+    callback told each amount done. A tqdm bar on a terminal; elsewhere one line when the work starts, one
+    at most every ``log_interval`` seconds ($KDCACHE_PROGRESS_INTERVAL, else 30) and one when it ends, so a
+    log shows that a long precompute is alive."""
+
+    def start(total: int, done: int, unit: str = "row", what: str | None = None) -> Callable[[int], None]:
+        label = what or description
+        if sys.stderr.isatty():
+            bar = tqdm(total=total, initial=done, desc=label, unit=unit, unit_scale=True, file=sys.stderr,
+                       dynamic_ncols=True)
+            return bar.update
+        interval = log_interval if log_interval is not None else float(
+            os.environ.get("KDCACHE_PROGRESS_INTERVAL", LOG_INTERVAL_S))
+        return LogProgress(label, total, done, unit, interval).update
 
     return start
 
+
+class LogProgress:
+    """Progress as plain lines on stderr: ``label: done of total units (p%), rate/s, about T left``."""
+
+    def __init__(self, label: str, total: int, done: int, unit: str, interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.done, self.unit, self.interval, self.clock = label, total, done, unit, interval, clock
+        self.started = self.last = clock()
+        self.first = done
+        self._say()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = self.clock()
+        if self.done >= self.total or now - self.last >= self.interval:
+            self.last = now
+            self._say()
+
+    def _say(self) -> None:
+        elapsed = self.clock() - self.started
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        left = f", about {_duration((self.total - self.done) / rate)} left" if 0 < rate and self.done < self.total else ""
+        speed = f", {rate:,.0f} {self.unit}s/s" if rate > 0 else ""
+        click.echo(f"{self.label}: {self.done:,} of {self.total:,} {self.unit}s ({pct:.0f}%){speed}{left}", err=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from kdcache.errors import StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore, size_on_disk
+from kdcache.store.teacher import UNFINISHED
 
 
 @dataclass
@@ -21,7 +22,7 @@ class StoreSummary:
     samples: int
     bytes: int
     test_accuracy: float | None
-    state: str  # "complete", "partial (k/n chunks)", or "unreadable: why"
+    state: str  # "complete", "partial (k/n chunks)", "cut short while being created" or "unreadable: why"
     features: str = "?"  # the feature form: pooled, spatial or none
 
 
@@ -33,7 +34,9 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
         try:
             store = TeacherStore.open(path, tid, require_complete=False)
         except StoreError as exc:
-            out.append(StoreSummary(tid, "?", "?", "?", 0, 0, size_on_disk(path), None, f"unreadable: {exc}"))
+            state = ("cut short while being created (run its precompute again)"
+                     if "cut short while being created" in str(exc) else f"unreadable: {exc}")
+            out.append(StoreSummary(tid, "?", "?", "?", 0, 0, size_on_disk(path), None, state))
             continue
         a = store.attrs
         state = "complete" if a.get("complete") else f"partial ({store.done_count()}/{store.total_chunks} chunks)"
@@ -70,7 +73,8 @@ def verify_stores(cache: Cache, prefix: str | None = None,
         try:
             store = TeacherStore.open(cache.teacher_location(tid), tid, require_complete=False)
         except StoreError as exc:
-            report[tid] = [str(exc)]
+            cut_short = "cut short while being created" in str(exc)
+            report[tid] = [f"{UNFINISHED if cut_short else ''}{exc}"]
             continue
         problems = store.verify()
         try:
@@ -83,6 +87,15 @@ def verify_stores(cache: Cache, prefix: str | None = None,
             problems.append(f"plan: {exc}")
         report[tid] = problems
     return report
+
+
+def remedy(teacher_id: str, problems: list[str]) -> str:
+    """What to do about a store's problems: finish an unfinished store by re-running its precompute (which
+    keeps every chunk already written); remove and precompute again a damaged one."""
+    if all(p.startswith(UNFINISHED) for p in problems):
+        return ("unfinished: run the same `kdcache precompute` again to finish it (it keeps every chunk already "
+                "written)")
+    return (f"damaged: remove it with `kdcache cache rm {teacher_id}` and run its `kdcache precompute` again")
 
 
 def remove_store(cache: Cache, prefix: str) -> str:

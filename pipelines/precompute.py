@@ -29,13 +29,15 @@ from kdcache.models import build_model, feature_dim, forward_with_map, load_chec
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
 from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
 from kdcache.text import human_bytes
-from kdcache.views import Recipe, draw_plan, get_recipe
+from kdcache.views import Recipe, draw_view, get_recipe
 
 DEFAULT_VIEWS = 240  # one fresh view per epoch of the official 240-epoch schedule
 MAX_WRITES_IN_FLIGHT = 2
 
 Progress = Callable[[int], None]
-ProgressFactory = Callable[[int, int], Progress]
+# progress(total, done) -> the callback told each amount done; rows by default, or
+# progress(total, done, unit="view", what="drawing plan P") for the views of a plan.
+ProgressFactory = Callable[..., Progress]
 Warn = Callable[[str], None]
 
 
@@ -125,7 +127,8 @@ def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
                warn: Warn | None = None, dataset: DataSet | None = None) -> PrecomputeResult:
     """Run the teacher over the plan in this process and write its store; return at once if it is already complete.
 
-    ``progress(total_rows, rows_done)``, if given, returns a callback told the row count of each chunk written.
+    ``progress(total_rows, rows_done)``, if given, returns a callback told the row count of each chunk written
+    (and ``progress(V, 0, unit="view", what=...)`` one told each view of a plan being drawn).
     ``warn`` is told a guarantee the cache's backend lacks, before any work (default: Python's warnings).
     ``dataset``: the request's data set if already loaded.
     """
@@ -136,7 +139,7 @@ def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
         return job.complete_result()
     warn_lacking_guarantee(job.cache, warn)
     job.cache.ensure_writable()
-    plan = ensure_plan(job.cache, job.dataset, job.recipe, req.views, req.plan_seed, job.plan_id)
+    plan = ensure_plan(job.cache, job.dataset, job.recipe, req.views, req.plan_seed, job.plan_id, progress)
     with job.cache.teacher_lock(job.teacher_id):
         store = job.open_store()
         if store.attrs.get("complete"):
@@ -223,22 +226,25 @@ def _python_warning(msg: str) -> None:
     warnings.warn(msg, stacklevel=4)
 
 
-def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, seed: int, pid: str) -> PlanStore:
-    """The plan with id ``pid``, drawn and written now if the cache does not hold it yet."""
+def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, seed: int, pid: str,
+                progress: ProgressFactory | None = None) -> PlanStore:
+    """The plan with id ``pid``, drawn and written now, view by view, if the cache does not hold it yet."""
     path = cache.plan_location(pid)
     try:
         return PlanStore.open(path, pid)
     except StoreError:
         pass
     sizes = dataset.train.sizes if recipe.needs_sizes else None
-    order, params = draw_plan(recipe.name, n_views, len(dataset.train), seed, sizes)
+    n = len(dataset.train)
     attrs = {
-        "dataset": {"name": dataset.name, "n_samples": len(dataset.train), "n_classes": dataset.num_classes,
+        "dataset": {"name": dataset.name, "n_samples": n, "n_classes": dataset.num_classes,
                     "fingerprint": dataset.fingerprint},
         "recipe": recipe.description, "seed": seed,
     }
     labels = np.asarray(dataset.train.labels, dtype=np.int32)
-    return PlanStore.create(path, cache.lock_path("plan", pid), pid, attrs, order, params, labels)
+    views = (lambda total, done: progress(total, done, unit="view", what=f"drawing plan {pid}")) if progress else None
+    return PlanStore.create(path, cache.lock_path("plan", pid), pid, attrs, n_views, labels,
+                            lambda v: draw_view(recipe.spec, v, n, seed, sizes), views)
 
 
 def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, store: TeacherStore,

@@ -101,7 +101,7 @@ def _run(jobs: list[TeacherJob], workers: int | None, scheduler: str | None, pro
     cache = job0.cache
     warn_lacking_guarantee(cache, warn)
     cache.ensure_writable()
-    ensure_plan(cache, job0.dataset, job0.recipe, job0.req.views, job0.req.plan_seed, job0.plan_id)
+    ensure_plan(cache, job0.dataset, job0.recipe, job0.req.views, job0.req.plan_seed, job0.plan_id, progress)
     results: dict[str, PrecomputeResult] = {}
     with contextlib.ExitStack() as stack:
         for job in jobs:

@@ -169,12 +169,14 @@ def test_plan_round_trip_and_concurrent_creation_is_single(cache: Cache) -> None
     labels = np.arange(N, dtype=np.int32) % 3
     attrs = {"dataset": {"name": "x", "n_samples": N, "n_classes": 3, "fingerprint": "f"},
              "recipe": {"name": "crop-flip"}, "seed": 0}
-    plan = PlanStore.create(cache.plan_path("p1"), cache.lock_path("plan", "p1"), "p1", attrs, order, params, labels)
+    plan = PlanStore.create(cache.plan_path("p1"), cache.lock_path("plan", "p1"), "p1", attrs, len(order), labels,
+                           lambda v: (order[v], params[v]))
     o, p = plan.view(1)
     assert np.array_equal(o, order[1]) and np.array_equal(p, params[1])
     assert np.array_equal(plan.labels, labels) and plan.n_views == V and plan.recipe == "crop-flip"
     mtime = (plan.path / "zarr.json").stat().st_mtime_ns
-    again = PlanStore.create(cache.plan_path("p1"), cache.lock_path("plan", "p1"), "p1", attrs, order * 0, params, labels)
+    again = PlanStore.create(cache.plan_path("p1"), cache.lock_path("plan", "p1"), "p1", attrs, len(order), labels,
+                            lambda v: (order[v] * 0, params[v]))
     assert (again.path / "zarr.json").stat().st_mtime_ns == mtime  # found, not rewritten
     assert np.array_equal(again.view(1)[0], order[1])
     assert plan.verify() == []
@@ -210,12 +212,21 @@ def test_unwritable_cache_is_one_clear_error(tmp_path: Path) -> None:
         Cache.at(blocker / "cache").ensure_writable()
 
 
-def test_a_store_caught_half_created_is_refused_with_one_line(tmp_path: Path) -> None:
-    """A second precompute (or a reader) may open a store while its writer is still creating it."""
-    path = tmp_path / "teachers" / "t"
+def test_a_store_caught_half_created_is_refused_with_one_line_and_made_afresh(cache: Cache) -> None:
+    """A reader (or a re-run) may meet a store whose creation is under way or was killed: its group exists
+    with no attributes (how earlier versions began) or marked ``creating``, and only some arrays."""
+    path = cache.teacher_path("t")
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    with pytest.raises(StoreError, match="is not a kdcache teacher store"):  # group made, no attributes yet
+    with pytest.raises(StoreError, match="teacher store t was cut short while being created .*run the same "
+                                         "`kdcache precompute` again"):
         TeacherStore.open(path, "t")
-    group.attrs.update({"kind": "teacher", "format": fmt.FORMAT_VERSION})  # attributes begun, no arrays yet
-    with pytest.raises(StoreError, match=r"teacher store t is incomplete \(being created\)"):
-        TeacherStore.open(path, "t")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3,
+                            attributes={"kind": "teacher", "format": fmt.FORMAT_VERSION, "creating": True})
+    group.create_array("logits", shape=(V, N, C), chunks=(1, R, C), dtype="float16")
+    with pytest.raises(StoreError, match="teacher store t was cut short while being created"):
+        TeacherStore.open(path, "t", require_complete=False)
+    store = make_store(cache, "t")  # the re-run makes it afresh and then fills it
+    assert store.attrs["creating"] is False and store.pending() == [(v, c) for v in range(V) for c in range(3)]
+    fill(store)
+    store.mark_complete()
+    assert cache.open_teacher("t").verify() == []

@@ -25,7 +25,8 @@ def make_plan(cache: Cache, pid: str = "plan000000000000") -> PlanStore:
     labels = (np.arange(N) % C).astype(np.int32)
     attrs = {"dataset": {"name": "x", "n_samples": N, "n_classes": C, "fingerprint": "f"},
              "recipe": {"name": "crop-flip"}, "seed": 0}
-    return PlanStore.create(cache.plan_path(pid), cache.lock_path("plan", pid), pid, attrs, order, params, labels)
+    return PlanStore.create(cache.plan_path(pid), cache.lock_path("plan", pid), pid, attrs, len(order), labels,
+                            lambda v: (order[v], params[v]))
 
 
 def make_teacher(cache: Cache, tid: str, plan: PlanStore, dim: int, rows: int, seed: int) -> tuple[TeacherStore, np.ndarray, np.ndarray]:

@@ -7,11 +7,13 @@ the chunk size. DESIGN.md ("The store") is the human-readable twin of this file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import zarr.codecs
@@ -126,8 +128,47 @@ def chunk_slice(c: int, chunk_rows: int, n_samples: int) -> slice:
     return slice(c * chunk_rows, min((c + 1) * chunk_rows, n_samples))
 
 
+def create_group(where: Any, attrs: dict[str, Any]) -> zarr.Group:
+    """Make the group of a new plan or store at ``where`` (a Location), replacing whatever is there, with
+    ``attrs`` and the mark of a creation under way (see :func:`creation_unfinished`) in its first write."""
+    return zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3,
+                           attributes={**attrs, "complete": False, "creating": True})
+
+
+def finish_creation(group: zarr.Group) -> None:
+    """Declare every array of a new plan or store created: from here on it is resumed, never made afresh."""
+    group.attrs["creating"] = False
+
+
+def creation_unfinished(attrs: dict[str, Any]) -> bool:
+    """Whether a node's creation was cut short (a kill or a full disk between its group and its last
+    array): its group says so, or has no attributes at all (how earlier versions began a creation)."""
+    return not attrs or attrs.get("creating") is True
+
+
+@contextlib.contextmanager
+def disk_errors(what: str, where: Any, needs: str = "") -> Iterator[None]:
+    """Turn a file-system failure inside the block into one StoreError line: what failed, where, why, and
+    what to do (free space and run the same command again, which resumes or recreates what was cut short)."""
+    try:
+        yield
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        if exc.errno == errno.ENOSPC:
+            remedy = f"free space there{f' ({needs})' if needs else ''} or pass another --cache"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            remedy = "make it writable or pass another --cache"
+        else:
+            remedy = "fix the disk"
+        raise StoreError(f"{what} at {where} failed: {why}; {remedy}, then run the same command again "
+                         "to finish it") from None
+
+
 def check_format(attrs: dict[str, Any], kind: str, where: str) -> None:
     """Refuse a node that is not a kdcache ``kind`` of a format this version reads."""
+    if creation_unfinished(attrs):
+        raise StoreError(f"{where} was cut short while being created (nothing in it is usable yet); "
+                         "run the same `kdcache precompute` again to create it")
     if attrs.get("kind") != kind:
         raise StoreError(f"{where} is not a kdcache {kind} store (kind={attrs.get('kind')!r})")
     version = attrs.get("format")

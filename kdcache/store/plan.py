@@ -10,7 +10,7 @@ import contextlib
 import datetime as _dt
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
@@ -20,6 +20,7 @@ from kdcache.errors import StoreError
 from kdcache.store import format as fmt
 from kdcache.store.location import Location, Where
 from kdcache.store.lock import WriterLock
+from kdcache.text import human_bytes
 from kdcache.views.recipes import recipe_spec
 
 
@@ -50,12 +51,16 @@ class PlanStore:
         return cls(group, where, plan_id)
 
     @classmethod
-    def create(cls, path: Where, lock_path: Path | None, plan_id: str, attrs: dict[str, Any],
-               order: np.ndarray, params: np.ndarray, labels: np.ndarray) -> "PlanStore":
-        """Write a plan once; concurrent creators wait for the first and then reuse its plan.
+    def create(cls, path: Where, lock_path: Path | None, plan_id: str, attrs: dict[str, Any], n_views: int,
+               labels: np.ndarray, draw: Callable[[int], tuple[np.ndarray, np.ndarray]],
+               progress: Callable[[int, int], Callable[[int], None]] | None = None) -> "PlanStore":
+        """Write a plan once, view by view (``draw(v)`` gives view v's order (N,) and params (N, P)), so
+        memory holds one view whatever V is; concurrent creators wait for the first and then reuse its plan.
 
-        ``lock_path`` None (a backend without locks): the plan is written without one; its
-        content is a pure function of its id, so two creators write the same bytes.
+        A plan cut short (killed, disk full) is not complete and is written again by the next creator.
+        ``lock_path`` None (a backend without locks): the plan is written without one; its content is a
+        pure function of its id, so two creators write the same bytes. ``progress(V, 0)`` returns a
+        callback told each view written.
         """
         where = Location.of(path)
         lock = WriterLock(lock_path, f"plan {plan_id}", wait=True) if lock_path is not None else contextlib.nullcontext()
@@ -64,25 +69,30 @@ class PlanStore:
                 return cls.open(where, plan_id)
             except StoreError:
                 pass  # absent or unfinished: (re)write it below
-            n_views, n_samples, n_params = params.shape
+            first_order, first_params = draw(0)
+            n_samples, n_params = first_params.shape
             rows = min(n_samples, fmt.MAX_PLAN_CHUNK_ROWS)
-            try:
-                group = zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3)
-            except OSError as exc:
-                raise StoreError(f"cannot write plan at {where}: {exc.strerror or exc}") from None
-            common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
-            group.create_array("order", shape=order.shape, chunks=(1, rows), dtype="int32",
-                               fill_value=-1, **common)[...] = order
-            group.create_array("params", shape=params.shape, chunks=(1, rows, n_params), dtype="int16",
-                               fill_value=-1, **common)[...] = params
-            group.create_array("labels", shape=labels.shape, chunks=(rows,), dtype="int32",
-                               fill_value=-1, **common)[...] = labels
-            group.attrs.update({
-                **attrs, "format": fmt.FORMAT_VERSION, "kind": "plan", "n_views": n_views,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "kdcache_version": __version__,
-            })
-            group.attrs["complete"] = True  # last: a plan without it is never read
+            needs = f"the plan needs about {human_bytes(n_views * n_samples * (4 + 2 * n_params))} before compression"
+            tick = progress(n_views, 0) if progress else None
+            with fmt.disk_errors(f"writing plan {plan_id}", where, needs):
+                group = fmt.create_group(where, {
+                    **attrs, "format": fmt.FORMAT_VERSION, "kind": "plan", "n_views": n_views,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "kdcache_version": __version__,
+                })
+                common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+                order = group.create_array("order", shape=(n_views, n_samples), chunks=(1, rows), dtype="int32",
+                                           fill_value=-1, **common)
+                params = group.create_array("params", shape=(n_views, n_samples, n_params),
+                                            chunks=(1, rows, n_params), dtype="int16", fill_value=-1, **common)
+                group.create_array("labels", shape=labels.shape, chunks=(rows,), dtype="int32",
+                                   fill_value=-1, **common)[...] = labels
+                fmt.finish_creation(group)
+                for v in range(n_views):
+                    order[v], params[v] = (first_order, first_params) if v == 0 else draw(v)
+                    if tick:
+                        tick(1)
+                group.attrs["complete"] = True  # last: a plan without it is never read
             return cls.open(where, plan_id)
 
     @cached_property

@@ -29,7 +29,12 @@ from kdcache import __version__
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
 from kdcache.store.location import Location, Where
+from kdcache.text import human_bytes
 
+
+
+# The problem :meth:`TeacherStore.verify` reports for chunks an unfinished store has not written yet.
+UNFINISHED = "unfinished: "
 
 
 class TeacherStore:
@@ -83,7 +88,7 @@ class TeacherStore:
         """
         where = Location.of(path)
         _remove_partial_files(where)
-        if where.exists("zarr.json"):
+        if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
             for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features"):
                 if store.attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None) != \
@@ -93,36 +98,37 @@ class TeacherStore:
                         f"expected {attrs.get(key)!r}; remove it with `kdcache cache rm {teacher_id}`"
                     )
             return cls.open(where, teacher_id, require_complete=False, writable=True)
+        # A new store, or one whose creation was interrupted (no chunk of it was written yet): made afresh.
         n_views, n_samples, n_classes, dim = shape
         form = attrs.get("features", fmt.DEFAULT_FEATURE_FORM)
         fshape = tuple(int(s) for s in ((dim,) if feature_shape is None else feature_shape))
         if form not in fmt.FEATURE_FORMS or (form == "none") != (fshape == ()):
             raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
-        try:
-            group = zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3)
-        except OSError as exc:
-            raise StoreError(f"cannot write teacher store at {where}: {exc.strerror or exc}") from None
-        common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
-        for name, row in (("logits", (n_classes,)), ("features", fshape)):
-            if name == "features" and form == "none":
-                continue
-            group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
-                               dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(),
-                               **{**common, "compressors": fmt.compressors(spatial=len(row) > 1)})
-        chunks = fmt.n_chunks(n_samples, chunk_rows)
-        group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1, **common)
-        head = group.create_group("head")
-        head.create_array("weight", shape=(n_classes, dim), chunks=(n_classes, dim), dtype="float32",
-                          fill_value=fmt.float_fill(), **common)[...] = head_weight.detach().cpu().float().numpy()
-        head.create_array("bias", shape=(n_classes,), chunks=(n_classes,), dtype="float32",
-                          fill_value=fmt.float_fill(), **common)[...] = head_bias.detach().cpu().float().numpy()
-        group.attrs.update({
-            **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
-            "features": form, "feature_shape": list(fshape),
-            "chunk_rows": chunk_rows, "complete": False,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "kdcache_version": __version__, "torch_version": torch.__version__,
-        })
+        with fmt.disk_errors(f"creating teacher store {teacher_id}", where,
+                             f"the store needs about {human_bytes(n_views * n_samples * fmt.row_bytes(n_classes, fshape))} "
+                             "before compression"):
+            group = fmt.create_group(where, {
+                **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
+                "features": form, "feature_shape": list(fshape), "chunk_rows": chunk_rows,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "kdcache_version": __version__, "torch_version": torch.__version__,
+            })
+            common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+            for name, row in (("logits", (n_classes,)), ("features", fshape)):
+                if name == "features" and form == "none":
+                    continue
+                group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
+                                   dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(),
+                                   **{**common, "compressors": fmt.compressors(spatial=len(row) > 1)})
+            chunks = fmt.n_chunks(n_samples, chunk_rows)
+            group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1,
+                               **common)
+            head = group.create_group("head")
+            head.create_array("weight", shape=(n_classes, dim), chunks=(n_classes, dim), dtype="float32",
+                              fill_value=fmt.float_fill(), **common)[...] = head_weight.detach().cpu().float().numpy()
+            head.create_array("bias", shape=(n_classes,), chunks=(n_classes,), dtype="float32",
+                              fill_value=fmt.float_fill(), **common)[...] = head_bias.detach().cpu().float().numpy()
+            fmt.finish_creation(group)
         return cls(group, where, teacher_id)
 
     # -- shape ------------------------------------------------------------------------------
@@ -253,8 +259,9 @@ class TeacherStore:
         """Record final attributes and declare the store complete (the last write)."""
         if self.done_count() != self.total_chunks:
             raise StoreError(f"teacher store {self.id} still has unwritten chunks")
-        self.group.attrs.update(extra)
-        self.group.attrs["complete"] = True
+        with fmt.disk_errors(f"completing teacher store {self.id}", self.location):
+            self.group.attrs.update(extra)
+            self.group.attrs["complete"] = True
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -332,20 +339,27 @@ class TeacherStore:
     # -- checking ---------------------------------------------------------------------------
 
     def verify(self) -> list[str]:
-        """Read every chunk of every array and check every marker; return the problems found (empty: sound)."""
+        """Read every written chunk of every array and check every marker; return the problems found (empty:
+        sound). An unfinished store's chunks not yet written are one problem starting with ``UNFINISHED``
+        (a re-run finishes them); everything else found is damage."""
         problems: list[str] = []
-        if not self.attrs.get("complete"):
-            problems.append("store is not marked complete")
         try:
             markers = self.group["done"][...]
         except ValueError as exc:
-            return problems + [f"done: completion markers are damaged ({exc})"]
-        for v, c in zip(*np.nonzero(markers < 0)):
-            problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
+            return [f"done: completion markers are damaged ({exc})"]
+        unwritten: set[tuple[int, int]] = set()
+        if not self.attrs.get("complete"):
+            unwritten = {(int(v), int(c)) for v, c in zip(*np.nonzero(markers < 0))}
+            problems.append(f"{UNFINISHED}{len(unwritten)} of {self.total_chunks} chunks not written yet")
+        else:
+            for v, c in zip(*np.nonzero(markers < 0)):
+                problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
         for name in self.data_arrays:
             written = self.location.files(f"{name}/c")  # one listing, also on object stores
             inner = "/0" * (self.group[name].ndim - 2)  # one chunk spans every dimension after (view, row)
             for v, c in self._chunks():
+                if (v, c) in unwritten:
+                    continue
                 rows = self.rows(c)
                 if f"{name}/c/{v}/{c}{inner}" not in written:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is missing")
@@ -369,6 +383,11 @@ class TeacherStore:
         for v in range(self.n_views):
             for c in range(self.chunks_per_view):
                 yield v, c
+
+
+def _raw_attrs(where: Location) -> dict[str, Any]:
+    """The attributes of the group at ``where``, unchecked."""
+    return dict(zarr.open_group(where.zarr_store(read_only=True), mode="r").attrs)
 
 
 def _remove_partial_files(where: Location) -> None:

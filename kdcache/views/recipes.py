@@ -130,21 +130,38 @@ def draw_plan(
     rec = get_recipe(recipe)
     n_views = _positive_int(n_views, "number of views")
     n_samples = _positive_int(n_samples, "number of samples")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise KdcacheError(f"plan seed must be a non-negative integer, got {seed!r}")
-    if rec.needs_sizes:
-        sizes = _check_sizes(sizes, n_samples, rec.name)
-
+    seed = _plan_seed(seed)
     order = np.empty((n_views, n_samples), dtype=np.int32)
     params = np.empty((n_views, n_samples, rec.n_params), dtype=np.int16)
-    for v, child in enumerate(np.random.SeedSequence(int(seed)).spawn(n_views)):
-        rng = np.random.Generator(np.random.PCG64(child))
-        order[v] = rng.permutation(n_samples).astype(np.int32, copy=False)
-        if rec.name == "crop-flip":
-            params[v] = _draw_crop_flip(rng, n_samples, rec.config)
-        else:
-            params[v] = _draw_resized_crop_flip(rng, sizes[order[v]], rec.config)
+    for v in range(n_views):
+        order[v], params[v] = draw_view(rec.spec, v, n_samples, seed, sizes)
     return order, params
+
+
+def draw_view(recipe: str, view: int, n_samples: int, seed: int,
+              sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """View ``view`` of the plan :func:`draw_plan` draws from these arguments: `order` (N,) int32 and
+    `params` (N, P) int16, equal to that plan's row ``view``, in memory for one view only (a plan of
+    100,000 views is written view by view)."""
+    rec = get_recipe(recipe)
+    n_samples = _positive_int(n_samples, "number of samples")
+    seed = _plan_seed(seed)
+    if rec.needs_sizes:
+        sizes = _check_sizes(sizes, n_samples, rec.name)
+    # SeedSequence(seed).spawn(V)[v] is the child with spawn key (v,): built directly, it needs no V-long list.
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(view),))))
+    order = rng.permutation(n_samples).astype(np.int32, copy=False)
+    if rec.name == "crop-flip":
+        params = _draw_crop_flip(rng, n_samples, rec.config)
+    else:
+        params = _draw_resized_crop_flip(rng, sizes[order], rec.config)
+    return order, params
+
+
+def _plan_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise KdcacheError(f"plan seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _positive_int(value: object, what: str) -> int:
