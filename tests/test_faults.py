@@ -7,9 +7,10 @@ table, lives in test_cli.py). README's "What kdcache guarantees" states what the
 Faults are injected by HOOK: a wrapper that runs the real ``kdcache`` command line in a fresh
 process (``python -c HOOK ARGS``) after patching one function, as $KDCACHE_FAULT (JSON) says:
 
-- ``kill`` / ``kill-partial`` / ``enospc`` on the teacher-store file ``key``: SIGKILL before
-  zarr writes it; SIGKILL with half of it written to zarr's temporary file; or half of it written
-  then ``OSError(ENOSPC)`` raised, as a full disk does (patches zarr's local-store ``_put``);
+- ``kill`` / ``kill-partial`` / ``enospc`` on the ``nth`` (default 1st) write of the file ``key`` of a
+  teacher store (or of a plan, with ``node: plans``): SIGKILL before zarr writes it; SIGKILL with half
+  of it written to zarr's temporary file; or half of it written then ``OSError(ENOSPC)`` raised, as a
+  full disk does (patches zarr's local-store ``_put``);
 - ``pause``: the writer that reaches its first chunk holds there until the file ``go`` appears;
 - ``kill-step``: SIGKILL at distill's ``step``-th training batch (counted over epochs);
 - ``kill-in-save``: SIGKILL with half of the ``nth`` ``checkpoint.pth`` written (inside ``torch.save``);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -42,7 +44,7 @@ from conftest import run_cli
 from fakes import flip_byte, write_fake_cifar
 from kdcache.errors import StoreError
 from kdcache.models import build_model
-from kdcache.store import WriterLock
+from kdcache.store import Cache, WriterLock
 from kdcache.stream import Schedule
 
 N_TRAIN, VIEWS, ROWS = 88, 2, 16
@@ -53,7 +55,7 @@ EPOCHS = 2
 NOBODY = 65534
 
 HOOK = r'''
-import errno, io, json, os, signal, sys, time
+import errno, io, json, os, re, signal, sys, time
 from pathlib import Path
 
 import torch
@@ -80,18 +82,20 @@ if action in ("kill", "kill-partial", "enospc", "pause"):
     import zarr.storage._local as local
 
     real_put, atomic_write = local._put, local._atomic_write
-    paused = []
+    paused, hits = [], [0]
 
     def put(path, value, exclusive=False):
         where = Path(path).as_posix()
-        if "/teachers/" in where:
-            if signals:
-                (signals / f"wrote-{os.getpid()}").touch()
-            if action == "pause" and "/logits/c/" in where and not paused:
-                paused.append(where)
-                (signals / f"holding-{os.getpid()}").touch()
-                wait_for((signals / "go").exists, "go")
-            elif action != "pause" and where.endswith("/" + fault["key"]):
+        node = re.search(r"/(plans|teachers)/[0-9a-f]{16}/(.+)$", where)
+        if "/teachers/" in where and signals:
+            (signals / f"wrote-{os.getpid()}").touch()
+        if action == "pause" and "/teachers/" in where and "/logits/c/" in where and not paused:
+            paused.append(where)
+            (signals / f"holding-{os.getpid()}").touch()
+            wait_for((signals / "go").exists, "go")
+        elif action != "pause" and node and node[1] == fault.get("node", "teachers") and node[2] == fault["key"]:
+            hits[0] += 1
+            if hits[0] == fault.get("nth", 1):
                 if action == "kill":
                     die()
                 data = value.to_bytes()
@@ -196,10 +200,13 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
+PROGRESS_LINE = re.compile(r"^.+: [\d,]+ of [\d,]+ \w+s \(\d+%\)")
+
+
 def error_line(stderr: str) -> str:
-    """The one line a refused command prints: nothing else on stderr, no traceback."""
+    """The one line a refused command prints: nothing else on stderr but progress lines, no traceback."""
     assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     return lines[0]
 
@@ -360,6 +367,51 @@ def test_precompute_killed_early_mid_chunk_and_near_the_end_resumes_bit_identica
     assert strays(store) == [] and is_complete(store)
     assert_same_arrays(store, shared.store)
     assert_verifies(cache, shared.tid)
+
+
+# Writes of plan and store creation (zarr rewrites a group's zarr.json as each child is added): the group's
+# first write, an array's metadata, a view of the plan being written, the head, the end of creation.
+CREATION_FAULTS = [
+    ("plans", "zarr.json", 1),          # the plan's group, nothing else yet
+    ("plans", "params/zarr.json", 1),   # order made, params not
+    ("plans", "order/c/1/0", 1),        # view 0 written, view 1 being written
+    ("teachers", "zarr.json", 1),       # the store's group, no array yet
+    ("teachers", "done/zarr.json", 1),  # data arrays made, markers not
+    ("teachers", "head/bias/c/0", 1),   # every array made, the head's bias being written
+    ("teachers", "zarr.json", 8),       # the write that ends creation
+]
+
+
+@pytest.mark.parametrize("action", ["kill", "enospc"])
+def test_plan_and_store_creation_cut_short_is_finished_by_the_rerun(shared: Shared, tmp_path: Path,
+                                                                    action: str) -> None:
+    """SIGKILL, or a full disk, at each stage of creating the plan and the store; each run on a fresh cache.
+    A killed run leaves something the listing names as cut short; a full disk is one line saying what to free.
+    The same command run again then ends with the store an uninterrupted run writes, bit for bit."""
+    for node, key, nth in CREATION_FAULTS:
+        cache = tmp_path / f"{node}-{key.replace('/', '_')}-{nth}"
+        fault = {"action": action, "node": node, "key": key, "nth": nth}
+        code, _, err = finish(start(*shared.precompute_args(cache), fault=fault))
+        if action == "kill":
+            assert code == -signal.SIGKILL, (fault, err)
+            if node == "teachers" and (key, nth) != ("zarr.json", 1):  # killed before its group: nothing to list
+                listing = run_cli("cache", "ls", "--cache", cache)
+                assert listing.exit_code == 0 and "cut short while being created" in listing.stdout, listing.output
+                refused = run_cli("cache", "info", shared.tid, "--cache", cache)
+                assert refused.exit_code == 1 and "run the same `kdcache precompute` again" in refused.output
+        else:
+            line = error_line(err)
+            assert code == 1 and "No space left on device" in line and "free space there" in line, (fault, line)
+            assert "run the same command again" in line, line
+        result = run_cli(*shared.precompute_args(cache))
+        assert result.exit_code == 0, (fault, result.output)
+        assert result.stdout.strip().splitlines()[-1] == shared.tid
+        assert_same_arrays(cache / "teachers" / shared.tid, shared.store)
+        plan_id = Cache.at(cache).open_teacher(shared.tid).plan_id
+        got, ref = (zarr.open_group(c / "plans" / plan_id, mode="r") for c in (cache, shared.cache))
+        assert all(np.array_equal(got[a][...], ref[a][...]) for a in ("order", "params", "labels")), fault
+        assert strays(cache / "teachers" / shared.tid) == [] and strays(cache / "plans" / plan_id) == []
+        assert_verifies(cache, shared.tid)
 
 
 # -- 2. Damaged data ---------------------------------------------------------------------------

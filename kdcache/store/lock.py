@@ -44,9 +44,14 @@ class WriterLock:
                 f"{self.what} is being written by another process ({holder}); "
                 "wait for it to finish, or stop it and run again"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        try:  # who holds it, for the message a refused writer prints
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot write lock {self.path}: {exc.strerror}; free space there (or pass another "
+                             "--cache) and run the same command again") from None
         self._fd = fd
         return self
 
