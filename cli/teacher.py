@@ -31,15 +31,16 @@ from kdcache import training
 @recipe_option
 @image_size_option
 @device_option
-@click.option("--resume", is_flag=True, help="Continue the run saved in --out.")
+@click.option("--resume", is_flag=True, help="Continue the run saved in --out (--epochs may grow).")
+@click.option("--force", is_flag=True, help="Replace an existing --out (without it, an existing file is refused).")
 def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path, epochs: int, batch_size: int,
                       lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                       seed: int, recipe: str | None, image_size: int | None, device: str | None,
-                      resume: bool) -> None:
+                      resume: bool, force: bool) -> None:
     """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
     req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              milestones=lr_milestones, seed=seed, device=device, resume=resume, recipe=recipe,
+                              milestones=lr_milestones, seed=seed, device=device, resume=resume, force=force, recipe=recipe,
                               image_size=image_size)
 
     def report(r: EpochRecord) -> None:

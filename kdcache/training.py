@@ -6,10 +6,12 @@ SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 64, 240 epochs, lr 0.05
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -63,19 +65,100 @@ def build_sgd(params: Iterable[torch.nn.Parameter], arch: str, epochs: int, lr: 
     return optimizer, make_scheduler(optimizer, milestones), lr, milestones
 
 
+def reschedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,
+               milestones: list[int]) -> None:
+    """Give a resumed run the milestones resolved for its (possibly grown) --epochs: the epochs still to train
+    follow them as a run started with them would, the epochs already trained keep the lr they had."""
+    if Counter(milestones) == scheduler.milestones:
+        return  # the schedule the checkpoint holds: keep its lr bit for bit
+    scheduler.milestones = Counter(milestones)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        lr = base
+        for m in sorted(milestones):
+            if m <= scheduler.last_epoch:
+                lr = lr * scheduler.gamma  # one decay at a time, as MultiStepLR applies them
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def check_hyperparameters(epochs: int, batch_size: int, lr: float | None, weight_decay: float,
-                          momentum: float) -> None:
-    """Refuse out-of-range training options with one line each."""
+                          momentum: float, seed: int = 0) -> None:
+    """Refuse out-of-range or non-finite training options with one line each, before any work."""
     if epochs < 1:
         raise KdcacheError(f"--epochs must be at least 1 (got {epochs})")
     if batch_size < 1:
         raise KdcacheError(f"--batch-size must be at least 1 (got {batch_size})")
-    if lr is not None and lr <= 0:
-        raise KdcacheError(f"--lr must be positive (got {lr})")
-    if weight_decay < 0:
-        raise KdcacheError(f"--weight-decay must not be negative (got {weight_decay})")
-    if not 0 <= momentum < 1:
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise KdcacheError(f"--lr must be a finite positive number (got {lr})")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise KdcacheError(f"--weight-decay must be a finite number of at least 0 (got {weight_decay})")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
         raise KdcacheError(f"--momentum must lie in [0, 1) (got {momentum})")
+    if seed < 0:
+        raise KdcacheError(f"--seed must be at least 0 (got {seed})")
+
+
+class NonFiniteLossError(KdcacheError):
+    """A loss term became NaN or infinite during training: the run stops there, keeping its last good checkpoint."""
+
+
+class NonFiniteWatch:
+    """Stops training at the first step whose loss terms are not finite, without a host sync per step.
+
+    :meth:`observe` records each step's terms on the device; :meth:`check` (one sync) raises
+    NonFiniteLossError naming the epoch, the step and the term. Training loops check every
+    ``CHECK_EVERY`` steps and at the end of every epoch, before anything of that epoch is saved.
+    ``kept(epoch)`` says what the run keeps when epoch ``epoch`` fails (its last good checkpoint);
+    ``any_rank(flag)``, under torchrun, tells every rank whether any rank found a bad step.
+    """
+
+    CHECK_EVERY = 50
+
+    def __init__(self, device: torch.device, kept: Callable[[int], str],
+                 any_rank: Callable[[bool], bool] | None = None) -> None:
+        self.device, self.kept, self.any_rank = device, kept, any_rank
+        self.epoch = 0
+        self.names: list[str] = []
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad = torch.zeros(0, dtype=torch.bool, device=device)
+        self.values = torch.zeros(0, device=device)
+
+    def observe(self, epoch: int, step: int, terms: dict[str, torch.Tensor]) -> None:
+        """Note the loss terms of training step ``step`` (0-based) of ``epoch``; check every CHECK_EVERY steps."""
+        names = list(terms)
+        if names != self.names or epoch != self.epoch:
+            if self.names:
+                self.check()  # settle the previous terms (or epoch) before watching the new ones
+            self.epoch, self.names = epoch, names
+            self.bad = torch.zeros(len(names), dtype=torch.bool, device=self.device)
+            self.values = torch.zeros(len(names), device=self.device)
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        bad = ~torch.isfinite(values)
+        hit = bad.any() & (self.step < 0)
+        self.step = torch.where(hit, torch.full_like(self.step, step), self.step)
+        self.bad = torch.where(hit, bad, self.bad)
+        self.values = torch.where(hit, values, self.values)
+        if (step + 1) % self.CHECK_EVERY == 0:
+            self.check()
+
+    def check(self) -> None:
+        """Raise NonFiniteLossError if a step observed so far had a non-finite term (on any rank)."""
+        step = int(self.step)
+        found = step >= 0
+        if self.any_rank is not None and self.any_rank(found) and not found:
+            raise NonFiniteLossError(non_finite_message(self.epoch, None, "on another rank", float("nan"),
+                                                        self.kept(self.epoch)))
+        if found:
+            k = int(torch.nonzero(self.bad)[0])
+            raise NonFiniteLossError(non_finite_message(self.epoch, step, self.names[k], float(self.values[k]),
+                                                        self.kept(self.epoch)))
+
+
+def non_finite_message(epoch: int, step: int | None, term: str, value: float, kept: str) -> str:
+    """The one line a run stopped by a NaN or infinite loss term prints (``step`` None: found on another rank)."""
+    where = f"epoch {epoch}, step {step}: the loss term {term!r} became {value}" if step is not None else \
+        f"epoch {epoch}: a loss term became non-finite {term}"
+    return f"{where} and training stopped; {kept}. Lower --lr (or check the data and the stores) and run again"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:

@@ -88,7 +88,7 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = 1, epochs: int =
         say(f"training the {t.name} teacher ({t.arch}, {t.epochs} epochs"
             f"{', labels of classes 3, 5, 8 rotated' if t.label_map else ''})")
         train_teacher(TrainTeacherRequest(arch=t.arch, dataset="digits", out=ckpts[t.name], epochs=t.epochs,
-                                          device=device, label_map=t.label_map, seed=len(ckpts)))
+                                          device=device, label_map=t.label_map, seed=len(ckpts), force=True))
     result.seconds["teachers"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -39,7 +39,8 @@ from kdcache.device import resolve_device
 from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
-from kdcache.losses import Batch, LossTerms, Method, MethodInfo, MethodOptions, build_method, method_info
+from kdcache.losses import (Batch, LossTerms, Method, MethodInfo, MethodOptions, build_method, check_method_options,
+                            method_info)
 from kdcache.models import (build_model, feature_dim, forbid_construction, forward_with_map, load_checkpoint,
                             map_shape, model_info)
 from kdcache.models.checkpoint import read_checkpoint
@@ -142,9 +143,10 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     ``on_epoch`` (metrics averaged over the ranks) are called on rank 0 only;
     ``on_step`` on every rank, with that rank's slice and its own loss terms.
     """
-    training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum)
+    training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum, req.seed)
     model_info(req.student)
     info = method_info(req.method)
+    check_method_options(req.method, req.options)
     cache = Cache.at(req.cache)
     stores = [cache.open_teacher(t) for t in req.teachers]
     plan = _open_plan(cache, stores)
@@ -198,6 +200,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
                            pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world)
     result = DistillResult(out, best, [], student, ctx.is_main)
     scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
+    watch = training.NonFiniteWatch(device, lambda e: _kept(out, e), _any_rank(ctx))
     with _teacher_guard(req.online and uses_teachers, stores, device) as live_teachers:
         for epoch in range(start, req.epochs + 1):
             t0 = time.perf_counter()
@@ -212,6 +215,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
                 t_logits, t_feats = _teacher_outputs(batch, live_teachers, x, device, spatial)
                 with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=req.amp):
                     loss = model(x, y, t_logits, t_feats, epoch)
+                watch.observe(epoch, step, {**loss.terms, "total": loss.total})
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss.total).backward()
                 scaler.step(optimizer)
@@ -229,6 +233,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
                                        {k: float(v.detach()) for k, v in loss.terms.items()}, float(loss.total.detach())))
             if steps == 0:
                 raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
+            watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
             lr_now = optimizer.param_groups[0]["lr"]
             scheduler.step()
             sums = _mean_over_ranks(ctx, sums)
@@ -254,6 +259,21 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
                               "test_top1": result.history[-1].test_top1 if result.history else None},
                              out / "last.pth")
     return result
+
+
+def _kept(out: Path, epoch: int) -> str:
+    """What a run stopped in ``epoch`` keeps, for the message: the last good checkpoint, if any."""
+    if epoch == 1:
+        return "no checkpoint was written"
+    return (f"{out / 'checkpoint.pth'} and best.pth keep epoch {epoch - 1}, the last good one "
+            f"(start again in a new --out with a lower --lr)")
+
+
+def _any_rank(ctx: DistContext) -> Callable[[bool], bool] | None:
+    """Under torchrun: whether any rank's flag is set (every rank calls it at the same step)."""
+    if not ctx.distributed:
+        return None
+    return lambda flag: bool(ctx.all_reduce_mean(torch.tensor(float(flag), device=ctx.device)) > 0)
 
 
 def _mean_over_ranks(ctx: DistContext, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -375,6 +395,7 @@ def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[
     args = asdict(req)
     args.update(out=str(req.out), cache=str(req.cache) if req.cache else None,
                 data_root=str(req.data_root) if req.data_root else None, lr=lr, milestones=milestones,
+                lr_milestones=req.milestones,  # as given (None: scaled to --epochs), compared on --resume
                 teachers=[s.id for s in stores], dataset=dataset.name)
     args.pop("resume")
     return {"args": args, "plan_id": plan.id,
@@ -383,8 +404,9 @@ def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[
             "kdcache_version": __version__, "git_sha": _git_sha(), "torch_version": torch.__version__}
 
 
-# Options that may change on --resume without changing what the run computes.
-_FREE_ON_RESUME = {"epochs", "device", "prefetch", "out", "cache", "data_root"}
+# Options that may change on --resume without changing what the run computes. --epochs may grow: the
+# milestones the user gave are compared, the ones resolved from --epochs follow it (training.reschedule).
+_FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "out", "cache", "data_root"}
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:
@@ -409,6 +431,7 @@ def _resume(out: Path, config: dict[str, Any], student: torch.nn.Module, method:
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} does not fit this run: "
                               f"{str(exc).splitlines()[0]}") from None
+    training.reschedule(optimizer, scheduler, config["args"]["milestones"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     epoch = int(ckpt["epoch"])
     if ctx.is_main:
@@ -426,6 +449,9 @@ def _read_checkpoint(out: Path, config: dict[str, Any]) -> dict[str, Any]:
     before = {k: v for k, v in ckpt["args"].items() if k not in _FREE_ON_RESUME}
     now = {k: v for k, v in config["args"].items() if k not in _FREE_ON_RESUME}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if int(ckpt["epoch"]) > int(config["args"]["epochs"]):
+        raise KdcacheError(f"--resume: the run in {out} has trained {ckpt['epoch']} epochs already, more than "
+                           f"--epochs {config['args']['epochs']}; give --epochs {ckpt['epoch']} or more")
     if changed:
         raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {out}; "
                            "resume with the same options or start a new --out")

@@ -44,6 +44,7 @@ class TrainTeacherRequest:
     seed: int = 0
     device: str | None = None
     resume: bool = False
+    force: bool = False              # replace an existing ``out`` (without it, an existing file is refused)
     recipe: str | None = None        # view recipe (name or name:size); default: the data set's
     image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     label_map: dict[int, int] | None = None  # train on corrupted labels: class a is taught as label_map[a]
@@ -70,7 +71,12 @@ class TrainTeacherResult:
 def train_teacher(req: TrainTeacherRequest,
                   on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainTeacherResult:
     """Train ``req.arch`` on ``req.dataset`` and keep the latest state in ``req.out`` after every epoch."""
-    training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum)
+    training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum, req.seed)
+    if req.resume and req.force:
+        raise KdcacheError("--resume continues the run in --out and --force replaces it: give one of them")
+    if not req.resume and not req.force and Path(req.out).exists():
+        raise KdcacheError(f"{req.out} already exists; pass --resume to continue its training, --force to replace "
+                           "it, or choose another --out")
     model_info(req.arch)
     dataset = load_dataset(req.dataset, req.data_root, req.recipe, req.image_size)
     device = resolve_device(req.device)
@@ -79,11 +85,12 @@ def train_teacher(req: TrainTeacherRequest,
     model = build_model(req.arch, dataset.num_classes)
     map_shape(model, dataset.image_size)  # a model that cannot take the views: one line, before any epoch
     model = model.to(device)
-    optimizer, scheduler, _, _ = training.build_sgd(model.parameters(), req.arch, req.epochs, req.lr, req.momentum,
-                                                    req.weight_decay, req.milestones)
+    optimizer, scheduler, _, milestones = training.build_sgd(model.parameters(), req.arch, req.epochs, req.lr,
+                                                             req.momentum, req.weight_decay, req.milestones)
     start, best_acc = 1, 0.0
     if req.resume:
         start, best_acc = _resume(req, model, optimizer, scheduler)
+        training.reschedule(optimizer, scheduler, milestones)
 
     train = dataset.train
     if getattr(train, "resident", False):
@@ -94,6 +101,8 @@ def train_teacher(req: TrainTeacherRequest,
         raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {n} training samples")
     sizes = train.sizes if get_recipe(dataset.recipe).needs_sizes else None
     result = TrainTeacherResult(Path(req.out), best_acc)
+    watch = training.NonFiniteWatch(device, lambda e: f"{req.out} keeps epoch {e - 1}, the last good one" if e > 1
+                                    else f"{req.out} was not written")
     for epoch in range(start, req.epochs + 1):
         t0 = time.perf_counter()
         model.train()
@@ -108,12 +117,14 @@ def train_teacher(req: TrainTeacherRequest,
             y = labels[torch.as_tensor(idx, device=device)]
             _, logits = model(x)
             loss = F.cross_entropy(logits, y)
+            watch.observe(epoch, b, {"ce": loss})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(y)  # summed on the device: no host sync per step
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+        watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         top1, top5 = evaluate(model, dataset, dataset.recipe, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,12 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(*args: str) -> Result:
     """Invoke ``kdcache`` in-process, as a user would from a shell."""
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# The lines kdcache's progress prints on a stderr that is not a terminal (cli.common.LogProgress).
+PROGRESS_LINE = re.compile(r"^.+: [\d,]+ of [\d,]+ \w+s \(\d+%\)")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The non-blank lines of ``stderr`` that are not progress lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]

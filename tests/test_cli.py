@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import run_cli
+from conftest import error_lines, run_cli
 from fakes import cifar_batch, fake_cifar, flip_byte, write_fake_cifar, write_py2_pickle
 from kdcache import training
 from kdcache.data import dataset_names
@@ -243,7 +243,7 @@ BAD_INPUT = [
     ("train: zero epochs", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out",
                                          t / "x.pth", "--epochs", "0"], "--epochs must be at least 1"),
     ("train: negative lr", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out",
-                                         t / "x.pth", "--lr", "-0.1"], "--lr must be positive"),
+                                         t / "x.pth", "--lr", "-0.1"], "--lr must be a finite positive number"),
     ("train: resume without checkpoint", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits",
                                                        "--out", t / "x.pth", "--resume"], "does not exist"),
     # unknown names
@@ -281,7 +281,21 @@ BAD_INPUT = [
      "--chunk-rows must be at least 1"),
     ("distill: zero epochs", lambda t, c: [*distill_args(t), "--epochs", "0"], "--epochs must be at least 1"),
     ("distill: zero batch", lambda t, c: [*distill_args(t), "--batch-size", "0"], "--batch-size must be at least 1"),
-    ("distill: negative lr", lambda t, c: [*distill_args(t), "--lr", "-0.1"], "--lr must be positive"),
+    ("distill: negative lr", lambda t, c: [*distill_args(t), "--lr", "-0.1"], "--lr must be a finite positive number"),
+    # non-finite numbers (issue 12)
+    ("distill: nan lr", lambda t, c: [*distill_args(t), "--lr", "nan"], "--lr must be a finite positive number (got nan)"),
+    ("distill: inf lr", lambda t, c: [*distill_args(t), "--lr", "inf"], "--lr must be a finite positive number (got inf)"),
+    ("distill: nan weight decay", lambda t, c: [*distill_args(t), "--weight-decay", "nan"],
+     "--weight-decay must be a finite number of at least 0 (got nan)"),
+    ("distill: nan beta", lambda t, c: [*distill_args(t), "--beta", "nan"], "beta must be a finite number, got nan"),
+    ("train: nan lr", lambda t, c: train_args(t, "--lr", "nan"), "--lr must be a finite positive number (got nan)"),
+    ("train: inf weight decay", lambda t, c: train_args(t, "--weight-decay", "inf"),
+     "--weight-decay must be a finite number of at least 0 (got inf)"),
+    ("train: nan momentum", lambda t, c: train_args(t, "--momentum", "nan"), "--momentum must lie in [0, 1) (got nan)"),
+    # nothing overwritten by accident; messages that name the real cause (issue 12)
+    ("train: existing --out", lambda t, c: train_args(t, "--out", c), "already exists; pass --resume to continue its "
+                                                                   "training, --force to replace it"),
+    ("train: negative seed", lambda t, c: train_args(t, "--seed", "-1"), "--seed must be at least 0 (got -1)"),
     ("train: zero batch", lambda t, c: train_args(t, "--batch-size", "0"), "--batch-size must be at least 1"),
 ]
 
@@ -326,7 +340,7 @@ def test_user_errors_are_one_clear_line(case, tmp_path: Path, digits_teacher: Pa
                             env={**os.environ, "KDCACHE_HOME": str(tmp_path / "home")})
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert expected in lines[0], lines[0]
     assert_nothing_half_written(tmp_path, before)

@@ -38,7 +38,8 @@ def two_teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[s
     return cache, ids, ckpts
 
 
-def request(cache: Path, teachers: list[str], out: Path, method: str = "camkd", **kw) -> DistillRequest:
+def request(cache: Path, teachers: list[str] | None = None, out: Path | None = None, method: str = "camkd",
+            **kw) -> DistillRequest:
     defaults = dict(student="resnet8", teachers=teachers, method=method, out=out, cache=cache, epochs=2,
                     batch_size=64, milestones=[2], device="cpu", seed=0)
     return DistillRequest(**{**defaults, **kw})
@@ -129,6 +130,69 @@ def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(two_teachers,
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def _lrs(run: Path) -> list[float]:
+    return [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_may_grow_epochs(two_teachers, tmp_path: Path) -> None:
+    """2 epochs, then --resume to 4. With the milestones given, the weights equal a straight 4-epoch run's.
+    With the default milestones (scaled to --epochs: [1] for 2 epochs, [2, 3] for 4), the epochs still to
+    train follow the 4-epoch schedule and the epochs already trained keep the lr they had."""
+    cache, ids, _ = two_teachers
+    quick = dict(method="kd", teachers=ids[:1], batch_size=256)
+    for name, milestones in (("given", [3]), ("scaled", None)):
+        straight, split = tmp_path / f"{name}-straight", tmp_path / f"{name}-split"
+        distill(request(cache, out=straight, epochs=4, milestones=milestones, **quick))
+        distill(request(cache, out=split, epochs=2, milestones=milestones, **quick))
+        distill(request(cache, out=split, epochs=4, milestones=milestones, resume=True, **quick))
+        a, b = (torch.load(p / "checkpoint.pth", weights_only=False) for p in (straight, split))
+        assert b["epoch"] == 4 and [json.loads(x)["epoch"] for x in (split / "metrics.jsonl").read_text().splitlines()] \
+            == [1, 2, 3, 4]
+        same = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        if milestones:
+            assert same and _lrs(split) == _lrs(straight) == pytest.approx([0.05, 0.05, 0.05, 0.005])
+        else:
+            assert _lrs(straight) == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+            assert _lrs(split) == pytest.approx([0.05, 0.005, 0.005, 0.0005])  # epoch 2 ran under the 2-epoch one
+            assert not same
+    with pytest.raises(KdcacheError, match="has trained 4 epochs already, more than --epochs 3"):
+        distill(request(cache, out=tmp_path / "given-split", epochs=3, milestones=[3], resume=True, **quick))
+
+
+def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
+        two_teachers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images that turn to NaN at epoch 2, step 3 (a fault a finite lr can also cause): the run stops there with
+    one line naming the epoch, the step and the term, and nothing of epoch 2 is evaluated or saved."""
+    import kdcache.pipelines.distill as pipeline
+
+    cache, ids, _ = two_teachers
+    real, calls = pipeline.view_batch, [0]
+    steps_per_epoch = 1437 // 256
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        x = real(*args, **kwargs)
+        return x * float("nan") if calls[0] == steps_per_epoch + 4 else x
+
+    monkeypatch.setattr(pipeline, "view_batch", poisoned)
+    run = tmp_path / "run"
+    result = run_cli("distill", "--student", "resnet8", "--method", "kd", "--teachers", ids[0], "--cache", cache,
+                     "--out", run, "--epochs", 3, "--batch-size", 256, "--device", "cpu")
+    assert result.exit_code == 1
+    epoch_lines, error = result.output.strip().splitlines()[:-1], result.output.strip().splitlines()[-1:]
+    assert len(epoch_lines) == 1 and epoch_lines[0].startswith("epoch   1/3"), result.output
+    assert error == [
+        f"Error: epoch 2, step 3: the loss term 'ce' became nan and training stopped; {run / 'checkpoint.pth'} and "
+        "best.pth keep epoch 1, the last good one (start again in a new --out with a lower --lr). Lower --lr (or "
+        "check the data and the stores) and run again"], result.output
+    ckpt = torch.load(run / "checkpoint.pth", weights_only=False)
+    best = torch.load(run / "best.pth", weights_only=False)
+    assert ckpt["epoch"] == best["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (run / "last.pth").exists()
 
 
 def test_a_seed_makes_a_run_reproducible(two_teachers, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import run_cli
+from conftest import error_lines, run_cli
 from fakes import flip_byte, write_fake_cifar
 from kdcache.errors import StoreError
 from kdcache.models import build_model
@@ -200,13 +200,10 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-PROGRESS_LINE = re.compile(r"^.+: [\d,]+ of [\d,]+ \w+s \(\d+%\)")
-
-
 def error_line(stderr: str) -> str:
     """The one line a refused command prints: nothing else on stderr but progress lines, no traceback."""
     assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
+    lines = error_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     return lines[0]
 

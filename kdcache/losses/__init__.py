@@ -97,6 +97,11 @@ def _as_tuple(d: FeatureShape) -> tuple[int, ...]:
     return d if isinstance(d, tuple) else (d,)
 
 
+def check_method_options(name: str, options: MethodOptions) -> None:
+    """Refuse options out of range (non-finite included) for method ``name``, before any work."""
+    _check_options(method_info(name), options)
+
+
 def _check_options(info: MethodInfo, options: MethodOptions) -> None:
     """Options out of range, or weights for a term the method does not have, are errors, not silently ignored."""
     if not (math.isfinite(options.temperature) and options.temperature > 0):
@@ -104,6 +109,8 @@ def _check_options(info: MethodInfo, options: MethodOptions) -> None:
     for label, value in (("gamma", options.gamma), ("alpha", options.alpha), ("beta", options.beta)):
         if value is not None and not math.isfinite(value):
             raise KdcacheError(f"{label} must be a finite number, got {value}")
+    if not (math.isfinite(options.aekd_cap) and options.aekd_cap > 0):
+        raise KdcacheError(f"the AEKD cap C must be a finite positive number, got {options.aekd_cap}")
     if info.n_teachers == "0" and options.alpha not in (None, 0.0):
         raise KdcacheError(f"{info.name} has no KD term: alpha does not apply")
     if not info.uses_features and options.beta not in (None, 0.0):
