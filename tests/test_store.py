@@ -230,3 +230,34 @@ def test_a_store_caught_half_created_is_refused_with_one_line_and_made_afresh(ca
     fill(store)
     store.mark_complete()
     assert cache.open_teacher("t").verify() == []
+
+
+def test_a_plan_of_many_views_is_written_chunk_by_chunk_in_bounded_memory(cache: Cache,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan creation holds one chunk of views, never the whole plan: with chunks of 16,384 rows (32 views of
+    500 samples), 3,000 views (15 MB in memory at once) are drawn with a peak far below that, every view is
+    reported to the progress callback, and the plan equals the one draw_plan draws whole."""
+    import tracemalloc
+
+    from kdcache.views import draw_plan, draw_view
+
+    monkeypatch.setattr(fmt, "MAX_PLAN_CHUNK_ROWS", 2**14)
+    n_views, n = 3000, 500
+    attrs = {"dataset": {"name": "x", "n_samples": n, "n_classes": 3, "fingerprint": "f"},
+             "recipe": {"name": "crop-flip"}, "seed": 5}
+    ticks: list[int] = []
+    tracemalloc.start()
+    try:
+        plan = PlanStore.create(cache.plan_path("big"), cache.lock_path("plan", "big"), "big", attrs, n_views,
+                                np.zeros(n, np.int32), lambda v: draw_view("crop-flip", v, n, 5),
+                                lambda total, done: ticks.append)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    whole = n_views * n * (4 + 2 * 3)
+    assert peak < whole / 5, (peak, whole)
+    assert len(ticks) == n_views and set(ticks) == {1}
+    assert len(list((plan.path / "order" / "c").glob("*/0"))) == -(-n_views // 32)  # a file per 32 views
+    order, params = draw_plan("crop-flip", n_views, n, 5)
+    assert np.array_equal(plan.group["order"][...], order) and np.array_equal(plan.group["params"][...], params)
+    assert plan.verify() == []

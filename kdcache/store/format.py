@@ -28,8 +28,15 @@ LOCKS_DIR = "locks"
 # Chunks of teacher arrays hold about this many uncompressed bytes of the wider
 # of logits and features (DESIGN: about 1-4 MB a chunk).
 TARGET_CHUNK_BYTES = 2 * 2**20
-# Plan arrays keep one view per chunk up to this many rows.
+# A chunk of a plan array holds at most this many rows: one view cut into chunks of this many rows
+# when the training set is larger, else as many whole views as fit (a 100,000-view plan of a small
+# data set is then a few dozen files, not 200,000).
 MAX_PLAN_CHUNK_ROWS = 2**20
+
+
+def plan_views_per_chunk(n_views: int, n_samples: int) -> int:
+    """How many whole views one chunk of a plan array holds."""
+    return max(1, min(n_views, MAX_PLAN_CHUNK_ROWS // max(1, n_samples)))
 
 # Light compression chosen by benchmarks/codec.py (RESULTS.md): Blosc zstd level 1
 # with bit shuffle stores the fewest bytes per row at ~300 MB/s, far above any

@@ -55,7 +55,8 @@ class PlanStore:
                labels: np.ndarray, draw: Callable[[int], tuple[np.ndarray, np.ndarray]],
                progress: Callable[[int, int], Callable[[int], None]] | None = None) -> "PlanStore":
         """Write a plan once, view by view (``draw(v)`` gives view v's order (N,) and params (N, P)), so
-        memory holds one view whatever V is; concurrent creators wait for the first and then reuse its plan.
+        memory holds one chunk of views (at most about MAX_PLAN_CHUNK_ROWS rows) whatever V is; concurrent
+        creators wait for the first and then reuse its plan.
 
         A plan cut short (killed, disk full) is not complete and is written again by the next creator.
         ``lock_path`` None (a backend without locks): the plan is written without one; its content is a
@@ -72,6 +73,7 @@ class PlanStore:
             first_order, first_params = draw(0)
             n_samples, n_params = first_params.shape
             rows = min(n_samples, fmt.MAX_PLAN_CHUNK_ROWS)
+            per_chunk = fmt.plan_views_per_chunk(n_views, n_samples)  # views of one chunk, buffered here
             needs = f"the plan needs about {human_bytes(n_views * n_samples * (4 + 2 * n_params))} before compression"
             tick = progress(n_views, 0) if progress else None
             with fmt.disk_errors(f"writing plan {plan_id}", where, needs):
@@ -81,17 +83,25 @@ class PlanStore:
                     "kdcache_version": __version__,
                 })
                 common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
-                order = group.create_array("order", shape=(n_views, n_samples), chunks=(1, rows), dtype="int32",
-                                           fill_value=-1, **common)
+                order = group.create_array("order", shape=(n_views, n_samples), chunks=(per_chunk, rows),
+                                           dtype="int32", fill_value=-1, **common)
                 params = group.create_array("params", shape=(n_views, n_samples, n_params),
-                                            chunks=(1, rows, n_params), dtype="int16", fill_value=-1, **common)
+                                            chunks=(per_chunk, rows, n_params), dtype="int16", fill_value=-1,
+                                            **common)
                 group.create_array("labels", shape=labels.shape, chunks=(rows,), dtype="int32",
                                    fill_value=-1, **common)[...] = labels
                 fmt.finish_creation(group)
-                for v in range(n_views):
-                    order[v], params[v] = (first_order, first_params) if v == 0 else draw(v)
-                    if tick:
-                        tick(1)
+                block_order = np.empty((per_chunk, n_samples), dtype=np.int32)
+                block_params = np.empty((per_chunk, n_samples, n_params), dtype=np.int16)
+                for start in range(0, n_views, per_chunk):
+                    stop = min(start + per_chunk, n_views)
+                    for v in range(start, stop):
+                        block_order[v - start], block_params[v - start] = \
+                            (first_order, first_params) if v == 0 else draw(v)
+                        if tick:
+                            tick(1)
+                    order[start:stop] = block_order[: stop - start]
+                    params[start:stop] = block_params[: stop - start]
                 group.attrs["complete"] = True  # last: a plan without it is never read
             return cls.open(where, plan_id)
 
@@ -132,11 +142,14 @@ class PlanStore:
         """Read every chunk of the plan's arrays; return the problems found (empty: sound)."""
         problems = []
         for name in ("order", "params"):
-            for v in range(self.n_views):
+            per_chunk = self.group[name].chunks[0]
+            for start in range(0, self.n_views, per_chunk):
+                stop = min(start + per_chunk, self.n_views)
                 try:
-                    self.group[name][v]
+                    self.group[name][start:stop]
                 except ValueError as exc:  # the CRC32C codec's checksum mismatch
-                    problems.append(f"plan {self.id}: {name} of view {v} is damaged ({exc})")
+                    views = f"view {start}" if stop - start == 1 else f"views {start}-{stop - 1}"
+                    problems.append(f"plan {self.id}: {name} of {views} is damaged ({exc})")
         try:
             self.group["labels"][...]
         except ValueError as exc:
