@@ -344,3 +344,38 @@ def test_user_errors_are_one_clear_line(case, tmp_path: Path, digits_teacher: Pa
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert expected in lines[0], lines[0]
     assert_nothing_half_written(tmp_path, before)
+
+
+def test_progress_in_a_log_is_plain_lines(digits_teacher: Path, tmp_path: Path) -> None:
+    """With stderr a pipe (a log file, a batch job), precompute prints progress lines, not a terminal bar:
+    the plan's views and the store's rows, from the start to the end."""
+    result = subprocess.run([sys.executable, "-m", "kdcache.cli", *map(str, precompute_args(digits_teacher,
+                                                                                           tmp_path / "c"))],
+                            capture_output=True, text=True, env={**os.environ, "KDCACHE_PROGRESS_INTERVAL": "0"})
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    plan = [line for line in lines if line.startswith("drawing plan ")]
+    rows = [line for line in lines if line.startswith("precompute resnet8: ")]
+    assert plan[0].endswith(": 0 of 2 views (0%)") and plan[-1].split(": ")[1].startswith("2 of 2 views (100%)")
+    assert len(plan) == 3  # the start, then each view (the interval is 0 here)
+    assert rows[0].endswith(": 0 of 2,874 rows (0%)") and rows[-1].split(": ")[1].startswith("2,874 of 2,874 rows (100%)")
+    assert len(rows) == 1 + 6  # the start, then each of the 2 x 3 chunks
+
+
+def test_log_progress_speaks_at_the_start_every_interval_and_at_the_end(capsys: pytest.CaptureFixture) -> None:
+    from kdcache.cli.common import LogProgress
+
+    now = [0.0]
+    progress = LogProgress("work", 1000, 0, "row", 30.0, clock=lambda: now[0])
+    for _ in range(9):  # 100 rows every 10 s
+        now[0] += 10
+        progress.update(100)
+    now[0] += 10
+    progress.update(100)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["work: 0 of 1,000 rows (0%)",
+                     "work: 300 of 1,000 rows (30%), 10 rows/s, about 1 min 10 s left",
+                     "work: 600 of 1,000 rows (60%), 10 rows/s, about 40 s left",
+                     "work: 900 of 1,000 rows (90%), 10 rows/s, about 10 s left",
+                     "work: 1,000 of 1,000 rows (100%), 10 rows/s"]
