@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 import click
@@ -16,8 +18,14 @@ class OneLineUsageError(click.ClickException):
     exit_code = 2
 
 
+# Set to show the traceback of an unexpected failure instead of its one line.
+DEBUG_ENV = "KDCACHE_DEBUG"
+UNEXPECTED = "kdcache failed unexpectedly"
+
+
 class KdcacheGroup(click.Group):
-    """Turns user errors into one line: the library's with exit status 1, click's usage errors with 2."""
+    """Turns every failure into one line: the library's user errors and file-system failures with exit status 1,
+    click's usage errors with 2, and anything unexpected (a bug) with 1 and a pointer to its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -29,6 +37,27 @@ class KdcacheGroup(click.Group):
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
             raise OneLineUsageError(f"{exc.format_message()} (`{where} --help` lists the options)") from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OSError as exc:
+            raise click.ClickException(os_error_line(exc)) from None
+        except Exception as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise click.ClickException(f"{UNEXPECTED}: {type(exc).__name__}{': ' + text if text else ''} "
+                                       f"(a bug: please report it; {DEBUG_ENV}=1 shows the traceback)") from None
+
+
+def os_error_line(exc: OSError) -> str:
+    """A file-system failure as one line naming the path, why, and what usually helps."""
+    path = exc.filename if exc.filename is not None else "a file"
+    why = exc.strerror or str(exc) or type(exc).__name__
+    hint = {errno.ENOSPC: "free space there", errno.EACCES: "check its permissions",
+            errno.EPERM: "check its permissions", errno.EROFS: "the file system is read-only",
+            errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.EISDIR: "it is a folder; give a file", errno.EEXIST: "it exists already"}.get(exc.errno)
+    return f"{path}: {why}{'; ' + hint if hint else ''}"
 
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

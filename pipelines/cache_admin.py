@@ -65,7 +65,7 @@ def store_info(cache: Cache, prefix: str) -> dict[str, Any]:
 def verify_stores(cache: Cache, prefix: str | None = None,
                   on_store: Callable[[str], None] | None = None) -> dict[str, list[str]]:
     """Problems per teacher store (every chunk read, every marker checked); an empty list means sound."""
-    ids = [cache.resolve(prefix, "teacher")] if prefix else cache.teacher_ids()
+    ids = [cache.resolve(prefix, "teacher")] if prefix is not None else cache.teacher_ids()
     report: dict[str, list[str]] = {}
     for tid in ids:
         if on_store:

@@ -147,6 +147,8 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     model_info(req.student)
     info = method_info(req.method)
     check_method_options(req.method, req.options)
+    if req.prefetch < 1:
+        raise KdcacheError(f"--prefetch must be at least 1 (got {req.prefetch})")
     cache = Cache.at(req.cache)
     stores = [cache.open_teacher(t) for t in req.teachers]
     plan = _open_plan(cache, stores)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from kdcache.data import load_dataset
 from kdcache.device import resolve_device
-from kdcache.errors import CheckpointError
+from kdcache.errors import CheckpointError, KdcacheError
 from kdcache.evaluate import evaluate
 from kdcache.models import build_model, load_checkpoint, map_shape, model_info
 
@@ -17,6 +17,8 @@ def evaluate_checkpoint(arch: str, checkpoint: Path, dataset: str, data_root: Pa
     """Load ``checkpoint`` into ``arch`` and return its (top-1, top-5) in percent on the test split, viewed as
     ``recipe`` at ``image_size`` prescribes (default: the data set's)."""
     model_info(arch)
+    if batch_size < 1:
+        raise KdcacheError(f"--batch-size must be at least 1 (got {batch_size})")
     if not Path(checkpoint).is_file():
         raise CheckpointError(f"checkpoint {checkpoint} not found")
     data = load_dataset(dataset, data_root, recipe, image_size)
