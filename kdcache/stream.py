@@ -207,16 +207,38 @@ def _split(block: _Block, n: int) -> tuple[_Block, _Block]:
             _Block(block.rows[n:], [z[n:] for z in block.logits], [h[n:] for h in block.features]))
 
 
-def check_compatible(plan: PlanStore, stores: list[TeacherStore]) -> None:
-    """Refuse teachers on different plans, or stores whose shape disagrees with the plan."""
-    plans = {s.plan_id for s in stores}
-    if len(plans) > 1:
-        listing = ", ".join(f"{s.id} on plan {s.plan_id}" for s in stores)
-        raise StoreError(f"the teachers were precomputed on different view plans ({listing}); "
-                         "precompute them with the same --views and --plan-seed")
+def check_compatible(plan: PlanStore, stores: list[TeacherStore], plans: dict[str, PlanStore] | None = None) -> None:
+    """Refuse teachers on different plans (``plans``, by id, lets the refusal say how the plans differ), or
+    stores whose shape disagrees with the plan."""
+    if len({s.plan_id for s in stores}) > 1:
+        raise StoreError(plan_mismatch(stores, plans or {}))
     for s in stores:
         if s.plan_id != plan.id:
             raise StoreError(f"teacher store {s.id} is on plan {s.plan_id}, not {plan.id}")
         if (s.n_views, s.n_samples) != (plan.n_views, plan.n_samples):
             raise StoreError(f"teacher store {s.id} holds {s.n_views}x{s.n_samples} rows but its plan "
                              f"{plan.id} has {plan.n_views}x{plan.n_samples}")
+
+
+def plan_mismatch(stores: list[TeacherStore], plans: dict[str, PlanStore]) -> str:
+    """Why teachers on different plans cannot be distilled together, naming what differs and its remedy:
+    the data set, its copy, the number of views, the plan seed or the recipe."""
+    def each(what: Callable[[PlanStore], object]) -> str:
+        return ", ".join(f"{s.id} {what(plans[s.plan_id])}" for s in stores)
+
+    if all(s.plan_id in plans for s in stores):
+        if len({plans[s.plan_id].attrs["dataset"]["name"] for s in stores}) > 1:
+            return (f"the teachers were precomputed on different data sets ({each(lambda p: p.attrs['dataset']['name'])}); "
+                    "distil from teachers of one data set")
+        if len({plans[s.plan_id].attrs["dataset"]["fingerprint"] for s in stores}) > 1:
+            return ("the teachers were precomputed on different copies of "
+                    f"{plans[stores[0].plan_id].attrs['dataset']['name']} (the files differ); precompute them "
+                    "from the same --data-root")
+        for option, value in (("--views", lambda p: p.n_views), ("--plan-seed", lambda p: p.attrs.get("seed")),
+                              ("--recipe and --image-size", lambda p: p.recipe)):
+            if len({str(value(plans[s.plan_id])) for s in stores}) > 1:
+                return (f"the teachers were precomputed with different {option} ({each(value)}); precompute them "
+                        f"with the same {option}")
+    listing = ", ".join(f"{s.id} on plan {s.plan_id}" for s in stores)
+    return (f"the teachers were precomputed on different view plans ({listing}); precompute them with the same "
+            "data set, --views, --plan-seed and --recipe")

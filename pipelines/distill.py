@@ -304,8 +304,12 @@ def _open_plan(cache: Cache, stores: list[TeacherStore]) -> PlanStore:
     if not stores:
         raise KdcacheError("no teacher stores given: pass --teachers ID (from `kdcache cache ls`); "
                            "their plan fixes the views, even for ce")
-    plan = PlanStore.open(cache.plan_path(stores[0].plan_id), stores[0].plan_id)
-    check_compatible(plan, stores)
+    plans = {}
+    for plan_id in dict.fromkeys(s.plan_id for s in stores):
+        with contextlib.suppress(StoreError):  # a missing plan is refused below, for the first store's
+            plans[plan_id] = PlanStore.open(cache.plan_path(plan_id), plan_id)
+    plan = plans.get(stores[0].plan_id) or PlanStore.open(cache.plan_path(stores[0].plan_id), stores[0].plan_id)
+    check_compatible(plan, stores, plans)
     return plan
 
 

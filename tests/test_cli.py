@@ -260,7 +260,7 @@ BAD_INPUT = [
     ("store of another class count", lambda t, c: distill_args(t, _store_of_other_class_count(t)),
      "has 100 classes but digits has 10"),
     ("teachers on different plans", lambda t, c: distill_args(t, *_stores(t)),
-     "the teachers were precomputed on different view plans"),
+     "the teachers were precomputed with different --plan-seed ("),
     ("distill: store of a newer format", lambda t, c: distill_args(t, _newer_format_store(t, c)[1]),
      "store format 99"),
     # data roots with missing or short files

@@ -245,7 +245,8 @@ def test_refusals(two_teachers, tmp_path: Path) -> None:
     other = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", ckpts[0], "--dataset", "digits",
                     "--cache", cache, "--views", 2, "--chunk-rows", 256, "--device", "cpu")
     other_id = other.stdout.strip().splitlines()[-1]
-    with pytest.raises(KdcacheError, match="different view plans"):
+    with pytest.raises(KdcacheError, match=rf"with different --views \({ids[0]} 3, {other_id} 2\); precompute them "
+                                           "with the same --views"):
         distill(request(cache, [ids[0], other_id], tmp_path / "a"))
     with pytest.raises(KdcacheError, match="needs exactly 1 teacher|exactly one teacher"):
         distill(request(cache, ids, tmp_path / "b", method="kd"))

@@ -13,18 +13,19 @@ import zarr
 from fakes import flip_byte
 from kdcache.errors import KdcacheError, StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore
-from kdcache.stream import Schedule, TeacherStream
+from kdcache.stream import Schedule, TeacherStream, check_compatible
 
 V, N, C = 4, 40, 3
 
 
-def make_plan(cache: Cache, pid: str = "plan000000000000") -> PlanStore:
+def make_plan(cache: Cache, pid: str = "plan000000000000", dataset: str = "x", fingerprint: str = "f",
+              seed: int = 0) -> PlanStore:
     rng = np.random.default_rng(7)
     order = np.stack([rng.permutation(N) for _ in range(V)]).astype(np.int32)
     params = rng.integers(0, 9, (V, N, 3)).astype(np.int16)
     labels = (np.arange(N) % C).astype(np.int32)
-    attrs = {"dataset": {"name": "x", "n_samples": N, "n_classes": C, "fingerprint": "f"},
-             "recipe": {"name": "crop-flip"}, "seed": 0}
+    attrs = {"dataset": {"name": dataset, "n_samples": N, "n_classes": C, "fingerprint": fingerprint},
+             "recipe": {"name": "crop-flip"}, "seed": seed}
     return PlanStore.create(cache.plan_path(pid), cache.lock_path("plan", pid), pid, attrs, len(order), labels,
                             lambda v: (order[v], params[v]))
 
@@ -205,3 +206,23 @@ def test_teachers_on_different_plans_are_refused(cache: Cache) -> None:
     b, _, _ = make_teacher(cache, "b" * 16, p2, dim=5, rows=8, seed=1)
     with pytest.raises(StoreError, match="different view plans"):
         TeacherStream(p1, [a, b], seed=0)
+
+
+def test_teachers_on_different_plans_are_told_what_differs(cache: Cache) -> None:
+    """The refusal names the real cause and its remedy: another data set, another copy of it, another seed."""
+    base = make_plan(cache, "plan100000000000")
+    a, _, _ = make_teacher(cache, "a" * 16, base, dim=5, rows=8, seed=1)
+    for pid, kw, says in (
+            ("plan200000000000", {"dataset": "mnist"}, f"on different data sets ({a.id} x, {'b' * 16} mnist); "
+                                                         "distil from teachers of one data set"),
+            ("plan300000000000", {"fingerprint": "g"}, "on different copies of x (the files differ); precompute them "
+                                                        "from the same --data-root"),
+            ("plan400000000000", {"seed": 3}, f"with different --plan-seed ({a.id} 0, {'b' * 16} 3); precompute "
+                                               "them with the same --plan-seed")):
+        other = make_plan(cache, pid, **kw)
+        b, _, _ = make_teacher(cache, "b" * 16, other, dim=5, rows=8, seed=1)
+        plans = {base.id: base, other.id: other}
+        with pytest.raises(StoreError) as refused:
+            check_compatible(base, [a, b], plans)
+        assert str(refused.value) == f"the teachers were precomputed {says}"
+        cache.remove_teacher("b" * 16)
