@@ -100,6 +100,8 @@ def test_cache_ls_info_verify_rm(digits_teacher: Path, tmp_path: Path) -> None:
     bad = run_cli("cache", "verify", tid, "--cache", cache)
     assert bad.exit_code == 1
     assert "features: chunk (view 1, chunk 2) is damaged" in bad.stdout
+    assert bad.stdout.startswith(f"{tid}: 1 problem(s); damaged: remove it with `kdcache cache rm {tid}` and run its "
+                                 "`kdcache precompute` again")
 
     rm = run_cli("cache", "rm", tid, "--cache", cache)
     assert rm.exit_code == 0 and not (cache / "teachers" / tid).exists()

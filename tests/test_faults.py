@@ -568,6 +568,11 @@ def test_a_failed_chunk_write_is_one_clear_error_and_the_rerun_resumes(shared: S
     assert {(0, 0), (0, 1), (0, 2)} <= set(marked) <= {(0, 0), (0, 1), (0, 2), (0, 4)}  # (0, 4) may be queued
     assert (store / "logits" / "c" / "0" / "3" / "0").is_file() and (0, 3) not in marked  # data, but no marker
     assert strays(store) == [] and not is_complete(store)
+    verify = run_cli("cache", "verify", "--cache", cache)  # unfinished, not damaged: the advice is the re-run
+    assert verify.exit_code == 1 and verify.stdout.splitlines() == [
+        f"{shared.tid}: 1 problem(s); unfinished: run the same `kdcache precompute` again to finish it (it keeps "
+        "every chunk already written)", f"  unfinished: {len(ALL_CHUNKS) - len(marked)} of {len(ALL_CHUNKS)} chunks "
+        "not written yet"], verify.output
 
     result = run_cli(*shared.precompute_args(cache))  # space is back
     assert result.exit_code == 0, result.output

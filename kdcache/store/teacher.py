@@ -91,11 +91,12 @@ class TeacherStore:
         if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
             for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features"):
-                if store.attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None) != \
-                        attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None):
+                have, want = (_identity(a, key) for a in (store.attrs, attrs))
+                if have != want:
                     raise StoreError(
-                        f"teacher store {teacher_id} at {where} holds {key}={store.attrs.get(key)!r}, "
-                        f"expected {attrs.get(key)!r}; remove it with `kdcache cache rm {teacher_id}`"
+                        f"teacher store {teacher_id} at {where} holds {key}={have!r}, expected {want!r}, though "
+                        f"its id says otherwise (its attributes were changed); remove it with "
+                        f"`kdcache cache rm {teacher_id}` and precompute it again"
                     )
             return cls.open(where, teacher_id, require_complete=False, writable=True)
         # A new store, or one whose creation was interrupted (no chunk of it was written yet): made afresh.
@@ -383,6 +384,13 @@ class TeacherStore:
         for v in range(self.n_views):
             for c in range(self.chunks_per_view):
                 yield v, c
+
+
+def _identity(attrs: dict[str, Any], key: str) -> Any:
+    """What attribute ``key`` contributes to a store's identity: the checkpoint's content (not where the file
+    lies, which may move), the feature form with its default for stores older than the forms."""
+    value = attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None)
+    return value.get("sha256") if key == "checkpoint" and isinstance(value, dict) else value
 
 
 def _raw_attrs(where: Location) -> dict[str, Any]:
