@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__, distributed, training
-from kdcache.batches import view_batch
-from kdcache.data import DataSet, load_dataset
+from kdcache.data import DataSet
 from kdcache.device import resolve_device
 from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
@@ -44,8 +43,8 @@ from kdcache.losses import (Batch, LossTerms, Method, MethodInfo, MethodOptions,
 from kdcache.models import (build_model, feature_dim, forbid_construction, forward_with_map, load_checkpoint,
                             map_shape, model_info)
 from kdcache.models.checkpoint import read_checkpoint
-from kdcache.store import Cache, PlanStore, TeacherStore, sha256_file
-from kdcache.stream import StreamBatch, TeacherStream, check_compatible
+from kdcache.cached import CachedBatch, CachedTeachers
+from kdcache.store import PlanStore, TeacherStore, sha256_file
 from kdcache.views import get_recipe
 
 
@@ -147,26 +146,26 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     model_info(req.student)
     info = method_info(req.method)
     check_method_options(req.method, req.options)
-    if req.prefetch < 1:
-        raise KdcacheError(f"--prefetch must be at least 1 (got {req.prefetch})")
-    cache = Cache.at(req.cache)
-    stores = [cache.open_teacher(t) for t in req.teachers]
-    plan = _open_plan(cache, stores)
-    _feature_form(stores, info)
-    dataset = _dataset_of(plan, req)
-    _teacher_classes_fit(stores, dataset)
     with distributed.process_group(resolve_device(req.device)) as ctx:
-        distributed.split_batch(req.batch_size, ctx.world)  # an uneven split is refused before any work
+        teachers = CachedTeachers(req.teachers, req.cache, dataset=req.dataset, data_root=req.data_root,
+                                  batch_size=req.batch_size, seed=req.seed, device=ctx.device, prefetch=req.prefetch,
+                                  rank=ctx.rank, world=ctx.world,
+                                  read_teachers=info.n_teachers != "0" and not req.online)
+        if info.uses_features and teachers.feature_form == "none":
+            raise StoreError(f"{info.name} needs the teachers' features but store {teachers.stores[0].id} holds "
+                             "logits only (precomputed with --features none); precompute with --features pooled "
+                             "or spatial")
         if on_start and ctx.is_main:
             on_start(ctx)
-        return _train(req, info, stores, plan, dataset, ctx, on_epoch, on_step)
+        return _train(req, info, teachers, ctx, on_epoch, on_step)
 
 
-def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], plan: PlanStore, dataset: DataSet,
-           ctx: DistContext, on_epoch: Callable[[EpochMetrics], None] | None,
+def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx: DistContext,
+           on_epoch: Callable[[EpochMetrics], None] | None,
            on_step: Callable[[StepRecord], None] | None) -> DistillResult:
     """Build the student and the method, restore or start the run directory, then train epoch by epoch."""
     device = ctx.device
+    stores, plan, dataset = teachers.stores, teachers.plan, teachers.dataset
     out = Path(req.out)
     ctx.on_main(lambda: _check_run_dir(out, req.resume))
 
@@ -174,7 +173,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
     student = build_model(req.student, dataset.num_classes)
     student_map = map_shape(student, view_size(plan))  # a student that cannot take the views fails here
     student = student.to(device)
-    spatial = _feature_form(stores, info) == "spatial"
+    spatial = teachers.feature_form == "spatial"
     method = build_method(req.method, num_classes=dataset.num_classes,
                           student_dim=student_map if spatial else feature_dim(student),
                           teacher_dims=[s.feature_shape if spatial else s.feature_dim for s in stores],
@@ -196,10 +195,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
     model = ctx.wrap(StudentLoss(student, method, spatial),
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
 
-    source = dataset.train.to(device) if dataset.train.resident else dataset.train
     uses_teachers = info.n_teachers != "0"
-    stream = TeacherStream(plan, stores, req.seed, req.prefetch, read_teachers=uses_teachers and not req.online,
-                           pin_memory=device.type == "cuda", rank=ctx.rank, world=ctx.world)
     result = DistillResult(out, best, [], student, ctx.is_main)
     scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
     watch = training.NonFiniteWatch(device, lambda e: _kept(out, e), _any_rank(ctx))
@@ -211,10 +207,9 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
             weight_sum: torch.Tensor | None = None
             per_sample: list[tuple[np.ndarray, torch.Tensor]] = []
             steps = 0
-            for step, batch in enumerate(stream.epoch(epoch, req.batch_size)):
-                x = view_batch(dataset, source, plan.recipe, batch.indices, batch.params, device)
-                y = torch.as_tensor(batch.labels, device=device)
-                t_logits, t_feats = _teacher_outputs(batch, live_teachers, x, device, spatial)
+            for batch in teachers.epoch(epoch):
+                step, x, y = batch.step, batch.views, batch.labels
+                t_logits, t_feats = _teacher_outputs(batch, live_teachers, spatial)
                 with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=req.amp):
                     loss = model(x, y, t_logits, t_feats, epoch)
                 watch.observe(epoch, step, {**loss.terms, "total": loss.total})
@@ -243,7 +238,7 @@ def _train(req: DistillRequest, info: MethodInfo, stores: list[TeacherStore], pl
             per_sample = _gather_sample_weights(ctx, per_sample)
             # Rank 0's batch-norm running statistics are the ones DDP hands to every rank, so it evaluates.
             top1, top5 = ctx.on_main(lambda: evaluate(student, dataset, plan.recipe, device))
-            metrics = EpochMetrics(epoch, stream.schedule.view(epoch), {k: float(v) / steps for k, v in sums.items()},
+            metrics = EpochMetrics(epoch, teachers.stream.schedule.view(epoch), {k: float(v) / steps for k, v in sums.items()},
                                    None if weight_sum is None else [float(w) / steps for w in weight_sum],
                                    top1, top5, lr_now, time.perf_counter() - t0)
             result.history.append(metrics)
@@ -299,56 +294,9 @@ def _gather_sample_weights(ctx: DistContext, per_sample: list[tuple[np.ndarray, 
 # -- opening --------------------------------------------------------------------------------
 
 
-def _open_plan(cache: Cache, stores: list[TeacherStore]) -> PlanStore:
-    """The one plan all teachers were computed on (it fixes the views, even for ``ce``)."""
-    if not stores:
-        raise KdcacheError("no teacher stores given: pass --teachers ID (from `kdcache cache ls`); "
-                           "their plan fixes the views, even for ce")
-    plans = {}
-    for plan_id in dict.fromkeys(s.plan_id for s in stores):
-        with contextlib.suppress(StoreError):  # a missing plan is refused below, for the first store's
-            plans[plan_id] = PlanStore.open(cache.plan_path(plan_id), plan_id)
-    plan = plans.get(stores[0].plan_id) or PlanStore.open(cache.plan_path(stores[0].plan_id), stores[0].plan_id)
-    check_compatible(plan, stores, plans)
-    return plan
-
-
-def _dataset_of(plan: PlanStore, req: DistillRequest) -> DataSet:
-    """The data set the plan was drawn on, checked by fingerprint; its class count must fit every teacher."""
-    recorded = plan.attrs["dataset"]
-    dataset = load_dataset(req.dataset or recorded["name"], req.data_root)
-    if dataset.fingerprint != recorded["fingerprint"]:
-        raise KdcacheError(f"the stores were computed on a different copy of {recorded['name']} "
-                           f"({recorded['n_samples']} samples) than the one under --data-root; "
-                           "point --data-root at the data precompute used")
-    return dataset
-
-
-def _feature_form(stores: list[TeacherStore], info: MethodInfo) -> str:
-    """The feature form every store shares; refused when they differ, or when the method needs features the
-    stores do not hold."""
-    forms = {s.feature_form for s in stores}
-    if len(forms) > 1:
-        listing = ", ".join(f"{s.id} {s.feature_form}" for s in stores)
-        raise StoreError(f"the teachers were precomputed in different feature forms ({listing}); "
-                         "precompute them with the same --features")
-    form = forms.pop()
-    if info.uses_features and form == "none":
-        raise StoreError(f"{info.name} needs the teachers' features but store {stores[0].id} holds logits only "
-                         "(precomputed with --features none); precompute with --features pooled or spatial")
-    return form
-
-
 def view_size(plan: PlanStore) -> int:
     """The side of the plan's square views."""
     return get_recipe(plan.recipe).size
-
-
-def _teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:
-    for s in stores:
-        if s.num_classes != dataset.num_classes:
-            raise StoreError(f"teacher store {s.id} has {s.num_classes} classes but {dataset.name} has "
-                             f"{dataset.num_classes}")
 
 
 @contextlib.contextmanager
@@ -373,17 +321,16 @@ def _teacher_guard(online: bool, stores: list[TeacherStore],
     yield teachers
 
 
-def _teacher_outputs(batch: StreamBatch, live: list[torch.nn.Module] | None, x: torch.Tensor,
-                     device: torch.device, spatial: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _teacher_outputs(batch: CachedBatch, live: list[torch.nn.Module] | None,
+                     spatial: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The K teachers' logits and features (last-block maps when ``spatial``) for this batch, float32 on the
-    device."""
+    device: as stored, or computed now by the live teachers (``--online``) on the same views."""
     if live is None:  # cached (or a method that uses no teacher: the lists are empty)
-        return ([z.to(device, non_blocking=True).float() for z in batch.teacher_logits],
-                [h.to(device, non_blocking=True).float() for h in batch.teacher_features])
+        return batch.teacher_logits, batch.teacher_features
     logits, feats = [], []
     with torch.no_grad():
         for t in live:
-            m, h, z = forward_with_map(t, x)
+            m, h, z = forward_with_map(t, batch.views)
             logits.append(z.float())
             feats.append((m if spatial else h).float())
     return logits, feats

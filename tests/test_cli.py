@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
+from click.testing import CliRunner
 
 from conftest import error_lines, run_cli
 from fakes import cifar_batch, fake_cifar, flip_byte, write_fake_cifar, write_py2_pickle
 from kdcache import training
+from kdcache.cli.main import main
 from kdcache.data import dataset_names
 from kdcache.models import build_model, model_names
 from kdcache.store import Cache
@@ -332,18 +334,30 @@ def assert_nothing_half_written(root: Path, before: dict[str, str]) -> None:
             raise AssertionError(f"a refused command wrote {new}")
 
 
+# Cases also run as a real `python -m kdcache.cli` process (each costs the imports, about 5 s on CI): one of each
+# kind of refusal (a missing file, a store the teacher cannot fill, a non-finite option, a file kept safe).
+IN_A_PROCESS = {"missing checkpoint", "inf teacher outputs", "distill: nan lr", "train: existing --out"}
+
+
 @pytest.mark.parametrize("case", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
 def test_user_errors_are_one_clear_line(case, tmp_path: Path, digits_teacher: Path, prebuilt: Path) -> None:
-    _, make_args, expected = case
+    name, make_args, expected = case
     shutil.copytree(prebuilt, tmp_path / "c")
     args = [str(a) for a in make_args(tmp_path, digits_teacher)]
     before = _files(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True,
-                            env={**os.environ, "KDCACHE_HOME": str(tmp_path / "home")})
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    home = {"KDCACHE_HOME": str(tmp_path / "home")}
+    if name in IN_A_PROCESS:
+        done = subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True,
+                              env={**os.environ, **home})
+        code, stderr = done.returncode, done.stderr
+    else:  # in this process: the same command line, the same one line, without the cost of the imports
+        result = CliRunner().invoke(main, args, env=home)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        code, stderr = result.exit_code, result.stderr
+    assert code != 0
+    assert "Traceback" not in stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     assert expected in lines[0], lines[0]
     assert_nothing_half_written(tmp_path, before)
 

@@ -141,7 +141,7 @@ def test_resume_may_grow_epochs(two_teachers, tmp_path: Path) -> None:
     With the default milestones (scaled to --epochs: [1] for 2 epochs, [2, 3] for 4), the epochs still to
     train follow the 4-epoch schedule and the epochs already trained keep the lr they had."""
     cache, ids, _ = two_teachers
-    quick = dict(method="kd", teachers=ids[:1], batch_size=256)
+    quick = dict(method="kd", teachers=ids[:1], batch_size=512)
     for name, milestones in (("given", [3]), ("scaled", None)):
         straight, split = tmp_path / f"{name}-straight", tmp_path / f"{name}-split"
         distill(request(cache, out=straight, epochs=4, milestones=milestones, **quick))
@@ -165,7 +165,7 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
         two_teachers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Images that turn to NaN at epoch 2, step 3 (a fault a finite lr can also cause): the run stops there with
     one line naming the epoch, the step and the term, and nothing of epoch 2 is evaluated or saved."""
-    import kdcache.pipelines.distill as pipeline
+    import kdcache.cached as pipeline  # where distill's batches are made
 
     cache, ids, _ = two_teachers
     real, calls = pipeline.view_batch, [0]

@@ -112,9 +112,9 @@ if action in ("kill", "kill-partial", "enospc", "pause"):
     local._put = put
 
 if action in ("kill-step", "barrier"):
-    import kdcache.pipelines.distill as distill
+    import kdcache.cached as cached  # where distill's batches are made
 
-    real_view_batch, calls = distill.view_batch, [0]
+    real_view_batch, calls = cached.view_batch, [0]
 
     def view_batch(*args, **kwargs):
         calls[0] += 1
@@ -126,7 +126,7 @@ if action in ("kill-step", "barrier"):
             (signals / f"met-{os.getpid()}").touch()
         return real_view_batch(*args, **kwargs)
 
-    distill.view_batch = view_batch
+    cached.view_batch = view_batch
 
 if action == "kill-in-save":
     from kdcache import training
@@ -367,11 +367,11 @@ def test_precompute_killed_early_mid_chunk_and_near_the_end_resumes_bit_identica
 
 
 # Writes of plan and store creation (zarr rewrites a group's zarr.json as each child is added): the group's
-# first write, an array's metadata, a view of the plan being written, the head, the end of creation.
+# first write, an array's metadata, the plan's views being written, the head, the end of creation.
 CREATION_FAULTS = [
     ("plans", "zarr.json", 1),          # the plan's group, nothing else yet
     ("plans", "params/zarr.json", 1),   # order made, params not
-    ("plans", "order/c/1/0", 1),        # view 0 written, view 1 being written
+    ("plans", "params/c/0/0/0", 1),     # the views' order written, their replay parameters being written
     ("teachers", "zarr.json", 1),       # the store's group, no array yet
     ("teachers", "done/zarr.json", 1),  # data arrays made, markers not
     ("teachers", "head/bias/c/0", 1),   # every array made, the head's bias being written

@@ -1,0 +1,213 @@
+"""Cached teachers for any training loop: K teacher stores, their plan and data set, as batches on a device.
+
+:class:`CachedTeachers` opens the stores (ids or unique prefixes) and does every check
+``kdcache distill`` does: complete stores, one plan, the data set the plan was drawn on
+(by content fingerprint), class counts, one feature form. Per epoch it yields
+:class:`CachedBatch` es: the student's augmented views replayed on the device
+(bit-identical to what the teachers saw), the labels, each teacher's logits and
+features as float32 on the device, and the sample ids. Under torchrun each rank gets
+its slice of every global batch, as distill's ranks do. ``kdcache distill`` trains
+from this class; :meth:`CachedTeachers.as_dataset` serves users of DataLoader.
+
+    teachers = CachedTeachers(["3f2a", "9c1e"], batch_size=64, device="cuda")
+    for epoch in range(1, 241):
+        for b in teachers.epoch(epoch):
+            loss = my_loss(student(b.views), b.labels, b.teacher_logits, b.teacher_features)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from kdcache.batches import view_batch
+from kdcache.data import DataSet, load_dataset
+from kdcache.device import resolve_device
+from kdcache.distributed import split_batch
+from kdcache.errors import KdcacheError, StoreError
+from kdcache.store import Cache, PlanStore, TeacherStore
+from kdcache.store.location import Where
+from kdcache.stream import TeacherStream, check_compatible
+from kdcache.views import get_recipe
+
+
+@dataclass
+class CachedBatch:
+    """One training batch (this rank's slice of it under torchrun), everything on the device."""
+
+    epoch: int
+    step: int                             # 0-based within the epoch
+    view: int                             # the stored view the epoch reads
+    views: torch.Tensor                   # (B, 3, S, S) float32: the augmented, normalised images
+    labels: torch.Tensor                  # (B,) int64
+    teacher_logits: list[torch.Tensor]    # K x (B, C) float32 (empty with read_teachers=False)
+    teacher_features: list[torch.Tensor]  # K x (B, D_k) pooled or (B, C'_k, H, W) spatial, float32; empty in form none
+    indices: np.ndarray                   # (B,) sample ids in the training set
+
+
+class CachedTeachers:
+    """K teacher stores on one plan, with the data set they were computed on, as per-epoch batches.
+
+    ``teachers``: store ids or unique prefixes (``kdcache cache ls``); ``cache``: a directory or URL
+    (default $KDCACHE_HOME, else ~/.cache/kdcache); ``dataset``/``data_root``: where the training images
+    lie (default: the data set the plan was drawn on; its content is checked by fingerprint);
+    ``batch_size``: the global batch; ``seed``: which view each epoch reads and in which order
+    (a pure function of seed and epoch, so a resumed loop sees the same batches); ``rank``/``world``:
+    default from torch.distributed when initialised, else torchrun's environment, else a single process.
+    ``read_teachers=False`` yields views and labels only (for live teachers, or a method without any).
+    Every refusal is a KdcacheError with one line saying what to do.
+    """
+
+    def __init__(self, teachers: Sequence[str], cache: Where | None = None, *, dataset: str | None = None,
+                 data_root: Path | None = None, batch_size: int = 64, seed: int = 0,
+                 device: str | torch.device | None = None, prefetch: int = 2, rank: int | None = None,
+                 world: int | None = None, read_teachers: bool = True) -> None:
+        if batch_size < 1:
+            raise KdcacheError(f"--batch-size must be at least 1 (got {batch_size})")
+        if prefetch < 1:
+            raise KdcacheError(f"--prefetch must be at least 1 (got {prefetch})")
+        self.cache = Cache.at(cache)
+        self.stores = [self.cache.open_teacher(t) for t in teachers]
+        self.plan = open_plan(self.cache, self.stores)
+        self.feature_form = feature_form(self.stores)
+        self.dataset = dataset_of(self.plan, dataset, data_root)
+        teacher_classes_fit(self.stores, self.dataset)
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.rank, self.world = _place(rank, world)
+        split_batch(batch_size, self.world)  # an uneven split is refused before any work
+        if self.plan.n_samples < batch_size:
+            raise KdcacheError(f"--batch-size {batch_size} exceeds the {self.plan.n_samples} training samples")
+        self.batch_size = batch_size
+        self.stream = TeacherStream(self.plan, self.stores, seed, prefetch, read_teachers=read_teachers,
+                                    pin_memory=self.device.type == "cuda", rank=self.rank, world=self.world)
+        self._source = self.dataset.train.to(self.device) if self.dataset.train.resident else self.dataset.train
+
+    # -- what the stores hold ----------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def n_views(self) -> int:
+        """Views stored per teacher; epoch e reads view σ(e mod V) of a per-seed permutation."""
+        return self.plan.n_views
+
+    @property
+    def view_size(self) -> int:
+        """The side of the square views."""
+        return get_recipe(self.plan.recipe).size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch (the incomplete last batch is dropped)."""
+        return self.stream.schedule.steps(self.batch_size)
+
+    def heads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each teacher's final linear layer: weight (C, D) and bias (C,), float32 on the device."""
+        return [(w.to(self.device), b.to(self.device)) for w, b in (s.head() for s in self.stores)]
+
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        """Each teacher's per-row feature shape: (D,) pooled, (C', H, W) spatial, () none."""
+        return [s.feature_shape for s in self.stores]
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def epoch(self, epoch: int) -> Iterator[CachedBatch]:
+        """The batches of ``epoch`` (1-based), read ahead on background threads; stops early without harm."""
+        if epoch < 1:
+            raise KdcacheError(f"epochs count from 1 (got {epoch})")
+        view = self.stream.schedule.view(epoch)
+        for step, batch in enumerate(self.stream.epoch(epoch, self.batch_size)):
+            views = view_batch(self.dataset, self._source, self.plan.recipe, batch.indices, batch.params, self.device)
+            yield CachedBatch(epoch, step, view, views, torch.as_tensor(batch.labels, device=self.device),
+                              [z.to(self.device, non_blocking=True).float() for z in batch.teacher_logits],
+                              [h.to(self.device, non_blocking=True).float() for h in batch.teacher_features],
+                              batch.indices)
+
+    def as_dataset(self, epochs: int, start: int = 1) -> "CachedTeacherDataset":
+        """An IterableDataset of every batch of epochs ``start`` .. ``epochs``, for
+        ``DataLoader(..., batch_size=None)`` (the batches are already made and on the device)."""
+        return CachedTeacherDataset(self, epochs, start)
+
+
+class CachedTeacherDataset(torch.utils.data.IterableDataset):
+    """The batches of :class:`CachedTeachers` over a range of epochs, as a DataLoader source.
+
+    Use ``num_workers=0``: the batches are made on the device, with reading already on background threads.
+    """
+
+    def __init__(self, teachers: CachedTeachers, epochs: int, start: int = 1) -> None:
+        super().__init__()
+        self.teachers, self.epochs, self.start = teachers, epochs, start
+
+    def __iter__(self) -> Iterator[CachedBatch]:
+        for epoch in range(self.start, self.epochs + 1):
+            yield from self.teachers.epoch(epoch)
+
+    def __len__(self) -> int:
+        return (self.epochs - self.start + 1) * self.teachers.steps_per_epoch
+
+
+# -- the checks distill and CachedTeachers share ------------------------------------------------
+
+
+def open_plan(cache: Cache, stores: list[TeacherStore]) -> PlanStore:
+    """The one plan all teachers were computed on (it fixes the views, even for ``ce``); teachers on
+    different plans are refused with what differs between the plans."""
+    if not stores:
+        raise KdcacheError("no teacher stores given: pass --teachers ID (from `kdcache cache ls`); "
+                           "their plan fixes the views, even for ce")
+    plans = {}
+    for plan_id in dict.fromkeys(s.plan_id for s in stores):
+        with contextlib.suppress(StoreError):  # a missing plan is refused below, for the first store's
+            plans[plan_id] = PlanStore.open(cache.plan_path(plan_id), plan_id)
+    plan = plans.get(stores[0].plan_id) or PlanStore.open(cache.plan_path(stores[0].plan_id), stores[0].plan_id)
+    check_compatible(plan, stores, plans)
+    return plan
+
+
+def dataset_of(plan: PlanStore, name: str | None = None, data_root: Path | None = None) -> DataSet:
+    """The data set the plan was drawn on (or ``name``), refused unless its content fingerprint matches."""
+    recorded = plan.attrs["dataset"]
+    dataset = load_dataset(name or recorded["name"], data_root)
+    if dataset.fingerprint != recorded["fingerprint"]:
+        raise KdcacheError(f"the stores were computed on a different copy of {recorded['name']} "
+                           f"({recorded['n_samples']} samples) than the one under --data-root; "
+                           "point --data-root at the data precompute used")
+    return dataset
+
+
+def feature_form(stores: list[TeacherStore]) -> str:
+    """The feature form every store shares (pooled, spatial or none); refused when they differ."""
+    forms = {s.feature_form for s in stores}
+    if len(forms) > 1:
+        listing = ", ".join(f"{s.id} {s.feature_form}" for s in stores)
+        raise StoreError(f"the teachers were precomputed in different feature forms ({listing}); "
+                         "precompute them with the same --features")
+    return forms.pop()
+
+
+def teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:
+    """Refuse a store whose teacher has another number of classes than the data set."""
+    for s in stores:
+        if s.num_classes != dataset.num_classes:
+            raise StoreError(f"teacher store {s.id} has {s.num_classes} classes but {dataset.name} has "
+                             f"{dataset.num_classes}")
+
+
+def _place(rank: int | None, world: int | None) -> tuple[int, int]:
+    """(rank, world): as given, else torch.distributed's when initialised, else torchrun's environment."""
+    if rank is not None and world is not None:
+        if not 0 <= rank < world:
+            raise KdcacheError(f"rank {rank} outside a world of {world}")
+        return rank, world
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
