@@ -370,7 +370,7 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
     total_rows = v * n
     per_row = row_bytes(c, fshape)
     logits_b, features_b = total_rows * c * 2, total_rows * (per_row - c * 2)
-    features_line = (f"features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
+    features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
                      f"features   {req.features} {_shape((v, n, *fshape))} float16, chunks {_shape((1, rows, *fshape))}: "
                      f"{human_bytes(features_b)}")
     plan_state = "exists" if cache.plan_location(pid).exists("zarr.json") else "to be drawn"
