@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 import zarr
@@ -395,3 +396,27 @@ def test_log_progress_speaks_at_the_start_every_interval_and_at_the_end(capsys: 
                      "work: 600 of 1,000 rows (60%), 10 rows/s, about 40 s left",
                      "work: 900 of 1,000 rows (90%), 10 rows/s, about 10 s left",
                      "work: 1,000 of 1,000 rows (100%), 10 rows/s"]
+
+
+def _every_command(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    out = []
+    for name in group.list_commands(click.Context(group)):
+        command = group.get_command(click.Context(group), name)
+        out.append(((*path, name), command))
+        if isinstance(command, click.Group):
+            out += _every_command(command, (*path, name))
+    return out
+
+
+def test_every_command_and_option_has_help_text() -> None:
+    """`kdcache X --help` answers for every command and subcommand, each with a summary and every option explained."""
+    commands = _every_command(main)
+    assert {" ".join(p) for p, _ in commands} >= {"train-teacher", "precompute", "distill", "eval", "cache ls",
+                                                  "cache verify", "recipe run", "demo", "report"}
+    for path, command in commands:
+        assert (command.help or "").strip(), f"kdcache {' '.join(path)} has no help text"
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name != "help":
+                assert (param.help or "").strip(), f"kdcache {' '.join(path)} {param.opts[0]} has no help text"
+        result = run_cli(*path, "--help")
+        assert result.exit_code == 0 and "Usage: " in result.output, (path, result.output)
