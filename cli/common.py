@@ -38,6 +38,10 @@ recipe_option = click.option(
 image_size_option = click.option(
     "--image-size", type=click.IntRange(1, 1024), default=None, metavar="PX",
     help="Side of the square views (imagefolder data only) [default: the recipe's, see --recipe].")
+tensorboard_option = click.option(
+    "--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+    help="Also write the per-epoch scalars (loss terms, test top-1/top-5, lr, teacher weights) as TensorBoard "
+         "logs in DIR (needs the tensorboard extra: pip install 'kdcache[tensorboard]').")
 device_option = click.option(
     "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 

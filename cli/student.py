@@ -8,7 +8,7 @@ import click
 
 from kdcache import training
 from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
-                                recipe_option)
+                                recipe_option, tensorboard_option)
 from kdcache.distributed import DistContext
 from kdcache.losses import MethodOptions, method_info, method_names
 from kdcache.pipelines.distill import DistillRequest, EpochMetrics, distill
@@ -55,12 +55,13 @@ def methods() -> None:
 @click.option("--prefetch", type=int, default=2, help="Chunk blocks read ahead of the training step.")
 @click.option("--online", is_flag=True, help="Run the recorded teacher checkpoints live instead of reading stores.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
+@tensorboard_option
 def distill_cmd(student: str, teachers: tuple[str, ...], method: str, out: Path, cache: Path | None,
                 dataset: str | None, data_root: Path | None, epochs: int, batch_size: int, lr: float | None,
                 lr_milestones: list[int] | None, momentum: float, weight_decay: float, temperature: float,
                 gamma: float, alpha: float | None, beta: float | None, camkd_weights: str,
                 camkd_feature_weights: str, seed: int, device: str | None, amp: bool, prefetch: int, online: bool,
-                resume: bool) -> None:
+                resume: bool, tensorboard: Path | None) -> None:
     """Train a student from cached teacher stores with CA-MKD or a baseline.
 
     Under `torchrun --nproc_per_node N $(command -v kdcache) distill ...` it trains data-parallel on N ranks:
@@ -71,7 +72,8 @@ def distill_cmd(student: str, teachers: tuple[str, ...], method: str, out: Path,
     req = DistillRequest(student=student, teachers=list(teachers), method=method, out=out, cache=cache,
                          dataset=dataset, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, weight_decay=weight_decay, milestones=lr_milestones, seed=seed,
-                         device=device, resume=resume, online=online, amp=amp, prefetch=prefetch, options=options)
+                         device=device, resume=resume, online=online, amp=amp, prefetch=prefetch, options=options,
+                         tensorboard=tensorboard)
 
     def report(m: EpochMetrics) -> None:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in m.train.items())

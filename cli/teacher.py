@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
-                                recipe_option, row_progress)
+                                recipe_option, row_progress, tensorboard_option)
 from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute_many
 from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS
 from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
@@ -33,15 +33,16 @@ from kdcache import training
 @device_option
 @click.option("--resume", is_flag=True, help="Continue the run saved in --out (--epochs may grow).")
 @click.option("--force", is_flag=True, help="Replace an existing --out (without it, an existing file is refused).")
+@tensorboard_option
 def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path, epochs: int, batch_size: int,
                       lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                       seed: int, recipe: str | None, image_size: int | None, device: str | None,
-                      resume: bool, force: bool) -> None:
+                      resume: bool, force: bool, tensorboard: Path | None) -> None:
     """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
     req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              milestones=lr_milestones, seed=seed, device=device, resume=resume, force=force, recipe=recipe,
-                              image_size=image_size)
+                              milestones=lr_milestones, seed=seed, device=device, resume=resume, force=force,
+                              recipe=recipe, image_size=image_size, tensorboard=tensorboard)
 
     def report(r: EpochRecord) -> None:
         click.echo(f"epoch {r.epoch:>3}/{epochs}  loss {r.loss:.4f}  train {r.train_acc:6.2f}%  "

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from kdcache import __version__, distributed, training
+from kdcache import __version__, distributed, tblog, training
 from kdcache.data import DataSet
 from kdcache.device import resolve_device
 from kdcache.distributed import DistContext
@@ -72,6 +72,7 @@ class DistillRequest:
     amp: bool = False
     prefetch: int = 2
     options: MethodOptions = field(default_factory=MethodOptions)
+    tensorboard: Path | None = None   # also write the per-epoch scalars there (the tensorboard extra)
 
 
 @dataclass
@@ -146,6 +147,8 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     model_info(req.student)
     info = method_info(req.method)
     check_method_options(req.method, req.options)
+    if req.tensorboard is not None:
+        tblog.check_available()
     with distributed.process_group(resolve_device(req.device)) as ctx:
         teachers = CachedTeachers(req.teachers, req.cache, dataset=req.dataset, data_root=req.data_root,
                                   batch_size=req.batch_size, seed=req.seed, device=ctx.device, prefetch=req.prefetch,
@@ -196,6 +199,7 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
 
     uses_teachers = info.n_teachers != "0"
+    board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None and ctx.is_main else None
     result = DistillResult(out, best, [], student, ctx.is_main)
     scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
     watch = training.NonFiniteWatch(device, lambda e: _kept(out, e), _any_rank(ctx))
@@ -249,8 +253,13 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
                     _save_sample_weights(out / "sample_weights.npz", epoch, per_sample, plan.labels)
                 _save_epoch(out, req, config, epoch, student, method, optimizer, scheduler, metrics, is_best,
                             result.best_top1)
+                if board is not None:
+                    board.epoch(epoch, metrics.train, metrics.test_top1, metrics.test_top5, metrics.lr,
+                                metrics.teacher_weights)
                 if on_epoch:
                     on_epoch(metrics)
+    if board is not None:
+        board.close()
     if ctx.is_main:
         training.save_atomic({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
                               "test_top1": result.history[-1].test_top1 if result.history else None},
@@ -347,6 +356,7 @@ def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[
             dataset: DataSet) -> dict[str, Any]:
     args = asdict(req)
     args.update(out=str(req.out), cache=str(req.cache) if req.cache else None,
+                tensorboard=str(req.tensorboard) if req.tensorboard else None,
                 data_root=str(req.data_root) if req.data_root else None, lr=lr, milestones=milestones,
                 lr_milestones=req.milestones,  # as given (None: scaled to --epochs), compared on --resume
                 teachers=[s.id for s in stores], dataset=dataset.name)
@@ -359,7 +369,7 @@ def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[
 
 # Options that may change on --resume without changing what the run computes. --epochs may grow: the
 # milestones the user gave are compared, the ones resolved from --epochs follow it (training.reschedule).
-_FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "out", "cache", "data_root"}
+_FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "out", "cache", "data_root", "tensorboard"}
 
 
 def _check_run_dir(out: Path, resume: bool) -> None:

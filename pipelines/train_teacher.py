@@ -23,7 +23,7 @@ from kdcache.errors import CheckpointError, KdcacheError
 from kdcache.evaluate import evaluate
 from kdcache.models import build_model, map_shape, model_info
 from kdcache.models.checkpoint import read_checkpoint
-from kdcache import training
+from kdcache import tblog, training
 from kdcache.views import draw_plan, get_recipe
 
 
@@ -48,6 +48,7 @@ class TrainTeacherRequest:
     recipe: str | None = None        # view recipe (name or name:size); default: the data set's
     image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     label_map: dict[int, int] | None = None  # train on corrupted labels: class a is taught as label_map[a]
+    tensorboard: Path | None = None  # also write the per-epoch scalars there (the tensorboard extra)
 
 
 @dataclass
@@ -78,6 +79,8 @@ def train_teacher(req: TrainTeacherRequest,
         raise KdcacheError(f"{req.out} already exists; pass --resume to continue its training, --force to replace "
                            "it, or choose another --out")
     model_info(req.arch)
+    if req.tensorboard is not None:
+        tblog.check_available()
     dataset = load_dataset(req.dataset, req.data_root, req.recipe, req.image_size)
     device = resolve_device(req.device)
     torch.manual_seed(req.seed)
@@ -101,6 +104,7 @@ def train_teacher(req: TrainTeacherRequest,
         raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {n} training samples")
     sizes = train.sizes if get_recipe(dataset.recipe).needs_sizes else None
     result = TrainTeacherResult(Path(req.out), best_acc)
+    board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None else None
     watch = training.NonFiniteWatch(device, lambda e: f"{req.out} keeps epoch {e - 1}, the last good one" if e > 1
                                     else f"{req.out} was not written")
     for epoch in range(start, req.epochs + 1):
@@ -138,8 +142,12 @@ def train_teacher(req: TrainTeacherRequest,
             "arch": req.arch, "num_classes": dataset.num_classes, "dataset": dataset.name,
             "test_top1": top1, "seed": req.seed,
         }, req.out)
+        if board is not None:
+            board.epoch(epoch, {"loss": record.loss, "accuracy": record.train_acc}, top1, top5, lr_now)
         if on_epoch:
             on_epoch(record)
+    if board is not None:
+        board.close()
     return result
 
 

@@ -284,3 +284,49 @@ def test_mixed_precision_runs_on_cpu(two_teachers, tmp_path: Path) -> None:
     assert len(steps) == 1437 // 64 and all(np.isfinite(s.total) for s in steps)
     assert json.loads((tmp_path / "amp" / "config.json").read_text())["args"]["amp"] is True
     assert result.history[0].test_top1 >= 0
+
+
+def test_tensorboard_logs_hold_what_metrics_jsonl_records(two_teachers, tmp_path: Path) -> None:
+    """--tensorboard on distill and train-teacher: the per-epoch scalars equal the run's own records."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cache, ids, _ = two_teachers
+    run, board = tmp_path / "run", tmp_path / "tb"
+    result = run_cli("distill", "--student", "resnet8", "--method", "camkd", "--teachers", ids[0], "--teachers", ids[1],
+                     "--cache", cache, "--out", run, "--epochs", 2, "--batch-size", 256, "--device", "cpu",
+                     "--tensorboard", board)
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(board))
+    events.Reload()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tags = set(events.Tags()["scalars"])
+    assert {"test/top1", "test/top5", "lr", "train/ce", "train/kd", "train/total", "teacher_weight/T1",
+            "teacher_weight/T2"} <= tags
+    assert [e.step for e in events.Scalars("test/top1")] == [1, 2]
+    assert [e.value for e in events.Scalars("test/top1")] == pytest.approx([r["test_top1"] for r in records])
+    assert [e.value for e in events.Scalars("teacher_weight/T2")] == pytest.approx(
+        [r["teacher_weights"][1] for r in records])
+
+    teacher_board = tmp_path / "tb-teacher"
+    trained = run_cli("train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", tmp_path / "t.pth",
+                      "--epochs", 1, "--batch-size", 256, "--device", "cpu", "--tensorboard", teacher_board)
+    assert trained.exit_code == 0, trained.output
+    events = EventAccumulator(str(teacher_board))
+    events.Reload()
+    top1 = torch.load(tmp_path / "t.pth", weights_only=False)["test_top1"]
+    assert [e.value for e in events.Scalars("test/top1")] == pytest.approx([top1])
+    assert {"train/loss", "train/accuracy", "lr"} <= set(events.Tags()["scalars"])
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(two_teachers, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    cache, ids, _ = two_teachers
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: importing it raises ImportError
+    result = run_cli("distill", "--student", "resnet8", "--method", "kd", "--teachers", ids[0], "--cache", cache,
+                     "--out", tmp_path / "run", "--epochs", 1, "--device", "cpu", "--tensorboard", tmp_path / "tb")
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: --tensorboard needs the tensorboard package: "
+                                     "pip install 'kdcache[tensorboard]'")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tb").exists()
