@@ -1,4 +1,4 @@
-"""Training defaults of the official CA-MKD / RepDistiller scripts (METHODS.md), and checkpoint writing.
+"""Training defaults of the official CA-MKD / RepDistiller scripts (docs/LOSSES.md), and checkpoint writing.
 
 SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 64, 240 epochs, lr 0.05
 (0.01 for MobileNetV2, ShuffleV1, ShuffleV2) divided by 10 at epochs 150, 180, 210.

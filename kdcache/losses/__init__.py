@@ -2,9 +2,9 @@
 
 Every method is an ``nn.Module`` whose ``forward(Batch)`` returns ``LossTerms``:
 ``total = γ·L_CE + α·L_KD + β·L_feat`` plus the unweighted terms and the teacher
-weights for the log. METHODS.md (beside DESIGN.md) is the specification of every
-formula; each module's docstring says where it follows the official CA-MKD code
-on a point METHODS.md leaves open.
+weights for the log. docs/LOSSES.md is the specification of every formula; each
+module's docstring says where it follows the official CA-MKD code on a point the
+formulas leave open.
 """
 
 from __future__ import annotations

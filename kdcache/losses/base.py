@@ -1,6 +1,6 @@
 """Shared types and building blocks of the distillation methods.
 
-The per-sample quantities of METHODS.md live here so that every method computes
+The per-sample quantities of docs/LOSSES.md live here so that every method computes
 them the same way: ``CE(z, y)``, ``KL_k,i`` at temperature ``T`` (with its ``T²``),
 the per-sample feature distance ``(1/D) ‖h − r(g)‖²`` (a mean over every feature
 value: over D for vectors, over C·H·W for maps), and the aligners: ``r(g) =
@@ -31,7 +31,7 @@ CAMKD_FEATURE_WEIGHTS = ("v", "w")
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """The knobs of every method; ``None`` weights mean the method's own default (METHODS.md)."""
+    """The knobs of every method; ``None`` weights mean the method's own default (docs/LOSSES.md)."""
 
     temperature: float = 4.0       # T
     gamma: float = 1.0             # weight of L_CE

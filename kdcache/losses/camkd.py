@@ -1,4 +1,4 @@
-"""``camkd``: Confidence-Aware Multi-teacher KD (Zhang, Chen, Wang, ICASSP 2022), as in METHODS.md.
+"""``camkd``: Confidence-Aware Multi-teacher KD (Zhang, Chen, Wang, ICASSP 2022), as in docs/LOSSES.md.
 
 Logits path: a teacher's weight on sample i grows as its cross-entropy against the
 label falls, ``w_k,i = (1 − softmax_k(CE(z_·,i, y_i))[k]) / (K − 1)``, and

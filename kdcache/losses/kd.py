@@ -6,7 +6,7 @@ from kdcache.losses.base import Batch, LossTerms, Method, MethodInfo, ce_per_sam
 
 
 class KnowledgeDistillation(Method):
-    """Classic single-teacher KD: ``L = γ·L_CE + α·L_KD`` with the ``T²``-scaled KL of METHODS.md."""
+    """Classic single-teacher KD: ``L = γ·L_CE + α·L_KD`` with the ``T²``-scaled KL of docs/LOSSES.md."""
 
     info = MethodInfo("kd", "Hinton KD from one teacher's logits", "1",
                       uses_features=False, uses_heads=False)

@@ -2,7 +2,7 @@
 
 Everything two pieces of code must agree on to read each other's stores lives
 here: the format version, the directory names, the codecs, the content ids and
-the chunk size. DESIGN.md ("The store") is the human-readable twin of this file.
+the chunk size. docs/STORE.md is the human-readable twin of this file.
 """
 
 from __future__ import annotations
