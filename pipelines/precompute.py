@@ -29,7 +29,7 @@ from kdcache.models import build_model, feature_dim, forward_with_map, load_chec
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
 from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
 from kdcache.text import human_bytes
-from kdcache.views import Recipe, draw_view, get_recipe
+from kdcache.views import Recipe, get_recipe, view_drawer
 
 DEFAULT_VIEWS = 240  # one fresh view per epoch of the official 240-epoch schedule
 MAX_WRITES_IN_FLIGHT = 2
@@ -244,7 +244,7 @@ def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, se
     labels = np.asarray(dataset.train.labels, dtype=np.int32)
     views = (lambda total, done: progress(total, done, unit="view", what=f"drawing plan {pid}")) if progress else None
     return PlanStore.create(path, cache.lock_path("plan", pid), pid, attrs, n_views, labels,
-                            lambda v: draw_view(recipe.spec, v, n, seed, sizes), views)
+                            view_drawer(recipe.spec, n, seed, sizes), views)
 
 
 def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, store: TeacherStore,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -129,33 +130,40 @@ def draw_plan(
     """
     rec = get_recipe(recipe)
     n_views = _positive_int(n_views, "number of views")
-    n_samples = _positive_int(n_samples, "number of samples")
-    seed = _plan_seed(seed)
+    draw = view_drawer(rec.spec, n_samples, seed, sizes)
     order = np.empty((n_views, n_samples), dtype=np.int32)
     params = np.empty((n_views, n_samples, rec.n_params), dtype=np.int16)
     for v in range(n_views):
-        order[v], params[v] = draw_view(rec.spec, v, n_samples, seed, sizes)
+        order[v], params[v] = draw(v)
     return order, params
 
 
-def draw_view(recipe: str, view: int, n_samples: int, seed: int,
-              sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """View ``view`` of the plan :func:`draw_plan` draws from these arguments: `order` (N,) int32 and
-    `params` (N, P) int16, equal to that plan's row ``view``, in memory for one view only (a plan of
-    100,000 views is written view by view)."""
+def view_drawer(recipe: str, n_samples: int, seed: int,
+                sizes: np.ndarray | None = None) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """``draw(v)``: view ``v`` of the plan :func:`draw_plan` draws from these arguments, `order` (N,) int32
+    and `params` (N, P) int16, equal to that plan's row ``v`` and in memory for one view only (a plan of
+    100,000 views is written view by view). The arguments are checked once, here, not at every view."""
     rec = get_recipe(recipe)
     n_samples = _positive_int(n_samples, "number of samples")
     seed = _plan_seed(seed)
     if rec.needs_sizes:
         sizes = _check_sizes(sizes, n_samples, rec.name)
-    # SeedSequence(seed).spawn(V)[v] is the child with spawn key (v,): built directly, it needs no V-long list.
-    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(view),))))
-    order = rng.permutation(n_samples).astype(np.int32, copy=False)
-    if rec.name == "crop-flip":
-        params = _draw_crop_flip(rng, n_samples, rec.config)
-    else:
-        params = _draw_resized_crop_flip(rng, sizes[order], rec.config)
-    return order, params
+
+    def draw(view: int) -> tuple[np.ndarray, np.ndarray]:
+        # SeedSequence(seed).spawn(V)[v] is the child with spawn key (v,): built directly, it needs no V-long list.
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(int(view),))))
+        order = rng.permutation(n_samples).astype(np.int32, copy=False)
+        if rec.name == "crop-flip":
+            return order, _draw_crop_flip(rng, n_samples, rec.config)
+        return order, _draw_resized_crop_flip(rng, sizes[order], rec.config)
+
+    return draw
+
+
+def draw_view(recipe: str, view: int, n_samples: int, seed: int,
+              sizes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """View ``view`` alone of the plan :func:`draw_plan` draws (see :func:`view_drawer`, which serves many)."""
+    return view_drawer(recipe, n_samples, seed, sizes)(view)
 
 
 def _plan_seed(seed: object) -> int:
