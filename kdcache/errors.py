@@ -23,3 +23,8 @@ class DatasetError(KdcacheError):
 
 class StoreError(KdcacheError):
     """A plan or teacher store that is missing, incomplete, damaged or locked."""
+
+
+class UnfinishedCreationError(StoreError):
+    """A plan or store whose creation was cut short: nothing in it is usable, and re-running its precompute
+    makes it afresh."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kdcache.errors import StoreError
+from kdcache.errors import StoreError, UnfinishedCreationError
 from kdcache.store import Cache, PlanStore, TeacherStore, size_on_disk
 from kdcache.store.teacher import UNFINISHED
 
@@ -35,7 +35,7 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
             store = TeacherStore.open(path, tid, require_complete=False)
         except StoreError as exc:
             state = ("cut short while being created (run its precompute again)"
-                     if "cut short while being created" in str(exc) else f"unreadable: {exc}")
+                     if isinstance(exc, UnfinishedCreationError) else f"unreadable: {exc}")
             out.append(StoreSummary(tid, "?", "?", "?", 0, 0, size_on_disk(path), None, state))
             continue
         a = store.attrs
@@ -73,8 +73,7 @@ def verify_stores(cache: Cache, prefix: str | None = None,
         try:
             store = TeacherStore.open(cache.teacher_location(tid), tid, require_complete=False)
         except StoreError as exc:
-            cut_short = "cut short while being created" in str(exc)
-            report[tid] = [f"{UNFINISHED if cut_short else ''}{exc}"]
+            report[tid] = [f"{UNFINISHED if isinstance(exc, UnfinishedCreationError) else ''}{exc}"]
             continue
         problems = store.verify()
         try:

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import zarr.codecs
 
-from kdcache.errors import StoreError
+from kdcache.errors import StoreError, UnfinishedCreationError
 
 FORMAT_VERSION = 1
 PLANS_DIR = "plans"
@@ -174,7 +174,7 @@ def disk_errors(what: str, where: Any, needs: str = "") -> Iterator[None]:
 def check_format(attrs: dict[str, Any], kind: str, where: str) -> None:
     """Refuse a node that is not a kdcache ``kind`` of a format this version reads."""
     if creation_unfinished(attrs):
-        raise StoreError(f"{where} was cut short while being created (nothing in it is usable yet); "
+        raise UnfinishedCreationError(f"{where} was cut short while being created (nothing in it is usable yet); "
                          "run the same `kdcache precompute` again to create it")
     if attrs.get("kind") != kind:
         raise StoreError(f"{where} is not a kdcache {kind} store (kind={attrs.get('kind')!r})")
