@@ -45,7 +45,6 @@ from kdcache.models import (build_model, feature_dim, forbid_construction, forwa
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.cached import CachedBatch, CachedTeachers
 from kdcache.store import PlanStore, TeacherStore, sha256_file
-from kdcache.views import get_recipe
 
 
 @dataclass
@@ -174,7 +173,7 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
 
     torch.manual_seed(req.seed)
     student = build_model(req.student, dataset.num_classes)
-    student_map = map_shape(student, view_size(plan))  # a student that cannot take the views fails here
+    student_map = map_shape(student, teachers.view_size)  # a student that cannot take the views fails here
     student = student.to(device)
     spatial = teachers.feature_form == "spatial"
     method = build_method(req.method, num_classes=dataset.num_classes,
@@ -301,11 +300,6 @@ def _gather_sample_weights(ctx: DistContext, per_sample: list[tuple[np.ndarray, 
 
 
 # -- opening --------------------------------------------------------------------------------
-
-
-def view_size(plan: PlanStore) -> int:
-    """The side of the plan's square views."""
-    return get_recipe(plan.recipe).size
 
 
 @contextlib.contextmanager
