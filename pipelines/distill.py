@@ -170,6 +170,8 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     stores, plan, dataset = teachers.stores, teachers.plan, teachers.dataset
     out = Path(req.out)
     ctx.on_main(lambda: _check_run_dir(out, req.resume))
+    # Opened before the run directory is written, so a log directory that cannot be made leaves no run behind.
+    board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None and ctx.is_main else None
 
     torch.manual_seed(req.seed)
     student = build_model(req.student, dataset.num_classes)
@@ -198,7 +200,6 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
 
     uses_teachers = info.n_teachers != "0"
-    board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None and ctx.is_main else None
     result = DistillResult(out, best, [], student, ctx.is_main)
     scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
     watch = training.NonFiniteWatch(device, lambda e: _kept(out, e), _any_rank(ctx))
