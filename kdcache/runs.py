@@ -1,20 +1,26 @@
-"""A run directory as kdcache distill writes it: config.json, metrics.jsonl and sample_weights.npz.
+"""A run directory of ``kdcache distill``: :class:`RunDir` writes it and reads it back.
 
-One reader for everything that looks back at runs (report, demo, recipes), so a
-damaged or foreign directory is the same one-line error everywhere.
+Its files: config.json (the run's arguments, teachers and versions), metrics.jsonl (one
+record per finished epoch), checkpoint.pth (everything to resume), best.pth and
+last.pth (the student's weights; last.pth is written once, after the last epoch, so
+its presence is the one rule for "finished"), and sample_weights.npz (camkd's and
+ebkd's per-sample teacher weights of the latest epoch). One class for the writer
+(distill) and every reader (report, demo, experiments), so a damaged or foreign
+directory is the same one-line error everywhere.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from kdcache.errors import KdcacheError
+from kdcache.errors import CheckpointError, KdcacheError
 
 
 @dataclass
@@ -74,26 +80,155 @@ class RunRecord:
 
 
 def load_run(path: Path | str, name: str | None = None) -> RunRecord:
-    """Read the run directory ``path`` (named ``name``, default its directory name).
+    """Read the run directory ``path`` (named ``name``, default its directory name); see :meth:`RunDir.load`."""
+    return RunDir(path).load(name)
 
-    Raises KdcacheError with one line when it is not a kdcache run or a file in it cannot be read.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise KdcacheError(f"{path} is not a directory; give a run directory written by `kdcache distill --out`")
-    missing = [f for f in ("config.json", "metrics.jsonl") if not (path / f).is_file()]
-    if missing:
-        raise KdcacheError(f"{path} is not a kdcache run: it has no {' or '.join(missing)} "
-                           "(give directories written by `kdcache distill --out`)")
-    config = _read_config(path / "config.json")
-    metrics = _read_metrics(path / "metrics.jsonl")
-    if not metrics:
-        raise KdcacheError(f"{path / 'metrics.jsonl'} holds no epoch yet; let the run finish an epoch "
-                           f"(or remove {path} to train it again)")
-    weights = None
-    if (path / "sample_weights.npz").is_file():
-        weights = _read_sample_weights(path / "sample_weights.npz", len(config.get("teachers") or []))
-    return RunRecord(name or path.resolve().name, path, config, metrics, weights)
+
+class RunDir:
+    """One run directory, written by distill and read by everything that looks back at runs."""
+
+    CONFIG = "config.json"
+    METRICS = "metrics.jsonl"
+    CHECKPOINT = "checkpoint.pth"
+    BEST = "best.pth"
+    LAST = "last.pth"
+    SAMPLE_WEIGHTS = "sample_weights.npz"
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """Whether an epoch of a run was saved here (checkpoint.pth exists): it can be resumed."""
+        return self.file(self.CHECKPOINT).is_file()
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run trained all its epochs: last.pth is written only then."""
+        return self.file(self.LAST).is_file()
+
+    def check_can_start(self, resume: bool) -> None:
+        """Refuse to overwrite a run (without ``resume``) or to resume none, with one line saying what to do."""
+        if resume:
+            if not self.started:
+                raise CheckpointError(f"--resume: {self.file(self.CHECKPOINT)} does not exist; drop --resume "
+                                      "to start a run")
+        elif self.file(self.CHECKPOINT).exists():
+            raise KdcacheError(f"{self.path} already holds a run; pass --resume to continue it or choose "
+                               "another --out")
+
+    def differing_args(self, want: dict[str, Any], free: Iterable[str] = ()) -> list[str]:
+        """The names of ``want``'s arguments (config.json's "args") this run recorded with another value,
+        leaving out ``free``; an argument the run did not record does not count."""
+        args = self.read_config()["args"]
+        skip = set(free)
+        return sorted(k for k, v in want.items() if k not in skip and k in args and args[k] != v)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def start(self, config: dict[str, Any]) -> None:
+        """Begin a new run: the folder, an empty metrics.jsonl and config.json."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file(self.METRICS).write_text("")
+        self.write_config(config)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.file(self.CONFIG), config)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Add one epoch's record to metrics.jsonl."""
+        with open(self.file(self.METRICS), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def keep_metrics_through(self, epoch: int) -> None:
+        """Drop the records after ``epoch`` (a resumed run trains them again)."""
+        path = self.file(self.METRICS)
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """checkpoint.pth: everything ``--resume`` needs, replaced atomically."""
+        self._save(state, self.CHECKPOINT)
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        self._save(state, self.BEST)
+
+    def save_last(self, state: dict[str, Any]) -> None:
+        """last.pth: the student after the last epoch, which marks the run finished."""
+        self._save(state, self.LAST)
+
+    def _save(self, state: dict[str, Any], name: str) -> None:
+        from kdcache.training import save_atomic  # torch: imported only by writers
+
+        save_atomic(state, self.file(name))
+
+    def save_sample_weights(self, epoch: int, indices: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+        """The per-sample KD weights ``(n, K)`` of the samples ``indices`` (with their labels) in ``epoch``;
+        replaced every epoch, so the file holds the latest (the data of the paper's Figure 3)."""
+        path = self.file(self.SAMPLE_WEIGHTS)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, epoch=epoch, indices=indices, labels=labels, weights=weights)
+        tmp.replace(path)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def read_config(self) -> dict[str, Any]:
+        return _read_config(self.file(self.CONFIG))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return _read_metrics(self.file(self.METRICS))
+
+    def read_sample_weights(self, n_teachers: int = 0) -> SampleWeights:
+        return _read_sample_weights(self.file(self.SAMPLE_WEIGHTS), n_teachers)
+
+    def read_checkpoint(self) -> dict[str, Any]:
+        """checkpoint.pth, refused with one line unless it is a distill checkpoint."""
+        from kdcache.models.checkpoint import read_checkpoint
+
+        path = self.file(self.CHECKPOINT)
+        ckpt = read_checkpoint(path)
+        if not isinstance(ckpt, dict) or not {"model", "method", "optimizer", "lr_scheduler", "epoch",
+                                              "args"} <= set(ckpt):
+            raise CheckpointError(f"--resume: {path} is not a kdcache distill checkpoint")
+        return ckpt
+
+    def load(self, name: str | None = None) -> RunRecord:
+        """The run as a :class:`RunRecord` (named ``name``, default its directory name).
+
+        Raises KdcacheError with one line when it is not a kdcache run or a file in it cannot be read.
+        """
+        path = self.path
+        if not path.is_dir():
+            raise KdcacheError(f"{path} is not a directory; give a run directory written by `kdcache distill --out`")
+        missing = [f for f in (self.CONFIG, self.METRICS) if not self.file(f).is_file()]
+        if missing:
+            raise KdcacheError(f"{path} is not a kdcache run: it has no {' or '.join(missing)} "
+                               "(give directories written by `kdcache distill --out`)")
+        config = self.read_config()
+        metrics = self.read_metrics()
+        if not metrics:
+            raise KdcacheError(f"{self.file(self.METRICS)} holds no epoch yet; let the run finish an epoch "
+                               f"(or remove {path} to train it again)")
+        weights = None
+        if self.file(self.SAMPLE_WEIGHTS).is_file():
+            weights = self.read_sample_weights(len(config.get("teachers") or []))
+        return RunRecord(name or path.resolve().name, path, config, metrics, weights)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, through a temporary file and a rename: never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -22,7 +22,6 @@ means over the ranks.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,8 +41,8 @@ from kdcache.losses import (Batch, LossTerms, Method, MethodInfo, MethodOptions,
                             method_info)
 from kdcache.models import (build_model, feature_dim, forbid_construction, forward_with_map, load_checkpoint,
                             map_shape, model_info)
-from kdcache.models.checkpoint import read_checkpoint
 from kdcache.cached import CachedBatch, CachedTeachers
+from kdcache.runs import RunDir
 from kdcache.store import PlanStore, TeacherStore, sha256_file
 
 
@@ -168,8 +167,8 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     """Build the student and the method, restore or start the run directory, then train epoch by epoch."""
     device = ctx.device
     stores, plan, dataset = teachers.stores, teachers.plan, teachers.dataset
-    out = Path(req.out)
-    ctx.on_main(lambda: _check_run_dir(out, req.resume))
+    run = RunDir(req.out)
+    ctx.on_main(lambda: run.check_can_start(req.resume))
     # Opened before the run directory is written, so a log directory that cannot be made leaves no run behind.
     board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None and ctx.is_main else None
 
@@ -189,69 +188,40 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     config = _config(req, lr, milestones, stores, plan, dataset)
     start, best = 1, 0.0
     if req.resume:
-        start, best = _resume(out, config, student, method, optimizer, scheduler, ctx)
+        start, best = _resume(run, config, student, method, optimizer, scheduler, ctx)
+        if ctx.is_main:
+            run.write_config(config)
     elif ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
-    if ctx.is_main:
-        _write_json(out / "config.json", config)
+        run.start(config)
     # The method's parameters (aligners) go unused where its feature term is off (camkd's first epoch, beta 0).
     model = ctx.wrap(StudentLoss(student, method, spatial),
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
+    step = _Stepper(model, optimizer, torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda"),
+                    training.NonFiniteWatch(device, lambda e: _kept(run, e), _any_rank(ctx)), req.amp, spatial)
 
-    uses_teachers = info.n_teachers != "0"
-    result = DistillResult(out, best, [], student, ctx.is_main)
-    scaler = torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda")
-    watch = training.NonFiniteWatch(device, lambda e: _kept(out, e), _any_rank(ctx))
-    with _teacher_guard(req.online and uses_teachers, stores, device) as live_teachers:
+    result = DistillResult(run.path, best, [], student, ctx.is_main)
+    with _teacher_guard(req.online and info.n_teachers != "0", stores, device) as live_teachers:
         for epoch in range(start, req.epochs + 1):
             t0 = time.perf_counter()
-            model.train()
-            sums: dict[str, torch.Tensor] = {}
-            weight_sum: torch.Tensor | None = None
-            per_sample: list[tuple[np.ndarray, torch.Tensor]] = []
-            steps = 0
-            for batch in teachers.epoch(epoch):
-                step, x, y = batch.step, batch.views, batch.labels
-                t_logits, t_feats = _teacher_outputs(batch, live_teachers, spatial)
-                with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=req.amp):
-                    loss = model(x, y, t_logits, t_feats, epoch)
-                watch.observe(epoch, step, {**loss.terms, "total": loss.total})
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss.total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                steps += 1
-                for name, value in loss.terms.items():
-                    sums[name] = sums.get(name, 0) + value.detach()
-                sums["total"] = sums.get("total", 0) + loss.total.detach()
-                if loss.teacher_weights is not None:
-                    weight_sum = loss.teacher_weights if weight_sum is None else weight_sum + loss.teacher_weights
-                if loss.sample_weights is not None:
-                    per_sample.append((batch.indices, loss.sample_weights))
-                if on_step:
-                    on_step(StepRecord(epoch, step, torch.as_tensor(batch.indices),
-                                       {k: float(v.detach()) for k, v in loss.terms.items()}, float(loss.total.detach())))
-            if steps == 0:
+            sums = train_epoch(step, teachers, epoch, live_teachers, on_step)
+            if sums.steps == 0:
                 raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
-            watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
+            step.watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
             lr_now = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            sums = _mean_over_ranks(ctx, sums)
-            weight_sum = None if weight_sum is None else ctx.all_reduce_mean(weight_sum)
-            per_sample = _gather_sample_weights(ctx, per_sample)
+            sums = sums.over_ranks(ctx)
             # Rank 0's batch-norm running statistics are the ones DDP hands to every rank, so it evaluates.
             top1, top5 = ctx.on_main(lambda: evaluate(student, dataset, plan.recipe, device))
-            metrics = EpochMetrics(epoch, teachers.stream.schedule.view(epoch), {k: float(v) / steps for k, v in sums.items()},
-                                   None if weight_sum is None else [float(w) / steps for w in weight_sum],
-                                   top1, top5, lr_now, time.perf_counter() - t0)
+            metrics = EpochMetrics(epoch, teachers.stream.schedule.view(epoch), sums.mean_terms(),
+                                   sums.mean_weights(), top1, top5, lr_now, time.perf_counter() - t0)
             result.history.append(metrics)
             is_best = metrics.test_top1 > result.best_top1 or epoch == 1
             result.best_top1 = max(result.best_top1, metrics.test_top1)
             if ctx.is_main:
-                if per_sample:
-                    _save_sample_weights(out / "sample_weights.npz", epoch, per_sample, plan.labels)
-                _save_epoch(out, req, config, epoch, student, method, optimizer, scheduler, metrics, is_best,
+                if sums.per_sample:
+                    indices, weights = sums.sample_weights()
+                    run.save_sample_weights(epoch, indices, plan.labels[indices], weights)
+                _save_epoch(run, req, config, epoch, student, method, optimizer, scheduler, metrics, is_best,
                             result.best_top1)
                 if board is not None:
                     board.epoch(epoch, metrics.train, metrics.test_top1, metrics.test_top5, metrics.lr,
@@ -261,17 +231,99 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     if board is not None:
         board.close()
     if ctx.is_main:
-        training.save_atomic({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
-                              "test_top1": result.history[-1].test_top1 if result.history else None},
-                             out / "last.pth")
+        run.save_last({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
+                       "test_top1": result.history[-1].test_top1 if result.history else None})
     return result
 
 
-def _kept(out: Path, epoch: int) -> str:
+@dataclass
+class _Stepper:
+    """One optimisation step of the student and the method's trainable parts on a batch."""
+
+    model: torch.nn.Module               # StudentLoss, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    watch: training.NonFiniteWatch
+    amp: bool
+    spatial: bool
+
+    def __call__(self, batch: CachedBatch, epoch: int, live: list[torch.nn.Module] | None) -> LossTerms:
+        t_logits, t_feats = _teacher_outputs(batch, live, self.spatial)
+        device = batch.views.device
+        with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=self.amp):
+            loss = self.model(batch.views, batch.labels, t_logits, t_feats, epoch)
+        self.watch.observe(epoch, batch.step, {**loss.terms, "total": loss.total})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss.total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+
+@dataclass
+class EpochSums:
+    """An epoch's loss terms and teacher weights summed over its steps (on the device: no host sync per step),
+    and the per-sample weights of each step."""
+
+    steps: int = 0
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor | None = None
+    per_sample: list[tuple[np.ndarray, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, loss: LossTerms, indices: np.ndarray) -> None:
+        self.steps += 1
+        for name, value in {**loss.terms, "total": loss.total}.items():
+            self.terms[name] = self.terms[name] + value.detach() if name in self.terms else value.detach()
+        if loss.teacher_weights is not None:
+            self.weights = loss.teacher_weights if self.weights is None else self.weights + loss.teacher_weights
+        if loss.sample_weights is not None:
+            self.per_sample.append((indices, loss.sample_weights))
+
+    def over_ranks(self, ctx: DistContext) -> "EpochSums":
+        """Under torchrun: the terms and weights averaged over the ranks (each runs the same number of steps),
+        the per-sample weights of every rank, step by step in rank order (the global batches' order)."""
+        if not ctx.distributed:
+            return self
+        names = sorted(self.terms)
+        mean = ctx.all_reduce_mean(torch.stack([self.terms[n].float() for n in names]))
+        per_sample = self.per_sample
+        if per_sample:
+            ranks = ctx.all_gather([(i, w.cpu()) for i, w in per_sample])
+            per_sample = [part for step in zip(*ranks) for part in step]
+        return EpochSums(self.steps, dict(zip(names, mean)),
+                         None if self.weights is None else ctx.all_reduce_mean(self.weights), per_sample)
+
+    def mean_terms(self) -> dict[str, float]:
+        return {k: float(v) / self.steps for k, v in self.terms.items()}
+
+    def mean_weights(self) -> list[float] | None:
+        return None if self.weights is None else [float(w) / self.steps for w in self.weights]
+
+    def sample_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sample ids and their ``(n, K)`` KD weights, over the epoch."""
+        indices = np.concatenate([i for i, _ in self.per_sample])
+        return indices, torch.cat([w for _, w in self.per_sample]).float().cpu().numpy()
+
+
+def train_epoch(step: _Stepper, teachers: CachedTeachers, epoch: int, live: list[torch.nn.Module] | None,
+                on_step: Callable[[StepRecord], None] | None = None) -> EpochSums:
+    """One epoch: every batch of the epoch's stored view, one step each; the summed terms."""
+    step.model.train()
+    sums = EpochSums()
+    for batch in teachers.epoch(epoch):
+        loss = step(batch, epoch, live)
+        sums.add(loss, batch.indices)
+        if on_step:
+            on_step(StepRecord(epoch, batch.step, torch.as_tensor(batch.indices),
+                               {k: float(v.detach()) for k, v in loss.terms.items()}, float(loss.total.detach())))
+    return sums
+
+
+def _kept(run: RunDir, epoch: int) -> str:
     """What a run stopped in ``epoch`` keeps, for the message: the last good checkpoint, if any."""
     if epoch == 1:
         return "no checkpoint was written"
-    return (f"{out / 'checkpoint.pth'} and best.pth keep epoch {epoch - 1}, the last good one "
+    return (f"{run.file(run.CHECKPOINT)} and best.pth keep epoch {epoch - 1}, the last good one "
             f"(start again in a new --out with a lower --lr)")
 
 
@@ -280,24 +332,6 @@ def _any_rank(ctx: DistContext) -> Callable[[bool], bool] | None:
     if not ctx.distributed:
         return None
     return lambda flag: bool(ctx.all_reduce_mean(torch.tensor(float(flag), device=ctx.device)) > 0)
-
-
-def _mean_over_ranks(ctx: DistContext, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each summed loss term averaged over the ranks (every rank runs the same number of steps)."""
-    if not ctx.distributed:
-        return sums
-    names = sorted(sums)
-    mean = ctx.all_reduce_mean(torch.stack([torch.as_tensor(sums[n]).float() for n in names]))
-    return dict(zip(names, mean))
-
-
-def _gather_sample_weights(ctx: DistContext, per_sample: list[tuple[np.ndarray, torch.Tensor]]
-                           ) -> list[tuple[np.ndarray, torch.Tensor]]:
-    """Every rank's per-step sample weights, step by step in rank order: the global batches' order."""
-    if not ctx.distributed or not per_sample:
-        return per_sample
-    ranks = ctx.all_gather([(i, w.cpu()) for i, w in per_sample])
-    return [part for step in zip(*ranks) for part in step]
 
 
 # -- opening --------------------------------------------------------------------------------
@@ -367,85 +401,55 @@ def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[
 _FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "out", "cache", "data_root", "tensorboard"}
 
 
-def _check_run_dir(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / "checkpoint.pth").is_file():
-            raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} does not exist; drop --resume to start a run")
-    elif (out / "checkpoint.pth").exists():
-        raise KdcacheError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-
-
-def _resume(out: Path, config: dict[str, Any], student: torch.nn.Module, method: Method,
+def _resume(run: RunDir, config: dict[str, Any], student: torch.nn.Module, method: Method,
             optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
             ctx: DistContext) -> tuple[int, float]:
-    """Restore the run in ``out``: rank 0 reads and checks checkpoint.pth and hands it to every rank, so the
+    """Restore the run in ``run``: rank 0 reads and checks checkpoint.pth and hands it to every rank, so the
     other ranks need no view of the run directory and a refusal stops them all."""
-    ckpt = ctx.on_main(lambda: _read_checkpoint(out, config))
+    ckpt = ctx.on_main(lambda: _read_checkpoint(run, config))
     try:
         student.load_state_dict(ckpt["model"])
         method.load_state_dict(ckpt["method"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["lr_scheduler"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} does not fit this run: "
+        raise CheckpointError(f"--resume: {run.file(run.CHECKPOINT)} does not fit this run: "
                               f"{str(exc).splitlines()[0]}") from None
     training.reschedule(optimizer, scheduler, config["args"]["milestones"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     epoch = int(ckpt["epoch"])
     if ctx.is_main:
-        lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+        run.keep_metrics_through(epoch)
     return epoch + 1, float(ckpt.get("best_top1", 0.0))
 
 
-def _read_checkpoint(out: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """checkpoint.pth of the run in ``out``, refused unless it is a distill checkpoint of the same options."""
-    ckpt = read_checkpoint(out / "checkpoint.pth")
-    if not isinstance(ckpt, dict) or not {"model", "method", "optimizer", "lr_scheduler", "epoch", "args"} <= set(ckpt):
-        raise CheckpointError(f"--resume: {out / 'checkpoint.pth'} is not a kdcache distill checkpoint")
+def _read_checkpoint(run: RunDir, config: dict[str, Any]) -> dict[str, Any]:
+    """checkpoint.pth of ``run``, refused unless it is a distill checkpoint of the same options."""
+    ckpt = run.read_checkpoint()
     before = {k: v for k, v in ckpt["args"].items() if k not in _FREE_ON_RESUME}
     now = {k: v for k, v in config["args"].items() if k not in _FREE_ON_RESUME}
     changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if int(ckpt["epoch"]) > int(config["args"]["epochs"]):
-        raise KdcacheError(f"--resume: the run in {out} has trained {ckpt['epoch']} epochs already, more than "
+        raise KdcacheError(f"--resume: the run in {run.path} has trained {ckpt['epoch']} epochs already, more than "
                            f"--epochs {config['args']['epochs']}; give --epochs {ckpt['epoch']} or more")
     if changed:
-        raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {out}; "
+        raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {run.path}; "
                            "resume with the same options or start a new --out")
     return ckpt
 
 
-def _save_epoch(out: Path, req: DistillRequest, config: dict[str, Any], epoch: int, student: torch.nn.Module,
+def _save_epoch(run: RunDir, req: DistillRequest, config: dict[str, Any], epoch: int, student: torch.nn.Module,
                 method: Method, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                 metrics: EpochMetrics, is_best: bool, best_top1: float) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(asdict(metrics)) + "\n")
+    run.append_metrics(asdict(metrics))
     if is_best:
-        training.save_atomic({"model": student.state_dict(), "epoch": epoch, "arch": req.student,
-                              "test_top1": metrics.test_top1}, out / "best.pth")
-    training.save_atomic({
+        run.save_best({"model": student.state_dict(), "epoch": epoch, "arch": req.student,
+                       "test_top1": metrics.test_top1})
+    run.save_checkpoint({
         "model": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
         "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": config["args"],
         "best_top1": best_top1, "rng": {"torch": torch.get_rng_state()}, "arch": req.student,
-    }, out / "checkpoint.pth")
-
-
-def _save_sample_weights(path: Path, epoch: int, per_sample: list[tuple[np.ndarray, torch.Tensor]],
-                         labels: np.ndarray) -> None:
-    """The per-sample KD weights (B, K) of every sample the epoch trained on, with its id and label
-    (the data of the paper's Figure 3); replaced every epoch, so it holds the latest."""
-    indices = np.concatenate([i for i, _ in per_sample])
-    weights = torch.cat([w for _, w in per_sample]).float().cpu().numpy()
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, epoch=epoch, indices=indices, labels=labels[indices], weights=weights)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    })
 
 
 def _git_sha() -> str | None:
