@@ -8,9 +8,6 @@ import sys
 import click
 
 from kdcache.cli.common import cache_option
-from kdcache.pipelines.cache_admin import list_stores, remedy, remove_store, store_info, verify_stores
-from kdcache.store import Cache
-from kdcache.text import human_bytes
 
 
 @click.group("cache")
@@ -22,6 +19,10 @@ def cache() -> None:
 @cache_option
 def ls(cache: str | None) -> None:
     """List teacher stores with their plan, arch, feature form, views, size and accuracy."""
+    from kdcache.pipelines.cache_admin import list_stores
+    from kdcache.store import Cache
+    from kdcache.text import human_bytes
+
     c = Cache.at(cache)
     rows = list_stores(c)
     if not rows:
@@ -41,6 +42,9 @@ def ls(cache: str | None) -> None:
 @cache_option
 def info(teacher_id: str, cache: str | None) -> None:
     """Show a teacher store's attributes, arrays and plan (TEACHER_ID may be a unique prefix)."""
+    from kdcache.pipelines.cache_admin import store_info
+    from kdcache.store import Cache
+
     click.echo(json.dumps(store_info(Cache.at(cache), teacher_id), indent=2, default=str))
 
 
@@ -49,6 +53,9 @@ def info(teacher_id: str, cache: str | None) -> None:
 @cache_option
 def verify(teacher_id: str | None, cache: str | None) -> None:
     """Read every chunk (checksums) and every completion marker of one store, or of all."""
+    from kdcache.pipelines.cache_admin import remedy, verify_stores
+    from kdcache.store import Cache
+
     report = verify_stores(Cache.at(cache), teacher_id)
     bad = 0
     for tid, problems in report.items():
@@ -70,4 +77,7 @@ def verify(teacher_id: str | None, cache: str | None) -> None:
 @cache_option
 def rm(teacher_id: str, cache: str | None) -> None:
     """Delete a teacher store (its plan stays for other teachers)."""
+    from kdcache.pipelines.cache_admin import remove_store
+    from kdcache.store import Cache
+
     click.echo(f"removed {remove_store(Cache.at(cache), teacher_id)}")

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 import click
-from tqdm.auto import tqdm
 
 cache_option = click.option(
     "--cache", type=str, default=None, metavar="DIR|URL",
@@ -59,6 +58,8 @@ def row_progress(description: str, log_interval: float | None = None) -> Callabl
     def start(total: int, done: int, unit: str = "row", what: str | None = None) -> Callable[[int], None]:
         label = what or description
         if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
             bar = tqdm(total=total, initial=done, desc=label, unit=unit, unit_scale=True, file=sys.stderr,
                        dynamic_ncols=True)
             return bar.update

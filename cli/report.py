@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 
 from kdcache.errors import KdcacheError
-from kdcache.pipelines.report import report as write_report
 
 
 @click.command("report")
@@ -17,6 +16,8 @@ from kdcache.pipelines.report import report as write_report
               help="Directory for accuracy.png and one weights-RUN.png per camkd/ebkd run.")
 def report(runs: tuple[Path, ...], out: Path) -> None:
     """Plot the test accuracy of distill runs and the per-sample teacher weights of camkd/ebkd runs."""
+    from kdcache.pipelines.report import report as write_report
+
     try:
         written = write_report(list(runs), out)
     except KdcacheError as exc:  # also one line when the command runs outside the kdcache group

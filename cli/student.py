@@ -1,54 +1,68 @@
-"""``kdcache distill``, ``kdcache eval`` and ``kdcache methods``: train and judge students."""
+"""``kdcache distill``, ``kdcache eval`` and ``kdcache methods``: train and judge students.
+
+torch and the pipelines are imported inside the commands, so that `--help` and usage
+errors answer at once.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from kdcache import training
+from kdcache import defaults
 from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
                                 recipe_option, tensorboard_option)
-from kdcache.distributed import DistContext
-from kdcache.losses import MethodOptions, method_info, method_names
-from kdcache.pipelines.distill import DistillRequest, EpochMetrics, distill
-from kdcache.pipelines.evaluate import evaluate_checkpoint
+
+if TYPE_CHECKING:
+    from kdcache.losses import MethodParam
 
 
 @click.command("methods")
-def methods() -> None:
-    """List the distillation methods."""
-    for name in method_names():
-        info = method_info(name)
-        click.echo(f"{name:<12} teachers {info.n_teachers:<2} {info.description}")
+@click.argument("name", required=False)
+def methods(name: str | None) -> None:
+    """List the distillation methods (plug-ins' included) with their own options; NAME shows one in full."""
+    from kdcache.losses import method_class, method_names
+
+    for method in [name] if name else method_names():
+        cls = _method_class(method, method_class, method_names)
+        info = cls.info
+        click.echo(f"{method:<12} teachers {info.n_teachers:<2} {info.description}")
+        for p in cls.params:
+            choices = f" [{'|'.join(p.choices)}]" if p.choices else f" {p.kind.__name__.upper()}"
+            click.echo(f"    {p.flag}{choices}  {p.help} (default: {p.default})")
 
 
-@click.command("distill")
+_METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights, aekd's --aekd-cap) follow --method; "
+                        "`kdcache methods` lists them.")
+
+
+@click.command("distill", epilog=_METHOD_OPTIONS_HELP,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--student", required=True, help="Student architecture, from `kdcache models`.")
 @click.option("--teachers", "teachers", multiple=True, required=True, metavar="ID",
               help="A teacher store id or unique prefix (repeat for several), from `kdcache cache ls`.")
-@click.option("--method", required=True, type=click.Choice(method_names()), help="Distillation method.")
+@click.option("--method", required=True, metavar="NAME",
+              help="Distillation method, from `kdcache methods` (ce, kd, fitnet, aver, fitnet-mkd, ebkd, aekd, camkd "
+                   "and those of installed plug-ins).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory: config.json, metrics.jsonl, checkpoint.pth, best.pth, last.pth.")
 @cache_option
 @click.option("--dataset", default=None, help="Data set [default: the one the stores were computed on].")
 @data_root_option
-@click.option("--epochs", type=int, default=training.EPOCHS, help="Training epochs (official: 240).")
-@click.option("--batch-size", type=int, default=training.BATCH_SIZE, help="Batch size (official: 64).")
+@click.option("--epochs", type=int, default=defaults.EPOCHS, help="Training epochs (official: 240).")
+@click.option("--batch-size", type=int, default=defaults.BATCH_SIZE, help="Batch size (official: 64).")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2 students].")
 @milestones_option
-@click.option("--momentum", type=float, default=training.MOMENTUM, help="SGD momentum (Nesterov).")
-@click.option("--weight-decay", type=float, default=training.WEIGHT_DECAY, help="Weight decay.")
+@click.option("--momentum", type=float, default=defaults.MOMENTUM, help="SGD momentum (Nesterov).")
+@click.option("--weight-decay", type=float, default=defaults.WEIGHT_DECAY, help="Weight decay.")
 @click.option("--temperature", "-T", type=float, default=4.0, help="Distillation temperature T.")
 @click.option("--gamma", type=float, default=1.0, help="Weight of the cross-entropy term.")
 @click.option("--alpha", type=float, default=None, help="Weight of the KD term [default: the method's].")
 @click.option("--beta", type=float, default=None,
               help="Weight of the feature term [default: the method's: fitnet 100, fitnet-mkd 100, camkd 50].")
-@click.option("--camkd-weights", type=click.Choice(["confidence", "uniform"]), default="confidence",
-              help="CA-MKD ablation: confidence weights (the paper) or uniform 1/K.")
-@click.option("--camkd-feature-weights", type=click.Choice(["v", "w"]), default="v",
-              help="CA-MKD ablation: weight the feature term by v (the paper) or by the KD weights w.")
 @click.option("--seed", type=int, default=0, help="Seed of the student's weights and of the batch order.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
@@ -56,19 +70,25 @@ def methods() -> None:
 @click.option("--online", is_flag=True, help="Run the recorded teacher checkpoints live instead of reading stores.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
 @tensorboard_option
-def distill_cmd(student: str, teachers: tuple[str, ...], method: str, out: Path, cache: Path | None,
-                dataset: str | None, data_root: Path | None, epochs: int, batch_size: int, lr: float | None,
-                lr_milestones: list[int] | None, momentum: float, weight_decay: float, temperature: float,
-                gamma: float, alpha: float | None, beta: float | None, camkd_weights: str,
-                camkd_feature_weights: str, seed: int, device: str | None, amp: bool, prefetch: int, online: bool,
-                resume: bool, tensorboard: Path | None) -> None:
+@click.pass_context
+def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], method: str, out: Path,
+                cache: Path | None, dataset: str | None, data_root: Path | None, epochs: int, batch_size: int,
+                lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
+                temperature: float, gamma: float, alpha: float | None, beta: float | None, seed: int,
+                device: str | None, amp: bool, prefetch: int, online: bool, resume: bool,
+                tensorboard: Path | None) -> None:
     """Train a student from cached teacher stores with CA-MKD or a baseline.
 
     Under `torchrun --nproc_per_node N $(command -v kdcache) distill ...` it trains data-parallel on N ranks:
     --batch-size is the global batch (a multiple of N), rank 0 writes the run directory and prints.
     """
+    from kdcache.distributed import DistContext
+    from kdcache.losses import MethodOptions, method_class, method_names
+    from kdcache.pipelines.distill import DistillRequest, EpochMetrics, distill
+
+    cls = _method_class(method, method_class, method_names)
     options = MethodOptions(temperature=temperature, gamma=gamma, alpha=alpha, beta=beta,
-                            camkd_weights=camkd_weights, camkd_feature_weights=camkd_feature_weights)
+                            params=_parse_method_options(ctx, method, cls.params))
     req = DistillRequest(student=student, teachers=list(teachers), method=method, out=out, cache=cache,
                          dataset=dataset, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, weight_decay=weight_decay, milestones=lr_milestones, seed=seed,
@@ -105,8 +125,38 @@ def eval_cmd(arch: str, checkpoint: Path, dataset: str, data_root: Path | None, 
              image_size: int | None, device: str | None, batch_size: int) -> None:
     """Print a checkpoint's top-1 and top-5 accuracy on the test split, on the test-time view of the recipe the
     model was trained with (give the same --recipe / --image-size as to train-teacher)."""
+    from kdcache.pipelines.evaluate import evaluate_checkpoint
+
     top1, top5 = evaluate_checkpoint(arch, checkpoint, dataset, data_root, device, batch_size, recipe, image_size)
     click.echo(f"top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+
+
+def _method_class(name: str, method_class: Any, method_names: Any) -> Any:
+    """The registered method ``name``, or click's usage error (exit 2) naming the known ones."""
+    if name not in method_names():
+        raise click.BadParameter(f"{name!r} is not one of {', '.join(map(repr, method_names()))} (`kdcache methods`)",
+                                 param_hint="'--method'")
+    return method_class(name)
+
+
+def _parse_method_options(ctx: click.Context, method: str, params: "tuple[MethodParam, ...]") -> dict[str, Any]:
+    """The options after ``--method`` that belong to the method, parsed by click against what the method
+    declares; anything else is a usage error naming what the method takes."""
+    if not ctx.args:
+        return {}
+    options = [click.Option([f"{p.flag}/--no-{p.flag[2:]}"] if p.kind is bool else [p.flag], default=None,
+                            type=None if p.kind is bool else click.Choice(p.choices) if p.choices else p.kind,
+                            help=p.help) for p in params]
+    parser = click.Command(f"{ctx.command_path} --method {method}", params=options, add_help_option=False)
+    takes = ", ".join(p.flag for p in params) or "no options of its own"
+    try:
+        sub = parser.make_context(parser.name, list(ctx.args), parent=ctx)
+    except click.NoSuchOption as exc:
+        raise click.UsageError(f"no such option: {exc.option_name} (distill's options are in `kdcache distill "
+                               f"--help`; method {method} takes {takes})", ctx=ctx) from None
+    except click.UsageError as exc:
+        raise click.UsageError(f"{exc.format_message()} (method {method} takes {takes})", ctx=ctx) from None
+    return {p.name: sub.params[p.name] for p in params if sub.params.get(p.name) is not None}
 
 
 COMMANDS = (methods, distill_cmd, eval_cmd)

@@ -8,10 +8,8 @@ import click
 
 from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
                                 recipe_option, row_progress, tensorboard_option)
-from kdcache.pipelines.precompute import DEFAULT_VIEWS, PrecomputeRequest, precompute_many
-from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS
-from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
-from kdcache import training
+from kdcache import defaults
+from kdcache.defaults import DEFAULT_FEATURE_FORM, DEFAULT_VIEWS, FEATURE_FORMS
 
 
 @click.command("train-teacher")
@@ -20,13 +18,13 @@ from kdcache import training
 @data_root_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint to write after every epoch: {'model','optimizer','epoch','best_acc','arch',...}.")
-@click.option("--epochs", type=int, default=training.EPOCHS, help="Training epochs (official: 240).")
-@click.option("--batch-size", type=int, default=training.BATCH_SIZE, help="Batch size (official: 64).")
+@click.option("--epochs", type=int, default=defaults.EPOCHS, help="Training epochs (official: 240).")
+@click.option("--batch-size", type=int, default=defaults.BATCH_SIZE, help="Batch size (official: 64).")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 0.05; 0.01 for MobileNetV2, ShuffleV1, ShuffleV2].")
 @milestones_option
-@click.option("--momentum", type=float, default=training.MOMENTUM, help="SGD momentum (Nesterov).")
-@click.option("--weight-decay", type=float, default=training.WEIGHT_DECAY, help="Weight decay.")
+@click.option("--momentum", type=float, default=defaults.MOMENTUM, help="SGD momentum (Nesterov).")
+@click.option("--weight-decay", type=float, default=defaults.WEIGHT_DECAY, help="Weight decay.")
 @click.option("--seed", type=int, default=0, help="Seed of the initial weights and the augmentation.")
 @recipe_option
 @image_size_option
@@ -39,12 +37,14 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
                       seed: int, recipe: str | None, image_size: int | None, device: str | None,
                       resume: bool, force: bool, tensorboard: Path | None) -> None:
     """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
+    from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
+
     req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                               milestones=lr_milestones, seed=seed, device=device, resume=resume, force=force,
                               recipe=recipe, image_size=image_size, tensorboard=tensorboard)
 
-    def report(r: EpochRecord) -> None:
+    def report(r: "EpochRecord") -> None:
         click.echo(f"epoch {r.epoch:>3}/{epochs}  loss {r.loss:.4f}  train {r.train_acc:6.2f}%  "
                    f"test top-1 {r.test_top1:6.2f}%  top-5 {r.test_top5:6.2f}%  lr {r.lr:.4g}  {r.seconds:.1f}s",
                    err=True)
@@ -92,6 +92,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
     with several --teacher/--checkpoint pairs, the last lines are their ids, one a line, in the order given.
     """
+    from kdcache.pipelines.precompute import PrecomputeRequest, precompute_many
+
     if len(teachers) != len(checkpoints):
         raise click.UsageError(f"got {len(teachers)} --teacher and {len(checkpoints)} --checkpoint options; "
                                "give one --checkpoint per --teacher, in the same order")

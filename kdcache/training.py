@@ -17,15 +17,8 @@ import torch
 
 from kdcache.errors import KdcacheError
 
-EPOCHS = 240
-BATCH_SIZE = 64
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-LR = 0.05
-LR_SMALL_NETS = 0.01
-SMALL_NETS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
-MILESTONES = (150, 180, 210)
-LR_DECAY = 0.1
+from kdcache.defaults import (BATCH_SIZE, EPOCHS, LR, LR_DECAY, LR_SMALL_NETS, MILESTONES, MOMENTUM,  # noqa: F401
+                              SMALL_NETS, WEIGHT_DECAY)
 
 
 def official_lr(arch: str) -> float:

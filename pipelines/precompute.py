@@ -31,7 +31,7 @@ from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTY
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
 
-DEFAULT_VIEWS = 240  # one fresh view per epoch of the official 240-epoch schedule
+from kdcache.defaults import DEFAULT_VIEWS  # noqa: E402  (one fresh view per epoch of the official schedule)
 MAX_WRITES_IN_FLIGHT = 2
 
 Progress = Callable[[int], None]

@@ -223,9 +223,9 @@ CUSTOM = {name: MethodOptions(temperature=2.5, gamma=0.7, alpha=None if name == 
 GOLDEN = ([(n, MethodOptions(), 2) for n in DEFAULTS] + [(n, CUSTOM[n], 2) for n in DEFAULTS] + [
     ("camkd", MethodOptions(), 1),
     ("camkd", CUSTOM["camkd"], 1),
-    ("camkd", MethodOptions(camkd_weights="uniform"), 2),
-    ("camkd", MethodOptions(camkd_feature_weights="w", temperature=3.0), 2),
-    ("camkd", MethodOptions(camkd_weights="uniform", camkd_feature_weights="w"), 2),
+    ("camkd", MethodOptions(params={"camkd_weights": "uniform"}), 2),
+    ("camkd", MethodOptions(temperature=3.0, params={"camkd_feature_weights": "w"}), 2),
+    ("camkd", MethodOptions(params={"camkd_weights": "uniform", "camkd_feature_weights": "w"}), 2),
     ("camkd", MethodOptions(beta=0.0), 2),
     ("fitnet", MethodOptions(alpha=0.5), 2),
     ("fitnet", MethodOptions(alpha=0.5), 1),
@@ -240,11 +240,11 @@ def check_against_reference(name, options, epoch, dtype, rel, abs_):
     lam = None
     if name == "aekd":
         lam = out.teacher_weights.double().tolist()
-        u = min(max(options.aekd_cap, 1 / 3), 1.0)
+        u = min(max(options.params.get("aekd_cap", 0.6), 1 / 3), 1.0)
         assert in_capped_simplex(lam, u, tol=1e-6)
         assert kkt_ok(lam, gram_ref(data, options.temperature), u, tol=1e-4 if dtype == torch.float32 else 1e-7)
-    terms, weights = ref_terms(name, data, options.temperature, options.camkd_weights,
-                               options.camkd_feature_weights, lam)
+    terms, weights = ref_terms(name, data, options.temperature, options.params.get("camkd_weights", "confidence"),
+                               options.params.get("camkd_feature_weights", "v"), lam)
     assert set(out.terms) == set(terms)
     for key, value in terms.items():
         assert num(out.terms[key]) == pytest.approx(value, rel=rel, abs=abs_), key
@@ -321,7 +321,7 @@ def autograd_of(slot: tuple, batch: Batch, method) -> float:
 
 GRAD_CASES = [(n, CUSTOM[n], 2) for n in DEFAULTS] + [
     ("camkd", MethodOptions(), 2), ("camkd", MethodOptions(), 1),
-    ("camkd", MethodOptions(camkd_feature_weights="w"), 2), ("camkd", MethodOptions(camkd_weights="uniform"), 2),
+    ("camkd", MethodOptions(params={"camkd_feature_weights": "w"}), 2), ("camkd", MethodOptions(params={"camkd_weights": "uniform"}), 2),
     ("fitnet-mkd", MethodOptions(), 2), ("aekd", MethodOptions(temperature=1.5), 2)]
 
 
@@ -336,7 +336,7 @@ def test_gradients_match_finite_differences_of_reference(name, options, epoch):
     gamma, alpha, beta = resolved(name, options)
 
     def total(d):
-        terms, _ = ref_terms(name, d, options.temperature, options.camkd_weights, options.camkd_feature_weights, lam)
+        terms, _ = ref_terms(name, d, options.temperature, options.params.get("camkd_weights", "confidence"), options.params.get("camkd_feature_weights", "v"), lam)
         return ref_total(name, terms, gamma, alpha, beta, epoch)
 
     step = 1e-6
@@ -417,7 +417,7 @@ def test_camkd_weights_sum_to_one_and_favour_the_confident_teacher():
 
 
 def test_camkd_uniform_ablation_gives_one_over_k():
-    method, batch, _ = make_case("camkd", MethodOptions(camkd_weights="uniform"))
+    method, batch, _ = make_case("camkd", MethodOptions(params={"camkd_weights": "uniform"}))
     out = method(batch)
     assert torch.allclose(out.sample_weights, torch.full((B, 3), 1 / 3, dtype=out.sample_weights.dtype))
 
@@ -601,7 +601,7 @@ def test_aekd_cap_is_clamped_like_the_official_nu():
     assert aekd_cap(0.1, 3) == pytest.approx(1 / 3)
     assert aekd_cap(2.0, 3) == pytest.approx(1.0)
     assert aekd_cap(0.6, 1) == pytest.approx(1.0)
-    method, batch, _ = make_case("aekd", MethodOptions(aekd_cap=0.2))
+    method, batch, _ = make_case("aekd", MethodOptions(params={"aekd_cap": 0.2}))
     assert method(batch).teacher_weights.tolist() == pytest.approx([1 / 3] * 3, abs=1e-9)
     single, batch1, _ = make_case("aekd", n_teachers=1)
     assert single(batch1).teacher_weights.tolist() == pytest.approx([1.0])
@@ -662,8 +662,8 @@ def test_camkd_needs_fitting_heads():
 
 @pytest.mark.parametrize("name,options", [
     ("kd", MethodOptions(temperature=0.0)), ("aver", MethodOptions(beta=1.0)), ("ce", MethodOptions(alpha=1.0)),
-    ("camkd", MethodOptions(camkd_weights="equal")), ("camkd", MethodOptions(camkd_feature_weights="x")),
-    ("aekd", MethodOptions(aekd_cap=0.0))])
+    ("camkd", MethodOptions(params={"camkd_weights": "equal"})), ("camkd", MethodOptions(params={"camkd_feature_weights": "x"})),
+    ("aekd", MethodOptions(params={"aekd_cap": 0.0}))])
 def test_bad_options_are_one_line_errors(name, options):
     dims = [3] if N_TEACHERS[name] == 1 else DIMS
     with pytest.raises(KdcacheError) as err:

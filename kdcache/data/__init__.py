@@ -1,7 +1,8 @@
 """The data-set registry: names to loaders, and the one entry point `load_dataset`.
 
 Nothing here ever downloads: a data set that is not on disk is a DatasetError
-that says where to put it.
+that says where to put it. Plug-ins add their own with :func:`register_dataset`
+(``kdcache.contract.check_dataset`` tests one).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 
 from kdcache.data import cifar, digits, imagefolder, mnist
 from kdcache.data.base import DataSet, FileSource, ImageSource, TensorSource
-from kdcache.errors import DatasetError, UnknownNameError
+from kdcache.errors import DatasetError
+from kdcache.registry import Registry
 from kdcache.views import get_recipe
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "dataset_description",
     "dataset_names",
     "load_dataset",
+    "register_dataset",
 ]
 
 
@@ -33,7 +36,25 @@ class _Entry:
     describe: Callable[[], str]
 
 
-_REGISTRY: dict[str, _Entry] = {
+Loader = Callable[[str | os.PathLike | None], DataSet]
+_DATASETS: Registry[_Entry] = Registry("data set")
+
+
+def register_dataset(name: str, *, describe: str | Callable[[], str] = "", replace: bool = False
+                     ) -> Callable[[Loader], Loader]:
+    """Decorator: register ``load(root) -> DataSet`` as data set ``name``; ``root`` is the user's --data-root
+    (None when not given). ``describe`` is the one line `kdcache datasets` shows: a text, or a function
+    giving it (default: the loader's docstring's first line). The loader must never download; a missing
+    data set is a ``kdcache.errors.DatasetError`` saying where to put it."""
+    def add(load: Loader) -> Loader:
+        doc = (load.__doc__ or "").strip().splitlines()
+        text = describe or (doc[0] if doc else name)
+        _DATASETS.add(name, _Entry(load, text if callable(text) else (lambda: text)), replace=replace)
+        return load
+    return add
+
+
+for _name, _entry_of in {
     "cifar10": _Entry(lambda root: cifar.load_cifar("cifar10", root), lambda: cifar.describe("cifar10")),
     "cifar100": _Entry(lambda root: cifar.load_cifar("cifar100", root), lambda: cifar.describe("cifar100")),
     "mnist": _Entry(lambda root: mnist.load_mnist("mnist", root), lambda: mnist.describe("mnist")),
@@ -42,21 +63,17 @@ _REGISTRY: dict[str, _Entry] = {
     "imagefolder": _Entry(imagefolder.load_imagefolder, imagefolder.describe),
     # digits ships with scikit-learn: any root is ignored
     "digits": _Entry(lambda root: digits.load_digits_dataset(), digits.describe),
-}
+}.items():
+    register_dataset(_name, describe=_entry_of.describe)(_entry_of.load)
 
 
 def dataset_names() -> list[str]:
-    """Registered data-set names, in the order `kdcache datasets` lists them."""
-    return list(_REGISTRY)
+    """Registered data-set names, in the order `kdcache datasets` lists them (plug-ins' last)."""
+    return _DATASETS.names()
 
 
 def _entry(name: str) -> _Entry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown data set {name!r}; known data sets: {', '.join(_REGISTRY)}"
-        ) from None
+    return _DATASETS.get(name)
 
 
 def dataset_description(name: str) -> str:

@@ -4,45 +4,93 @@ Every method is an ``nn.Module`` whose ``forward(Batch)`` returns ``LossTerms``:
 ``total = γ·L_CE + α·L_KD + β·L_feat`` plus the unweighted terms and the teacher
 weights for the log. docs/LOSSES.md is the specification of every formula; each
 module's docstring says where it follows the official CA-MKD code on a point the
-formulas leave open.
+formulas leave open. Plug-ins add methods with :func:`register_method`; each method
+declares its own options (``Method.params``), which the command line offers after
+``--method`` and ``kdcache methods`` lists.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import TypeVar
 
 from torch import Tensor
 
-from kdcache.errors import KdcacheError, UnknownNameError
+from kdcache.errors import KdcacheError
 from kdcache.losses.aekd import AdaptiveEnsembleKD
 from kdcache.losses.aver import AverageKD
 from kdcache.losses.base import (Aligner, Batch, FeatureShape, LossTerms, MapAligner, Method, MethodInfo,
-                                 MethodOptions)
+                                 MethodOptions, MethodParam, resolve_params)
 from kdcache.losses.camkd import ConfidenceAwareMKD
 from kdcache.losses.ce import CrossEntropy
 from kdcache.losses.ebkd import EntropyKD
 from kdcache.losses.fitnet import FitNet
 from kdcache.losses.fitnet_mkd import FitNetMKD
 from kdcache.losses.kd import KnowledgeDistillation
+from kdcache.registry import Registry
 
-__all__ = ["Aligner", "Batch", "FeatureShape", "LossTerms", "MapAligner", "Method", "MethodInfo", "MethodOptions", "build_method",
-           "method_info", "method_names"]
+__all__ = ["Aligner", "Batch", "FeatureShape", "LossTerms", "MapAligner", "Method", "MethodInfo", "MethodOptions",
+           "MethodParam", "build_method", "method_class", "method_info", "method_names", "register_method",
+           "resolve_options"]
 
-_REGISTRY: dict[str, type[Method]] = {cls.info.name: cls for cls in (
-    CrossEntropy, KnowledgeDistillation, FitNet, AverageKD, FitNetMKD, EntropyKD, AdaptiveEnsembleKD,
-    ConfidenceAwareMKD)}
+_METHODS: Registry[type[Method]] = Registry("method")
+M = TypeVar("M", bound=type[Method])
+_SHARED = ("temperature", "gamma", "alpha", "beta")
+
+
+def register_method(cls: M, *, replace: bool = False) -> M:
+    """Class decorator: register a :class:`Method` subclass under ``cls.info.name``.
+
+    The class sets ``info`` (:class:`MethodInfo`), its default α and β, and in ``params`` the
+    options of its own (:class:`MethodParam`); its ``__init__`` takes the keywords of
+    :func:`build_method`. ``kdcache.contract.check_method(name)`` checks the contract.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not isinstance(getattr(cls, "info", None),
+                                                                                  MethodInfo):
+        raise KdcacheError(f"register_method takes a kdcache.losses.Method subclass with an `info` "
+                           f"(MethodInfo), got {cls!r}")
+    if cls.info.n_teachers not in ("0", "1", "K"):
+        raise KdcacheError(f"method {cls.info.name}: n_teachers is \"0\", \"1\" or \"K\", got "
+                           f"{cls.info.n_teachers!r}")
+    names = [p.name for p in cls.params]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in _SHARED or not n.isidentifier()})
+    if clash:
+        raise KdcacheError(f"method {cls.info.name}: options {', '.join(clash)} are repeated, not identifiers, "
+                           f"or the shared {', '.join(_SHARED)}")
+    for p in cls.params:
+        problem = p.problem(p.default)
+        if problem is not None:
+            raise KdcacheError(f"method {cls.info.name}: the default of {p.flag} is invalid: {problem}")
+    _METHODS.add(cls.info.name, cls, replace=replace)
+    return cls
+
+
+for _cls in (CrossEntropy, KnowledgeDistillation, FitNet, AverageKD, FitNetMKD, EntropyKD, AdaptiveEnsembleKD,
+             ConfidenceAwareMKD):
+    register_method(_cls)
 
 
 def method_names() -> list[str]:
-    """All method names, in registration order: ce, kd, fitnet, aver, fitnet-mkd, ebkd, aekd, camkd."""
-    return list(_REGISTRY)
+    """All method names, in registration order: ce, kd, fitnet, aver, fitnet-mkd, ebkd, aekd, camkd, then
+    the plug-ins'."""
+    return _METHODS.names()
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; UnknownNameError listing the known names if absent."""
+    return _METHODS.get(name)
 
 
 def _lookup(name: str) -> type[Method]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError(f"unknown method {name!r}; known: {', '.join(_REGISTRY)}") from None
+    return _METHODS.get(name)
+
+
+def resolve_options(name: str, options: MethodOptions = MethodOptions()) -> MethodOptions:
+    """``options`` checked for method ``name`` and with every one of its own options filled in (its default
+    where not given): what a run records, so that giving a default explicitly changes nothing."""
+    _check_options(method_info(name), options)
+    return replace(options, params=resolve_params(_lookup(name), options.params))
 
 
 def method_info(name: str) -> MethodInfo:
@@ -99,7 +147,7 @@ def _as_tuple(d: FeatureShape) -> tuple[int, ...]:
 
 def check_method_options(name: str, options: MethodOptions) -> None:
     """Refuse options out of range (non-finite included) for method ``name``, before any work."""
-    _check_options(method_info(name), options)
+    resolve_options(name, options)
 
 
 def _check_options(info: MethodInfo, options: MethodOptions) -> None:
@@ -109,8 +157,6 @@ def _check_options(info: MethodInfo, options: MethodOptions) -> None:
     for label, value in (("gamma", options.gamma), ("alpha", options.alpha), ("beta", options.beta)):
         if value is not None and not math.isfinite(value):
             raise KdcacheError(f"{label} must be a finite number, got {value}")
-    if not (math.isfinite(options.aekd_cap) and options.aekd_cap > 0):
-        raise KdcacheError(f"the AEKD cap C must be a finite positive number, got {options.aekd_cap}")
     if info.n_teachers == "0" and options.alpha not in (None, 0.0):
         raise KdcacheError(f"{info.name} has no KD term: alpha does not apply")
     if not info.uses_features and options.beta not in (None, 0.0):

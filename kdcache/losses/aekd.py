@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.base import (Batch, LossTerms, Method, MethodInfo, MethodOptions, as_float, ce_per_sample,
-                                 kl_per_sample, stack_teachers)
+from kdcache.losses.base import (Batch, LossTerms, Method, MethodInfo, MethodOptions, MethodParam, as_float, ce_per_sample,
+                                 kl_per_sample, positive, stack_teachers)
 
 MAX_FACES = 5000       # 9 teachers at the default cap (~35 ms a step on a CPU core); 3 teachers: 13 faces
 _FEASIBLE_TOL = 1e-8
@@ -110,14 +110,14 @@ class AdaptiveEnsembleKD(Method):
 
     info = MethodInfo("aekd", "AE-KD: teacher weights from a min-norm problem in gradient space", "K",
                       uses_features=False, uses_heads=False)
+    params = (MethodParam("aekd_cap", 0.6, "AE-KD's cap C on a teacher's weight (the official 0.6): each weight "
+                          "is at most clamp(C, 1/K, 1).", check=positive),)
 
     def __init__(self, *, num_classes: int, student_dim: int, teacher_dims: list[int],
                  options: MethodOptions) -> None:
         super().__init__(num_classes=num_classes, student_dim=student_dim, teacher_dims=teacher_dims,
                          options=options)
-        if not options.aekd_cap > 0:
-            raise KdcacheError(f"aekd: the cap C must be positive, got {options.aekd_cap}")
-        self.cap = aekd_cap(options.aekd_cap, self.n_teachers)
+        self.cap = aekd_cap(self.param("aekd_cap"), self.n_teachers)
         if self.n_teachers > 12:   # 3^K faces to enumerate before pruning
             raise KdcacheError(f"aekd: {self.n_teachers} teachers are too many for its exact weight solver "
                                f"(at most 9 at the default cap)")
@@ -125,7 +125,7 @@ class AdaptiveEnsembleKD(Method):
         if self._faces.shape[0] > MAX_FACES:
             raise KdcacheError(f"aekd: {self.n_teachers} teachers with cap {self.cap:g} give "
                                f"{self._faces.shape[0]} faces to solve each step (at most {MAX_FACES}): "
-                               "use fewer teachers or a larger cap C (MethodOptions.aekd_cap)")
+                               "use fewer teachers or a larger --aekd-cap")
 
     def forward(self, batch: Batch) -> LossTerms:
         """CE plus the λ-weighted sum of the teachers' batch-mean KL terms."""

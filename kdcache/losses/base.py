@@ -12,8 +12,9 @@ on the inputs' device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +26,61 @@ from kdcache.models.pool import global_avg_pool
 # A feature's per-sample shape: D for a pooled vector, (C, H, W) for a last-block map.
 FeatureShape = int | tuple[int, int, int]
 
-CAMKD_WEIGHTS = ("confidence", "uniform")
-CAMKD_FEATURE_WEIGHTS = ("v", "w")
 
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """The knobs of every method; ``None`` weights mean the method's own default (docs/LOSSES.md)."""
+    """The knobs every method shares, and ``params``: the options of the one method (its :class:`MethodParam`
+    names, e.g. camkd's ``camkd_weights``) that differ from their defaults, or all of them once resolved.
+    ``None`` weights mean the method's own default (docs/LOSSES.md)."""
 
     temperature: float = 4.0       # T
     gamma: float = 1.0             # weight of L_CE
     alpha: float | None = None     # weight of L_KD; None -> method default (1, or 0 for fitnet, 0 for ce)
     beta: float | None = None      # weight of L_feat; None -> fitnet 100, fitnet-mkd 100, camkd 50, others 0
-    camkd_weights: str = "confidence"   # camkd ablation: "confidence" | "uniform" (w = v = 1/K)
-    camkd_feature_weights: str = "v"    # camkd ablation: "v" (paper) | "w" (feature term weighted by w)
-    aekd_cap: float = 0.6          # the official C; u = clamp(C, 1/K, 1)
+    params: Mapping[str, Any] = field(default_factory=dict)   # the method's own options, by name
+
+
+@dataclass(frozen=True)
+class MethodParam:
+    """One option a method declares for itself: on the command line ``--name-with-dashes VALUE`` after
+    ``--method``, in the library ``MethodOptions(params={name: value})``.
+
+    Its type is the default's (float, int, str or bool); ``choices`` limits a str; ``check`` returns what is
+    wrong with a value (one line), or None when it is fine.
+    """
+
+    name: str                      # a Python identifier, unique among the method's options
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not a valid value of this option, or None."""
+        kind = self.kind
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{self.flag} takes a {kind.__name__}, got {value!r}"
+        if kind is float and not math.isfinite(value):
+            return f"{self.flag} must be a finite number, got {value}"
+        if self.choices is not None and value not in self.choices:
+            return f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}"
+        return self.check(value) if self.check is not None else None
+
+
+def positive(value: float) -> str | None:
+    """A :class:`MethodParam` check: the value must be above 0."""
+    return None if value > 0 else f"must be positive, got {value}"
 
 
 @dataclass
@@ -180,16 +221,39 @@ def pool_feature(r: Tensor) -> Tensor:
 # -- the method base class ----------------------------------------------------------------
 
 
+def resolve_params(cls: type["Method"], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Every option ``cls`` declares, with its default where ``given`` has none; KdcacheError with one line
+    for a name the method does not declare or a value out of its range."""
+    declared = {p.name: p for p in cls.params}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        takes = ", ".join(p.flag for p in cls.params) or "no options of its own"
+        raise KdcacheError(f"{cls.info.name} has no option {', '.join('--' + u.replace('_', '-') for u in unknown)}"
+                           f" (it takes {takes})")
+    values = {}
+    for name, p in declared.items():
+        value = given.get(name, p.default)
+        problem = p.problem(value)
+        if problem is not None:
+            raise KdcacheError(f"{cls.info.name}: {problem if problem.startswith('--') else p.flag + ' ' + problem}")
+        values[name] = float(value) if p.kind is float else value
+    return values
+
+
 class Method(nn.Module):
     """A distillation loss: ``forward(batch)`` gives ``L = γ·L_CE + α·L_KD + β·L_feat`` and its terms.
 
-    Subclasses set ``info`` and their default α, β; trainable parts (aligners) are
+    Subclasses set ``info``, their default α, β and the options of their own (``params``,
+    read in the method as ``self.param(name)``); trainable parts (aligners) are
     submodules, so ``method.parameters()`` joins the student's optimizer.
+    ``kdcache.register_method`` adds one to the registry; ``kdcache.contract.check_method``
+    tests one.
     """
 
     info: ClassVar[MethodInfo]
     default_alpha: ClassVar[float] = 1.0
     default_beta: ClassVar[float] = 0.0
+    params: ClassVar[tuple[MethodParam, ...]] = ()
 
     def __init__(self, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
                  options: MethodOptions) -> None:
@@ -203,6 +267,11 @@ class Method(nn.Module):
         self.gamma = float(options.gamma)
         self.alpha = float(self.default_alpha if options.alpha is None else options.alpha)
         self.beta = float(self.default_beta if options.beta is None else options.beta)
+        self._params = resolve_params(type(self), options.params)
+
+    def param(self, name: str) -> Any:
+        """The value of this method's own option ``name`` (its default unless given)."""
+        return self._params[name]
 
     def forward(self, batch: Batch) -> LossTerms:  # pragma: no cover - every subclass overrides it
         """The loss of one batch."""

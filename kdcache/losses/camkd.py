@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.base import (CAMKD_FEATURE_WEIGHTS, CAMKD_WEIGHTS, Batch, FeatureShape, LossTerms, Method,
-                                 MethodInfo, MethodOptions, as_float, ce_per_sample, feature_distance,
+from kdcache.losses.base import (Batch, FeatureShape, LossTerms, Method, MethodInfo, MethodOptions, MethodParam, as_float, ce_per_sample, feature_distance,
                                  kl_per_sample, make_aligner, pool_feature, pooled_width, stack_teachers)
 
 
@@ -58,21 +57,21 @@ class ConfidenceAwareMKD(Method):
     info = MethodInfo("camkd", "CA-MKD: confidence-aware weights on logits and aligned features", "K",
                       uses_features=True, uses_heads=True)
     default_beta = 50.0
+    params = (
+        MethodParam("camkd_weights", "confidence", "CA-MKD ablation: confidence weights (the paper) or uniform 1/K.",
+                    choices=("confidence", "uniform")),
+        MethodParam("camkd_feature_weights", "v", "CA-MKD ablation: weight the feature term by v (the paper) or by "
+                    "the KD weights w.", choices=("v", "w")),
+    )
 
     def __init__(self, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
                  teacher_heads: list[tuple[Tensor, Tensor]], options: MethodOptions) -> None:
         super().__init__(num_classes=num_classes, student_dim=student_dim, teacher_dims=teacher_dims,
                          options=options)
-        if options.camkd_weights not in CAMKD_WEIGHTS:
-            raise KdcacheError(f"camkd: weights must be one of {', '.join(CAMKD_WEIGHTS)}, "
-                               f"got {options.camkd_weights!r}")
-        if options.camkd_feature_weights not in CAMKD_FEATURE_WEIGHTS:
-            raise KdcacheError(f"camkd: feature weights must be one of {', '.join(CAMKD_FEATURE_WEIGHTS)}, "
-                               f"got {options.camkd_feature_weights!r}")
         if len(teacher_heads) != self.n_teachers:
             raise KdcacheError(f"camkd: {len(teacher_heads)} teacher heads for {self.n_teachers} teachers")
-        self.uniform = options.camkd_weights == "uniform"
-        self.feature_weights = options.camkd_feature_weights
+        self.uniform = self.param("camkd_weights") == "uniform"
+        self.feature_weights = self.param("camkd_feature_weights")
         self.aligners = nn.ModuleList([make_aligner(self.student_dim, d) for d in self.teacher_dims])
         for k, (weight, bias) in enumerate(teacher_heads):
             dim = pooled_width(self.teacher_dims[k])

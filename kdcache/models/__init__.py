@@ -7,7 +7,8 @@ so ``model.head(h)`` reproduces ``z``. Every model also exposes its last-block
 map: ``model.feature_map(x)`` (B, C', H, W) is what its global pool receives (the
 official CA-MKD ``feat[-2]``) and ``model.pool_map(m)`` gives ``h`` from it, so
 ``forward`` is ``head(pool_map(feature_map(x)))``. The CIFAR family keeps RepDistiller /
-CA-MKD names and keys, the ImageNet family torchvision's.
+CA-MKD names and keys, the ImageNet family torchvision's. Plug-ins add their own
+architectures with :func:`register_model` (``kdcache.contract.check_model`` tests one).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kdcache.errors import KdcacheError, UnknownNameError
+from kdcache.errors import KdcacheError
+from kdcache.registry import Registry
 
 from .checkpoint import extract_state_dict, load_checkpoint, read_checkpoint
 from .cifar import CIFAR_MODELS
@@ -27,7 +29,7 @@ from .imagenet import IMAGENET_MODELS
 
 __all__ = [
     "ModelInfo", "model_names", "model_info", "build_model", "feature_dim", "forward_with_map", "map_shape",
-    "load_checkpoint", "extract_state_dict", "read_checkpoint", "forbid_construction",
+    "load_checkpoint", "extract_state_dict", "read_checkpoint", "forbid_construction", "register_model",
 ]
 
 
@@ -36,24 +38,35 @@ class ModelInfo:
     """What the registry knows about an architecture without building it."""
 
     name: str
-    family: str  # "cifar" or "imagenet"
-    input_size: int  # side of the square input image: 32 for cifar, 224 for imagenet
+    family: str  # "cifar" or "imagenet" for the built-in ones, a plug-in's own word for its models
+    input_size: int  # side of the square input image it is made for: 32 for cifar, 224 for imagenet
     description: str  # one line
 
 
 _INPUT_SIZE = {"cifar": 32, "imagenet": 224}
-_REGISTRY: dict[str, tuple[ModelInfo, Callable[[int], nn.Module]]] = {}
+Builder = Callable[[int], nn.Module]
+_MODELS: Registry[tuple[ModelInfo, Builder]] = Registry("architecture")
 
 
-def _register(family: str, table: dict[str, tuple[Callable[[int], nn.Module], str]]) -> None:
-    for name, (builder, description) in table.items():
-        if name in _REGISTRY:
-            raise ValueError(f"architecture {name!r} registered twice")
-        _REGISTRY[name] = (ModelInfo(name, family, _INPUT_SIZE[family], description), builder)
+def register_model(name: str, *, family: str = "plugin", input_size: int = 32, description: str = "",
+                   replace: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(num_classes) -> nn.Module`` as architecture ``name``.
+
+    The module must follow the zoo's interface (see this module's docstring): ``forward(x)`` gives
+    ``(h, z)``, ``model.head`` is the final linear layer, and ``feature_map`` / ``pool_map`` split the
+    forward pass at the global pool. ``kdcache.contract.check_model(name)`` checks all of it.
+    """
+    def add(builder: Builder) -> Builder:
+        doc = (builder.__doc__ or "").strip().splitlines()
+        _MODELS.add(name, (ModelInfo(name, family, int(input_size), description or (doc[0] if doc else name)),
+                           builder), replace=replace)
+        return builder
+    return add
 
 
-_register("cifar", CIFAR_MODELS)
-_register("imagenet", IMAGENET_MODELS)
+for _family, _table in (("cifar", CIFAR_MODELS), ("imagenet", IMAGENET_MODELS)):
+    for _name, (_builder, _description) in _table.items():
+        register_model(_name, family=_family, input_size=_INPUT_SIZE[_family], description=_description)(_builder)
 
 # Reasons of the forbid_construction contexts now active (process-wide, so that
 # background threads are covered too).
@@ -61,16 +74,12 @@ _forbidden: list[str] = []
 
 
 def model_names() -> list[str]:
-    """All registered architecture names, in registration order (CIFAR family first)."""
-    return list(_REGISTRY)
+    """All registered architecture names, in registration order (CIFAR family, ImageNet family, plug-ins)."""
+    return _MODELS.names()
 
 
-def _lookup(name: str) -> tuple[ModelInfo, Callable[[int], nn.Module]]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError(
-            f"unknown architecture {name!r}; known: {', '.join(_REGISTRY)}") from None
+def _lookup(name: str) -> tuple[ModelInfo, Builder]:
+    return _MODELS.get(name)
 
 
 def model_info(name: str) -> ModelInfo:

@@ -1,0 +1,21 @@
+"""kdcache's defaults as plain values, importable without torch, zarr or dask.
+
+The command line reads them to build its options and help (so `kdcache --help` answers
+at once); the modules that use them import them from here, so each value is set once.
+"""
+
+# The official CA-MKD / RepDistiller training schedule.
+EPOCHS = 240
+BATCH_SIZE = 64
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+LR = 0.05
+LR_SMALL_NETS = 0.01
+SMALL_NETS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+MILESTONES = (150, 180, 210)
+LR_DECAY = 0.1
+
+# Stores: one fresh view per epoch of the official 240-epoch schedule; what is stored besides the logits.
+DEFAULT_VIEWS = 240
+FEATURE_FORMS = ("pooled", "spatial", "none")
+DEFAULT_FEATURE_FORM = "pooled"
