@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -37,8 +37,8 @@ from kdcache.device import resolve_device
 from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
-from kdcache.losses import (Batch, LossTerms, Method, MethodInfo, MethodOptions, build_method, check_method_options,
-                            method_info)
+from kdcache.losses import (Batch, LossTerms, Method, MethodInfo, MethodOptions, build_method, method_info,
+                            resolve_options)
 from kdcache.models import (build_model, feature_dim, forbid_construction, forward_with_map, load_checkpoint,
                             map_shape, model_info)
 from kdcache.cached import CachedBatch, CachedTeachers
@@ -144,7 +144,8 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum, req.seed)
     model_info(req.student)
     info = method_info(req.method)
-    check_method_options(req.method, req.options)
+    # Every option of the method, defaults filled in, is what the run records (and --resume compares).
+    req = replace(req, options=resolve_options(req.method, req.options))
     if req.tensorboard is not None:
         tblog.check_available()
     with distributed.process_group(resolve_device(req.device)) as ctx:
