@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ def check_model(name: str, num_classes: int = 10, batch: int = 2) -> None:
     head = getattr(model, "head", None)
     _require(isinstance(head, nn.Linear) and head.out_features == num_classes, what,
              f"model.head must be the final nn.Linear with {num_classes} outputs, got {head!r}")
+    assert isinstance(head, nn.Linear)  # for the type checker: _require above has made sure
     _require(any(m is head for m in model.modules()), what, "model.head is not a module of the model")
     _require("head" not in dict(model.named_children()) and not any(k.startswith("head.") for k in model.state_dict()),
              what, "model.head must be a property returning the existing final layer (no new state_dict keys)")
@@ -108,8 +110,8 @@ def _check_method_case(name: str, options: MethodOptions, num_classes: int, batc
         student_feature = torch.randn(batch, 6, 4, 4)
     widths = [d if isinstance(d, int) else d[0] for d in dims]
     heads = [(torch.randn(num_classes, w), torch.randn(num_classes)) for w in widths]
-    build = dict(num_classes=num_classes, student_dim=student_dim, teacher_dims=dims,
-                 teacher_heads=heads if cls.info.uses_heads else None, options=options)
+    build: dict[str, Any] = dict(num_classes=num_classes, student_dim=student_dim, teacher_dims=dims,
+                                 teacher_heads=heads if cls.info.uses_heads else None, options=options)
     try:
         method = build_method(name, **build)
     except KdcacheError as exc:

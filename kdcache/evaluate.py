@@ -47,6 +47,7 @@ def ensemble_accuracy(teachers: list[tuple[str, Path]], dataset: DataSet, device
     correct = total = 0
     for x, y in test_batches(dataset, dataset.recipe, dev, 256):
         probs = sum(torch.softmax(m(x)[1], dim=1) for m in models)
+        assert isinstance(probs, torch.Tensor)  # a sum of tensors: there is at least one teacher
         correct += int((probs.argmax(1) == y).sum())
         total += len(y)
     return 100.0 * correct / total

@@ -15,6 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,8 +41,15 @@ class ImageSource(ABC):
     """
 
     labels: np.ndarray
-    sizes: np.ndarray
     resident: bool
+
+    if TYPE_CHECKING:  # declarations for the type checker; each source provides these its own way
+        @property
+        def sizes(self) -> np.ndarray:
+            """(N, 2) int64: (height, width) of each image."""
+
+        def to(self, device: torch.device | str) -> ImageSource:
+            """Resident sources only: a source with the same labels whose images live on `device`."""
 
     def __len__(self) -> int:
         """Number of images."""
@@ -214,6 +222,7 @@ def tensor_fingerprint(name: str, images: np.ndarray | torch.Tensor, labels: np.
     labels = np.ascontiguousarray(labels, dtype="<i8")
     h = hashlib.sha256()
     h.update(f"kdcache-tensor-set-v1\0{name}\0{images.shape}\0".encode())
-    h.update(memoryview(images).cast("B"))
-    h.update(memoryview(labels).cast("B"))
+    # ndarray.data is memoryview(array); numpy declares ndarray a Buffer only for Python >= 3.12
+    h.update(images.data.cast("B"))
+    h.update(labels.data.cast("B"))
     return h.hexdigest()

@@ -36,7 +36,7 @@ def _mean_std(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[f
     ss = (x * x).sum(dim=1).tolist()
     mean = tuple(si / n / 255.0 for si in s)
     std = tuple(((ssi * n - si * si) ** 0.5) / n / 255.0 for si, ssi in zip(s, ss))
-    return mean, std  # type: ignore[return-value]
+    return mean, std
 
 
 @functools.lru_cache(maxsize=1)

@@ -128,7 +128,7 @@ def _mean_std(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[f
     n = hist.sum()
     mean = float((hist * levels).sum() / n)
     std = float(np.sqrt(max((hist * (levels - mean) ** 2).sum() / n, 0.0)))
-    return (mean,) * 3, (std or 1.0,) * 3  # type: ignore[return-value]
+    return (mean,) * 3, (std or 1.0,) * 3
 
 
 def load_mnist(name: str, root: str | os.PathLike | None) -> DataSet:

@@ -13,6 +13,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
         f"cannot read checkpoint {path}: it is truncated or not a PyTorch file ({reason})")
 
 
-def _is_state_dict(obj: object) -> bool:
+def _is_state_dict(obj: object) -> TypeGuard[Mapping[str, torch.Tensor]]:
     return (isinstance(obj, Mapping) and len(obj) > 0
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
 

@@ -90,11 +90,14 @@ class MobileNetV2(tvm.MobileNetV2):
 
 def _torchvision(name: str, cls: type[nn.Module]) -> Callable[[int], nn.Module]:
     """A builder for torchvision's ``name`` whose instances are of class ``cls``."""
+    base = cls.__base__
+    assert base is not None  # cls subclasses a torchvision class
+
     def build(num_classes: int) -> nn.Module:
-        model = tvm.get_model(name, weights=None, num_classes=num_classes)
-        if type(model) is not cls.__base__:
+        model: nn.Module = tvm.get_model(name, weights=None, num_classes=num_classes)
+        if type(model) is not base:
             raise TypeError(f"torchvision {name} is {type(model).__name__}, expected "
-                            f"{cls.__base__.__name__}")
+                            f"{base.__name__}")
         model.__class__ = cls
         return model
 

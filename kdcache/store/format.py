@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 import numpy as np
 import zarr.codecs
@@ -41,11 +41,11 @@ def plan_views_per_chunk(n_views: int, n_samples: int) -> int:
 # Light compression chosen by benchmarks/codec.py (RESULTS.md): Blosc zstd level 1
 # with bit shuffle stores the fewest bytes per row at ~300 MB/s, far above any
 # teacher's output rate. CRC32C comes last so it checksums the bytes as stored.
-COMPRESSION = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
+COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
 # Spatial maps (post-ReLU, about half exact zeros) compress best without a shuffle:
 # zstd then sees the zeros as runs of zero bytes. On a digits resnet8x4 teacher's
 # maps 17.7 KB a row against 23.1 KB with bit shuffle (RESULTS.md, "Feature forms").
-SPATIAL_COMPRESSION = {"cname": "zstd", "clevel": 1, "shuffle": "noshuffle"}
+SPATIAL_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "shuffle": "noshuffle"}
 
 STORED_DTYPE = "float16"
 
@@ -140,6 +140,18 @@ def create_group(where: Any, attrs: dict[str, Any]) -> zarr.Group:
     ``attrs`` and the mark of a creation under way (see :func:`creation_unfinished`) in its first write."""
     return zarr.open_group(where.zarr_store(read_only=False), mode="w", zarr_format=3,
                            attributes={**attrs, "complete": False, "creating": True})
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a plan or store group. zarr types a group's member as ``Array | Group``;
+    every name this package looks up in its groups is an array of the format."""
+    return cast(zarr.Array, group[name])
+
+
+def read(group: zarr.Group, name: str, selection: Any = ...) -> np.ndarray:
+    """``group[name][selection]``: zarr types a read as an array-like or a scalar, but with its default
+    (NumPy) buffers every read is a NumPy array, a 0-d one for a single element."""
+    return cast(np.ndarray, array(group, name)[selection])
 
 
 def finish_creation(group: zarr.Group) -> None:

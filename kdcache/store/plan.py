@@ -82,7 +82,7 @@ class PlanStore:
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "kdcache_version": __version__,
                 })
-                common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+                common: dict[str, Any] = {"compressors": fmt.compressors(), "config": fmt.array_config()}
                 order = group.create_array("order", shape=(n_views, n_samples), chunks=(per_chunk, rows),
                                            dtype="int32", fill_value=-1, **common)
                 params = group.create_array("params", shape=(n_views, n_samples, n_params),
@@ -130,28 +130,28 @@ class PlanStore:
     @cached_property
     def labels(self) -> np.ndarray:
         """Training labels in sample order, (N,) int64."""
-        return self.group["labels"][...].astype(np.int64)
+        return fmt.read(self.group, "labels").astype(np.int64)
 
     def view(self, v: int) -> tuple[np.ndarray, np.ndarray]:
         """Row order (N,) int64 and replay parameters (N, P) int16 of view ``v``."""
-        order = self.group["order"][v]
-        params = self.group["params"][v]
+        order = fmt.read(self.group, "order", v)
+        params = fmt.read(self.group, "params", v)
         return order.astype(np.int64), params
 
     def verify(self) -> list[str]:
         """Read every chunk of the plan's arrays; return the problems found (empty: sound)."""
         problems = []
         for name in ("order", "params"):
-            per_chunk = self.group[name].chunks[0]
+            per_chunk = fmt.array(self.group, name).chunks[0]
             for start in range(0, self.n_views, per_chunk):
                 stop = min(start + per_chunk, self.n_views)
                 try:
-                    self.group[name][start:stop]
+                    fmt.read(self.group, name, slice(start, stop))
                 except ValueError as exc:  # the CRC32C codec's checksum mismatch
                     views = f"view {start}" if stop - start == 1 else f"views {start}-{stop - 1}"
                     problems.append(f"plan {self.id}: {name} of {views} is damaged ({exc})")
         try:
-            self.group["labels"][...]
+            fmt.read(self.group, "labels")
         except ValueError as exc:
             problems.append(f"plan {self.id}: labels are damaged ({exc})")
         return problems

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class TeacherStore:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
             })
-            common = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+            common: dict[str, Any] = {"compressors": fmt.compressors(), "config": fmt.array_config()}
             for name, row in (("logits", (n_classes,)), ("features", fshape)):
                 if name == "features" and form == "none":
                     continue
@@ -145,11 +145,11 @@ class TeacherStore:
 
     @property
     def n_views(self) -> int:
-        return int(self.group["logits"].shape[0])
+        return int(fmt.array(self.group, "logits").shape[0])
 
     @property
     def n_samples(self) -> int:
-        return int(self.group["logits"].shape[1])
+        return int(fmt.array(self.group, "logits").shape[1])
 
     @property
     def num_classes(self) -> int:
@@ -198,7 +198,7 @@ class TeacherStore:
 
     def markers(self) -> np.ndarray:
         """(V, n_chunks) int32: correct-prediction count of each written chunk, -1 where not written."""
-        return self.group["done"][...]
+        return fmt.read(self.group, "done")
 
     def done_count(self) -> int:
         return int((self.markers() >= 0).sum())
@@ -213,7 +213,7 @@ class TeacherStore:
         out = []
         for v in views:
             try:
-                row = self.group["done"][v]
+                row = fmt.read(self.group, "done", v)
             except ValueError:  # the CRC32C codec's checksum mismatch: read marker by marker
                 row = np.array([self._marker_or_missing(v, c) for c in range(self.chunks_per_view)])
             out += [(v, int(c)) for c in np.nonzero(row < 0)[0]]
@@ -221,7 +221,7 @@ class TeacherStore:
 
     def _marker_or_missing(self, v: int, c: int) -> int:
         try:
-            return int(self.group["done"][v, c])
+            return int(fmt.read(self.group, "done", (v, c)))
         except ValueError:
             return -1
 
@@ -243,12 +243,12 @@ class TeacherStore:
         rows = self.rows(c)
         name = "logits"
         try:
-            self.group["logits"][v, rows] = logits
+            fmt.array(self.group, "logits")[v, rows] = logits
             if features is not None:
                 name = "features"
-                self.group["features"][v, rows] = features
+                fmt.array(self.group, "features")[v, rows] = features
             name = "completion marker"
-            self.group["done"][v, c] = n_correct
+            fmt.array(self.group, "done")[v, c] = n_correct
         except OSError as exc:
             raise StoreError(
                 f"teacher store {self.id} at {self.path}: writing the {name} of chunk (view {v}, chunk {c}) failed: "
@@ -275,20 +275,21 @@ class TeacherStore:
         """
         rows = self.rows(c)
         try:
-            marked = int(self.group["done"][v, c]) >= 0
+            marked = int(fmt.read(self.group, "done", (v, c))) >= 0
         except ValueError as exc:  # the marker's own checksum
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is damaged ({exc}); "
                              f"run `kdcache cache verify {self.id}`") from None
         if not marked:  # deleted after the store was completed: the chunk cannot be trusted
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
                              f"run `kdcache cache verify {self.id}`")
-        out: list[np.ndarray | None] = []
+        out: list[np.ndarray] = []
         for name in self.data_arrays:
             try:
                 if within is None:
-                    block = self.group[name][v, rows]
+                    block = fmt.read(self.group, name, (v, rows))
                 else:
-                    block = self.group[name].get_orthogonal_selection((v, rows.start + np.asarray(within)))
+                    block = cast(np.ndarray, fmt.array(self.group, name).get_orthogonal_selection(
+                        (v, rows.start + np.asarray(within))))
             except ValueError as exc:  # the CRC32C codec's checksum mismatch
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
                                  f"run `kdcache cache verify {self.id}`") from None
@@ -308,14 +309,16 @@ class TeacherStore:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         chunk_of = sorted_rows // self.chunk_rows
-        logits, features = [], []
+        logits: list[np.ndarray] = []
+        features: list[np.ndarray] = []  # stays empty in the form none
         for c in np.unique(chunk_of):
             z, h = self.read_chunk(v, int(c), sorted_rows[chunk_of == c] - int(c) * self.chunk_rows)
             logits.append(z)
-            features.append(h)
+            if h is not None:
+                features.append(h)
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
-        return np.concatenate(logits)[back], (None if features[0] is None else np.concatenate(features)[back])
+        return np.concatenate(logits)[back], (np.concatenate(features)[back] if features else None)
 
     def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits and features of rows [start, stop) of view ``v``, read chunk by chunk (so errors name the chunk).
@@ -335,7 +338,8 @@ class TeacherStore:
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
-        return (torch.from_numpy(self.group["head/weight"][...]), torch.from_numpy(self.group["head/bias"][...]))
+        return (torch.from_numpy(fmt.read(self.group, "head/weight")),
+                torch.from_numpy(fmt.read(self.group, "head/bias")))
 
     # -- checking ---------------------------------------------------------------------------
 
@@ -345,7 +349,7 @@ class TeacherStore:
         (a re-run finishes them); everything else found is damage."""
         problems: list[str] = []
         try:
-            markers = self.group["done"][...]
+            markers = fmt.read(self.group, "done")
         except ValueError as exc:
             return [f"done: completion markers are damaged ({exc})"]
         unwritten: set[tuple[int, int]] = set()
@@ -357,7 +361,8 @@ class TeacherStore:
                 problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
         for name in self.data_arrays:
             written = self.location.files(f"{name}/c")  # one listing, also on object stores
-            inner = "/0" * (self.group[name].ndim - 2)  # one chunk spans every dimension after (view, row)
+            # one chunk spans every dimension after (view, row)
+            inner = "/0" * (fmt.array(self.group, name).ndim - 2)
             for v, c in self._chunks():
                 if (v, c) in unwritten:
                     continue
@@ -366,7 +371,7 @@ class TeacherStore:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is missing")
                     continue
                 try:
-                    block = self.group[name][v, rows]
+                    block = fmt.read(self.group, name, (v, rows))
                 except ValueError as exc:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is damaged ({exc})")
                     continue
@@ -374,7 +379,7 @@ class TeacherStore:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) holds non-finite values")
         for name in ("head/weight", "head/bias"):
             try:
-                if not np.isfinite(self.group[name][...]).all():
+                if not np.isfinite(fmt.read(self.group, name)).all():
                     problems.append(f"{name}: missing or non-finite")
             except ValueError as exc:
                 problems.append(f"{name}: damaged ({exc})")

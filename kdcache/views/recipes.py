@@ -155,6 +155,7 @@ def view_drawer(recipe: str, n_samples: int, seed: int,
         order = rng.permutation(n_samples).astype(np.int32, copy=False)
         if rec.name == "crop-flip":
             return order, _draw_crop_flip(rng, n_samples, rec.config)
+        assert sizes is not None  # checked above: every recipe but crop-flip needs the sizes
         return order, _draw_resized_crop_flip(rng, sizes[order], rec.config)
 
     return draw

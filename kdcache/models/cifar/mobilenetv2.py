@@ -86,7 +86,9 @@ class MobileNetV2(nn.Module):
     @property
     def head(self) -> nn.Linear:
         """The final linear classifier ``classifier[0]``: ``z = head(h)``."""
-        return self.classifier[0]
+        head = self.classifier[0]
+        assert isinstance(head, nn.Linear)  # built so in __init__
+        return head
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's map (after ``conv2``), the input of the global pool."""
