@@ -56,7 +56,7 @@ def os_error_line(exc: OSError) -> str:
     hint = {errno.ENOSPC: "free space there", errno.EACCES: "check its permissions",
             errno.EPERM: "check its permissions", errno.EROFS: "the file system is read-only",
             errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
-            errno.EISDIR: "it is a folder; give a file", errno.EEXIST: "it exists already"}.get(exc.errno)
+            errno.EISDIR: "it is a folder; give a file", errno.EEXIST: "it exists already"}.get(exc.errno or 0)
     return f"{path}: {why}{'; ' + hint if hint else ''}"
 
 
@@ -75,10 +75,10 @@ def main() -> None:
 
 
 def _register() -> None:
-    from kdcache.cli import cache, demo, listing, recipe, report, student, teacher
+    from kdcache.cli import cache, demo, experiment, listing, report, student, teacher
 
     for command in (*demo.COMMANDS, *listing.COMMANDS, *teacher.COMMANDS, *student.COMMANDS, *report.COMMANDS,
-                    *recipe.COMMANDS, cache.cache):
+                    *experiment.COMMANDS, cache.cache):
         main.add_command(command)
 
 

@@ -144,7 +144,7 @@ def _parse_method_options(ctx: click.Context, method: str, params: "tuple[Method
     declares; anything else is a usage error naming what the method takes."""
     if not ctx.args:
         return {}
-    options = [click.Option([f"{p.flag}/--no-{p.flag[2:]}"] if p.kind is bool else [p.flag], default=None,
+    options: list[click.Parameter] = [click.Option([f"{p.flag}/--no-{p.flag[2:]}"] if p.kind is bool else [p.flag], default=None,
                             type=None if p.kind is bool else click.Choice(p.choices) if p.choices else p.kind,
                             help=p.help) for p in params]
     parser = click.Command(f"{ctx.command_path} --method {method}", params=options, add_help_option=False)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from kdcache.errors import StoreError, UnfinishedCreationError
 from kdcache.store import Cache, PlanStore, TeacherStore, size_on_disk
+from kdcache.store import format as fmt
 from kdcache.store.teacher import UNFINISHED
 
 
@@ -51,9 +52,9 @@ def store_info(cache: Cache, prefix: str) -> dict[str, Any]:
     store = cache.open_teacher(prefix, require_complete=False)
     info: dict[str, Any] = {"teacher_id": store.id, "path": str(store.path), "bytes": size_on_disk(store.location),
                             "chunks_written": f"{store.done_count()}/{store.total_chunks}", **store.attrs}
-    info["arrays"] = {name: {"shape": list(store.group[name].shape), "chunks": list(store.group[name].chunks),
-                             "dtype": str(store.group[name].dtype)}
-                      for name in (*store.data_arrays, "head/weight", "head/bias")}
+    arrays = {name: fmt.array(store.group, name) for name in (*store.data_arrays, "head/weight", "head/bias")}
+    info["arrays"] = {name: {"shape": list(a.shape), "chunks": list(a.chunks), "dtype": str(a.dtype)}
+                      for name, a in arrays.items()}
     try:
         plan = PlanStore.open(cache.plan_location(store.plan_id), store.plan_id)
         info["plan"] = {"plan_id": plan.id, **plan.attrs}

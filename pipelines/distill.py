@@ -403,7 +403,7 @@ _FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "out", "cache",
 
 
 def _resume(run: RunDir, config: dict[str, Any], student: torch.nn.Module, method: Method,
-            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,
             ctx: DistContext) -> tuple[int, float]:
     """Restore the run in ``run``: rank 0 reads and checks checkpoint.pth and hands it to every rank, so the
     other ranks need no view of the run directory and a refusal stops them all."""

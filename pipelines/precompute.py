@@ -10,6 +10,7 @@ as tasks on a dask cluster (:mod:`kdcache.pipelines.precompute_cluster`).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,17 +22,17 @@ import numpy as np
 import torch
 
 from kdcache.batches import view_batch
+from kdcache.defaults import DEFAULT_VIEWS
 from kdcache.data import DataSet, ImageSource, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
-from kdcache.models import build_model, feature_dim, forward_with_map, load_checkpoint, map_shape, model_info
+from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
+                            model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
 from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
-
-from kdcache.defaults import DEFAULT_VIEWS  # noqa: E402  (one fresh view per epoch of the official schedule)
 MAX_WRITES_IN_FLIGHT = 2
 
 Progress = Callable[[int], None]
@@ -276,7 +277,7 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                                                None if features is None else features[part].numpy(),
                                                int(correct[part].sum())))
                 if tick:
-                    in_flight[-1].add_done_callback(lambda _f, n=part.stop - part.start: tick(n))
+                    in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
         while in_flight:
             in_flight.popleft().result()
 
@@ -328,8 +329,13 @@ def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid:
         )
 
 
+def _tick_rows(tick: Callable[[int], None], rows: int, _done: object) -> None:
+    tick(rows)
+
+
 def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    return model.head.weight.detach(), model.head.bias.detach()
+    head = head_of(model)
+    return head.weight.detach(), head.bias.detach()
 
 
 def _rows_done(store: TeacherStore, pending: list[tuple[int, int]]) -> int:

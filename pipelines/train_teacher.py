@@ -167,6 +167,8 @@ def _resume(req: TrainTeacherRequest, model: torch.nn.Module, optimizer: torch.o
     if not Path(req.out).is_file():
         raise CheckpointError(f"--resume: {req.out} does not exist; drop --resume to start a new run")
     ckpt = read_checkpoint(req.out)
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"--resume: {req.out} is not a train-teacher checkpoint (not a dict)")
     missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch") if k not in ckpt]
     if missing:
         raise CheckpointError(f"--resume: {req.out} is not a train-teacher checkpoint (no {', '.join(missing)})")

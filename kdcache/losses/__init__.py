@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TypeVar
+from typing import Sequence, TypeVar
 
 from torch import Tensor
 
@@ -98,7 +98,8 @@ def method_info(name: str) -> MethodInfo:
     return _lookup(name).info
 
 
-def build_method(name: str, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
+def build_method(name: str, *, num_classes: int, student_dim: int | Sequence[int],
+                 teacher_dims: Sequence[int | Sequence[int]],
                  teacher_heads: list[tuple[Tensor, Tensor]] | None = None,
                  options: MethodOptions = MethodOptions()) -> Method:
     """The method ``name`` for a student feature of shape ``student_dim`` and teacher features of shapes
@@ -132,12 +133,13 @@ def build_method(name: str, *, num_classes: int, student_dim: FeatureShape, teac
     return cls(**kwargs)
 
 
-def _shape(d: FeatureShape) -> FeatureShape:
+def _shape(d: int | Sequence[int]) -> FeatureShape:
     """A width as an int, a map shape as a tuple of three ints."""
-    if isinstance(d, (tuple, list)):
+    if isinstance(d, Sequence):
         if len(d) != 3:
             raise KdcacheError(f"a feature shape is a width D or a map shape (C, H, W), got {tuple(d)}")
-        return tuple(int(s) for s in d)
+        c, h, w = (int(s) for s in d)
+        return (c, h, w)
     return int(d)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +71,7 @@ class MethodParam:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             return f"{self.flag} takes a {kind.__name__}, got {value!r}"
-        if kind is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return f"{self.flag} must be a finite number, got {value}"
         if self.choices is not None and value not in self.choices:
             return f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}"
@@ -255,7 +255,7 @@ class Method(nn.Module):
     default_beta: ClassVar[float] = 0.0
     params: ClassVar[tuple[MethodParam, ...]] = ()
 
-    def __init__(self, *, num_classes: int, student_dim: FeatureShape, teacher_dims: list[FeatureShape],
+    def __init__(self, *, num_classes: int, student_dim: FeatureShape, teacher_dims: Sequence[FeatureShape],
                  options: MethodOptions) -> None:
         super().__init__()
         self.options = options

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from .imagenet import IMAGENET_MODELS
 
 __all__ = [
     "ModelInfo", "model_names", "model_info", "build_model", "feature_dim", "forward_with_map", "map_shape",
-    "load_checkpoint", "extract_state_dict", "read_checkpoint", "forbid_construction", "register_model",
+    "load_checkpoint", "extract_state_dict", "read_checkpoint", "forbid_construction", "register_model", "head_of",
 ]
 
 
@@ -100,20 +101,26 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         raise KdcacheError(f"num_classes must be a positive integer, got {num_classes!r}")
     model = builder(num_classes)
     # Plain attribute (not state): lets checkpoint errors name the architecture.
-    model.kdcache_arch = name
+    setattr(model, "kdcache_arch", name)
     return model
 
 
 def feature_dim(model: nn.Module) -> int:
     """Width D of the penultimate features ``h``: the input size of ``model.head``."""
-    return int(model.head.in_features)
+    return int(head_of(model).in_features)
+
+
+def head_of(model: nn.Module) -> nn.Linear:
+    """``model.head``, the final linear layer of every registered model (a property of the zoo's interface)."""
+    return cast(nn.Linear, getattr(model, "head"))
 
 
 def forward_with_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(m, h, z)`` of one forward pass: the last-block map, the pooled features and the logits."""
-    m = model.feature_map(x)
-    h = model.pool_map(m)
-    return m, h, model.head(h)
+    zoo = cast(Any, model)  # the zoo's interface: feature_map, pool_map and head
+    m = zoo.feature_map(x)
+    h = zoo.pool_map(m)
+    return m, h, zoo.head(h)
 
 
 def map_shape(model: nn.Module, image_size: int) -> tuple[int, int, int]:
