@@ -26,7 +26,7 @@ TEACHERS_DIR = "teachers"
 LOCKS_DIR = "locks"
 
 # Chunks of teacher arrays hold about this many uncompressed bytes of the wider
-# of logits and features (DESIGN: about 1-4 MB a chunk).
+# of logits and features (docs/STORE.md: about 1-4 MB a chunk).
 TARGET_CHUNK_BYTES = 2 * 2**20
 # A chunk of a plan array holds at most this many rows: one view cut into chunks of this many rows
 # when the training set is larger, else as many whole views as fit (a 100,000-view plan of a small
@@ -49,11 +49,10 @@ SPATIAL_COMPRESSION: dict[str, Any] = {"cname": "zstd", "clevel": 1, "shuffle": 
 
 STORED_DTYPE = "float16"
 
-# What a teacher store keeps besides its logits (DESIGN, "The store"):
+# What a teacher store keeps besides its logits (docs/STORE.md, "A teacher store"):
 # "pooled" the penultimate vector (V, N, D); "spatial" the last-block map its global
 # pool receives (V, N, C', H, W), as the official CA-MKD code matches it; "none" nothing.
-FEATURE_FORMS = ("pooled", "spatial", "none")
-DEFAULT_FEATURE_FORM = "pooled"
+from kdcache.defaults import DEFAULT_FEATURE_FORM, FEATURE_FORMS  # noqa: E402,F401
 
 
 def feature_shape(form: str, dim: int, map_shape: tuple[int, int, int]) -> tuple[int, ...]:
