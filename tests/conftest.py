@@ -43,3 +43,19 @@ PROGRESS_LINE = re.compile(r"^.+: [\d,]+ of [\d,]+ \w+s \(\d+%\)")
 def error_lines(stderr: str) -> list[str]:
     """The non-blank lines of ``stderr`` that are not progress lines."""
     return [line for line in stderr.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
+
+
+def spy_on_format_table(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, every table the grid's one formatter (``kdcache.pipelines.grid.format_table``) returns, in order:
+    the demo's and the experiments' tables both come from it."""
+    from kdcache.pipelines import grid
+
+    tables: list[str] = []
+    real = grid.format_table
+
+    def spy(*args, **kwargs) -> str:
+        tables.append(real(*args, **kwargs))
+        return tables[-1]
+
+    monkeypatch.setattr(grid, "format_table", spy)
+    return tables

@@ -412,7 +412,7 @@ def test_every_command_and_option_has_help_text() -> None:
     """`kdcache X --help` answers for every command and subcommand, each with a summary and every option explained."""
     commands = _every_command(main)
     assert {" ".join(p) for p, _ in commands} >= {"train-teacher", "precompute", "distill", "eval", "cache ls",
-                                                  "cache verify", "recipe run", "demo", "report"}
+                                                  "cache verify", "experiment run", "demo", "report"}
     for path, command in commands:
         assert (command.help or "").strip(), f"kdcache {' '.join(path)} has no help text"
         for param in command.params:

@@ -131,9 +131,10 @@ def commands(world: dict) -> dict[str, tuple[list[str], dict[str, st.SearchStrat
         "demo": (["demo", "--out", out + "-demo", *cpu],
                  {"--seeds": not_positive, "--epochs": not_positive, "--features": words, "--device": words,
                   "--out": bad_paths(world, want="out")}),
-        "recipe run": (["recipe", "run", "t1-resnet32x4-vgg8", "--out", out + "-recipe", "--dry-run"],
-                       {"NAME": words, "--seeds": not_positive, "--epochs": not_positive, "--views": not_positive,
-                        "--teacher-epochs": not_positive, "--setup": words, "--features": words}),
+        "experiment run": (["experiment", "run", "t1-resnet32x4-vgg8", "--out", out + "-experiment", "--dry-run"],
+                           {"NAME": words, "--seeds": not_positive, "--epochs": not_positive,
+                            "--views": not_positive, "--teacher-epochs": not_positive, "--setup": words,
+                            "--features": words}),
     }
 
 
@@ -151,7 +152,7 @@ def with_bad_value(args: list[str], option: str, value: str) -> list[str]:
 
 
 COMMANDS = ["train-teacher", "precompute", "distill", "eval", "cache info", "cache verify", "cache rm", "report",
-            "demo", "recipe run"]
+            "demo", "experiment run"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

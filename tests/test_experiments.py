@@ -1,5 +1,6 @@
-"""The paper's recipes: the registry, the dry-run arithmetic against a hand calculation, the CLI, and a tiny
-recipe end to end on synthetic CIFAR-100 files (teachers shared, every run, resume, the table)."""
+"""The paper's experiments: the registry, the dry-run arithmetic against a hand calculation, the CLI, and a tiny
+experiment end to end on synthetic CIFAR-100 files (teachers shared, every run, resume, the grid's rules, the
+table)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import spy_on_format_table
 from fakes import write_fake_cifar, write_fake_imagefolder
-from kdcache.cli.recipe import COMMANDS, recipe as recipe_group
+from kdcache.cli.experiment import COMMANDS, experiment as experiment_group
 from kdcache.errors import KdcacheError, UnknownNameError
 from kdcache.models import build_model
-from kdcache.pipelines import recipes
-from kdcache.pipelines.recipes import Recipe, plan_recipe, run_recipe
+from kdcache.pipelines import experiments, grid
+from kdcache.pipelines.experiments import Experiment, plan_experiment, run_experiment
+from kdcache.runs import RunDir
 
-TINY = Recipe(name="test-tiny", table="Table 1", dataset="cifar100", teachers=("resnet8",) * 3, student="resnet8",
+TINY = Experiment(name="test-tiny", table="Table 1", dataset="cifar100", teachers=("resnet8",) * 3, student="resnet8",
               seeds=2, epochs=1, views=1, source="test only")
 
 
 def invoke(*args: object):
-    return CliRunner().invoke(recipe_group, [str(a) for a in args])
+    return CliRunner().invoke(experiment_group, [str(a) for a in args])
 
 
 # -- registry and dry-run arithmetic ----------------------------------------------------------
@@ -41,22 +44,22 @@ PAPER_SETTINGS = {
 
 
 def test_registry_holds_every_setting_of_the_paper() -> None:
-    assert recipes.recipe_names() == [n for names in PAPER_SETTINGS.values() for n in names]
+    assert experiments.experiment_names() == [n for names in PAPER_SETTINGS.values() for n in names]
     for table, names in PAPER_SETTINGS.items():
         for name in names:
-            r = recipes.find_recipe(name)
+            r = experiments.find_experiment(name)
             assert r.table == table and r.source and r.features == "spatial" and r.seeds == 3
     # Table 1: seven columns, each figure as printed in the paper
-    t1 = recipes.find_recipe("t1-resnet32x4-vgg8")
+    t1 = experiments.find_experiment("t1-resnet32x4-vgg8")
     assert t1.teachers == ("resnet32x4",) * 3 and t1.student == "vgg8" and t1.dataset == "cifar100"
     assert t1.methods == ("ce", "aver", "fitnet-mkd", "ebkd", "aekd", "camkd")
     assert dict(t1.paper) == {"teacher": "79.31 ± 0.14", "ensemble": "81.16", "ce": "70.74 ± 0.40",
                               "aver": "73.26 ± 0.39", "fitnet-mkd": "73.27 ± 0.19", "ebkd": "73.60 ± 0.22",
                               "aekd": "73.11 ± 0.27", "camkd": "75.26 ± 0.32"}
-    assert recipes.find_recipe("t1-wrn_40_2-ShuffleV1").paper["camkd"] == "77.94 ± 0.31"
-    assert recipes.find_recipe("t1-vgg13-MobileNetV2").paper["ebkd"] == "68.24 ± 0.82"
+    assert experiments.find_experiment("t1-wrn_40_2-ShuffleV1").paper["camkd"] == "77.94 ± 0.31"
+    assert experiments.find_experiment("t1-vgg13-MobileNetV2").paper["ebkd"] == "68.24 ± 0.82"
     # Table 2: KD and FitNet on one teacher, AT/VID/CRD listed and never run, CA-MKD on three
-    t2 = recipes.find_recipe("t2-resnet32x4-vgg8")
+    t2 = experiments.find_experiment("t2-resnet32x4-vgg8")
     rows = {v.label: v for v in t2.variants}
     assert [v.label for v in t2.variants] == ["ce", "kd", "fitnet", "at", "vid", "crd", "camkd"]
     assert rows["kd"].teachers_of(3) == rows["fitnet"].teachers_of(3) == 1 and rows["camkd"].teachers_of(3) == 3
@@ -65,13 +68,13 @@ def test_registry_holds_every_setting_of_the_paper() -> None:
     assert (t2.paper["kd"], t2.paper["crd"], t2.paper["camkd"], t2.paper["teacher"]) == (
         "72.90 ± 0.34", "73.57 ± 0.25", "75.26 ± 0.13", "79.31")
     # Table 3: three architectures
-    t3 = recipes.find_recipe("t3-resnet8x4-resnet20x4-resnet32x4-vgg8")
+    t3 = experiments.find_experiment("t3-resnet8x4-resnet20x4-resnet32x4-vgg8")
     assert t3.teachers == ("resnet8x4", "resnet20x4", "resnet32x4") and t3.paper["camkd"] == "75.96 ± 0.05"
     assert (t3.paper["teacher 1"], t3.paper["teacher 2"], t3.paper["teacher 3"]) == ("72.79", "78.39", "79.31")
     # Table 4: the ablations are camkd with options
-    t4 = recipes.find_recipe("t4-vgg13-MobileNetV2")
-    assert [(v.label, v.method, v.method_options().camkd_weights, v.method_options().beta,
-             v.method_options().camkd_feature_weights) for v in t4.variants] == [
+    t4 = experiments.find_experiment("t4-vgg13-MobileNetV2")
+    assert [(v.label, v.method, v.method_options().params["camkd_weights"], v.method_options().beta,
+             v.method_options().params["camkd_feature_weights"]) for v in t4.variants] == [
         ("camkd-uniform", "camkd", "uniform", None, "v"), ("camkd-beta0", "camkd", "confidence", 0.0, "v"),
         ("camkd-feature-w", "camkd", "confidence", None, "w"), ("camkd", "camkd", "confidence", None, "v")]
     assert [v.flags() for v in t4.variants] == ["camkd --camkd-weights uniform", "camkd --beta 0",
@@ -79,13 +82,13 @@ def test_registry_holds_every_setting_of_the_paper() -> None:
     assert t4.paper == {"camkd-uniform": "67.74 ± 0.87", "camkd-beta0": "68.11 ± 0.02",
                         "camkd-feature-w": "68.82 ± 0.63", "camkd": "69.41 ± 0.20"}
     # Figure 4: every method on the first 1..4 of four resnet56 teachers
-    f4 = recipes.find_recipe("f4-resnet56-MobileNetV2")
+    f4 = experiments.find_experiment("f4-resnet56-MobileNetV2")
     assert f4.teachers == ("resnet56",) * 4 and f4.student == "MobileNetV2"
     sweep = [(v.method, v.teachers_of(4)) for v in f4.variants if v.curve]
     assert sweep == [(m, k) for m in ("aver", "fitnet-mkd", "ebkd", "aekd", "camkd") for k in (1, 2, 3, 4)]
     # the appendix: image folders, Stanford Dogs on CS-KD's set-up
-    tiny = recipes.find_recipe("app-tiny-imagenet-resnet32x4-vgg8")
-    dogs = recipes.find_recipe("app-stanford-dogs-resnet34-shufflenet_v2_x0_5")
+    tiny = experiments.find_experiment("app-tiny-imagenet-resnet32x4-vgg8")
+    dogs = experiments.find_experiment("app-stanford-dogs-resnet34-shufflenet_v2_x0_5")
     assert (tiny.dataset, tiny.data, tiny.setup, tiny.paper["camkd"]) == ("imagefolder", "tiny-imagenet", "official",
                                                                          "49.55 ± 0.12")
     assert (dogs.dataset, dogs.data, dogs.setup, dogs.paper["crd"]) == ("imagefolder", "stanford-dogs", "cs-kd",
@@ -93,40 +96,42 @@ def test_registry_holds_every_setting_of_the_paper() -> None:
     assert dogs.teachers == ("resnet34",) * 3 and dogs.student == "shufflenet_v2_x0_5"
 
     with pytest.raises(UnknownNameError, match="known: t1-wrn_40_2-ShuffleV1"):
-        recipes.find_recipe("t9-nothing")
+        experiments.find_experiment("t9-nothing")
     with pytest.raises(UnknownNameError):
-        recipes.register_recipe(Recipe("bad", "Table 1", "cifar100", ("resnet999",), "vgg8"))
+        experiments.register_experiment(Experiment("bad", "Table 1", "cifar100", ("resnet999",), "vgg8"))
     with pytest.raises(KdcacheError, match="takes one teacher"):
-        recipes.register_recipe(Recipe("bad", "Table 2", "cifar100", ("vgg8",) * 3, "vgg8",
-                                       variants=(recipes.variant("kd", "kd", "KD"),)))
+        experiments.register_experiment(Experiment("bad", "Table 2", "cifar100", ("vgg8",) * 3, "vgg8",
+                                       variants=(experiments.variant("kd", "kd", "KD"),)))
     with pytest.raises(KdcacheError, match="unknown rows nope"):
-        recipes.register_recipe(Recipe("bad", "Table 1", "cifar100", ("vgg8",), "vgg8", paper={"nope": "1"}))
+        experiments.register_experiment(Experiment("bad", "Table 1", "cifar100", ("vgg8",), "vgg8", paper={"nope": "1"}))
     with pytest.raises(KdcacheError, match="row 'x'"):
-        recipes.register_recipe(Recipe("bad", "Table 1", "cifar100", ("vgg8",), "vgg8",
-                                       variants=(recipes.variant("x", "camkd", "X", no_such_option=1),)))
-    assert "bad" not in recipes.recipe_names()
+        experiments.register_experiment(Experiment("bad", "Table 1", "cifar100", ("vgg8",), "vgg8",
+                                       variants=(experiments.variant("x", "camkd", "X", no_such_option=1),)))
+    assert "bad" not in experiments.experiment_names()
 
 
 def test_set_ups_give_the_paper_and_cs_kd_optimisers() -> None:
-    official, paper, cskd = (recipes.find_setup(n) for n in ("official", "paper", "cs-kd"))
+    official, paper, cskd = (experiments.find_setup(n) for n in ("official", "paper", "cs-kd"))
     assert (official.resolved_lr("vgg8"), official.resolved_lr("MobileNetV2"), official.weight_decay) == (0.05, 0.01, 5e-4)
     assert (paper.resolved_lr("vgg8"), paper.resolved_lr("ShuffleV1"), paper.weight_decay) == (0.1, 0.05, 1e-4)
     assert official.resolved_milestones(240) == paper.resolved_milestones(240) == [150, 180, 210]
     assert (cskd.epochs, cskd.batch_size, cskd.resolved_lr("shufflenet_v2_x0_5")) == (200, 32, 0.1)
     assert cskd.resolved_milestones(200) == [101, 151] and cskd.resolved_milestones(20) == [10, 15]
-    dogs = recipes.find_recipe("app-stanford-dogs-resnet34-shufflenet_v2_x0_5")
+    dogs = experiments.find_experiment("app-stanford-dogs-resnet34-shufflenet_v2_x0_5")
     fitnet = next(v for v in dogs.variants if v.label == "fitnet")
-    req = recipes.distill_request(dogs, fitnet, ["a", "b", "c"], Path("r"), 1, 200, cskd)
+    dogs_grid = experiments.grid_spec(dogs, None, None, Path("r"), epochs=200, setup="cs-kd")
+    req = grid.distill_request(dogs_grid, fitnet, ["a", "b", "c"], 1)
     assert (req.method, req.teachers, req.lr, req.weight_decay, req.batch_size, req.milestones) == (
         "fitnet", ["a"], 0.1, 1e-4, 32, [101, 151])
-    t4 = recipes.find_recipe("t4-vgg13-MobileNetV2")
-    req = recipes.distill_request(t4, t4.variants[0], ["a", "b", "c"], Path("r"), 0, 240, official)
-    assert (req.teachers, req.lr, req.options.camkd_weights, req.milestones) == (["a", "b", "c"], None, "uniform", None)
+    t4 = experiments.find_experiment("t4-vgg13-MobileNetV2")
+    req = grid.distill_request(experiments.grid_spec(t4, None, None, Path("r"), epochs=240, setup="official"),
+                               t4.variants[0], ["a", "b", "c"], 0)
+    assert (req.teachers, req.lr, req.options.params["camkd_weights"], req.milestones) == (["a", "b", "c"], None, "uniform", None)
     with pytest.raises(UnknownNameError, match="known: official, paper, cs-kd"):
-        recipes.find_setup("sgd")
+        experiments.find_setup("sgd")
 
 
-# (recipe, K, N, C, V, pooled D, spatial (C', H, W), teacher-rows run: sum over run rows of their teachers)
+# (experiment, K, N, C, V, pooled D, spatial (C', H, W), teacher-rows run: sum over run rows of their teachers)
 HAND = [
     ("t1-resnet32x4-vgg8", 3, 50000, 100, 240, 256, (256, 8, 8), 5 * 3),
     ("t2-resnet32x4-vgg8", 3, 50000, 100, 240, 256, (256, 8, 8), 1 + 1 + 3),
@@ -141,8 +146,8 @@ HAND = [
 @pytest.mark.parametrize("name, k, n, c, v, d, spatial, teacher_rows", HAND)
 def test_dry_run_numbers_match_a_hand_calculation(name: str, k: int, n: int, c: int, v: int, d: int,
                                                   spatial: tuple[int, int, int], teacher_rows: int) -> None:
-    plan = plan_recipe(name)
-    seeds, epochs = 3, v  # every recipe: three seeds, one stored view per student epoch
+    plan = plan_experiment(name)
+    seeds, epochs = 3, v  # every experiment: three seeds, one stored view per student epoch
     assert (plan.views, plan.n_samples, plan.num_classes, plan.seeds, plan.epochs) == (v, n, c, seeds, epochs)
     assert plan.features == "spatial" and len(plan.stores) == k
     pooled_row = (c + d) * 2
@@ -166,20 +171,20 @@ def test_dry_run_numbers_match_a_hand_calculation(name: str, k: int, n: int, c: 
 
 def test_the_paper_setting_in_numbers() -> None:
     """The figures the issue and the README quote for resnet32x4 over 240 CIFAR-100 views, by hand."""
-    store = plan_recipe("t1-resnet32x4-vgg8").stores[0]
+    store = plan_experiment("t1-resnet32x4-vgg8").stores[0]
     assert store.row_bytes("spatial") == (100 + 256 * 8 * 8) * 2 == 32_968
     assert store.arrays_bytes("spatial") == 240 * 50000 * 32_968 == 395_616_000_000  # about 390 GB per teacher
     assert store.row_bytes("pooled") == 712 and store.arrays_bytes("pooled") == 8_544_000_000
-    plan = plan_recipe("t1-resnet32x4-vgg8", epochs=30)
+    plan = plan_experiment("t1-resnet32x4-vgg8", epochs=30)
     assert plan.views == 30  # a shorter run stores only the views it uses
-    assert plan_recipe("t1-resnet32x4-vgg8", features="pooled").features == "pooled"
-    assert plan_recipe("t4-vgg13-MobileNetV2", features="pooled").features == "pooled"
+    assert plan_experiment("t1-resnet32x4-vgg8", features="pooled").features == "pooled"
+    assert plan_experiment("t4-vgg13-MobileNetV2", features="pooled").features == "pooled"
     with pytest.raises(KdcacheError, match="--features"):
-        plan_recipe("t1-resnet32x4-vgg8", features="maps")
+        plan_experiment("t1-resnet32x4-vgg8", features="maps")
 
 
 def test_cli_lists_and_dry_runs_every_setting_writing_nothing(tmp_path: Path) -> None:
-    assert COMMANDS == (recipe_group,)
+    assert COMMANDS == (experiment_group,)
     listed = invoke("list")
     assert listed.exit_code == 0, listed.output
     for table, names in PAPER_SETTINGS.items():
@@ -190,7 +195,7 @@ def test_cli_lists_and_dry_runs_every_setting_writing_nothing(tmp_path: Path) ->
     assert "at (not implemented)" in listed.output and "with 1-4 teachers" in listed.output
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    for name in recipes.recipe_names():
+    for name in experiments.experiment_names():
         result = invoke("run", name, "--data-root", tmp_path / "no-data", "--out", out, "--cache", cache, "--dry-run")
         assert result.exit_code == 0, (name, result.output)
         text = result.output
@@ -218,23 +223,23 @@ def test_cli_lists_and_dry_runs_every_setting_writing_nothing(tmp_path: Path) ->
     assert isinstance(bad.exception, KdcacheError) and "--seeds" in str(bad.exception)
 
 
-def test_image_folder_recipes_read_their_size_and_refuse_other_views(tmp_path: Path) -> None:
+def test_image_folder_experiments_read_their_size_and_refuse_other_views(tmp_path: Path) -> None:
     tree = write_fake_imagefolder(tmp_path / "tiny", n_classes=4, sizes=[(64, 64)])
-    dry = run_recipe("app-tiny-imagenet-resnet32x4-vgg8", tree, tmp_path / "cache", tmp_path / "out", dry_run=True)
+    dry = run_experiment("app-tiny-imagenet-resnet32x4-vgg8", tree, tmp_path / "cache", tmp_path / "out", dry_run=True)
     assert (dry.plan.n_samples, dry.plan.num_classes, dry.plan.image_size, dry.plan.view_recipe) == (
         16, 4, 64, "crop-flip:64")
     assert dry.plan.stores[0].map_shape == (256, 16, 16)
     small = write_fake_imagefolder(tmp_path / "small", n_classes=2, sizes=[(32, 32)])
     with pytest.raises(KdcacheError, match="needs 64×64 crop-flip views of Tiny-ImageNet"):
-        run_recipe("app-tiny-imagenet-resnet32x4-vgg8", small, tmp_path / "cache", tmp_path / "out2")
+        run_experiment("app-tiny-imagenet-resnet32x4-vgg8", small, tmp_path / "cache", tmp_path / "out2")
     assert not (tmp_path / "out2").exists() and not (tmp_path / "cache").exists()
 
 
-def test_custom_recipe_runs_any_setting_given_on_the_command_line(tmp_path: Path) -> None:
-    custom = recipes.custom_recipe(["wrn_40_2", "wrn_40_2", "resnet56"], "ShuffleV1")
-    assert custom.name == "custom-wrn_40_2x2-resnet56-ShuffleV1" and custom.name not in recipes.recipe_names()
+def test_custom_experiment_runs_any_setting_given_on_the_command_line(tmp_path: Path) -> None:
+    custom = experiments.custom_experiment(["wrn_40_2", "wrn_40_2", "resnet56"], "ShuffleV1")
+    assert custom.name == "custom-wrn_40_2x2-resnet56-ShuffleV1" and custom.name not in experiments.experiment_names()
     assert custom.teachers == ("wrn_40_2", "wrn_40_2", "resnet56") and custom.dataset == "cifar100"
-    assert custom.methods == recipes.find_recipe("t1-resnet32x4-vgg8").methods
+    assert custom.methods == experiments.find_experiment("t1-resnet32x4-vgg8").methods
 
     out = tmp_path / "out"
     result = invoke("run", "custom", "--teacher", "wrn_40_2", "--teacher", "wrn_40_2", "--teacher", "resnet56",
@@ -272,7 +277,8 @@ def _mtimes(root: Path, pattern: str) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in root.rglob(pattern)}
 
 
-def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread: None) -> None:
+def test_tiny_experiment_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=64, n_test=16, seed=0)
     out, cache = tmp_path / "out", tmp_path / "cache"
     # a user-supplied pretrained teacher in the RepDistiller format: used as it is, never trained
@@ -284,18 +290,18 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
 
     said: list[str] = []
     kw = dict(data_root=data, cache=cache, out=out, device="cpu", say=said.append)
-    first = run_recipe(TINY, **kw)
+    first = run_experiment(TINY, **kw)
 
     # teachers: one supplied, two trained here with seeds 1 and 2; one plan, K stores
     assert supplied.stat().st_mtime_ns == supplied_stamp
     assert sum("training resnet8" in m for m in said) == 2
     ckpts = [out / "teachers" / f"resnet8-{i}.pth" for i in range(3)]
     assert [torch.load(c, weights_only=False).get("seed") for c in ckpts[1:]] == [1, 2]
-    assert len({t["id"] for t in first.teachers}) == 3
-    assert len({t["plan_id"] for t in first.teachers}) == 1
+    assert len({t["id"] for t in first.grid.teachers}) == 3
+    assert len({t["plan_id"] for t in first.grid.teachers}) == 1
     assert len(list((cache / "plans").iterdir())) == 1
     assert len(list((cache / "teachers").iterdir())) == 3
-    assert first.reused == {"teachers": 1, "stores": 0, "runs": 0}
+    assert first.grid.reused == {"teachers": 1, "stores": 0, "runs": 0}
 
     # every row × seed ran into <out>/<label>/seed<k>/ with its metrics
     for method in TINY.methods:
@@ -305,28 +311,29 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
             records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
             assert len(records) == 1
             config = json.loads((run / "config.json").read_text())["args"]
-            assert config["seed"] == seed and config["teachers"] == [t["id"] for t in first.teachers]
-        assert [r["seed"] for r in first.students[method]] == [0, 1]
+            assert config["seed"] == seed and config["teachers"] == first.grid.ids
+        assert [r["seed"] for r in first.grid.students[method]] == [0, 1]
 
     # the table: teachers, ensemble, a mean ± std row per method beside the paper's figure (n/a: none given)
     table = (out / "table.md").read_text()
     assert table == first.table
-    assert "| Ensemble of the 3 (majority vote, the paper's)" in table and "| Teacher 3 (resnet8)" in table
+    assert "| Ensemble of the 3 (majority vote) |" in table and "| Teacher 3 (resnet8)" in table
     assert "stores in the **spatial** feature form" in table
     for method in TINY.methods:
         row = next(line for line in table.splitlines() if f"(`{method}`, " in line)
         assert re.search(r"\| \d+\.\d\d ± \d+\.\d\d \| n/a \| \d+\.\d\d ± \d+\.\d\d \| 2 \|$", row), row
-    summary = json.loads((out / "recipe.json").read_text())
-    assert summary["recipe"]["name"] == "test-tiny" and set(summary["students"]) == set(TINY.methods)
+    summary = json.loads((out / "experiment.json").read_text())
+    assert summary["experiment"]["name"] == "test-tiny" and set(summary["students"]) == set(TINY.methods)
 
-    # a second run does no work: same teachers, stores and runs, untouched
+    # a second run does no work: same teachers, stores and runs, untouched; its table is the grid's one formatter's
     stamps = {**_mtimes(out, "*.pth"), **_mtimes(cache, "*")}
     said.clear()
-    second = run_recipe(TINY, **kw)
-    assert second.reused == {"teachers": 3, "stores": 3, "runs": 12}
+    tables = spy_on_format_table(monkeypatch)
+    second = run_experiment(TINY, **kw)
+    assert second.grid.reused == {"teachers": 3, "stores": 3, "runs": 12}
     assert not any("training" in m or m.startswith(("run ", "evaluating")) for m in said), said
     assert {**_mtimes(out, "*.pth"), **_mtimes(cache, "*")} == stamps
-    assert second.table == first.table
+    assert second.table == first.table and tables == [second.table]
 
     # an unfinished grid resumes: only the missing run is trained again
     gone = out / "camkd" / "seed1"
@@ -334,14 +341,33 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
         p.unlink()
     gone.rmdir()
     said.clear()
-    third = run_recipe(TINY, **kw)
-    assert third.reused["runs"] == 11
+    third = run_experiment(TINY, **kw)
+    assert third.grid.reused["runs"] == 11
     runs_said = [m for m in said if m.startswith("run ")]
     assert len(runs_said) == 1 and runs_said[0].startswith("run 12/12: camkd (camkd, 3 teachers), seed 1"), said
     assert (gone / "last.pth").is_file()
 
+    # the grid's one rule for "finished" (last.pth): a run killed after its last epoch's checkpoint (checkpoint.pth,
+    # no last.pth) is resumed, not counted; and a finished run of another grid is refused, before any training
+    killed, foreign = RunDir(out / "ce" / "seed0"), RunDir(out / "camkd" / "seed1")
+    killed.file(RunDir.LAST).unlink()
+    config = foreign.read_config()
+    foreign.write_config({**config, "args": {**config["args"], "epochs": 7}})
+    said.clear()
+    with pytest.raises(KdcacheError, match=r"holds a finished run of another grid \(epochs differ: epochs 7\)") as exc:
+        run_experiment(TINY, **kw)
+    assert "\n" not in str(exc.value) and not killed.finished and not any(m.startswith("run ") for m in said)
+    foreign.write_config(config)
+    checkpoint = killed.file(RunDir.CHECKPOINT).stat().st_mtime_ns
+    said.clear()
+    fourth = run_experiment(TINY, **kw)
+    assert fourth.grid.reused["runs"] == 11 and killed.finished
+    assert [m for m in said if m.startswith("run ")] == [
+        "run 1/12: ce (ce, 0 teachers), seed 0, resnet8 for 1 epochs (resuming)"], said
+    assert killed.file(RunDir.CHECKPOINT).stat().st_mtime_ns == checkpoint and len(killed.read_metrics()) == 1
+
     # the dry run reads the real size and sees the finished grid
-    dry = run_recipe(TINY, **{**kw, "say": None}, dry_run=True)
+    dry = run_experiment(TINY, **{**kw, "say": None}, dry_run=True)
     assert dry.plan.n_samples == 64 and dry.plan.num_classes == 100
     assert dry.plan.stores[0].arrays_bytes("spatial") == 1 * 64 * (100 + 64 * 8 * 8) * 2
     assert dry.plan.online_forward_passes == 5 * 2 * 1 * 64 * 3
@@ -351,48 +377,49 @@ def test_tiny_recipe_end_to_end_resumes_and_tabulates(tmp_path: Path, one_thread
 
 def test_teacher_checkpoint_states_and_foreign_runs(tmp_path: Path) -> None:
     ckpt = tmp_path / "resnet8-0.pth"
-    assert recipes._checkpoint_state(ckpt, 5) == "missing"
+    assert grid.teacher_state(ckpt, 5) == "missing"
     torch.save({"model": {}, "optimizer": {}, "lr_scheduler": {}, "epoch": 3, "arch": "resnet8"}, ckpt)
-    assert recipes._checkpoint_state(ckpt, 5) == "partial"  # kdcache's own run, stopped early: resumed
-    assert recipes._checkpoint_state(ckpt, 3) == "done"
+    assert grid.teacher_state(ckpt, 5) == "partial"  # kdcache's own run, stopped early: resumed
+    assert grid.teacher_state(ckpt, 3) == "done"
     torch.save({"model": {}, "epoch": 3}, ckpt)  # a pretrained checkpoint from elsewhere: used as it is
-    assert recipes._checkpoint_state(ckpt, 240) == "done"
-    assert [(a, p.name, s) for a, p, s in recipes.teacher_checkpoints(
-        recipes.find_recipe("t3-resnet8x4-resnet20x4-resnet32x4-vgg8"), tmp_path)] == [
+    assert grid.teacher_state(ckpt, 240) == "done"
+    assert [(a, p.name, s) for a, p, s in experiments.teacher_checkpoints(
+        experiments.find_experiment("t3-resnet8x4-resnet20x4-resnet32x4-vgg8"), tmp_path)] == [
         ("resnet8x4", "resnet8x4-0.pth", 0), ("resnet20x4", "resnet20x4-0.pth", 0), ("resnet32x4", "resnet32x4-0.pth", 0)]
-    f4 = recipes.teacher_checkpoints(recipes.find_recipe("f4-resnet56-MobileNetV2"), tmp_path)
+    f4 = experiments.teacher_checkpoints(experiments.find_experiment("f4-resnet56-MobileNetV2"), tmp_path)
     assert [(p.name, s) for _, p, s in f4] == [(f"resnet56-{i}.pth", i) for i in range(4)]
-    tiny = recipes.teacher_checkpoints(recipes.find_recipe("app-tiny-imagenet-resnet32x4-vgg8"), tmp_path)
+    tiny = experiments.teacher_checkpoints(experiments.find_experiment("app-tiny-imagenet-resnet32x4-vgg8"), tmp_path)
     assert tiny[0][1] == tmp_path / "tiny-imagenet" / "resnet32x4-0.pth"
 
-    t4 = recipes.find_recipe("t4-vgg13-MobileNetV2")
-    setup = recipes.find_setup("official")
-    req = recipes.distill_request(t4, t4.variants[0], ["a", "b", "c"], tmp_path / "run", 0, 240, setup)
-    run = tmp_path / "run"
-    run.mkdir()
+    t4 = experiments.find_experiment("t4-vgg13-MobileNetV2")
+    spec = experiments.grid_spec(t4, None, None, tmp_path, epochs=240, setup="official")
+    req = grid.distill_request(spec, t4.variants[0], ["a", "b", "c"], 0)
+    run = tmp_path / t4.variants[0].label / "seed0"
+    run.mkdir(parents=True)
     args = {"method": "camkd", "epochs": 240, "teachers": ["a", "b", "c"], "options": dataclasses.asdict(req.options),
             "weight_decay": 5e-4, "batch_size": 64, "lr": 0.01, "milestones": [150, 180, 210]}
     (run / "config.json").write_text(json.dumps({"args": args}))
-    recipes._check_finished_run(run, req)
+    grid.check_same_grid(RunDir(run), req)
+    params = {**args["options"]["params"], "camkd_weights": "confidence"}
     for key, other in (("epochs", 30), ("teachers", ["a", "b"]), ("lr", 0.05),
-                       ("options", {**args["options"], "camkd_weights": "confidence"})):
+                       ("options", {**args["options"], "params": params})):
         (run / "config.json").write_text(json.dumps({"args": {**args, key: other}}))
         with pytest.raises(KdcacheError, match=f"another grid \\({key} differ"):
-            recipes._check_finished_run(run, req)
+            grid.check_same_grid(RunDir(run), req)
 
 
 def test_rows_with_options_teacher_counts_and_unimplemented_methods_run_as_listed(tmp_path: Path,
                                                                                   one_thread: None) -> None:
     data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=64, n_test=16, seed=1)
-    rows = (recipes.KD, recipes.CAMKD_UNIFORM, recipes.CAMKD_BETA0,
-            *recipes.teacher_sweep((recipes.AVER,), (1, 2)), recipes.AT)
-    tiny = Recipe(name="test-rows", table="Table 4", dataset="cifar100", teachers=("resnet8",) * 2, student="resnet8",
-                  variants=rows, seeds=1, epochs=1, views=1, features="pooled", paper={"at": "12.34 ± 0.56"},
-                  source="test only")
+    rows = (experiments.KD, experiments.CAMKD_UNIFORM, experiments.CAMKD_BETA0,
+            *experiments.teacher_sweep((experiments.AVER,), (1, 2)), experiments.AT)
+    tiny = Experiment(name="test-rows", table="Table 4", dataset="cifar100", teachers=("resnet8",) * 2,
+                      student="resnet8", variants=rows, seeds=1, epochs=1, views=1, features="pooled",
+                      paper={"at": "12.34 ± 0.56"}, source="test only")
     out = tmp_path / "out"
-    result = run_recipe(tiny, data, tmp_path / "cache", out, device="cpu")
-    ids = [t["id"] for t in result.teachers]
-    assert all(t["features"] == "pooled" for t in result.teachers)
+    result = run_experiment(tiny, data, tmp_path / "cache", out, device="cpu")
+    ids = result.grid.ids
+    assert all(t["features"] == "pooled" for t in result.grid.teachers)
     expect = {"kd": (ids[:1], "confidence", None), "camkd-uniform": (ids, "uniform", None),  # None: beta 50
               "camkd-beta0": (ids, "confidence", 0.0), "aver-k1": (ids[:1], "confidence", None),
               "aver-k2": (ids, "confidence", None)}
@@ -400,7 +427,7 @@ def test_rows_with_options_teacher_counts_and_unimplemented_methods_run_as_liste
         args = json.loads((out / label / "seed0" / "config.json").read_text())["args"]
         assert args["teachers"] == teachers, label
         if args["method"] == "camkd":
-            assert (args["options"]["camkd_weights"], args["options"]["beta"]) == (weights, beta), label
+            assert (args["options"]["params"]["camkd_weights"], args["options"]["beta"]) == (weights, beta), label
     assert not (out / "at").exists()
     table = result.table
     assert "| AT (one teacher) | not implemented in kdcache | 12.34 ± 0.56 | | |" in table

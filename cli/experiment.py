@@ -1,39 +1,48 @@
-"""``kdcache recipe list`` and ``kdcache recipe run``: the CA-MKD paper's settings, one command each."""
+"""``kdcache experiment list`` and ``kdcache experiment run``: the CA-MKD paper's settings, one command each."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from kdcache.cli.common import cache_option, device_option, row_progress
-from kdcache.pipelines.recipes import (SETUPS, TABLES, Recipe, custom_recipe, find_recipe, recipe_names,
-                                       rows_summary, run_recipe)
+
+if TYPE_CHECKING:
+    from kdcache.pipelines.experiments import Experiment
+
+# The choices of --setup and --features, kept here so that importing the command imports no torch
+# (tests/test_experiments.py checks they match kdcache.pipelines.grid.SETUPS and the store's forms).
+SETUP_NAMES = ["official", "paper", "cs-kd"]
+FEATURE_FORMS = ["spatial", "pooled"]
 
 
-@click.group("recipe")
-def recipe() -> None:
+@click.group("experiment")
+def experiment() -> None:
     """The CA-MKD paper's settings (Tables 1-4, Figure 4, the appendix): teachers, stores, every row over seeds,
     the table beside the paper's figures."""
 
 
-@recipe.command("list")
+@experiment.command("list")
 def list_cmd() -> None:
-    """List the recipes grouped by the paper's table: name, teachers → student, data, rows."""
-    groups: dict[str, list[Recipe]] = {}
-    for name in recipe_names():
-        r = find_recipe(name)
-        groups.setdefault(r.table, []).append(r)
-    for table, recipes in groups.items():
+    """List the experiments grouped by the paper's table: name, teachers → student, data, rows."""
+    from kdcache.pipelines.experiments import TABLES, experiment_names, find_experiment, rows_summary
+
+    groups: dict[str, list[Experiment]] = {}
+    for name in experiment_names():
+        e = find_experiment(name)
+        groups.setdefault(e.table, []).append(e)
+    for table, experiments in groups.items():
         click.echo(f"{table}: {TABLES.get(table, '')}")
-        for r in recipes:
-            click.echo(f"  {r.name:<46} {r.title:<42} {r.data_label:<14} {rows_summary(r.variants)}")
+        for e in experiments:
+            click.echo(f"  {e.name:<46} {e.title:<42} {e.data_label:<14} {rows_summary(e.variants)}")
     click.echo("custom: any other setting")
     click.echo(f"  {'custom':<46} {'--teacher A [--teacher B ...] --student S':<42} {'--dataset':<14} "
                "Table 1's rows")
 
 
-@recipe.command("run")
+@experiment.command("run")
 @click.argument("name")
 @click.option("--teacher", "teachers", multiple=True,
               help="With NAME custom: a teacher architecture, once per teacher (e.g. three times resnet32x4).")
@@ -43,17 +52,17 @@ def list_cmd() -> None:
               help="Where the data set lies on disk (e.g. the folder holding cifar-100-python/).")
 @cache_option
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Where the teachers, the runs (<out>/<row>/seed<k>/) and table.md go.")
+              help="Where the teachers, the runs (<out>/<row>/seed<k>/), table.md and experiment.json go.")
 @click.option("--teachers-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Teacher checkpoints <arch>-<i>.pth (<data>/<arch>-<i>.pth off CIFAR-100): used when present, "
                    "trained there otherwise [default: OUT/teachers].")
-@click.option("--features", type=click.Choice(["spatial", "pooled"]), default=None,
+@click.option("--features", type=click.Choice(FEATURE_FORMS), default=None,
               help="Feature form of the stores: spatial (the official code's last-block map, the paper's numbers) "
-                   "or pooled (about 46x less disk; beta does not carry over) [default: the recipe's, spatial].")
-@click.option("--setup", type=click.Choice(list(SETUPS)), default=None,
+                   "or pooled (about 46x less disk; beta does not carry over) [default: the experiment's, spatial].")
+@click.option("--setup", type=click.Choice(SETUP_NAMES), default=None,
               help="Training set-up: official (the scripts: lr 0.05/0.01, wd 5e-4), paper (its text: lr 0.1/0.05, "
-                   "wd 1e-4) or cs-kd [default: the recipe's].")
-@click.option("--seeds", type=int, default=None, help="Student seeds per row [default: the recipe's, 3].")
+                   "wd 1e-4) or cs-kd [default: the experiment's].")
+@click.option("--seeds", type=int, default=None, help="Student seeds per row [default: the experiment's, 3].")
 @click.option("--epochs", type=int, default=None, help="Student epochs [default: the set-up's, 240 or 200].")
 @click.option("--views", type=int, default=None,
               help="Stored views [default: one per epoch, or --epochs when that is smaller].")
@@ -67,33 +76,37 @@ def run_cmd(name: str, teachers: tuple[str, ...], student: str | None, dataset: 
             cache: Path | None, out: Path, teachers_dir: Path | None, features: str | None, setup: str | None,
             seeds: int | None, epochs: int | None, views: int | None, teacher_epochs: int | None,
             device: str | None, dry_run: bool) -> None:
-    """Run recipe NAME end to end; a second run reuses teachers, stores and finished runs.
+    """Run experiment NAME end to end; a second run reuses teachers, stores and finished runs.
 
-    NAME is one of `kdcache recipe list`, or `custom` with --teacher (repeated) and
+    NAME is one of `kdcache experiment list`, or `custom` with --teacher (repeated) and
     --student for any other setting. The table (also in OUT/table.md) is printed to standard output.
     """
-    result = run_recipe(_recipe(name, teachers, student, dataset), data_root, cache, out, teachers_dir=teachers_dir,
-                        seeds=seeds, epochs=epochs, views=views, device=device, dry_run=dry_run,
-                        teacher_epochs=teacher_epochs, features=features, setup=setup,
-                        say=lambda msg: click.echo(msg, err=True),
-                        precompute_progress=row_progress("precompute"))
-    if dry_run:
+    from kdcache.pipelines.experiments import run_experiment
+    from kdcache.pipelines.grid import summary_line
+
+    result = run_experiment(_experiment(name, teachers, student, dataset), data_root, cache, out,
+                            teachers_dir=teachers_dir, seeds=seeds, epochs=epochs, views=views, device=device,
+                            dry_run=dry_run, teacher_epochs=teacher_epochs, features=features, setup=setup,
+                            say=lambda msg: click.echo(msg, err=True),
+                            precompute_progress=row_progress("precompute"))
+    if result.grid is None:
         for line in result.lines:
             click.echo(line)
         return
-    click.echo(result.table)
-    reused = ", ".join(f"{n} {k}" for k, n in result.reused.items() if n)
-    click.echo(f"table in {out / 'table.md'}{'; reused ' + reused if reused else ''}", err=True)
+    click.echo(result.table, nl=False)
+    click.echo(summary_line(result.grid, out / "table.md"), err=True)
 
 
-def _recipe(name: str, teachers: tuple[str, ...], student: str | None, dataset: str | None) -> Recipe:
+def _experiment(name: str, teachers: tuple[str, ...], student: str | None, dataset: str | None) -> Experiment:
+    from kdcache.pipelines.experiments import custom_experiment, find_experiment
+
     if name != "custom":
         if teachers or student or dataset:
             raise click.UsageError("--teacher, --student and --dataset go with NAME custom only")
-        return find_recipe(name)
+        return find_experiment(name)
     if not teachers or not student:
-        raise click.UsageError("recipe custom needs --teacher (once per teacher) and --student")
-    return custom_recipe(teachers, student, dataset or "cifar100")
+        raise click.UsageError("experiment custom needs --teacher (once per teacher) and --student")
+    return custom_experiment(teachers, student, dataset or "cifar100")
 
 
-COMMANDS = (recipe,)
+COMMANDS = (experiment,)

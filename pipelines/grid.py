@@ -1,0 +1,546 @@
+"""One experiment grid, for ``kdcache demo`` and ``kdcache experiment run``: teachers → plan → stores → every
+row × seed → one table.
+
+A :class:`GridSpec` is everything a grid is: its teachers (architecture, checkpoint,
+how to train one that is missing), the data set, the plan (views, plan seed), the
+stores' feature form, the rows (a method with options on the first n teachers), the
+seeds, the student epochs and the training set-up (:class:`Setup`). :func:`run_grid`
+makes it so, reusing whatever exists:
+
+1. a teacher checkpoint is used when it is finished or not kdcache's own (a
+   pretrained one), resumed when a kdcache training run of it stopped early, and
+   trained when missing (:func:`teacher_state`);
+2. every teacher is precomputed on one plan (a complete store is found, not redone);
+3. the teachers' ensemble is evaluated once and kept in ``<out>/ensemble.json``;
+4. every row × seed is distilled into ``<runs>/<label>/seed<k>/``. A finished run
+   (:attr:`kdcache.runs.RunDir.finished`: last.pth, written after the last epoch) is
+   read back, once every finished run has been checked to be this grid's
+   (:func:`check_same_grid`, before any training); a started one (checkpoint.pth)
+   resumes; any other starts.
+
+:func:`format_table` is the one table of a grid (markdown), :func:`write_result` its
+one JSON record and :func:`summary_line` the one line saying where things are and what
+was reused; the demo and the experiments add their own paragraphs and lines to them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from kdcache import training
+from kdcache.batches import test_batches
+from kdcache.data import DataSet, load_dataset
+from kdcache.device import resolve_device
+from kdcache.errors import CheckpointError, KdcacheError, UnknownNameError
+from kdcache.losses import method_info, resolve_options
+from kdcache.losses.base import MethodOptions
+from kdcache.models import build_model, load_checkpoint
+from kdcache.models.checkpoint import read_checkpoint
+from kdcache.pipelines.distill import DistillRequest, distill
+from kdcache.pipelines.precompute import PrecomputeRequest, precompute
+from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
+from kdcache.runs import RunDir, write_json
+from kdcache.store import Cache
+
+Say = Callable[[str], None]
+Progress = Callable[[int, int], Callable[[int], None]]
+
+
+# -- training set-ups ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """An optimiser and schedule for teachers and students; ``None`` means kdcache's (the official scripts')."""
+
+    name: str
+    description: str                 # for the table header
+    epochs: int
+    lr: float | None = None          # None: training.official_lr(arch)
+    lr_small_nets: float | None = None
+    weight_decay: float = training.WEIGHT_DECAY
+    batch_size: int = training.BATCH_SIZE
+    milestones: tuple[int, ...] | None = None   # at ``epochs``; None: training.milestones_for
+
+    def lr_for(self, arch: str) -> float | None:
+        """The learning rate this set-up gives ``arch``; None leaves kdcache's official default."""
+        if self.lr is None:
+            return None
+        small = self.lr_small_nets if self.lr_small_nets is not None else self.lr
+        return small if arch in training.SMALL_NETS else self.lr
+
+    def resolved_lr(self, arch: str) -> float:
+        lr = self.lr_for(arch)
+        return training.official_lr(arch) if lr is None else lr
+
+    def milestones_for(self, epochs: int) -> list[int] | None:
+        """The decay epochs for a run of ``epochs``, scaled from this set-up's; None: kdcache's official ones."""
+        if self.milestones is None:
+            return None
+        if epochs == self.epochs:
+            return list(self.milestones)
+        scaled = (round(m * epochs / self.epochs) for m in self.milestones)
+        return sorted({max(1, m) for m in scaled if m < epochs})
+
+    def resolved_milestones(self, epochs: int) -> list[int]:
+        ms = self.milestones_for(epochs)
+        return training.milestones_for(epochs) if ms is None else ms
+
+
+_SMALL = "/".join(training.SMALL_NETS)
+SETUPS: dict[str, Setup] = {s.name: s for s in (
+    Setup("official", f"the official CA-MKD scripts (kdcache's defaults): SGD, Nesterov momentum 0.9, lr "
+                      f"{training.LR:g} ({training.LR_SMALL_NETS:g} for {_SMALL}), weight decay "
+                      f"{training.WEIGHT_DECAY:g}, batch {training.BATCH_SIZE}, {training.EPOCHS} epochs, lr ×0.1 at "
+                      f"{', '.join(map(str, training.MILESTONES))}. The paper's text states lr 0.1 (0.05) and weight "
+                      "decay 1e-4 instead (`--setup paper`)",
+          training.EPOCHS),
+    Setup("paper", f"the paper's text: SGD momentum 0.9 (kdcache's SGD is Nesterov), lr 0.1 (0.05 for {_SMALL}), "
+                   f"weight decay 1e-4, batch {training.BATCH_SIZE}, {training.EPOCHS} epochs, lr ×0.1 at "
+                   f"{', '.join(map(str, training.MILESTONES))}. The official scripts use lr 0.05 (0.01) and weight "
+                   "decay 5e-4 (`--setup official`)",
+          training.EPOCHS, lr=0.1, lr_small_nets=0.05, weight_decay=1e-4),
+    Setup("cs-kd", "CS-KD's (Yun et al., CVPR 2020; alinlab/cs-kd train.py and its fine-grained command): SGD "
+                   "momentum 0.9 (kdcache's SGD is Nesterov, CS-KD's is not), lr 0.1 for every network, weight decay "
+                   "1e-4, batch 32, 200 epochs, lr ×0.1 after 101 and 151 epochs (CS-KD's code divides after its "
+                   "0-based epochs 100 and 150); the incomplete last batch is dropped (CS-KD keeps it)",
+          200, lr=0.1, lr_small_nets=0.1, weight_decay=1e-4, batch_size=32, milestones=(101, 151)),
+)}
+
+
+def find_setup(name: str) -> Setup:
+    try:
+        return SETUPS[name]
+    except KeyError:
+        raise UnknownNameError(f"unknown training set-up {name!r}; known: {', '.join(SETUPS)}") from None
+
+
+# -- the spec ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a grid's table: ``method`` with ``options``, run on the grid's first ``n_teachers`` teachers.
+
+    ``label`` names the runs (``<runs>/<label>/seed<k>/``) and keys the row's reference
+    figure; ``title`` is its name in the table; ``options`` are
+    :class:`~kdcache.losses.base.MethodOptions` values that differ from the method's
+    defaults, as (name, value) pairs; ``implemented`` False lists a method kdcache does
+    not have (shown with its reference figure, never run).
+    """
+
+    label: str
+    method: str
+    title: str = ""
+    options: tuple[tuple[str, object], ...] = ()
+    n_teachers: int | None = None    # None: all the grid's teachers
+    implemented: bool = True
+
+    def method_options(self) -> MethodOptions:
+        """The row's options, checked and with every option of the method filled in (what its runs record):
+        the ones every method shares as fields, the method's own in ``params``."""
+        shared = {f.name for f in fields(MethodOptions)} - {"params"}
+        given: dict[str, Any] = dict(self.options)
+        try:
+            return resolve_options(self.method, MethodOptions(**{k: v for k, v in given.items() if k in shared},
+                                                              params={k: v for k, v in given.items()
+                                                                      if k not in shared}))
+        except KdcacheError as exc:
+            raise KdcacheError(f"row {self.label!r}: {exc}") from None
+
+    def teachers_of(self, k: int) -> int:
+        """How many of the grid's ``k`` teachers this row reads (0 for ce)."""
+        if method_info(self.method).n_teachers == "0":
+            return 0
+        return k if self.n_teachers is None else self.n_teachers
+
+    def flags(self) -> str:
+        """The row as `kdcache distill` options: 'camkd --camkd-weights uniform'."""
+        parts = [self.method]
+        for name, value in self.options:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"--{name.replace('_', '-')} {shown}")
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class GridTeacher:
+    """One teacher: its architecture and checkpoint, and how it is trained there when the checkpoint is missing."""
+
+    arch: str
+    checkpoint: Path
+    epochs: int                      # a kdcache training run with fewer epochs is resumed to this many
+    seed: int = 0
+    name: str = ""                   # said beside "Teacher i (arch)" in the table
+    label_map: Mapping[int, int] | None = None  # taught class a as label_map[a] (the demo's corrupted teacher)
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """Everything a grid is: teachers, data, plan, store form, rows, seeds, epochs, set-up, and where it goes.
+
+    ``out`` holds the grid's own files (ensemble.json, and the table and JSON record its
+    caller writes); ``runs`` the run directories ``<runs>/<label>/seed<k>/``.
+    """
+
+    name: str
+    dataset: str
+    teachers: tuple[GridTeacher, ...]
+    student: str
+    rows: tuple[Row, ...]
+    out: Path
+    runs: Path
+    views: int
+    epochs: int
+    seeds: int = 1
+    features: str = "spatial"
+    plan_seed: int = 0
+    setup: Setup = SETUPS["official"]
+    cache: Path | None = None
+    data_root: Path | None = None
+    data_name: str = ""              # the data's name in the table (default: the data set's)
+
+    @property
+    def ran(self) -> tuple[Row, ...]:
+        """The rows that are run (the implemented ones)."""
+        return tuple(r for r in self.rows if r.implemented)
+
+    @property
+    def n_runs(self) -> int:
+        return self.seeds * len(self.ran)
+
+    def run_dir(self, label: str, seed: int) -> RunDir:
+        return RunDir(self.runs / label / f"seed{seed}")
+
+
+def distill_request(spec: GridSpec, row: Row, ids: Sequence[str], seed: int,
+                    device: str | None = None) -> DistillRequest:
+    """The :class:`DistillRequest` of one row and seed: its method, options, teachers and the set-up."""
+    k = row.teachers_of(len(ids))
+    s = spec.setup
+    return DistillRequest(student=spec.student, teachers=list(ids[:k] if k else ids), method=row.method,
+                          out=spec.run_dir(row.label, seed).path, cache=spec.cache, data_root=spec.data_root,
+                          epochs=spec.epochs, batch_size=s.batch_size, lr=s.lr_for(spec.student),
+                          weight_decay=s.weight_decay, milestones=s.milestones_for(spec.epochs), seed=seed,
+                          device=device, options=row.method_options())
+
+
+# -- the rules: a teacher's state, a finished run of this grid ------------------------------------
+
+
+def teacher_state(ckpt: Path, epochs: int) -> str:
+    """'missing', 'partial' (a kdcache training run that stopped before ``epochs``: resumed) or 'done'
+    (finished, or a checkpoint from elsewhere: used as it is); one line when it cannot be read."""
+    if not ckpt.is_file():
+        return "missing"
+    try:
+        state = read_checkpoint(ckpt)
+    except CheckpointError:
+        raise CheckpointError(f"teacher checkpoint {ckpt} cannot be read; delete it to train the teacher "
+                              "again, or put a valid checkpoint there") from None
+    if not (isinstance(state, dict) and {"lr_scheduler", "arch", "epoch"} <= set(state)):
+        return "done"  # not written by train-teacher: a pretrained checkpoint, used as it is
+    return "partial" if int(state["epoch"]) < epochs else "done"
+
+
+# What a finished run may differ in and still be this grid's: where it ran and how, not what it computed.
+_FREE = ("out", "cache", "data_root", "dataset", "device", "prefetch", "tensorboard", "resume")
+
+
+def check_same_grid(run: RunDir, req: DistillRequest) -> None:
+    """Refuse, with one line, a finished run in ``run`` that recorded other arguments than ``req`` (method,
+    options, teachers, epochs, seed, optimiser): it belongs to another grid and would be reported as this one's."""
+    want: dict[str, Any] = asdict(req)  # as distill records it: options resolved, lr and milestones filled in
+    want.update(options=asdict(resolve_options(req.method, req.options)),
+                lr=req.lr if req.lr is not None else training.official_lr(req.student),
+                milestones=req.milestones if req.milestones is not None else training.milestones_for(req.epochs))
+    differ = run.differing_args(want, free=_FREE)
+    if differ:
+        args = run.read_config()["args"]
+        raise KdcacheError(f"{run.path} holds a finished run of another grid ({', '.join(differ)} differ: "
+                           f"{', '.join(f'{k} {args[k]!r}' for k in differ)}); choose another --out or remove it")
+
+
+# -- running a grid ---------------------------------------------------------------------------
+
+
+@dataclass
+class GridResult:
+    """What a grid found: its teachers and their ensemble, every run's top-1, what was reused, and the data's size."""
+
+    spec: GridSpec
+    n_samples: int
+    num_classes: int
+    image_size: int
+    view_recipe: str                 # the plan's augmentation recipe
+    teachers: list[dict[str, Any]] = field(default_factory=list)   # name, arch, checkpoint, id, plan_id, ...
+    ensemble: dict[str, float] | None = None                       # "vote" and "softmax" test top-1
+    students: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # row label -> [{seed, best, last}]
+    reused: dict[str, int] = field(default_factory=lambda: {"teachers": 0, "stores": 0, "runs": 0})
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [t["id"] for t in self.teachers]
+
+
+def run_grid(spec: GridSpec, device: str | None = None, say: Say | None = None,
+             precompute_progress: Progress | None = None, dataset: DataSet | None = None) -> GridResult:
+    """Run ``spec`` end to end (teachers, stores, ensemble, every row × seed), reusing and resuming what exists.
+
+    ``say`` is told each step; ``dataset`` is the spec's data set when the caller has loaded it already.
+    """
+    say = say or (lambda _msg: None)
+    dataset = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_root)
+    result = GridResult(spec, len(dataset.train), dataset.num_classes, dataset.image_size, dataset.recipe)
+
+    t0 = time.perf_counter()
+    _train_teachers(spec, device, say, result)
+    result.seconds["teachers"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _precompute_stores(spec, device, say, precompute_progress, result)
+    result.ensemble = _ensemble(spec, result.ids, dataset, device, say)
+    result.seconds["precompute"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _distill_runs(spec, result.ids, device, say, result)
+    result.seconds["distill"] = time.perf_counter() - t0
+    return result
+
+
+def _train_teachers(spec: GridSpec, device: str | None, say: Say, result: GridResult) -> None:
+    setup, k = spec.setup, len(spec.teachers)
+    for i, t in enumerate(spec.teachers, 1):
+        state = teacher_state(t.checkpoint, t.epochs)
+        if state == "done":
+            result.reused["teachers"] += 1
+            continue
+        say(f"teacher {i}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} epochs "
+            f"(seed {t.seed}, set-up {setup.name}) into {t.checkpoint}{' (resuming)' if state == 'partial' else ''}")
+        t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        train_teacher(TrainTeacherRequest(arch=t.arch, dataset=spec.dataset, out=t.checkpoint,
+                                          data_root=spec.data_root, epochs=t.epochs, batch_size=setup.batch_size,
+                                          lr=setup.lr_for(t.arch), weight_decay=setup.weight_decay,
+                                          milestones=setup.milestones_for(t.epochs), seed=t.seed, device=device,
+                                          resume=state == "partial",
+                                          label_map=dict(t.label_map) if t.label_map else None))
+
+
+def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: Progress | None,
+                       result: GridResult) -> None:
+    cache, k = Cache.at(spec.cache), len(spec.teachers)
+    for i, t in enumerate(spec.teachers, 1):
+        say(f"teacher {i}/{k}: the {spec.features} store of {t.arch} over {spec.views} views "
+            "(precomputed unless complete)")
+        pre = precompute(PrecomputeRequest(teacher=t.arch, checkpoint=t.checkpoint, dataset=spec.dataset,
+                                           data_root=spec.data_root, cache=spec.cache, views=spec.views,
+                                           plan_seed=spec.plan_seed, device=device, features=spec.features),
+                         progress=progress)
+        result.reused["stores"] += pre.status == "complete"
+        store = cache.open_teacher(pre.teacher_id)
+        result.teachers.append({"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint),
+                                "id": pre.teacher_id, "plan_id": pre.plan_id, "features": spec.features,
+                                "test_accuracy": store.attrs.get("test_accuracy")})
+
+
+def _distill_runs(spec: GridSpec, ids: list[str], device: str | None, say: Say, result: GridResult) -> None:
+    grid = [(row, seed, distill_request(spec, row, ids, seed, device)) for seed in range(spec.seeds)
+            for row in spec.ran]
+    for _, _, req in grid:  # every finished run is this grid's, checked before any training
+        run = RunDir(req.out)
+        if run.finished:
+            check_same_grid(run, req)
+    for done, (row, seed, req) in enumerate(grid, 1):
+        run = RunDir(req.out)
+        if run.finished:
+            result.reused["runs"] += 1
+        else:
+            req.resume = run.started
+            n = len(req.teachers) if row.teachers_of(len(ids)) else 0
+            say(f"run {done}/{len(grid)}: {row.label} ({row.flags()}, {n} teacher{'s' if n != 1 else ''}), "
+                f"seed {seed}, {spec.student} for {spec.epochs} epochs{' (resuming)' if req.resume else ''}")
+            distill(req)
+        record = run.load()
+        result.students.setdefault(row.label, []).append(
+            {"seed": seed, "best": record.best_top1, "last": record.final_top1})
+
+
+def _ensemble(spec: GridSpec, ids: list[str], dataset: DataSet, device: str | None, say: Say) -> dict[str, float]:
+    """Test top-1 of the teachers' majority vote and averaged softmax, kept in ``<out>/ensemble.json``."""
+    path = spec.out / "ensemble.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("teachers") == ids:
+                return {"vote": float(saved["vote_top1"]), "softmax": float(saved["softmax_top1"])}
+        except (ValueError, KeyError, TypeError):
+            pass
+    say("evaluating the teachers' ensemble on the test split")
+    vote, softmax = ensemble_accuracies([(t.arch, t.checkpoint) for t in spec.teachers], dataset, device)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"teachers": ids, "vote_top1": vote, "softmax_top1": softmax})
+    return {"vote": vote, "softmax": softmax}
+
+
+@torch.inference_mode()
+def ensemble_accuracies(teachers: list[tuple[str, Path]], dataset: DataSet, device: str | None) -> tuple[float, float]:
+    """Test top-1 (%) of the teachers' majority vote and of their averaged softmax, in one pass.
+
+    The vote is the paper's ensemble: each teacher votes its top-1 class; a tie (e.g. three
+    teachers, three classes) goes to the tied class with the largest summed softmax.
+    """
+    dev = resolve_device(device)
+    models = []
+    for arch, ckpt in teachers:
+        m = build_model(arch, dataset.num_classes)
+        load_checkpoint(m, ckpt)
+        models.append(m.eval().to(dev))
+    vote_correct = soft_correct = total = 0
+    for x, y in test_batches(dataset, dataset.recipe, dev, 256):
+        probs = torch.stack([torch.softmax(m(x)[1].float(), dim=1) for m in models])   # (K, B, C)
+        summed = probs.sum(0)
+        votes = torch.zeros_like(summed)
+        votes.scatter_add_(1, probs.argmax(2).T, torch.ones(y.shape[0], len(models), device=dev))
+        top = votes == votes.max(1, keepdim=True).values
+        vote = torch.where(top, summed, torch.full_like(summed, -1.0)).argmax(1)
+        vote_correct += int((vote == y).sum())
+        soft_correct += int((summed.argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * vote_correct / total, 100.0 * soft_correct / total
+
+
+# -- the table, the JSON record, the summary line ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Figures printed beside the grid's own (the paper's): keyed by a row's label, ``"teacher"`` (the
+    teachers' mean), ``"teacher <i>"`` and ``"ensemble"``; ``note`` says what they are."""
+
+    name: str                        # the column's header
+    figures: Mapping[str, str]
+    note: str
+
+    def get(self, key: str) -> str:
+        return self.figures.get(key, "n/a")
+
+
+_FORM_NOTES = {
+    "spatial": " (the last-block map, as the official code; the paper's β = 50 was set for it).",
+    "pooled": " (the pooled vector: at the paper's β = 50 it pushes the student about 3× harder than the official "
+              "spatial form, so feature-term rows may differ from the paper for that reason).",
+    "none": " (logits only; no row reads features).",
+}
+
+
+def mean_std(values: list[float]) -> str:
+    """'75.12 ± 0.31' (sample standard deviation) for two or more values, '75.12' for one."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def format_table(result: GridResult, title: str, about: Sequence[str] = (), reference: Reference | None = None,
+                 after: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """The grid's table as markdown: teachers, their ensemble, one row per :class:`Row` over the seeds.
+
+    Columns: the best epoch's test top-1 (what the official scripts report) as mean ± sample
+    std over the seeds, the ``reference`` figure when given ("n/a" where it has none), the
+    last epoch's, the seeds. ``about`` paragraphs go under the ``title``, ``after`` lines
+    under the table, ``notes`` paragraphs at the end.
+    """
+    spec = result.spec
+    k = len(result.teachers)
+    data = spec.data_name or spec.dataset
+    seeds = f"{spec.seeds} seed{'s' if spec.seeds > 1 else ''}"
+
+    def line(name: str, figure: str, key: str | None = None, last: str = "", n: str = "") -> str:
+        beside = [reference.get(key) if key else "n/a"] if reference is not None else []
+        return _md(name, figure, *beside, last, n)
+
+    lines = [f"# {title}", ""]
+    for paragraph in about:
+        lines += [paragraph, ""]
+    lines += [f"Set-up run: **{spec.setup.name}**, {spec.setup.description}.", "",
+              f"Teacher stores in the **{spec.features}** feature form{_FORM_NOTES.get(spec.features, '.')}", "",
+              f"Top-1 test accuracy (%) on the {data} test split: mean ± sample standard deviation over {seeds} of "
+              "the best epoch (what the official scripts report) and of the last epoch"
+              + (f"; {reference.note}" if reference is not None else "") + ".", "",
+              _md("", *(["reproduced (best epoch)", reference.name] if reference is not None else ["best epoch"]),
+                  "last epoch", "seeds"),
+              "|---" * (5 if reference is not None else 4) + "|"]
+    accs = [t["test_accuracy"] for t in result.teachers]
+    for i, t in enumerate(result.teachers, 1):
+        name = f"Teacher {i} ({t['arch']})" + (f": {t['name']}" if t["name"] else "")
+        lines.append(line(name, _pct(t["test_accuracy"]), f"teacher {i}"))
+    archs = sorted({t["arch"] for t in result.teachers})
+    if len(archs) == 1 and k > 1 and all(a is not None for a in accs):
+        lines.append(line(f"Teacher ({archs[0]}, mean ± std of {k})", mean_std(accs), "teacher"))
+    if result.ensemble is not None:
+        vote, softmax = result.ensemble["vote"], result.ensemble["softmax"]
+        lines.append(line(f"Ensemble of the {k} (majority vote)", f"{vote:.2f}", "ensemble"))
+        lines.append(line(f"Ensemble of the {k} (averaged softmax)", f"{softmax:.2f}"))
+    for row in spec.rows:
+        if not row.implemented:
+            lines.append(line(row.title or row.label, "not implemented in kdcache", row.label))
+            continue
+        runs = result.students.get(row.label, [])
+        best = mean_std([x["best"] for x in runs]) if runs else "not run"
+        last = mean_std([x["last"] for x in runs]) if runs else ""
+        used = f"{_teachers_used(row, k)}, {spec.student}"
+        name = f"{row.title} (`{row.flags()}`, {used})" if row.title else f"`{row.flags()}` ({used})"
+        lines.append(line(name, best, row.label, last, str(len(runs))))
+    lines += list(after)
+    lines += ["", f"Settings: {spec.views} views of {result.image_size}×{result.image_size} ({result.view_recipe}, "
+                  f"plan seed {spec.plan_seed}), {spec.epochs} student epochs, {result.n_samples} training samples. "
+                  f"Teacher stores: {', '.join(t['id'][:12] for t in result.teachers)}."]
+    for paragraph in notes:
+        lines += ["", paragraph]
+    return "\n".join(lines) + "\n"
+
+
+def _md(*cells: str) -> str:
+    """One line of a markdown table; an empty cell is written '| |'."""
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def _teachers_used(row: Row, k: int) -> str:
+    n = row.teachers_of(k)
+    if n == 0:
+        return "no teacher"
+    if n == 1:
+        return "teacher 1"
+    return f"teachers 1-{n}" if n < k else f"{n} teachers"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def write_result(path: Path, result: GridResult, **extra: Any) -> None:
+    """The grid's JSON record at ``path``: its settings, teachers, ensemble, every run's top-1, what was
+    reused and how long each stage took, with ``extra`` (the caller's own findings) added."""
+    spec = result.spec
+    record = {"grid": spec.name, "dataset": spec.dataset, "student": spec.student, "features": spec.features,
+              "setup": asdict(spec.setup), "seeds": spec.seeds, "epochs": spec.epochs, "views": spec.views,
+              "plan_seed": spec.plan_seed, "rows": [asdict(r) for r in spec.rows],
+              "teacher_epochs": [t.epochs for t in spec.teachers], "teachers": result.teachers,
+              "ensemble": result.ensemble, "students": result.students, "reused": result.reused,
+              "seconds": result.seconds, "cache": str(Cache.at(spec.cache).root), "runs": str(spec.runs)}
+    write_json(path, {**record, **extra})
+
+
+def summary_line(result: GridResult, table: Path) -> str:
+    """Where the table, runs and stores are, how long each stage took, and what was reused, in one line."""
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    reused = ", ".join(f"{n} {k}" for k, n in result.reused.items() if n)
+    return (f"table in {table}, runs in {result.spec.runs}, stores in {Cache.at(result.spec.cache).root} "
+            f"({timing}{'; reused ' + reused if reused else ''})")
