@@ -1,18 +1,20 @@
-"""`kdcache demo`: the whole pipeline end to end, its reuse on a second run, and its evidence arithmetic."""
+"""`kdcache demo`: the whole pipeline end to end, its reuse on a second run, the grid's rules for finished and
+foreign runs, and its evidence arithmetic."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import error_lines, run_cli, spy_on_format_table
 from kdcache.pipelines import demo
 from kdcache.pipelines.train_teacher import _relabel
-from kdcache.runs import SampleWeights
+from kdcache.runs import RunDir, SampleWeights
 from kdcache.store import Cache
 
 
@@ -38,25 +40,51 @@ def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkey
     assert first.exit_code == 0, first.output
     out = first.stdout
     for name in ("good", "corrupted", "weak"):
-        assert f"teacher {name} (resnet8)" in out
-    assert "teacher ensemble" in out
-    for method in demo.METHODS:
-        assert f"student resnet8 {method} " in out
+        assert re.search(rf"^\| Teacher \d \(resnet8\): {name}, 1 epoch", out, re.M), out
+    assert "3 → 5, 5 → 8, 8 → 3" in out
+    assert "| Ensemble of the 3 (majority vote) |" in out and "| Ensemble of the 3 (averaged softmax) |" in out
+    for method in demo.METHODS:  # each method's student: best and last epoch over the seeds
+        assert re.search(rf"^\| `{method}` \(.*, resnet8\) \| \d+\.\d\d \| \d+\.\d\d \| 1 \|$", out, re.M), method
     assert "camkd's mean weight on the corrupted teacher" in out
-    assert "student resnet8 camkd" in out and "(spatial form)" in out
+    assert "stores in the **spatial** feature form" in out
+    assert out.splitlines()[-1].startswith(f"table in {tmp_path / 'd' / 'demo-spatial.md'}, runs in "
+                                           f"{tmp_path / 'd' / 'runs' / 'spatial'}, stores in {tmp_path / 'd' / 'cache'}")
+    assert (tmp_path / "d" / "demo-spatial.md").read_text() == "\n".join(out.splitlines()[:-1]) + "\n"
     record = json.loads((tmp_path / "d" / "demo-spatial.json").read_text())
     assert set(record["students"]) == set(demo.METHODS)
     cache = Cache.at(tmp_path / "d" / "cache")
-    assert [cache.open_teacher(t["id"]).feature_form for t in record["teachers"].values()] == ["spatial"] * 3
+    assert [cache.open_teacher(t["id"]).feature_form for t in record["teachers"]] == ["spatial"] * 3
     assert 0 < record["camkd_weights_on_corrupted_teacher"]["corrupted_classes"] < 1
     assert len(list((tmp_path / "d" / "cache" / "teachers").iterdir())) == 3
     assert len(list((tmp_path / "d" / "cache" / "plans").iterdir())) == 1  # one plan shared by the teachers
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.pth")}
 
     t0 = time.perf_counter()
+    tables = spy_on_format_table(monkeypatch)
     second = run_cli(*args)
     assert second.exit_code == 0, second.output
     assert "reused 3 teachers, 3 stores, 6 runs" in second.stdout
     assert time.perf_counter() - t0 < 30
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.pth")} == stamps
     assert second.stdout.splitlines()[:-1] == first.stdout.splitlines()[:-1]  # the same table
+    assert tables and second.stdout.startswith(tables[-1])  # from the grid's one formatter, as the experiments'
+
+    # the grid's one rule for "finished" (last.pth), as for the experiments: a run killed after its last epoch's
+    # checkpoint is resumed, not counted; a finished run of another grid is refused with one line, before any training
+    runs = tmp_path / "d" / "runs" / "spatial"
+    killed, foreign = RunDir(runs / "ce" / "seed0"), RunDir(runs / "camkd" / "seed0")
+    killed.file(RunDir.LAST).unlink()
+    config = foreign.read_config()
+    foreign.write_config({**config, "args": {**config["args"], "epochs": 7}})
+    refused = run_cli(*args)
+    assert refused.exit_code == 1
+    lines = error_lines(refused.stderr)
+    assert lines[-1].startswith("Error: ") and "holds a finished run of another grid (epochs differ: epochs 7)" in \
+        lines[-1] and len(lines[-1].splitlines()) == 1, refused.stderr
+    assert not killed.finished and not re.search("^run ", refused.stderr, re.M)
+    foreign.write_config(config)
+    resumed = run_cli(*args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "run 1/6: ce (ce, 0 teachers), seed 0, resnet8 for 1 epochs (resuming)" in resumed.stderr
+    assert "reused 3 teachers, 3 stores, 5 runs" in resumed.stdout and killed.finished
+
