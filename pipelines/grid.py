@@ -212,10 +212,6 @@ class GridSpec:
         """The rows that are run (the implemented ones)."""
         return tuple(r for r in self.rows if r.implemented)
 
-    @property
-    def n_runs(self) -> int:
-        return self.seeds * len(self.ran)
-
     def run_dir(self, label: str, seed: int) -> RunDir:
         return RunDir(self.runs / label / f"seed{seed}")
 
