@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from typing import Any
 
 import click
@@ -39,6 +40,12 @@ class KdcacheGroup(click.Group):
             raise OneLineUsageError(f"{exc.format_message()} (`{where} --help` lists the options)") from None
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # the reader went away (`kdcache methods | head`): nothing left to say
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush must not fail
+            except (OSError, ValueError):
+                pass
+            raise click.exceptions.Exit(1) from None
         except OSError as exc:
             raise click.ClickException(os_error_line(exc)) from None
         except Exception as exc:
