@@ -32,7 +32,7 @@ online distillation (:func:`plan_experiment`).
 
 Sources: every setting and every figure comes from the paper (Zhang, Chen, Wang,
 "Confidence-Aware Multi-Teacher Knowledge Distillation", ICASSP 2022, arXiv
-2201.00007) as transcribed in the planning repository's ``shared/PAPER.md``:
+2201.00007): its Tables 1-4, Figure 4 and appendix:
 
 - Table 1, three teachers of one architecture, seven columns: ``t1-*``;
 - Table 2, single-teacher KD and FitNet (AT, VID, CRD listed, not implemented) beside
@@ -322,7 +322,7 @@ TABLES = {
     "Appendix": "Tiny-ImageNet and Stanford Dogs, multi- and single-teacher rows",
 }
 
-_PAPER = "the CA-MKD paper (ICASSP 2022, arXiv 2201.00007) as transcribed in shared/PAPER.md"
+_PAPER = "the CA-MKD paper (Zhang, Chen, Wang, ICASSP 2022, arXiv 2201.00007)"
 _TEACHERS = ("Teachers of one architecture are three separately trained copies (the official settings name "
              "them cifar100-<arch>-0/1/2); here <arch>-0/1/2.pth, trained with seeds 0, 1, 2 unless supplied.")
 _ENSEMBLE = "The paper's ensemble is the three teachers' majority vote."

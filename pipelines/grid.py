@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -146,12 +146,8 @@ class Row:
     def method_options(self) -> MethodOptions:
         """The row's options, checked and with every option of the method filled in (what its runs record):
         the ones every method shares as fields, the method's own in ``params``."""
-        shared = {f.name for f in fields(MethodOptions)} - {"params"}
-        given: dict[str, Any] = dict(self.options)
         try:
-            return resolve_options(self.method, MethodOptions(**{k: v for k, v in given.items() if k in shared},
-                                                              params={k: v for k, v in given.items()
-                                                                      if k not in shared}))
+            return resolve_options(self.method, MethodOptions.from_flat(dict(self.options)))
         except KdcacheError as exc:
             raise KdcacheError(f"row {self.label!r}: {exc}") from None
 

@@ -199,7 +199,7 @@ def _distill_one(out: Path, run: Run, ids: list[str], cfg: Config, threads: int)
     distill(DistillRequest(student=cfg.student, teachers=ids, method=run.method, out=d, cache=out / "cache",
                            data_root=out / "data", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=run.seed,
                            device="cpu", online=run.online,
-                           resume=(d / "checkpoint.pth").is_file(), options=MethodOptions(**run.options)))
+                           resume=(d / "checkpoint.pth").is_file(), options=MethodOptions.from_flat(run.options)))
     return run.key, time.perf_counter() - t0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from click.testing import CliRunner, Result
 
 from kdcache.cli.main import main
 from kdcache.models import build_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # one pytest-xdist worker per core: one thread each, not two competing for a core
 
 
 @pytest.fixture(autouse=True)

@@ -253,7 +253,7 @@ def test_refusals(two_teachers, tmp_path: Path) -> None:
     distill(request(cache, ids, tmp_path / "c", epochs=1))
     with pytest.raises(KdcacheError, match="already holds a run; pass --resume"):
         distill(request(cache, ids, tmp_path / "c", epochs=1))
-    with pytest.raises(KdcacheError, match="--resume: method differ"):
+    with pytest.raises(KdcacheError, match="--resume: method, options differ"):
         distill(request(cache, ids, tmp_path / "c", epochs=2, method="aver", resume=True))
     group = zarr.open_group(cache / "teachers" / other_id, mode="r+")
     group.attrs["complete"] = False

@@ -40,6 +40,14 @@ class MethodOptions:
     beta: float | None = None      # weight of L_feat; None -> fitnet 100, fitnet-mkd 100, camkd 50, others 0
     params: Mapping[str, Any] = field(default_factory=dict)   # the method's own options, by name
 
+    @classmethod
+    def from_flat(cls, options: Mapping[str, Any]) -> "MethodOptions":
+        """Options given as one mapping (``{"beta": 0, "camkd_weights": "uniform"}``, as a row of an experiment
+        or a study lists them): the shared knobs as fields, every other name as the method's own."""
+        shared = {"temperature", "gamma", "alpha", "beta"}
+        return cls(**{k: v for k, v in options.items() if k in shared},
+                   params={k: v for k, v in options.items() if k not in shared})
+
 
 @dataclass(frozen=True)
 class MethodParam:
