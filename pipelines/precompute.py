@@ -30,7 +30,8 @@ from kdcache.evaluate import evaluate
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
-from kdcache.store.format import DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
+from kdcache.store.format import (DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, n_chunks,
+                                  row_bytes)
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
@@ -390,9 +391,18 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}",
         features_line,
         f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {c * 2} B + features {per_row - c * 2} B)",
+        _files_line(v, n_chunks(n, rows), bool(fshape)),
         f"total      {human_bytes(logits_b + features_b)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
+
+
+def _files_line(views: int, chunks: int, features: bool) -> str:
+    """How many chunk files the store's data arrays and completion markers come to (one file a chunk)."""
+    arrays = ["logits", *(["features"] if features else []), "done"]
+    per_view = chunks * len(arrays)
+    return (f"files      {views * per_view:,} chunk files: {per_view:,} a view ({chunks:,} chunks of each of "
+            f"{', '.join(arrays)})")
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -113,7 +113,13 @@ def test_dry_run_says_what_it_would_write_and_writes_nothing(digits_teacher: Pat
     assert "features   pooled (3, 1437, 64) float16, chunks (1, 256, 64): 538.9 KiB" in out
     assert "per view   207.7 KiB (148 B a row: logits 20 B + features 128 B)" in out
     assert "4311 teacher forward passes" in out
-    assert out.strip().splitlines()[-1] == precompute(digits_teacher, tmp_path / "c")
+    # 1437 rows in chunks of 256: 6 chunks a view, each of logits, features and done one file
+    assert "files      54 chunk files: 18 a view (6 chunks of each of logits, features, done)" in out
+    tid = precompute(digits_teacher, tmp_path / "c")
+    assert out.strip().splitlines()[-1] == tid
+    store = tmp_path / "c" / "teachers" / tid
+    written = [f for a in ("logits", "features", "done") for f in (store / a / "c").rglob("*") if f.is_file()]
+    assert len(written) == 54
 
 
 @pytest.mark.parametrize("form, features_line, row", [
