@@ -1,4 +1,4 @@
-"""Top-1 / top-5 accuracy of a model on a data set's test split."""
+"""Top-1 / top-5 accuracy of a model, and of an ensemble of teachers, on a data set's test split."""
 
 from __future__ import annotations
 
@@ -36,18 +36,27 @@ def evaluate(model: torch.nn.Module, dataset: DataSet, recipe: str, device: torc
 
 
 @torch.inference_mode()
-def ensemble_accuracy(teachers: list[tuple[str, Path]], dataset: DataSet, device: str | None) -> float:
-    """Test top-1 of the teachers' averaged softmax."""
+def ensemble_accuracies(teachers: list[tuple[str, Path]], dataset: DataSet, device: str | None) -> tuple[float, float]:
+    """Test top-1 (%) of the teachers' majority vote and of their averaged softmax, in one pass.
+
+    The vote is the paper's ensemble: each teacher votes its top-1 class; a tie (e.g. three
+    teachers, three classes) goes to the tied class with the largest summed softmax.
+    """
     dev = resolve_device(device)
     models = []
     for arch, ckpt in teachers:
         m = build_model(arch, dataset.num_classes)
         load_checkpoint(m, ckpt)
         models.append(m.eval().to(dev))
-    correct = total = 0
+    vote_correct = soft_correct = total = 0
     for x, y in test_batches(dataset, dataset.recipe, dev, 256):
-        probs = sum(torch.softmax(m(x)[1], dim=1) for m in models)
-        assert isinstance(probs, torch.Tensor)  # a sum of tensors: there is at least one teacher
-        correct += int((probs.argmax(1) == y).sum())
+        probs = torch.stack([torch.softmax(m(x)[1].float(), dim=1) for m in models])   # (K, B, C)
+        summed = probs.sum(0)
+        votes = torch.zeros_like(summed)
+        votes.scatter_add_(1, probs.argmax(2).T, torch.ones(y.shape[0], len(models), device=dev))
+        top = votes == votes.max(1, keepdim=True).values
+        vote = torch.where(top, summed, torch.full_like(summed, -1.0)).argmax(1)
+        vote_correct += int((vote == y).sum())
+        soft_correct += int((summed.argmax(1) == y).sum())
         total += len(y)
-    return 100.0 * correct / total
+    return 100.0 * vote_correct / total, 100.0 * soft_correct / total

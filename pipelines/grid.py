@@ -32,16 +32,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
 from kdcache import training
-from kdcache.batches import test_batches
 from kdcache.data import DataSet, load_dataset
-from kdcache.device import resolve_device
+from kdcache.evaluate import ensemble_accuracies
 from kdcache.errors import CheckpointError, KdcacheError, UnknownNameError
 from kdcache.losses import method_info, resolve_options
 from kdcache.losses.base import MethodOptions
-from kdcache.models import build_model, load_checkpoint
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
@@ -380,33 +376,6 @@ def _ensemble(spec: GridSpec, ids: list[str], dataset: DataSet, device: str | No
     spec.out.mkdir(parents=True, exist_ok=True)
     write_json(path, {"teachers": ids, "vote_top1": vote, "softmax_top1": softmax})
     return {"vote": vote, "softmax": softmax}
-
-
-@torch.inference_mode()
-def ensemble_accuracies(teachers: list[tuple[str, Path]], dataset: DataSet, device: str | None) -> tuple[float, float]:
-    """Test top-1 (%) of the teachers' majority vote and of their averaged softmax, in one pass.
-
-    The vote is the paper's ensemble: each teacher votes its top-1 class; a tie (e.g. three
-    teachers, three classes) goes to the tied class with the largest summed softmax.
-    """
-    dev = resolve_device(device)
-    models = []
-    for arch, ckpt in teachers:
-        m = build_model(arch, dataset.num_classes)
-        load_checkpoint(m, ckpt)
-        models.append(m.eval().to(dev))
-    vote_correct = soft_correct = total = 0
-    for x, y in test_batches(dataset, dataset.recipe, dev, 256):
-        probs = torch.stack([torch.softmax(m(x)[1].float(), dim=1) for m in models])   # (K, B, C)
-        summed = probs.sum(0)
-        votes = torch.zeros_like(summed)
-        votes.scatter_add_(1, probs.argmax(2).T, torch.ones(y.shape[0], len(models), device=dev))
-        top = votes == votes.max(1, keepdim=True).values
-        vote = torch.where(top, summed, torch.full_like(summed, -1.0)).argmax(1)
-        vote_correct += int((vote == y).sum())
-        soft_correct += int((summed.argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * vote_correct / total, 100.0 * soft_correct / total
 
 
 # -- the table, the JSON record, the summary line ------------------------------------------------

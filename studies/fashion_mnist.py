@@ -23,13 +23,11 @@ Parts (each a list of runs; all share one training subset and one test split):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,7 +36,7 @@ import torch
 
 from kdcache.data import load_dataset
 from kdcache.data.mnist import FILES, read_idx
-from kdcache.evaluate import ensemble_accuracy
+from kdcache.evaluate import ensemble_accuracies
 from kdcache.losses.base import MethodOptions
 from kdcache.models import build_model
 from kdcache.models.checkpoint import load_checkpoint, read_checkpoint
@@ -47,7 +45,6 @@ from kdcache.device import resolve_device
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
-from kdcache.runs import load_run
 
 DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
@@ -257,7 +254,8 @@ def teacher_facts(out: Path, cfg: Config, ckpts: dict[str, Path]) -> dict:
                                      "rotated_classes": 100 * float((p[rotated] == y[rotated]).mean()),
                                      "other_classes": 100 * float((p[~rotated] == y[~rotated]).mean())}
     for setting, names in SETTINGS.items():
-        facts["ensemble"][setting] = ensemble_accuracy([(cfg.teacher, ckpts[n]) for n in names], dataset, "cpu")
+        facts["ensemble"][setting] = ensemble_accuracies([(cfg.teacher, ckpts[n]) for n in names], dataset,
+                                                         "cpu")[1]  # averaged softmax
     return facts
 
 
