@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -11,11 +13,8 @@ from kdcache.data import DataSet
 from kdcache.data.base import ImageSource
 from kdcache.views import eval_view, normalize, replay
 
-
-def _on(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        return images.to(device, non_blocking=True)
-    return [im.to(device, non_blocking=True) for im in images]
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 def view_batch(dataset: DataSet, source: ImageSource, recipe: str, indices: np.ndarray,
@@ -25,7 +24,7 @@ def view_batch(dataset: DataSet, source: ImageSource, recipe: str, indices: np.n
     The same function serves teachers at precompute and students at distill, so
     both see bit-identical tensors for the same (view, row).
     """
-    images = _on(source.load(indices), device)
+    images = source.load_on(indices, device)
     params_t = torch.as_tensor(params).to(device, non_blocking=True)
     return normalize(replay(recipe, images, params_t), dataset.mean, dataset.std)
 
@@ -37,6 +36,29 @@ def test_batches(dataset: DataSet, recipe: str, device: torch.device,
     labels = torch.as_tensor(source.labels)
     for start in range(0, len(source), batch_size):
         idx = np.arange(start, min(start + batch_size, len(source)))
-        images = _on(source.load(idx), device)
+        images = source.load_on(idx, device)
         x = normalize(eval_view(recipe, images), dataset.mean, dataset.std)
         yield x, labels[idx].to(device, non_blocking=True)
+
+
+def read_ahead(make: Callable[[_In], _Out], items: Iterable[_In], ahead: int = 1) -> Iterator[_Out]:
+    """``make(item)`` for each item, in order, computed on one background thread at most ``ahead`` items
+    before the consumer asks for them.
+
+    Lets the next batch be decoded and replayed while the current one runs through a model,
+    with memory bounded by ``ahead`` batches beyond the one in use. ``items`` is iterated on the
+    consumer's thread. Stopping early (or an error) cancels what has not started.
+    """
+    if ahead < 1:
+        raise ValueError(f"ahead must be at least 1 (got {ahead})")
+    pending: deque[Future[_Out]] = deque()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-read-ahead")
+    try:
+        for item in items:
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+            pending.append(pool.submit(make, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

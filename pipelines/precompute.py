@@ -3,7 +3,8 @@
 Read top to bottom: resolve the inputs and ids (:func:`prepare`), say what would be
 written (``dry_run``), find or make the plan, take the writer lock, write the chunks
 that are not written yet (the forward pass of one chunk overlaps the write of the
-previous one), then record accuracies and mark the store complete (:func:`finish`).
+previous one, and the next batch's images are decoded while the teacher runs this
+one), then record accuracies and mark the store complete (:func:`finish`).
 :func:`precompute_many` runs several teachers on one plan, one after another here or
 as tasks on a dask cluster (:mod:`kdcache.pipelines.precompute_cluster`).
 """
@@ -16,25 +17,27 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from kdcache.batches import view_batch
+from kdcache.batches import read_ahead, view_batch
 from kdcache.defaults import DEFAULT_VIEWS
-from kdcache.data import DataSet, ImageSource, load_dataset, with_views
+from kdcache.data import DataSet, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
-from kdcache.store.format import (DEFAULT_FEATURE_FORM, FEATURE_FORMS, STORED_DTYPE, feature_shape, n_chunks,
+from kdcache.store.format import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES, FEATURE_FORMS,
+                                  STORED_DTYPE, feature_shape, n_chunks,
                                   row_bytes)
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
+READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
 
 Progress = Callable[[int], None]
 # progress(total, done) -> the callback told each amount done; rows by default, or
@@ -61,6 +64,7 @@ class PrecomputeRequest:
     chunk_rows: int | None = None
     dry_run: bool = False
     features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
+    feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
 
 
 @dataclass
@@ -104,7 +108,7 @@ class TeacherJob:
         _, _, c, d = self.shape
         return {
             "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
-            "features": self.req.features,
+            "features": self.req.features, "feature_dtype": self.req.feature_dtype,
             "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
             "dataset": self.req.dataset,
         }
@@ -193,7 +197,7 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
 
     pid = plan_id(dataset.fingerprint, recipe.description, req.views, req.plan_seed)
     ckpt_sha = sha256_file(req.checkpoint)
-    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features)
+    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype)
 
     device = resolve_device(req.device)
     model = build_model(req.teacher, dataset.num_classes)
@@ -249,38 +253,80 @@ def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, se
                             view_drawer(recipe.spec, n, seed, sizes), views)
 
 
+class _Group(NamedTuple):
+    """Consecutive chunks of one view, forwarded together."""
+
+    view: int
+    chunks: list[int]
+    rows: slice          # the group's rows of the view
+    indices: np.ndarray  # their sample ids
+
+
+class _Batch(NamedTuple):
+    """One forward batch: its rows' sample ids and view parameters, and the group it completes (if it does)."""
+
+    indices: np.ndarray
+    params: np.ndarray
+    ends: _Group | None
+
+
 def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, store: TeacherStore,
                  chunks: list[tuple[int, int]], device: torch.device, batch_size: int,
                  tick: Progress | None = None) -> None:
-    """Forward the teacher over the (view, chunk) pairs and write each chunk; one writer thread overlaps I/O
-    with compute. Consecutive chunks of a view are forwarded together, up to ``batch_size`` rows, so that a
-    store of wide rows (a spatial store holds about 60 resnet32x4 rows a chunk) still feeds the teacher
-    whole batches."""
+    """Forward the teacher over the (view, chunk) pairs and write each chunk.
+
+    Consecutive chunks of a view are forwarded together, up to ``batch_size`` rows, so that a
+    store of wide rows (a spatial store holds about 60 resnet32x4 rows a chunk) still feeds the
+    teacher whole batches. The next batch's images are decoded and replayed on a background
+    thread while the teacher runs the current one (``READ_AHEAD_BATCHES`` ahead, so memory stays
+    bounded), and one writer thread overlaps I/O with compute.
+    """
     labels = torch.as_tensor(plan.labels)
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
-    view_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def views(batch: _Batch) -> tuple[_Batch, torch.Tensor]:
+        return batch, view_batch(dataset, source, plan.recipe, batch.indices, batch.params, device)
+
     in_flight: deque[Future[None]] = deque()
+    outputs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as writer:
-        for v, group in chunk_groups(chunks, max(1, batch_size // store.chunk_rows)):
-            if view_cache is None or view_cache[0] != v:
-                view_cache = (v, *plan.view(v))
-            rows = slice(store.rows(group[0]).start, store.rows(group[-1]).stop)
-            indices, params = view_cache[1][rows], view_cache[2][rows]
-            logits, features = forward_rows(model, dataset, source, plan.recipe, indices, params, device, batch_size,
-                                            store.feature_form)
-            _refuse_non_finite(logits, features, store.id, v, rows)
-            correct = logits.float().argmax(1) == labels[indices]
-            for c in group:
+        for batch, x in read_ahead(views, forward_batches(plan, store, chunks, batch_size), READ_AHEAD_BATCHES):
+            outputs.append(forward_batch(model, x, store.feature_form))
+            if batch.ends is None:
+                continue
+            group, rows = batch.ends, batch.ends.rows
+            logits = torch.cat([z for z, _ in outputs])
+            features = None if store.feature_form == "none" else torch.cat([h for _, h in outputs if h is not None])
+            outputs = []
+            _refuse_non_finite(logits, features, store.id, group.view, rows)
+            correct = logits.float().argmax(1) == labels[group.indices]
+            for c in group.chunks:
                 part = slice(store.rows(c).start - rows.start, store.rows(c).stop - rows.start)
                 while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
                     in_flight.popleft().result()
-                in_flight.append(writer.submit(store.write_chunk, v, c, logits[part].numpy(),
+                in_flight.append(writer.submit(store.write_chunk, group.view, c, logits[part].numpy(),
                                                None if features is None else features[part].numpy(),
                                                int(correct[part].sum())))
                 if tick:
                     in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
         while in_flight:
             in_flight.popleft().result()
+
+
+def forward_batches(plan: PlanStore, store: TeacherStore, chunks: Sequence[tuple[int, int]],
+                    batch_size: int) -> Iterator[_Batch]:
+    """The teacher's forward batches over the (view, chunk) pairs, in order: each group of consecutive chunks
+    (:func:`chunk_groups`) split into batches of at most ``batch_size`` rows; a group's last batch names it."""
+    view_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+    for v, chunk_ids in chunk_groups(chunks, max(1, batch_size // store.chunk_rows)):
+        if view_cache is None or view_cache[0] != v:
+            view_cache = (v, *plan.view(v))
+        rows = slice(store.rows(chunk_ids[0]).start, store.rows(chunk_ids[-1]).stop)
+        indices, params = view_cache[1][rows], view_cache[2][rows]
+        for start in range(0, len(indices), batch_size):
+            stop = start + batch_size
+            yield _Batch(indices[start:stop], params[start:stop],
+                         _Group(v, chunk_ids, rows, indices) if stop >= len(indices) else None)
 
 
 def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple[int, list[int]]]:
@@ -298,19 +344,13 @@ def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple
 
 
 @torch.inference_mode()
-def forward_rows(model: torch.nn.Module, dataset: DataSet, source: ImageSource, recipe: str, indices: np.ndarray,
-                 params: np.ndarray, device: torch.device, batch_size: int,
-                 features: str = DEFAULT_FEATURE_FORM) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward_batch(model: torch.nn.Module, x: torch.Tensor,
+                  features: str = DEFAULT_FEATURE_FORM) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's float16 logits and features in the form ``features`` (None for none), on the CPU,
-    for these rows of a view."""
-    out_z, out_h = [], []
-    for start in range(0, len(indices), batch_size):
-        sl = slice(start, start + batch_size)
-        m, h, z = forward_with_map(model, view_batch(dataset, source, recipe, indices[sl], params[sl], device))
-        out_z.append(z.to(torch.float16).cpu())
-        if features != "none":
-            out_h.append((m if features == "spatial" else h).to(torch.float16).cpu())
-    return torch.cat(out_z), (torch.cat(out_h) if out_h else None)
+    for one batch of views."""
+    m, h, z = forward_with_map(model, x)
+    return z.to(torch.float16).cpu(), (None if features == "none" else
+                                       (m if features == "spatial" else h).to(torch.float16).cpu())
 
 
 def forward_batch_size(device: torch.device, requested: int | None) -> int:
@@ -368,6 +408,11 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--chunk-rows must be at least 1 (got {req.chunk_rows})")
     if req.features not in FEATURE_FORMS:
         raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
+    if req.feature_dtype not in FEATURE_DTYPES:
+        raise KdcacheError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)} (got {req.feature_dtype!r})")
+    if req.feature_dtype != DEFAULT_FEATURE_DTYPE and req.features == "none":
+        raise KdcacheError(f"--feature-dtype {req.feature_dtype} needs features to store: give --features pooled "
+                           "or spatial, or drop --feature-dtype")
 
 
 def _dry_run_lines(job: TeacherJob) -> list[str]:

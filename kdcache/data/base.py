@@ -4,7 +4,8 @@ An image source hands out uint8 RGB images in CHW layout by index. Two kinds
 exist because data sets come in two shapes: small sets of equal-sized images
 that fit in one tensor (CIFAR, digits: `TensorSource`, which can also live on
 the GPU), and large sets of variable-sized image files decoded on demand
-(ImageFolder: `FileSource`). View replay works on either.
+(ImageFolder: `FileSource`, a batch's files decoded in parallel on a thread
+pool, or JPEGs on the GPU). View replay works on either.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ import torch
 from kdcache.errors import DatasetError
 
 Indices = np.ndarray | Sequence[int] | torch.Tensor
+_T = TypeVar("_T")
 
 
 def _as_index_array(indices: Indices) -> np.ndarray:
@@ -62,6 +66,13 @@ class ImageSource(ABC):
         In-memory sources return one stacked (B, 3, H, W) tensor; file-backed
         sources return a list of (3, H_i, W_i) tensors.
         """
+
+    def load_on(self, indices: Indices, device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+        """`load(indices)` on `device`; a source that can decode there (FileSource on a GPU) overrides this."""
+        images = self.load(indices)
+        if isinstance(images, torch.Tensor):
+            return images.to(device, non_blocking=True)
+        return [im.to(device, non_blocking=True) for im in images]
 
 
 class TensorSource(ImageSource):
@@ -135,8 +146,114 @@ def decode_rgb(path: str) -> torch.Tensor:
             arr = np.asarray(im.convert("RGB"))
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     except Exception as exc:
-        reason = " ".join(str(exc).split())
-        raise DatasetError(f"cannot decode image {path} ({reason}); replace or remove the file") from exc
+        raise _undecodable(path, exc) from exc
+
+
+def _undecodable(path: str, exc: Exception) -> DatasetError:
+    reason = " ".join(str(exc).split())
+    return DatasetError(f"cannot decode image {path} ({reason}); replace or remove the file")
+
+
+DECODE_WORKERS_ENV = "KDCACHE_DECODE_WORKERS"
+GPU_DECODE_ENV = "KDCACHE_GPU_DECODE"
+
+
+def decode_workers() -> int:
+    """Threads that decode the files of one batch: $KDCACHE_DECODE_WORKERS, else min(8, CPU count).
+
+    Threads suffice: torchvision's and PIL's decoders release the GIL while they decode.
+    """
+    value = os.environ.get(DECODE_WORKERS_ENV, "").strip()
+    if not value:
+        return min(8, os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise DatasetError(f"{DECODE_WORKERS_ENV} must be a whole number of at least 1 (got {value!r})")
+    return int(value)
+
+
+def gpu_decode() -> bool:
+    """Whether JPEGs bound for a CUDA device are decoded there (nvjpeg); $KDCACHE_GPU_DECODE=0 keeps them on the CPU."""
+    return os.environ.get(GPU_DECODE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# One pool per process, shared by every source; remade when the worker count changes.
+_pool_lock = threading.Lock()
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _decode_pool(workers: int) -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != workers:
+            # a replaced pool is not shut down: a batch may still be using it, and its idle threads end with it
+            _pool = (workers, ThreadPoolExecutor(workers, thread_name_prefix="kdcache-decode"))
+        return _pool[1]
+
+
+def _forget_pool_in_child() -> None:
+    global _pool, _pool_lock
+    # a forked child (a DataLoader or dask worker) inherits the pool but none of its threads
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def map_decoded(fn: Callable[[str], _T], paths: Sequence[str]) -> list[_T]:
+    """``[fn(p) for p in paths]``, in order, run on the decode pool; the first error (in order) is raised.
+
+    Memory stays bounded by the batch: the pool holds nothing beyond the results returned.
+    """
+    workers = decode_workers()
+    if workers == 1 or len(paths) <= 1:
+        return [fn(p) for p in paths]
+    return list(_decode_pool(workers).map(fn, paths))
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _read_bytes(path: str) -> torch.Tensor:
+    from torchvision.io import read_file
+
+    try:
+        return read_file(path)
+    except Exception as exc:
+        raise _undecodable(path, exc) from exc
+
+
+def decode_rgb_on(paths: Sequence[str], device: torch.device) -> list[torch.Tensor]:
+    """The files at `paths` as (3, H, W) uint8 RGB tensors on the CUDA `device`, in order.
+
+    JPEGs are decoded there by nvjpeg in one batched call (their pixels may differ
+    from the CPU decoder's by rounding); other formats, and a JPEG nvjpeg refuses,
+    are decoded on the CPU as `decode_rgb` does and moved.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = map_decoded(_read_bytes, paths)
+    out: list[torch.Tensor | None] = [None] * len(paths)
+    jpegs = [i for i, d in enumerate(data) if d[:3].numpy().tobytes() == _JPEG_MAGIC]
+    if jpegs:
+        try:
+            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one file spoils the batched call: find it
+            decoded = [_decode_jpeg_on(paths[i], data[i], device) for i in jpegs]
+        for i, img in zip(jpegs, decoded):
+            out[i] = img
+    others = [i for i, img in enumerate(out) if img is None]
+    for i, img in zip(others, map_decoded(decode_rgb, [paths[i] for i in others])):
+        out[i] = img.to(device, non_blocking=True)
+    return [img for img in out if img is not None]
+
+
+def _decode_jpeg_on(path: str, data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return decode_rgb(path).to(device)  # a DatasetError naming the file when the CPU cannot decode it either
 
 
 def read_image_size(path: str) -> tuple[int, int]:
@@ -178,8 +295,15 @@ class FileSource(ImageSource):
         return out
 
     def load(self, indices: Indices) -> list[torch.Tensor]:
-        """The (3, H_i, W_i) uint8 images at `indices`, in order, decoded from disk."""
-        return [decode_rgb(self.paths[i]) for i in _as_index_array(indices)]
+        """The (3, H_i, W_i) uint8 images at `indices`, in order, decoded from disk on the decode pool."""
+        return map_decoded(decode_rgb, [self.paths[i] for i in _as_index_array(indices)])
+
+    def load_on(self, indices: Indices, device: torch.device) -> list[torch.Tensor]:
+        """`load(indices)` on `device`; on a CUDA device JPEGs are decoded there (see `decode_rgb_on`)."""
+        device = torch.device(device)
+        if device.type == "cuda" and gpu_decode():
+            return decode_rgb_on([self.paths[i] for i in _as_index_array(indices)], device)
+        return [im.to(device, non_blocking=True) for im in self.load(indices)]
 
     def __repr__(self) -> str:
         return f"FileSource(n={len(self)})"
