@@ -9,7 +9,7 @@ import click
 from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
                                 recipe_option, row_progress, tensorboard_option)
 from kdcache import defaults
-from kdcache.defaults import DEFAULT_FEATURE_FORM, DEFAULT_VIEWS, FEATURE_FORMS
+from kdcache.defaults import DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAULT_VIEWS, FEATURE_DTYPES, FEATURE_FORMS
 
 
 @click.command("train-teacher")
@@ -81,12 +81,15 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
               help="What to store besides the logits: pooled, the penultimate vector (D values a row); spatial, the "
                    "last-block map the official CA-MKD code matches (C'xHxW a row, e.g. 46x the bytes for "
                    "resnet32x4); none, logits only (ce, kd, aver, ebkd, aekd). The form is part of the teacher id.")
+@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE, show_default=True,
+              help="How features are stored: float16, or int8 with a float32 scale a row (about half the bytes; each "
+                   "value within half a scale step of its float16). Part of the teacher id.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
                    batch_size: int | None,
                    device: str | None, chunk_rows: int | None, workers: int | None, scheduler: str | None,
-                   features: str, dry_run: bool) -> None:
+                   features: str, feature_dtype: str, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
@@ -99,7 +102,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                                "give one --checkpoint per --teacher, in the same order")
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
-                              chunk_rows=chunk_rows, dry_run=dry_run, features=features, image_size=image_size)
+                              chunk_rows=chunk_rows, dry_run=dry_run, features=features, image_size=image_size,
+                              feature_dtype=feature_dtype)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

@@ -19,3 +19,6 @@ LR_DECAY = 0.1
 DEFAULT_VIEWS = 240
 FEATURE_FORMS = ("pooled", "spatial", "none")
 DEFAULT_FEATURE_FORM = "pooled"
+# How stored features are kept: float16, or int8 with one float32 scale a row (about half the bytes).
+FEATURE_DTYPES = ("float16", "int8")
+DEFAULT_FEATURE_DTYPE = "float16"

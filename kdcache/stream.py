@@ -74,7 +74,8 @@ class StreamBatch:
     params: np.ndarray                  # (B, P) replay parameters of those rows
     labels: np.ndarray                  # (B,)
     teacher_logits: list[torch.Tensor]  # K x (B, C) float16 (empty when teachers run live)
-    teacher_features: list[torch.Tensor]  # K x (B, D_k) or (B, C_k, H_k, W_k) float16; empty in the form none
+    teacher_features: list[torch.Tensor]  # K x (B, D_k) or (B, C_k, H_k, W_k) float16 (int8 stores: float32,
+    # scaled back); empty in the form none
 
 
 @dataclass

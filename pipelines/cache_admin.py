@@ -24,7 +24,7 @@ class StoreSummary:
     bytes: int
     test_accuracy: float | None
     state: str  # "complete", "partial (k/n chunks)", "cut short while being created" or "unreadable: why"
-    features: str = "?"  # the feature form: pooled, spatial or none
+    features: str = "?"  # the feature form: pooled, spatial or none; ":int8" added for int8 features
 
 
 def list_stores(cache: Cache) -> list[StoreSummary]:
@@ -43,7 +43,8 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
         state = "complete" if a.get("complete") else f"partial ({store.done_count()}/{store.total_chunks} chunks)"
         out.append(StoreSummary(tid, store.plan_id, a.get("arch", "?"), a.get("dataset", "?"), store.n_views,
                                 store.n_samples, size_on_disk(path), a.get("test_accuracy"), state,
-                                store.feature_form))
+                                store.feature_form + (":" + store.feature_dtype if store.feature_dtype != "float16"
+                                                      else "")))
     return out
 
 

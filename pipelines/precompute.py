@@ -420,10 +420,12 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
     v, n, c, d = job.shape
     rows, fshape = job.chunk_rows, job.feature_shape
     total_rows = v * n
-    per_row = row_bytes(c, fshape)
+    int8 = req.feature_dtype == "int8"
+    per_row = row_bytes(c, fshape, feature_dtype=req.feature_dtype)
     logits_b, features_b = total_rows * c * 2, total_rows * (per_row - c * 2)
+    kind = "int8 (+ a float32 scale a row)" if int8 else "float16"
     features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
-                     f"features   {req.features} {_shape((v, n, *fshape))} float16, chunks {_shape((1, rows, *fshape))}: "
+                     f"features   {req.features} {_shape((v, n, *fshape))} {kind}, chunks {_shape((1, rows, *fshape))}: "
                      f"{human_bytes(features_b)}")
     plan_state = "exists" if cache.plan_location(pid).exists("zarr.json") else "to be drawn"
     store_state = "complete" if job.is_complete() else (
@@ -436,15 +438,15 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}",
         features_line,
         f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {c * 2} B + features {per_row - c * 2} B)",
-        _files_line(v, n_chunks(n, rows), bool(fshape)),
+        _files_line(v, n_chunks(n, rows), bool(fshape), int8),
         f"total      {human_bytes(logits_b + features_b)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
 
 
-def _files_line(views: int, chunks: int, features: bool) -> str:
+def _files_line(views: int, chunks: int, features: bool, scales: bool = False) -> str:
     """How many chunk files the store's data arrays and completion markers come to (one file a chunk)."""
-    arrays = ["logits", *(["features"] if features else []), "done"]
+    arrays = ["logits", *(["features"] if features else []), *(["feature_scale"] if scales else []), "done"]
     per_view = chunks * len(arrays)
     return (f"files      {views * per_view:,} chunk files: {per_view:,} a view ({chunks:,} chunks of each of "
             f"{', '.join(arrays)})")

@@ -52,7 +52,12 @@ STORED_DTYPE = "float16"
 # What a teacher store keeps besides its logits (docs/STORE.md, "A teacher store"):
 # "pooled" the penultimate vector (V, N, D); "spatial" the last-block map its global
 # pool receives (V, N, C', H, W), as the official CA-MKD code matches it; "none" nothing.
-from kdcache.defaults import DEFAULT_FEATURE_FORM, FEATURE_FORMS  # noqa: E402,F401
+from kdcache.defaults import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES,  # noqa: E402,F401
+                              FEATURE_FORMS)
+
+# Fill value of int8 feature arrays: symmetric quantisation writes only -127..127, so an unwritten chunk
+# reads as -128 everywhere and is told from a written one, as NaN tells the float arrays'.
+INT8_FILL = -128
 
 
 def feature_shape(form: str, dim: int, map_shape: tuple[int, int, int]) -> tuple[int, ...]:
@@ -66,9 +71,29 @@ def feature_shape(form: str, dim: int, map_shape: tuple[int, int, int]) -> tuple
     raise StoreError(f"unknown feature form {form!r}; known: {', '.join(FEATURE_FORMS)}")
 
 
-def row_bytes(num_classes: int, features: tuple[int, ...], itemsize: int = 2) -> int:
-    """Uncompressed bytes of one stored row: its logits plus its features (none when ``features`` is ())."""
-    return itemsize * (int(num_classes) + (int(np.prod(features)) if features else 0))
+def row_bytes(num_classes: int, features: tuple[int, ...], itemsize: int = 2,
+              feature_dtype: str = DEFAULT_FEATURE_DTYPE) -> int:
+    """Uncompressed bytes of one stored row: its logits plus its features (none when ``features`` is ()):
+    ``itemsize`` bytes a value, or for int8 features one byte a value and a float32 scale."""
+    n_features = int(np.prod(features)) if features else 0
+    if feature_dtype == "int8" and n_features:
+        return itemsize * int(num_classes) + n_features + 4
+    return itemsize * (int(num_classes) + n_features)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantisation with one scale a row: ``q = round(x / s)`` in -127..127, ``s = max|x| / 127``
+    over the row (1 for a row of zeros), so that ``q·s`` is within ``s/2`` of every value of ``x``."""
+    flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    absmax = np.abs(flat).max(axis=1) if flat.shape[1] else np.zeros(len(flat), np.float32)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(flat / scale[:, None]), -127, 127).astype(np.int8)
+    return q.reshape(np.shape(x)), scale
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 values of int8 rows ``q`` (R, ...) with their scales ``scale`` (R,)."""
+    return (q.astype(np.float32).reshape(len(q), -1) * scale[:, None]).reshape(q.shape)
 
 
 def compressors(spatial: bool = False) -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
@@ -98,16 +123,19 @@ def plan_id(fingerprint: str, recipe: dict[str, Any], n_views: int, seed: int) -
 
 
 def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED_DTYPE,
-               features: str = "pooled") -> str:
-    """Id of a teacher store: the same teacher on the same plan in the same feature form is the same store.
+               features: str = "pooled", feature_dtype: str = DEFAULT_FEATURE_DTYPE) -> str:
+    """Id of a teacher store: the same teacher on the same plan in the same feature form and feature dtype is
+    the same store.
 
-    The pooled form hashes exactly what ids hashed before the forms existed, so pooled
+    The pooled float16 form hashes exactly what ids hashed before the forms existed, so
     stores written by earlier versions keep their ids.
     """
     payload = {"format": FORMAT_VERSION, "kind": "teacher", "plan_id": plan, "arch": arch,
                "checkpoint_sha256": checkpoint_sha256, "dtype": dtype}
     if features != "pooled":
         payload["features"] = features
+    if feature_dtype != DEFAULT_FEATURE_DTYPE:
+        payload["feature_dtype"] = feature_dtype
     return content_id(payload)
 
 

@@ -6,7 +6,9 @@ Arrays (Zarr format 3, every chunk CRC32C-checked):
 - ``features`` in the store's feature form (attribute ``features``): ``pooled`` (V, N, D), the
   penultimate vector; ``spatial`` (V, N, C', H, W), the last-block map the teacher's global
   pool receives (the official CA-MKD ``feat[-2]``); ``none``: no features array. float16,
-  chunks (1, R, ·) with R chosen from the wider of a logits row and a features row;
+  chunks (1, R, ·) with R chosen from the wider of a logits row and a features row. With the
+  attribute ``feature_dtype`` int8 the features are int8 (fill -128) and ``feature_scale``
+  (V, N) float32, chunks (1, R), holds each row's scale: a row is ``features · scale``;
 - ``head/weight`` (C, D) and ``head/bias`` (C,), float32;
 - ``done`` (V, n_chunks) int32, one chunk per element: the completion marker of chunk
   (v, c), written after both data chunks are in place. It holds the number of rows
@@ -90,7 +92,7 @@ class TeacherStore:
         _remove_partial_files(where)
         if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
-            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features"):
+            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features", "feature_dtype"):
                 have, want = (_identity(a, key) for a in (store.attrs, attrs))
                 if have != want:
                     raise StoreError(
@@ -102,15 +104,18 @@ class TeacherStore:
         # A new store, or one whose creation was interrupted (no chunk of it was written yet): made afresh.
         n_views, n_samples, n_classes, dim = shape
         form = attrs.get("features", fmt.DEFAULT_FEATURE_FORM)
+        fdtype = attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE)
         fshape = tuple(int(s) for s in ((dim,) if feature_shape is None else feature_shape))
         if form not in fmt.FEATURE_FORMS or (form == "none") != (fshape == ()):
             raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
+        if fdtype not in fmt.FEATURE_DTYPES or (fdtype != fmt.DEFAULT_FEATURE_DTYPE and form == "none"):
+            raise StoreError(f"feature dtype {fdtype!r} with feature form {form!r} is not a valid store")
+        size = n_views * n_samples * fmt.row_bytes(n_classes, fshape, feature_dtype=fdtype)
         with fmt.disk_errors(f"creating teacher store {teacher_id}", where,
-                             f"the store needs about {human_bytes(n_views * n_samples * fmt.row_bytes(n_classes, fshape))} "
-                             "before compression"):
+                             f"the store needs about {human_bytes(size)} before compression"):
             group = fmt.create_group(where, {
                 **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
-                "features": form, "feature_shape": list(fshape), "chunk_rows": chunk_rows,
+                "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "chunk_rows": chunk_rows,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
             })
@@ -118,9 +123,14 @@ class TeacherStore:
             for name, row in (("logits", (n_classes,)), ("features", fshape)):
                 if name == "features" and form == "none":
                     continue
+                int8 = name == "features" and fdtype == "int8"
                 group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
-                                   dtype=fmt.STORED_DTYPE, fill_value=fmt.float_fill(),
+                                   dtype="int8" if int8 else fmt.STORED_DTYPE,
+                                   fill_value=fmt.INT8_FILL if int8 else fmt.float_fill(),
                                    **{**common, "compressors": fmt.compressors(spatial=len(row) > 1)})
+            if fdtype == "int8":
+                group.create_array("feature_scale", shape=(n_views, n_samples), chunks=(1, chunk_rows),
+                                   dtype="float32", fill_value=fmt.float_fill(), **common)
             chunks = fmt.n_chunks(n_samples, chunk_rows)
             group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1,
                                **common)
@@ -165,14 +175,22 @@ class TeacherStore:
         return str(self.attrs.get("features", fmt.DEFAULT_FEATURE_FORM))
 
     @property
+    def feature_dtype(self) -> str:
+        """How the features are stored: float16, or int8 with a float32 scale a row (feature_scale)."""
+        return str(self.attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE))
+
+    @property
     def feature_shape(self) -> tuple[int, ...]:
         """Per-row shape of the features: (D,) pooled, (C', H, W) spatial, () none."""
         return tuple(int(s) for s in self.attrs.get("feature_shape", [self.feature_dim]))
 
     @property
     def data_arrays(self) -> tuple[str, ...]:
-        """The arrays of one stored row: logits, and features unless the form is none."""
-        return ("logits",) if self.feature_form == "none" else ("logits", "features")
+        """The arrays of one stored row: logits, and features unless the form is none (with their scales when
+        they are int8)."""
+        if self.feature_form == "none":
+            return ("logits",)
+        return ("logits", "features", "feature_scale") if self.feature_dtype == "int8" else ("logits", "features")
 
     @property
     def chunk_rows(self) -> int:
@@ -246,7 +264,13 @@ class TeacherStore:
             fmt.array(self.group, "logits")[v, rows] = logits
             if features is not None:
                 name = "features"
-                fmt.array(self.group, "features")[v, rows] = features
+                if self.feature_dtype == "int8":
+                    features, scale = fmt.quantize_rows(features)
+                    fmt.array(self.group, "features")[v, rows] = features
+                    name = "feature scales"
+                    fmt.array(self.group, "feature_scale")[v, rows] = scale
+                else:
+                    fmt.array(self.group, "features")[v, rows] = features
             name = "completion marker"
             fmt.array(self.group, "done")[v, c] = n_correct
         except OSError as exc:
@@ -267,8 +291,8 @@ class TeacherStore:
     # -- reading ----------------------------------------------------------------------------
 
     def read_chunk(self, v: int, c: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits (R, C) and features (R, *feature_shape), float16, of chunk (v, c) (features None in the form
-        none); a damaged chunk is a StoreError.
+        """Logits (R, C) and features (R, *feature_shape), float16 (int8 features: float32, scaled back), of
+        chunk (v, c) (features None in the form none); a damaged chunk is a StoreError.
 
         ``within``, if given, keeps only those row positions inside the chunk (in that
         order): the chunk is still decompressed and checked whole, but nothing else is kept.
@@ -293,10 +317,13 @@ class TeacherStore:
             except ValueError as exc:  # the CRC32C codec's checksum mismatch
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
                                  f"run `kdcache cache verify {self.id}`") from None
-            if np.isnan(block).any():  # NaN is the fill value: the chunk was never written or was deleted
+            # NaN (int8: -128) is the fill value: the chunk was never written or was deleted
+            if np.isnan(block).any() if block.dtype.kind == "f" else (block == fmt.INT8_FILL).any():
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is missing; "
                                  f"run `kdcache cache verify {self.id}`")
             out.append(block)
+        if len(out) == 3:
+            return out[0], fmt.dequantize_rows(out[1], out[2])
         return out[0], (out[1] if len(out) > 1 else None)
 
     def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -375,8 +402,8 @@ class TeacherStore:
                 except ValueError as exc:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is damaged ({exc})")
                     continue
-                if not np.isfinite(block).all():
-                    problems.append(f"{name}: chunk (view {v}, chunk {c}) holds non-finite values")
+                if not np.isfinite(block).all() or (block.dtype == np.int8 and (block == fmt.INT8_FILL).any()):
+                    problems.append(f"{name}: chunk (view {v}, chunk {c}) holds non-finite or unwritten values")
         for name in ("head/weight", "head/bias"):
             try:
                 if not np.isfinite(fmt.read(self.group, name)).all():
@@ -393,8 +420,8 @@ class TeacherStore:
 
 def _identity(attrs: dict[str, Any], key: str) -> Any:
     """What attribute ``key`` contributes to a store's identity: the checkpoint's content (not where the file
-    lies, which may move), the feature form with its default for stores older than the forms."""
-    value = attrs.get(key, fmt.DEFAULT_FEATURE_FORM if key == "features" else None)
+    lies, which may move), the feature form and dtype with their defaults for stores older than them."""
+    value = attrs.get(key, {"features": fmt.DEFAULT_FEATURE_FORM, "feature_dtype": fmt.DEFAULT_FEATURE_DTYPE}.get(key))
     return value.get("sha256") if key == "checkpoint" and isinstance(value, dict) else value
 
 
