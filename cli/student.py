@@ -58,7 +58,8 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
 @milestones_option
 @click.option("--momentum", type=float, default=defaults.MOMENTUM, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=defaults.WEIGHT_DECAY, help="Weight decay.")
-@click.option("--temperature", "-T", type=float, default=4.0, help="Distillation temperature T.")
+@click.option("--temperature", "-T", type=float, default=defaults.TEMPERATURE, show_default=True,
+              help="Distillation temperature T (a top-K store serves only the T it was precomputed at).")
 @click.option("--gamma", type=float, default=1.0, help="Weight of the cross-entropy term.")
 @click.option("--alpha", type=float, default=None, help="Weight of the KD term [default: the method's].")
 @click.option("--beta", type=float, default=None,

@@ -84,12 +84,19 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE, show_default=True,
               help="How features are stored: float16, or int8 with a float32 scale a row (about half the bytes; each "
                    "value within half a scale step of its float16). Part of the teacher id.")
+@click.option("--logits", "logits", default=defaults.DEFAULT_LOGITS, show_default=True, metavar="dense|topk:K",
+              help="Which logits to store: every class's (dense), or the K largest with their classes and five "
+                   "scalars that keep the teachers' cross-entropy and entropy exact (topk:K, e.g. topk:10 for "
+                   "1000 classes: 60 B a row instead of 2,000). Part of the teacher id.")
+@click.option("--logits-temperature", type=float, default=defaults.TEMPERATURE, show_default=True,
+              help="The KD temperature a top-K store serves: distill's --temperature must equal it. Dense stores "
+                   "serve every temperature.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
                    batch_size: int | None,
                    device: str | None, chunk_rows: int | None, workers: int | None, scheduler: str | None,
-                   features: str, feature_dtype: str, dry_run: bool) -> None:
+                   features: str, feature_dtype: str, logits: str, logits_temperature: float, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
@@ -103,7 +110,7 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
                               chunk_rows=chunk_rows, dry_run=dry_run, features=features, image_size=image_size,
-                              feature_dtype=feature_dtype)
+                              feature_dtype=feature_dtype, logits=logits, logits_temperature=logits_temperature)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

@@ -5,7 +5,9 @@
 (by content fingerprint), class counts, one feature form. Per epoch it yields
 :class:`CachedBatch` es: the student's augmented views replayed on the device
 (bit-identical to what the teachers saw), the labels, each teacher's logits and
-features as float32 on the device, and the sample ids. Under torchrun each rank gets
+features as float32 on the device, and the sample ids. A top-K store's logits arrive as the
+spread reconstruction of :class:`kdcache.topk.TopKLogits` (exact at the top K, the rest of the
+mass shared equally), with its exact rows in ``teacher_topk``. Under torchrun each rank gets
 its slice of every global batch, as distill's ranks do. ``kdcache distill`` trains
 from this class; :meth:`CachedTeachers.as_dataset` serves users of DataLoader.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,6 +36,7 @@ from kdcache.errors import KdcacheError, StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.store.location import Where
 from kdcache.stream import TeacherStream, check_compatible
+from kdcache.topk import TopKLogits
 from kdcache.views import get_recipe
 
 
@@ -46,9 +49,13 @@ class CachedBatch:
     view: int                             # the stored view the epoch reads
     views: torch.Tensor                   # (B, 3, S, S) float32: the augmented, normalised images
     labels: torch.Tensor                  # (B,) int64
-    teacher_logits: list[torch.Tensor]    # K x (B, C) float32 (empty with read_teachers=False)
+    teacher_logits: list[torch.Tensor]    # K x (B, C) float32 (empty with read_teachers=False); a top-K store's
+    # is its spread reconstruction at the store's temperature (TopKLogits.dense)
     teacher_features: list[torch.Tensor]  # K x (B, D_k) pooled or (B, C'_k, H, W) spatial, float32; empty in form none
     indices: np.ndarray                   # (B,) sample ids in the training set
+    # K entries when teachers are read: a top-K store's rows (exact CE, entropy, remaining mass), None for a
+    # dense store's; empty with read_teachers=False
+    teacher_topk: list[TopKLogits | None] = field(default_factory=list)
 
 
 class CachedTeachers:
@@ -76,6 +83,7 @@ class CachedTeachers:
         self.stores = [self.cache.open_teacher(t) for t in teachers]
         self.plan = open_plan(self.cache, self.stores)
         self.feature_form = feature_form(self.stores)
+        logits_temperature(self.stores)
         self.dataset = dataset_of(self.plan, dataset, data_root)
         teacher_classes_fit(self.stores, self.dataset)
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -113,6 +121,12 @@ class CachedTeachers:
         """Each teacher's final linear layer: weight (C, D) and bias (C,), float32 on the device."""
         return [(w.to(self.device), b.to(self.device)) for w, b in (s.head() for s in self.stores)]
 
+    @property
+    def logits_temperature(self) -> float | None:
+        """The temperature the top-K stores serve (their remaining mass is known at this T only); None when
+        every store is dense."""
+        return logits_temperature(self.stores)
+
     def feature_shapes(self) -> list[tuple[int, ...]]:
         """Each teacher's per-row feature shape: (D,) pooled, (C', H, W) spatial, () none."""
         return [s.feature_shape for s in self.stores]
@@ -126,10 +140,14 @@ class CachedTeachers:
         view = self.stream.schedule.view(epoch)
         for step, batch in enumerate(self.stream.epoch(epoch, self.batch_size)):
             views = view_batch(self.dataset, self._source, self.plan.recipe, batch.indices, batch.params, self.device)
-            yield CachedBatch(epoch, step, view, views, torch.as_tensor(batch.labels, device=self.device),
-                              [z.to(self.device, non_blocking=True).float() for z in batch.teacher_logits],
+            topk = [None if s.logits_temperature is None else
+                    TopKLogits.unpack(z.to(self.device, non_blocking=True), s.num_classes, s.logits_temperature)
+                    for s, z in zip(self.stores, batch.teacher_logits)]
+            logits = [z.to(self.device, non_blocking=True).float() if t is None else t.dense()
+                      for t, z in zip(topk, batch.teacher_logits)]
+            yield CachedBatch(epoch, step, view, views, torch.as_tensor(batch.labels, device=self.device), logits,
                               [h.to(self.device, non_blocking=True).float() for h in batch.teacher_features],
-                              batch.indices)
+                              batch.indices, topk)
 
     def as_dataset(self, epochs: int, start: int = 1) -> "CachedTeacherDataset":
         """An IterableDataset of every batch of epochs ``start`` .. ``epochs``, for
@@ -192,6 +210,17 @@ def feature_form(stores: list[TeacherStore]) -> str:
         raise StoreError(f"the teachers were precomputed in different feature forms ({listing}); "
                          "precompute them with the same --features")
     return forms.pop()
+
+
+def logits_temperature(stores: list[TeacherStore]) -> float | None:
+    """The one temperature of the top-K stores among ``stores`` (None when all are dense); top-K stores of
+    different temperatures are refused, since a run distils at one T."""
+    temps = {s.logits_temperature for s in stores if s.topk is not None}
+    if len(temps) > 1:
+        listing = ", ".join(f"{s.id} T={s.logits_temperature:g}" for s in stores if s.topk is not None)
+        raise StoreError(f"the top-K teacher stores were precomputed at different temperatures ({listing}); "
+                         "precompute them with the same --logits-temperature")
+    return temps.pop() if temps else None
 
 
 def teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:

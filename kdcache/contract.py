@@ -20,6 +20,7 @@ from torch import nn
 from kdcache.errors import KdcacheError
 from kdcache.losses import Batch, LossTerms, MethodOptions, build_method, method_class
 from kdcache.models import build_model, forward_with_map, map_shape, model_info
+from kdcache.topk import TopKLogits
 
 
 class ContractError(AssertionError):
@@ -117,12 +118,18 @@ def _check_method_case(name: str, options: MethodOptions, num_classes: int, batc
     except KdcacheError as exc:
         raise ContractError(f"{what}: build_method refused: {exc}") from None
     _require(isinstance(method, cls), what, f"build_method gave a {type(method).__name__}, not {cls.__name__}")
-    for epoch in (1, 2):
+    # epochs 1 and 2 from dense stores; epoch 3 from top-2 stores (their spread logits and exact rows), unless
+    # the method declares that it needs every logit
+    for epoch in (1, 2, 3)[:2 if cls.info.dense_logits else 3]:
         s = torch.randn(batch, num_classes, requires_grad=True)
         g = student_feature.clone().requires_grad_(True)
         labels = torch.arange(batch) % num_classes
         teacher_logits = [torch.randn(batch, num_classes) for _ in range(k)]
-        out = method(Batch(s, g, labels, teacher_logits, feats, epoch))
+        topk: list[TopKLogits | None] | None = None
+        if epoch == 3:
+            tops = [TopKLogits.from_logits(z, labels, 2, options.temperature) for z in teacher_logits]
+            teacher_logits, topk = [t.dense() for t in tops], list(tops)
+        out = method(Batch(s, g, labels, teacher_logits, feats, epoch, topk))
         _require(isinstance(out, LossTerms), what, f"forward must return LossTerms, got {type(out).__name__}")
         _require(out.total.dim() == 0 and math.isfinite(float(out.total.detach())), what,
                  f"total must be a finite scalar, got {out.total}")

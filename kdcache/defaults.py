@@ -22,3 +22,8 @@ DEFAULT_FEATURE_FORM = "pooled"
 # How stored features are kept: float16, or int8 with one float32 scale a row (about half the bytes).
 FEATURE_DTYPES = ("float16", "int8")
 DEFAULT_FEATURE_DTYPE = "float16"
+
+# Logits: every class's logit (dense), or a top-K store's K largest with the scalars that keep the methods'
+# weights exact ("topk:K", docs/STORE.md); a top-K store serves distillation at one temperature.
+DEFAULT_LOGITS = "dense"
+TEMPERATURE = 4.0          # the KD temperature T of the official code, distill's and a top-K store's default

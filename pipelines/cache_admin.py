@@ -25,6 +25,7 @@ class StoreSummary:
     test_accuracy: float | None
     state: str  # "complete", "partial (k/n chunks)", "cut short while being created" or "unreadable: why"
     features: str = "?"  # the feature form: pooled, spatial or none; ":int8" added for int8 features
+    logits: str = "?"    # dense, or topk:K@T (the temperature a top-K store serves)
 
 
 def list_stores(cache: Cache) -> list[StoreSummary]:
@@ -44,7 +45,8 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
         out.append(StoreSummary(tid, store.plan_id, a.get("arch", "?"), a.get("dataset", "?"), store.n_views,
                                 store.n_samples, size_on_disk(path), a.get("test_accuracy"), state,
                                 store.feature_form + (":" + store.feature_dtype if store.feature_dtype != "float16"
-                                                      else "")))
+                                                      else ""),
+                                store.logits_form + ("" if store.topk is None else f"@T{store.logits_temperature:g}")))
     return out
 
 

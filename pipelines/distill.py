@@ -22,6 +22,7 @@ means over the ranks.
 from __future__ import annotations
 
 import contextlib
+import math
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +45,7 @@ from kdcache.models import (build_model, feature_dim, forbid_construction, forwa
 from kdcache.cached import CachedBatch, CachedTeachers
 from kdcache.runs import RunDir
 from kdcache.store import PlanStore, TeacherStore, sha256_file
+from kdcache.topk import TopKLogits
 
 
 @dataclass
@@ -121,12 +123,13 @@ class StudentLoss(torch.nn.Module):
         self.spatial = spatial
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, teacher_logits: list[torch.Tensor],
-                teacher_features: list[torch.Tensor], epoch: int) -> LossTerms:
+                teacher_features: list[torch.Tensor], epoch: int,
+                teacher_topk: list[TopKLogits | None] | None = None) -> LossTerms:
         """The method's loss terms for the student's outputs on ``x`` (its last-block map as the feature when the
         teachers' stores are spatial, else its pooled vector)."""
         m, g, s = forward_with_map(self.student, x)
         return self.method(Batch(s.float(), (m if self.spatial else g).float(), labels, teacher_logits,
-                                 teacher_features, epoch))
+                                 teacher_features, epoch, teacher_topk or None))
 
 
 def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None = None,
@@ -157,9 +160,34 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
             raise StoreError(f"{info.name} needs the teachers' features but store {teachers.stores[0].id} holds "
                              "logits only (precomputed with --features none); precompute with --features pooled "
                              "or spatial")
+        if info.n_teachers != "0":
+            check_compact_stores(teachers.stores, info, req.options.temperature, req.online)
         if on_start and ctx.is_main:
             on_start(ctx)
         return _train(req, info, teachers, ctx, on_epoch, on_step)
+
+
+def check_compact_stores(stores: list[TeacherStore], info: MethodInfo, temperature: float, online: bool) -> None:
+    """Refuse, in one line, a top-K or int8 store where it cannot serve: a top-K store at another temperature
+    than the run's (its remaining mass is known at its own T only), under ``--online`` (the live teachers give
+    every logit, so the run would not be the store's), or under a method that declares it needs every logit
+    (``MethodInfo.dense_logits``); an int8 store under a method that needs float16 features
+    (``MethodInfo.float_features``)."""
+    for s in stores:
+        if s.topk is not None:
+            if online:
+                raise StoreError(f"--online runs the teachers live, but store {s.id} keeps top-{s.topk} logits: "
+                                 "give --online a dense store (precomputed with --logits dense), or drop --online")
+            if info.dense_logits:
+                raise StoreError(f"{info.name} needs every class's logit, but store {s.id} keeps the top "
+                                 f"{s.topk} only: precompute the teacher with --logits dense")
+            if not math.isclose(float(s.logits_temperature or 0.0), float(temperature), rel_tol=1e-9):
+                raise StoreError(f"store {s.id} keeps top-{s.topk} logits at T={s.logits_temperature:g}, which serve "
+                                 f"that temperature only: distil with --temperature {s.logits_temperature:g}, or "
+                                 f"precompute the teacher with --logits-temperature {temperature:g}")
+        if s.feature_dtype == "int8" and info.float_features and info.uses_features:
+            raise StoreError(f"{info.name} needs float16 features, but store {s.id} keeps them as int8: precompute "
+                             "the teacher with --feature-dtype float16")
 
 
 def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx: DistContext,
@@ -252,7 +280,8 @@ class _Stepper:
         t_logits, t_feats = _teacher_outputs(batch, live, self.spatial)
         device = batch.views.device
         with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=self.amp):
-            loss = self.model(batch.views, batch.labels, t_logits, t_feats, epoch)
+            loss = self.model(batch.views, batch.labels, t_logits, t_feats, epoch,
+                              batch.teacher_topk if live is None else None)
         self.watch.observe(epoch, batch.step, {**loss.terms, "total": loss.total})
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss.total).backward()

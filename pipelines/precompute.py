@@ -12,6 +12,7 @@ as tasks on a dask cluster (:mod:`kdcache.pipelines.precompute_cluster`).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from kdcache.batches import read_ahead, view_batch
-from kdcache.defaults import DEFAULT_VIEWS
+from kdcache.defaults import DEFAULT_LOGITS, DEFAULT_VIEWS, TEMPERATURE
 from kdcache.data import DataSet, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
@@ -32,8 +33,8 @@ from kdcache.models import (build_model, feature_dim, forward_with_map, head_of,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
 from kdcache.store.format import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES, FEATURE_FORMS,
-                                  STORED_DTYPE, feature_shape, n_chunks,
-                                  row_bytes)
+                                  STORED_DTYPE, feature_row_bytes, feature_shape, index_dtype, logits_row_bytes,
+                                  LOGIT_STATS, TOPK_ARRAYS, n_chunks, parse_logits, row_bytes)
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
@@ -65,6 +66,8 @@ class PrecomputeRequest:
     dry_run: bool = False
     features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
     feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
+    logits: str = DEFAULT_LOGITS     # "dense" | "topk:K" (kdcache.store.format.parse_logits)
+    logits_temperature: float = TEMPERATURE  # the T a top-K store serves (ignored when dense)
 
 
 @dataclass
@@ -103,12 +106,17 @@ class TeacherJob:
     def batch_size(self) -> int:
         return forward_batch_size(self.device, self.req.batch_size)
 
+    @property
+    def topk(self) -> int | None:
+        return parse_logits(self.req.logits)
+
     def store_attrs(self) -> dict:
         """The attributes a new store records about its teacher."""
         _, _, c, d = self.shape
         return {
             "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
-            "features": self.req.features, "feature_dtype": self.req.feature_dtype,
+            "features": self.req.features, "feature_dtype": self.req.feature_dtype, "logits": self.req.logits,
+            **({} if self.topk is None else {"logits_temperature": float(self.req.logits_temperature)}),
             "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
             "dataset": self.req.dataset,
         }
@@ -197,7 +205,12 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
 
     pid = plan_id(dataset.fingerprint, recipe.description, req.views, req.plan_seed)
     ckpt_sha = sha256_file(req.checkpoint)
-    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype)
+    k = parse_logits(req.logits)
+    if k is not None and k > dataset.num_classes:
+        raise KdcacheError(f"--logits {req.logits}: K exceeds the {dataset.num_classes} classes of {dataset.name}; "
+                           f"give K from 1 to {dataset.num_classes} (topk:{dataset.num_classes} keeps every logit)")
+    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype, req.logits,
+                     req.logits_temperature if k is not None else None)
 
     device = resolve_device(req.device)
     model = build_model(req.teacher, dataset.num_classes)
@@ -207,7 +220,9 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     model.eval().to(device)
     n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
     fshape = feature_shape(req.features, d, spatial)
-    rows = req.chunk_rows or chunk_rows_for(n, max(c, int(np.prod(fshape)) if fshape else 0))
+    # About 2 MB in the widest array's chunk (features counted at float16 whatever their dtype).
+    widest = max(logits_row_bytes(c, k), feature_row_bytes(fshape))
+    rows = req.chunk_rows or chunk_rows_for(n, widest, itemsize=1)
     return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
                       rows)
 
@@ -281,7 +296,8 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     thread while the teacher runs the current one (``READ_AHEAD_BATCHES`` ahead, so memory stays
     bounded), and one writer thread overlaps I/O with compute.
     """
-    labels = torch.as_tensor(plan.labels)
+    plan_labels = plan.labels
+    labels = torch.as_tensor(plan_labels)
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
 
     def views(batch: _Batch) -> tuple[_Batch, torch.Tensor]:
@@ -306,7 +322,7 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                     in_flight.popleft().result()
                 in_flight.append(writer.submit(store.write_chunk, group.view, c, logits[part].numpy(),
                                                None if features is None else features[part].numpy(),
-                                               int(correct[part].sum())))
+                                               int(correct[part].sum()), plan_labels[group.indices[part]]))
                 if tick:
                     in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
         while in_flight:
@@ -410,6 +426,12 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
     if req.feature_dtype not in FEATURE_DTYPES:
         raise KdcacheError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)} (got {req.feature_dtype!r})")
+    try:
+        parse_logits(req.logits)
+    except ValueError as exc:
+        raise KdcacheError(f"--logits: {exc}") from None
+    if not (math.isfinite(req.logits_temperature) and req.logits_temperature > 0):
+        raise KdcacheError(f"--logits-temperature must be a positive number (got {req.logits_temperature})")
     if req.feature_dtype != DEFAULT_FEATURE_DTYPE and req.features == "none":
         raise KdcacheError(f"--feature-dtype {req.feature_dtype} needs features to store: give --features pooled "
                            "or spatial, or drop --feature-dtype")
@@ -421,8 +443,14 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
     rows, fshape = job.chunk_rows, job.feature_shape
     total_rows = v * n
     int8 = req.feature_dtype == "int8"
-    per_row = row_bytes(c, fshape, feature_dtype=req.feature_dtype)
-    logits_b, features_b = total_rows * c * 2, total_rows * (per_row - c * 2)
+    k = job.topk
+    per_row = row_bytes(c, fshape, feature_dtype=req.feature_dtype, topk=k)
+    logits_row = logits_row_bytes(c, k)
+    logits_b, features_b = total_rows * logits_row, total_rows * (per_row - logits_row)
+    logits_line = (f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}" if k is None
+                   else f"logits     top-{k} of {c} at T={req.logits_temperature:g}: values ({v}, {n}, {k}) float16, "
+                        f"classes {index_dtype(c).name}, {len(LOGIT_STATS)} float32 scalars a row, chunks "
+                        f"(1, {rows}, ·): {human_bytes(logits_b)}")
     kind = "int8 (+ a float32 scale a row)" if int8 else "float16"
     features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
                      f"features   {req.features} {_shape((v, n, *fshape))} {kind}, chunks {_shape((1, rows, *fshape))}: "
@@ -435,18 +463,20 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         f"data set   {dataset.name}: {n} training samples, {dataset.num_classes} classes, recipe {job.recipe.name}",
         f"plan       {pid} ({plan_state}): {v} views x {n} samples = {total_rows} rows (seed {req.plan_seed})",
         f"store      {tid} ({store_state}) under {cache.root}",
-        f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}",
+        logits_line,
         features_line,
-        f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {c * 2} B + features {per_row - c * 2} B)",
-        _files_line(v, n_chunks(n, rows), bool(fshape), int8),
+        f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {logits_row} B + features "
+        f"{per_row - logits_row} B)",
+        _files_line(v, n_chunks(n, rows), bool(fshape), int8, k is not None),
         f"total      {human_bytes(logits_b + features_b)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
 
 
-def _files_line(views: int, chunks: int, features: bool, scales: bool = False) -> str:
+def _files_line(views: int, chunks: int, features: bool, scales: bool = False, topk: bool = False) -> str:
     """How many chunk files the store's data arrays and completion markers come to (one file a chunk)."""
-    arrays = ["logits", *(["features"] if features else []), *(["feature_scale"] if scales else []), "done"]
+    arrays = [*(TOPK_ARRAYS if topk else ["logits"]), *(["features"] if features else []),
+              *(["feature_scale"] if scales else []), "done"]
     per_view = chunks * len(arrays)
     return (f"files      {views * per_view:,} chunk files: {per_view:,} a view ({chunks:,} chunks of each of "
             f"{', '.join(arrays)})")

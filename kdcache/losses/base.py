@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdcache.defaults import TEMPERATURE
 from kdcache.errors import KdcacheError
 from kdcache.models.pool import global_avg_pool
+
+if TYPE_CHECKING:
+    from kdcache.topk import TopKLogits
 
 # A feature's per-sample shape: D for a pooled vector, (C, H, W) for a last-block map.
 FeatureShape = int | tuple[int, int, int]
@@ -34,7 +38,7 @@ class MethodOptions:
     names, e.g. camkd's ``camkd_weights``) that differ from their defaults, or all of them once resolved.
     ``None`` weights mean the method's own default (docs/LOSSES.md)."""
 
-    temperature: float = 4.0       # T
+    temperature: float = TEMPERATURE  # T
     gamma: float = 1.0             # weight of L_CE
     alpha: float | None = None     # weight of L_KD; None -> method default (1, or 0 for fitnet, 0 for ce)
     beta: float | None = None      # weight of L_feat; None -> fitnet 100, fitnet-mkd 100, camkd 50, others 0
@@ -101,6 +105,10 @@ class Batch:
     teacher_logits: list[Tensor]  # K x (B, C), float32, no grad
     teacher_features: list[Tensor]  # K x (B, D_k) or (B, C_k, H_k, W_k), float32, no grad
     epoch: int                    # 1-based
+    # K entries, one per teacher: its top-K rows where its store is top-K (teacher_logits then holds their
+    # spread reconstruction, kdcache.topk), None where dense; None altogether when every store is dense.
+    # The exact CE and entropy come from here: use teachers_ce / teachers_entropy.
+    teacher_topk: "list[TopKLogits | None] | None" = None
 
 
 @dataclass
@@ -122,6 +130,8 @@ class MethodInfo:
     n_teachers: str               # "0", "1" or "K"
     uses_features: bool           # needs teacher features
     uses_heads: bool              # needs teacher classifiers
+    dense_logits: bool = False    # needs every class's logit: refused on top-K stores
+    float_features: bool = False  # needs the features in float16: refused on int8 stores
 
 
 # -- per-sample quantities ----------------------------------------------------------------
@@ -149,6 +159,30 @@ def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: f
     log_q = F.log_softmax(as_float(student_logits) / t, dim=-1)
     log_p = F.log_softmax(as_float(teacher_logits) / t, dim=-1)
     return (t * t) * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def entropy_per_sample(logits: Tensor) -> Tensor:
+    """The entropy of ``σ(z)`` (T = 1) for logits ``(..., C)``; returns ``(...)``."""
+    log_p = F.log_softmax(as_float(logits), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def teachers_ce(batch: Batch, stacked: Tensor) -> Tensor:
+    """``CE(z_k,i, y_i)``, ``(K, B)``: from a top-K store's exact scalars, else from the teacher's logits
+    ``stacked`` ``(K, B, C)`` (the batch's, as :func:`stack_teachers` gives them)."""
+    if not batch.teacher_topk or all(t is None for t in batch.teacher_topk):
+        return ce_per_sample(stacked, batch.labels)
+    return torch.stack([ce_per_sample(stacked[k], batch.labels) if t is None else t.ce().to(stacked.dtype)
+                        for k, t in enumerate(batch.teacher_topk)])
+
+
+def teachers_entropy(batch: Batch, stacked: Tensor) -> Tensor:
+    """The entropy of each teacher's ``σ(z)`` at T = 1, ``(K, B)``: a top-K store's exact scalar, else from
+    the logits ``stacked`` ``(K, B, C)``."""
+    if not batch.teacher_topk or all(t is None for t in batch.teacher_topk):
+        return entropy_per_sample(stacked)
+    return torch.stack([entropy_per_sample(stacked[k]) if t is None else t.entropy().to(stacked.dtype)
+                        for k, t in enumerate(batch.teacher_topk)])
 
 
 def feature_distance(aligned: Tensor, target: Tensor) -> Tensor:

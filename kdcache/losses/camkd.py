@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from kdcache.errors import KdcacheError
 from kdcache.losses.base import (Batch, FeatureShape, LossTerms, Method, MethodInfo, MethodOptions, MethodParam, as_float, ce_per_sample, feature_distance,
-                                 kl_per_sample, make_aligner, pool_feature, pooled_width, stack_teachers)
+                                 kl_per_sample, make_aligner, pool_feature, pooled_width, stack_teachers,
+                                 teachers_ce)
 
 
 def confidence_weights(losses: Tensor) -> Tensor:
@@ -98,7 +99,7 @@ class ConfidenceAwareMKD(Method):
         if self.uniform:
             w = torch.full_like(kl, 1.0 / k)
         else:
-            w = confidence_weights(ce_per_sample(z, batch.labels)).detach()
+            w = confidence_weights(teachers_ce(batch, z)).detach()
         kd = (w * kl).sum() / (n * k)
 
         feat_active = self._feature_active(batch)

@@ -15,21 +15,24 @@ Two cases the formula leaves open, decided here:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdcache.losses.base import (Batch, LossTerms, Method, MethodInfo, as_float, ce_per_sample, kl_per_sample,
-                                 stack_teachers)
+from kdcache.losses.base import (Batch, LossTerms, Method, MethodInfo, ce_per_sample, entropy_per_sample,
+                                 kl_per_sample, stack_teachers, teachers_entropy)
 
 
 def entropy_weights(teacher_logits: Tensor) -> Tensor:
     """``w_k,i = 1 − H_k,i / Σ_j H_j,i`` from stacked teacher logits ``(K, B, C)``; returns ``(K, B)``, no grad."""
-    k = teacher_logits.shape[0]
-    if k == 1:
-        return torch.ones(teacher_logits.shape[:2], dtype=as_float(teacher_logits).dtype, device=teacher_logits.device)
     with torch.no_grad():
-        log_p = F.log_softmax(as_float(teacher_logits), dim=-1)
-        h = -(log_p.exp() * log_p).sum(-1)                     # (K, B)
+        return weights_from_entropies(entropy_per_sample(teacher_logits))
+
+
+def weights_from_entropies(h: Tensor) -> Tensor:
+    """``w_k,i = 1 − H_k,i / Σ_j H_j,i`` from the entropies ``(K, B)``; returns ``(K, B)``, no grad."""
+    k = h.shape[0]
+    if k == 1:
+        return torch.ones_like(h)
+    with torch.no_grad():
         total = h.sum(0, keepdim=True)
         share = torch.where(total > 0, h / total.clamp_min(torch.finfo(h.dtype).tiny), torch.full_like(h, 1.0 / k))
         return 1.0 - share
@@ -46,7 +49,7 @@ class EntropyKD(Method):
         self._check_batch(batch)
         z = stack_teachers(batch.teacher_logits)
         ce = ce_per_sample(batch.student_logits, batch.labels).mean()
-        w = entropy_weights(z)                                  # (K, B)
+        w = weights_from_entropies(teachers_entropy(batch, z))  # (K, B)
         kl = kl_per_sample(batch.student_logits, z, self.temperature)
         kd = (w * kl).sum() / (kl.shape[1] * self.n_teachers)
         return LossTerms(total=self._combine(ce, kd), terms={"ce": ce, "kd": kd},

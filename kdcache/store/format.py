@@ -52,8 +52,18 @@ STORED_DTYPE = "float16"
 # What a teacher store keeps besides its logits (docs/STORE.md, "A teacher store"):
 # "pooled" the penultimate vector (V, N, D); "spatial" the last-block map its global
 # pool receives (V, N, C', H, W), as the official CA-MKD code matches it; "none" nothing.
-from kdcache.defaults import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES,  # noqa: E402,F401
-                              FEATURE_FORMS)
+from kdcache.defaults import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAULT_LOGITS,  # noqa: E402,F401
+                              FEATURE_DTYPES, FEATURE_FORMS)
+
+# Top-K logits (docs/STORE.md, "Top-K logits"): per row the K largest logits (float16, largest first), their
+# classes (the smallest unsigned type that holds 0..C, its largest value marking an unwritten chunk), and
+# these float32 scalars, computed in float64 from the row's float16 logits: log-sum-exp at T = 1 and the
+# label's logit (so CE = lse - label logit exactly), the entropy at T = 1, the log-sum-exp at the store's
+# temperature T and the probability mass at T outside the K (stored, not 1 - sum, so a tiny mass keeps
+# its digits).
+TOPK_PREFIX = "topk:"
+LOGIT_STATS = ("lse", "label_logit", "entropy", "lse_t", "rest_t")
+TOPK_ARRAYS = ("topk_values", "topk_indices", "logit_stats")
 
 # Fill value of int8 feature arrays: symmetric quantisation writes only -127..127, so an unwritten chunk
 # reads as -128 everywhere and is told from a written one, as NaN tells the float arrays'.
@@ -71,14 +81,99 @@ def feature_shape(form: str, dim: int, map_shape: tuple[int, int, int]) -> tuple
     raise StoreError(f"unknown feature form {form!r}; known: {', '.join(FEATURE_FORMS)}")
 
 
-def row_bytes(num_classes: int, features: tuple[int, ...], itemsize: int = 2,
-              feature_dtype: str = DEFAULT_FEATURE_DTYPE) -> int:
-    """Uncompressed bytes of one stored row: its logits plus its features (none when ``features`` is ()):
-    ``itemsize`` bytes a value, or for int8 features one byte a value and a float32 scale."""
+def parse_logits(form: str) -> int | None:
+    """K of a ``topk:K`` logits form, None for ``dense``; ValueError saying what is wrong otherwise."""
+    if form == DEFAULT_LOGITS:
+        return None
+    if form.startswith(TOPK_PREFIX):
+        k = form[len(TOPK_PREFIX):]
+        if k.isdigit() and int(k) >= 1:
+            return int(k)
+        raise ValueError(f"K of {form!r} must be a whole number of at least 1")
+    raise ValueError(f"the logits form must be dense or topk:K (e.g. topk:5), got {form!r}")
+
+
+def logits_form(k: int | None) -> str:
+    """The name of a logits form: ``dense``, or ``topk:K``."""
+    return DEFAULT_LOGITS if k is None else f"{TOPK_PREFIX}{int(k)}"
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The class-index dtype of a top-K store: the smallest unsigned type holding 0..C, so that its largest
+    value (never a class) can mark an unwritten chunk."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if int(num_classes) <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise StoreError(f"{num_classes} classes are too many for a top-K store")
+
+
+def logits_row_bytes(num_classes: int, topk: int | None = None, itemsize: int = 2) -> int:
+    """Uncompressed bytes of one row's logits: C values, or K values, K indices and the float32 scalars."""
+    if topk is None:
+        return itemsize * int(num_classes)
+    return topk * (itemsize + index_dtype(num_classes).itemsize) + 4 * len(LOGIT_STATS)
+
+
+def feature_row_bytes(features: tuple[int, ...], feature_dtype: str = DEFAULT_FEATURE_DTYPE,
+                      itemsize: int = 2) -> int:
+    """Uncompressed bytes of one row's features: ``itemsize`` a value, or one byte a value and a float32 scale."""
     n_features = int(np.prod(features)) if features else 0
     if feature_dtype == "int8" and n_features:
-        return itemsize * int(num_classes) + n_features + 4
-    return itemsize * (int(num_classes) + n_features)
+        return n_features + 4
+    return itemsize * n_features
+
+
+def row_bytes(num_classes: int, features: tuple[int, ...], itemsize: int = 2,
+              feature_dtype: str = DEFAULT_FEATURE_DTYPE, topk: int | None = None) -> int:
+    """Uncompressed bytes of one stored row: its logits (dense, or top-K with its scalars) plus its features
+    (none when ``features`` is ())."""
+    return logits_row_bytes(num_classes, topk, itemsize) + feature_row_bytes(features, feature_dtype, itemsize)
+
+
+def summarise_logits(logits: np.ndarray, labels: np.ndarray, k: int,
+                     temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A top-K store's rows of float16 logits ``(R, C)``: the K largest (float16, largest first; ties by class),
+    their classes, and the float32 scalars of :data:`LOGIT_STATS`, computed in float64 from the float16 values
+    (what a dense store holds), so that a weight from them equals the dense store's."""
+    z16 = np.asarray(logits, dtype=np.float16)
+    z = z16.astype(np.float64)
+    order = np.argsort(-z, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(z16, order, axis=1)
+    lse = _logsumexp(z)
+    p = np.exp(z - lse[:, None])
+    entropy = lse - (p * z).sum(1)
+    label_logit = np.take_along_axis(z, np.asarray(labels, dtype=np.int64)[:, None], axis=1)[:, 0]
+    zt = z / float(temperature)
+    lse_t = _logsumexp(zt)
+    p_t = np.exp(zt - lse_t[:, None])
+    rest = np.ones_like(p_t, dtype=bool)
+    np.put_along_axis(rest, order, False, axis=1)
+    rest_t = np.where(rest, p_t, 0.0).sum(1)
+    stats = np.stack([lse, label_logit, entropy, lse_t, rest_t], axis=1).astype(np.float32)
+    return values, order.astype(index_dtype(z.shape[1])), stats
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(1)
+    return top + np.log(np.exp(x - top[:, None]).sum(1))
+
+
+def pack_topk(values: np.ndarray, indices: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """A top-K store's rows as one float32 array ``(R, 2K + 5)`` for the way to the device: values, classes
+    (exact in float32 below 2^24), scalars. :class:`kdcache.topk.TopKLogits` unpacks it."""
+    return np.concatenate([values.astype(np.float32), indices.astype(np.float32), stats.astype(np.float32)], axis=1)
+
+
+def is_unwritten(block: np.ndarray) -> bool:
+    """Whether a chunk read back holds the fill value of an unwritten (or deleted) chunk anywhere: NaN in the
+    float arrays, -128 in int8 features, the largest value in a top-K store's class indices."""
+    if block.dtype.kind == "f":
+        return bool(np.isnan(block).any())
+    if block.dtype == np.int8:
+        return bool((block == INT8_FILL).any())
+    if block.dtype.kind == "u":
+        return bool((block == np.iinfo(block.dtype).max).any())
+    return False
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,9 +218,10 @@ def plan_id(fingerprint: str, recipe: dict[str, Any], n_views: int, seed: int) -
 
 
 def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED_DTYPE,
-               features: str = "pooled", feature_dtype: str = DEFAULT_FEATURE_DTYPE) -> str:
-    """Id of a teacher store: the same teacher on the same plan in the same feature form and feature dtype is
-    the same store.
+               features: str = "pooled", feature_dtype: str = DEFAULT_FEATURE_DTYPE,
+               logits: str = DEFAULT_LOGITS, logits_temperature: float | None = None) -> str:
+    """Id of a teacher store: the same teacher on the same plan in the same feature form, feature dtype and
+    logits form (a top-K store's with its temperature) is the same store.
 
     The pooled float16 form hashes exactly what ids hashed before the forms existed, so
     stores written by earlier versions keep their ids.
@@ -136,6 +232,9 @@ def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED
         payload["features"] = features
     if feature_dtype != DEFAULT_FEATURE_DTYPE:
         payload["feature_dtype"] = feature_dtype
+    if logits != DEFAULT_LOGITS:
+        payload["logits"] = logits
+        payload["logits_temperature"] = float(logits_temperature) if logits_temperature is not None else None
     return content_id(payload)
 
 

@@ -2,7 +2,10 @@
 
 Arrays (Zarr format 3, every chunk CRC32C-checked):
 
-- ``logits`` (V, N, C), float16, chunks (1, R, C), rows in plan order;
+- ``logits`` (V, N, C), float16, chunks (1, R, C), rows in plan order; or, in a top-K store
+  (attribute ``logits`` = ``topk:K``, with ``logits_temperature`` T), ``topk_values`` (V, N, K)
+  float16, ``topk_indices`` (V, N, K) the smallest unsigned type holding 0..C (fill: its largest
+  value), and ``logit_stats`` (V, N, 5) float32, the scalars of ``format.LOGIT_STATS``;
 - ``features`` in the store's feature form (attribute ``features``): ``pooled`` (V, N, D), the
   penultimate vector; ``spatial`` (V, N, C', H, W), the last-block map the teacher's global
   pool receives (the official CA-MKD ``feat[-2]``); ``none``: no features array. float16,
@@ -92,7 +95,8 @@ class TeacherStore:
         _remove_partial_files(where)
         if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
-            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features", "feature_dtype"):
+            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features", "feature_dtype",
+                        "logits", "logits_temperature"):
                 have, want = (_identity(a, key) for a in (store.attrs, attrs))
                 if have != want:
                     raise StoreError(
@@ -105,23 +109,40 @@ class TeacherStore:
         n_views, n_samples, n_classes, dim = shape
         form = attrs.get("features", fmt.DEFAULT_FEATURE_FORM)
         fdtype = attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE)
+        logits_form = attrs.get("logits", fmt.DEFAULT_LOGITS)
+        try:
+            k = fmt.parse_logits(logits_form)
+        except ValueError as exc:
+            raise StoreError(f"teacher store {teacher_id}: {exc}") from None
+        if k is not None and (k > n_classes or not attrs.get("logits_temperature")):
+            raise StoreError(f"logits form {logits_form!r} of {n_classes} classes at temperature "
+                             f"{attrs.get('logits_temperature')!r} is not a valid store")
         fshape = tuple(int(s) for s in ((dim,) if feature_shape is None else feature_shape))
         if form not in fmt.FEATURE_FORMS or (form == "none") != (fshape == ()):
             raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
         if fdtype not in fmt.FEATURE_DTYPES or (fdtype != fmt.DEFAULT_FEATURE_DTYPE and form == "none"):
             raise StoreError(f"feature dtype {fdtype!r} with feature form {form!r} is not a valid store")
-        size = n_views * n_samples * fmt.row_bytes(n_classes, fshape, feature_dtype=fdtype)
+        size = n_views * n_samples * fmt.row_bytes(n_classes, fshape, feature_dtype=fdtype, topk=k)
         with fmt.disk_errors(f"creating teacher store {teacher_id}", where,
                              f"the store needs about {human_bytes(size)} before compression"):
             group = fmt.create_group(where, {
                 **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
-                "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "chunk_rows": chunk_rows,
+                "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "logits": logits_form,
+                "chunk_rows": chunk_rows,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
             })
             common: dict[str, Any] = {"compressors": fmt.compressors(), "config": fmt.array_config()}
-            for name, row in (("logits", (n_classes,)), ("features", fshape)):
-                if name == "features" and form == "none":
+            if k is not None:
+                index = fmt.index_dtype(n_classes)
+                for name, width, dtype, fill in (("topk_values", k, fmt.STORED_DTYPE, fmt.float_fill()),
+                                                 ("topk_indices", k, index, np.iinfo(index).max),
+                                                 ("logit_stats", len(fmt.LOGIT_STATS), "float32", fmt.float_fill())):
+                    group.create_array(name, shape=(n_views, n_samples, width), chunks=(1, chunk_rows, width),
+                                       dtype=dtype, fill_value=fill, **common)
+            rows_of: tuple[tuple[str, tuple[int, ...]], ...] = (("logits", (n_classes,)), ("features", fshape))
+            for name, row in rows_of:
+                if (name == "features" and form == "none") or (name == "logits" and k is not None):
                     continue
                 int8 = name == "features" and fdtype == "int8"
                 group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
@@ -155,11 +176,11 @@ class TeacherStore:
 
     @property
     def n_views(self) -> int:
-        return int(fmt.array(self.group, "logits").shape[0])
+        return int(fmt.array(self.group, self.data_arrays[0]).shape[0])
 
     @property
     def n_samples(self) -> int:
-        return int(fmt.array(self.group, "logits").shape[1])
+        return int(fmt.array(self.group, self.data_arrays[0]).shape[1])
 
     @property
     def num_classes(self) -> int:
@@ -180,17 +201,42 @@ class TeacherStore:
         return str(self.attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE))
 
     @property
+    def logits_form(self) -> str:
+        """``dense`` (every class's logit), or ``topk:K`` (stores written before top-K existed are dense)."""
+        return str(self.attrs.get("logits", fmt.DEFAULT_LOGITS))
+
+    @property
+    def topk(self) -> int | None:
+        """K of a top-K store, None for a dense one."""
+        return fmt.parse_logits(self.logits_form)
+
+    @property
+    def logits_temperature(self) -> float | None:
+        """The temperature a top-K store serves (its scalars and remaining mass are at this T); None when dense."""
+        t = self.attrs.get("logits_temperature")
+        return None if self.topk is None or t is None else float(t)
+
+    @property
     def feature_shape(self) -> tuple[int, ...]:
         """Per-row shape of the features: (D,) pooled, (C', H, W) spatial, () none."""
         return tuple(int(s) for s in self.attrs.get("feature_shape", [self.feature_dim]))
 
     @property
-    def data_arrays(self) -> tuple[str, ...]:
-        """The arrays of one stored row: logits, and features unless the form is none (with their scales when
-        they are int8)."""
+    def logit_arrays(self) -> tuple[str, ...]:
+        """The arrays of one row's logits: ``logits``, or a top-K store's values, classes and scalars."""
+        return ("logits",) if self.topk is None else fmt.TOPK_ARRAYS
+
+    @property
+    def feature_arrays(self) -> tuple[str, ...]:
+        """The arrays of one row's features: none in the form none, the values (and their scales when int8)."""
         if self.feature_form == "none":
-            return ("logits",)
-        return ("logits", "features", "feature_scale") if self.feature_dtype == "int8" else ("logits", "features")
+            return ()
+        return ("features", "feature_scale") if self.feature_dtype == "int8" else ("features",)
+
+    @property
+    def data_arrays(self) -> tuple[str, ...]:
+        """Every array of one stored row: its logits' and its features'."""
+        return self.logit_arrays + self.feature_arrays
 
     @property
     def chunk_rows(self) -> int:
@@ -252,16 +298,27 @@ class TeacherStore:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray | None, n_correct: int) -> None:
+    def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray | None, n_correct: int,
+                    labels: np.ndarray | None = None) -> None:
         """Write chunk (v, c) of the data arrays (``features`` is None in the form none), then its completion marker.
 
+        ``logits`` are the rows' float16 logits, all C of them; a top-K store keeps their summary
+        (:func:`format.summarise_logits`), for which it needs the rows' ``labels``.
         A write the file system refuses (disk full, I/O error) is a StoreError naming the
         chunk; the marker is then not written, so re-running the same precompute redoes the chunk.
         """
         rows = self.rows(c)
         name = "logits"
+        k = self.topk
+        if k is not None and labels is None:
+            raise ValueError(f"teacher store {self.id} keeps top-{k} logits: write_chunk needs the rows' labels")
         try:
-            fmt.array(self.group, "logits")[v, rows] = logits
+            if k is None:
+                fmt.array(self.group, "logits")[v, rows] = logits
+            else:
+                summary = fmt.summarise_logits(logits, np.asarray(labels), k, float(self.attrs["logits_temperature"]))
+                for name, block in zip(fmt.TOPK_ARRAYS, summary):
+                    fmt.array(self.group, name)[v, rows] = block
             if features is not None:
                 name = "features"
                 if self.feature_dtype == "int8":
@@ -292,7 +349,8 @@ class TeacherStore:
 
     def read_chunk(self, v: int, c: int, within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (R, C) and features (R, *feature_shape), float16 (int8 features: float32, scaled back), of
-        chunk (v, c) (features None in the form none); a damaged chunk is a StoreError.
+        chunk (v, c) (features None in the form none); a damaged chunk is a StoreError. A top-K store's
+        logits come packed, float32 (R, 2K + 5) (:func:`format.pack_topk`; :class:`kdcache.topk.TopKLogits`).
 
         ``within``, if given, keeps only those row positions inside the chunk (in that
         order): the chunk is still decompressed and checked whole, but nothing else is kept.
@@ -306,7 +364,7 @@ class TeacherStore:
         if not marked:  # deleted after the store was completed: the chunk cannot be trusted
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
                              f"run `kdcache cache verify {self.id}`")
-        out: list[np.ndarray] = []
+        out: dict[str, np.ndarray] = {}
         for name in self.data_arrays:
             try:
                 if within is None:
@@ -317,14 +375,14 @@ class TeacherStore:
             except ValueError as exc:  # the CRC32C codec's checksum mismatch
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
                                  f"run `kdcache cache verify {self.id}`") from None
-            # NaN (int8: -128) is the fill value: the chunk was never written or was deleted
-            if np.isnan(block).any() if block.dtype.kind == "f" else (block == fmt.INT8_FILL).any():
+            if fmt.is_unwritten(block):  # the fill value: the chunk was never written or was deleted
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is missing; "
                                  f"run `kdcache cache verify {self.id}`")
-            out.append(block)
-        if len(out) == 3:
-            return out[0], fmt.dequantize_rows(out[1], out[2])
-        return out[0], (out[1] if len(out) > 1 else None)
+            out[name] = block
+        logits = out["logits"] if self.topk is None else fmt.pack_topk(*(out[n] for n in fmt.TOPK_ARRAYS))
+        if "feature_scale" in out:
+            return logits, fmt.dequantize_rows(out["features"], out["feature_scale"])
+        return logits, out.get("features")
 
     def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits and features of the rows ``rows`` of view ``v``, in the order given, chunk by chunk.
@@ -402,7 +460,7 @@ class TeacherStore:
                 except ValueError as exc:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is damaged ({exc})")
                     continue
-                if not np.isfinite(block).all() or (block.dtype == np.int8 and (block == fmt.INT8_FILL).any()):
+                if not np.isfinite(block).all() or fmt.is_unwritten(block):
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) holds non-finite or unwritten values")
         for name in ("head/weight", "head/bias"):
             try:
@@ -421,7 +479,8 @@ class TeacherStore:
 def _identity(attrs: dict[str, Any], key: str) -> Any:
     """What attribute ``key`` contributes to a store's identity: the checkpoint's content (not where the file
     lies, which may move), the feature form and dtype with their defaults for stores older than them."""
-    value = attrs.get(key, {"features": fmt.DEFAULT_FEATURE_FORM, "feature_dtype": fmt.DEFAULT_FEATURE_DTYPE}.get(key))
+    value = attrs.get(key, {"features": fmt.DEFAULT_FEATURE_FORM, "feature_dtype": fmt.DEFAULT_FEATURE_DTYPE,
+                            "logits": fmt.DEFAULT_LOGITS}.get(key))
     return value.get("sha256") if key == "checkpoint" and isinstance(value, dict) else value
 
 
