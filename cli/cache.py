@@ -28,13 +28,13 @@ def ls(cache: str | None) -> None:
     if not rows:
         click.echo(f"no teacher stores in {c.root}", err=True)
         return
-    click.echo(f"{'teacher':<16}  {'plan':<16}  {'arch':<12} {'logits':<12} {'features':<12} {'dataset':<13} {'views':>5} {'samples':>8} "
-               f"{'size':>10} {'test acc':>8}  state")
+    click.echo(f"{'teacher':<16}  {'plan':<16}  {'arch':<12} {'features':<12} {'dataset':<13} {'views':>5} {'samples':>8} "
+               f"{'size':>10} {'test acc':>8}  {'logits':<12}  state")
     for r in rows:
         acc = f"{r.test_accuracy:.2f}%" if r.test_accuracy is not None else "-"
-        click.echo(f"{r.teacher_id:<16}  {r.plan_id:<16}  {r.arch:<12} {r.logits:<12} {r.features:<12} {r.dataset:<13} {r.views:>5} "
+        click.echo(f"{r.teacher_id:<16}  {r.plan_id:<16}  {r.arch:<12} {r.features:<12} {r.dataset:<13} {r.views:>5} "
                    f"{r.samples:>8} "
-                   f"{human_bytes(r.bytes):>10} {acc:>8}  {r.state}")
+                   f"{human_bytes(r.bytes):>10} {acc:>8}  {r.logits:<12}  {r.state}")
 
 
 @cache.command("info")
