@@ -42,6 +42,11 @@ def test_the_stored_scalars_by_hand() -> None:
     # ties go to the lower class; a K of C keeps every logit and leaves no mass outside
     values, indices, stats = summarise_logits(np.array([[1.0, 3.0, 1.0]], np.float16), np.array([0]), 3, 4.0)
     assert indices.tolist() == [[1, 0, 2]] and values.tolist() == [[3.0, 1.0, 1.0]] and stats[0, 4] == 0.0
+    # with many ties (float16 values of a few levels) the K are what a stable descending sort picks
+    z = np.random.default_rng(0).integers(-3, 4, size=(50, 40)).astype(np.float16)
+    for k in (1, 5, 17, 40):
+        assert np.array_equal(summarise_logits(z, np.zeros(50, int), k, 4.0)[1],
+                              np.argsort(-z.astype(np.float64), axis=1, kind="stable")[:, :k])
     # 255 classes fit uint8 (255 marks an unwritten chunk); 256 need uint16
     assert summarise_logits(np.zeros((1, 255), np.float16), np.array([0]), 1, 1.0)[1].dtype == np.uint8
     assert summarise_logits(np.zeros((1, 256), np.float16), np.array([0]), 1, 1.0)[1].dtype == np.uint16

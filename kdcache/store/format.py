@@ -137,25 +137,32 @@ def summarise_logits(logits: np.ndarray, labels: np.ndarray, k: int,
     (what a dense store holds), so that a weight from them equals the dense store's."""
     z16 = np.asarray(logits, dtype=np.float16)
     z = z16.astype(np.float64)
-    order = np.argsort(-z, axis=1, kind="stable")[:, :k]
+    order, chosen = _top_k(z, k)
     values = np.take_along_axis(z16, order, axis=1)
-    lse = _logsumexp(z)
-    p = np.exp(z - lse[:, None])
-    entropy = lse - (p * z).sum(1)
+    top = z.max(1, keepdims=True)
+    e = np.exp(z - top)
+    total = e.sum(1)
+    lse = top[:, 0] + np.log(total)
+    entropy = lse - (e * z).sum(1) / total
     label_logit = np.take_along_axis(z, np.asarray(labels, dtype=np.int64)[:, None], axis=1)[:, 0]
-    zt = z / float(temperature)
-    lse_t = _logsumexp(zt)
-    p_t = np.exp(zt - lse_t[:, None])
-    rest = np.ones_like(p_t, dtype=bool)
-    np.put_along_axis(rest, order, False, axis=1)
-    rest_t = np.where(rest, p_t, 0.0).sum(1)
+    e_t = np.exp((z - top) / float(temperature))
+    total_t = e_t.sum(1)
+    lse_t = top[:, 0] / float(temperature) + np.log(total_t)
+    rest_t = np.where(chosen, 0.0, e_t).sum(1) / total_t    # summed outside the K, not 1 - (inside)
     stats = np.stack([lse, label_logit, entropy, lse_t, rest_t], axis=1).astype(np.float32)
     return values, order.astype(index_dtype(z.shape[1])), stats
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    top = x.max(1)
-    return top + np.log(np.exp(x - top[:, None]).sum(1))
+def _top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of each row's K largest values, largest first and equal values by class (what a stable
+    descending sort gives, at a partition's cost), and the (R, C) mask of them."""
+    kth = -np.partition(-z, k - 1, axis=1)[:, k - 1:k]       # each row's K-th largest value
+    greater, equal = z > kth, z == kth
+    need = k - greater.sum(1, keepdims=True)                  # how many of the values equal to it are in
+    chosen = greater | (equal & (np.cumsum(equal, axis=1) <= need))
+    classes = np.nonzero(chosen)[1].reshape(len(z), k)        # ascending class
+    by_value = np.argsort(-np.take_along_axis(z, classes, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(classes, by_value, axis=1), chosen
 
 
 def pack_topk(values: np.ndarray, indices: np.ndarray, stats: np.ndarray) -> np.ndarray:
