@@ -71,7 +71,12 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @image_size_option
 @click.option("--batch-size", type=int, default=None, help="Forward batch size [default: 2048 on GPU, 256 on CPU].")
 @device_option
-@click.option("--chunk-rows", type=int, default=None, help="Rows per stored chunk [default: about 2 MB a chunk].")
+@click.option("--chunk-rows", type=int, default=None,
+              help="Rows per stored chunk, the unit of reading [default: about 2 MB a chunk]. Given alone, one chunk "
+                   "a file, as before shards.")
+@click.option("--shard-rows", type=int, default=None,
+              help="Rows per shard, a multiple of the chunk rows: one file, written whole by one writer [default: "
+                   "about 128 MB a shard, or one chunk with --chunk-rows].")
 @click.option("--workers", type=int, default=None,
               help="Run on a local dask cluster of N workers: one per GPU on a GPU machine, else N processes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
@@ -95,7 +100,8 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
                    batch_size: int | None,
-                   device: str | None, chunk_rows: int | None, workers: int | None, scheduler: str | None,
+                   device: str | None, chunk_rows: int | None, shard_rows: int | None, workers: int | None,
+                   scheduler: str | None,
                    features: str, feature_dtype: str, logits: str, logits_temperature: float, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
@@ -109,7 +115,7 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                                "give one --checkpoint per --teacher, in the same order")
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
-                              chunk_rows=chunk_rows, dry_run=dry_run, features=features, image_size=image_size,
+                              chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, features=features, image_size=image_size,
                               feature_dtype=feature_dtype, logits=logits, logits_temperature=logits_temperature)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,

@@ -31,10 +31,11 @@ from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
-from kdcache.store import Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, teacher_id
+from kdcache.store import (Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, shard_rows_for,
+                           teacher_id)
 from kdcache.store.format import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES, FEATURE_FORMS,
                                   STORED_DTYPE, feature_row_bytes, feature_shape, index_dtype, logits_row_bytes,
-                                  LOGIT_STATS, TOPK_ARRAYS, n_chunks, parse_logits, row_bytes)
+                                  LOGIT_STATS, TOPK_ARRAYS, files_per_view, n_chunks, parse_logits, row_bytes)
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
@@ -62,7 +63,8 @@ class PrecomputeRequest:
     image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     batch_size: int | None = None
     device: str | None = None
-    chunk_rows: int | None = None
+    chunk_rows: int | None = None    # rows a chunk (unit of reading); alone: also a file, as before shards
+    shard_rows: int | None = None    # rows a shard (a file, the unit of writing), a multiple of the chunk rows
     dry_run: bool = False
     features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
     feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
@@ -97,6 +99,7 @@ class TeacherJob:
     shape: tuple[int, int, int, int]  # (V, N, C, D)
     feature_shape: tuple[int, ...]    # per row: (D,) pooled, (C', H, W) spatial, () none
     chunk_rows: int
+    shard_rows: int                   # a multiple of chunk_rows (equal: one chunk a file)
 
     @property
     def path(self) -> Path | str:
@@ -125,7 +128,7 @@ class TeacherJob:
         """Create the store or reopen it to resume (the caller holds the writer lock)."""
         return TeacherStore.open_for_writing(self.cache.teacher_location(self.teacher_id), self.teacher_id,
                                              self.store_attrs(), self.shape, self.chunk_rows, *_head(self.model),
-                                             feature_shape=self.feature_shape)
+                                             feature_shape=self.feature_shape, shard_rows=self.shard_rows)
 
     def is_complete(self) -> bool:
         return _is_complete(self.cache, self.teacher_id)
@@ -220,11 +223,20 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     model.eval().to(device)
     n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
     fshape = feature_shape(req.features, d, spatial)
-    # About 2 MB in the widest array's chunk (features counted at float16 whatever their dtype).
+    # About 2 MB in the widest array's chunk and 128 MB in its shard (features counted at float16 whatever
+    # their dtype). --chunk-rows alone keeps the layout it always gave, one chunk a file.
     widest = max(logits_row_bytes(c, k), feature_row_bytes(fshape))
     rows = req.chunk_rows or chunk_rows_for(n, widest, itemsize=1)
+    if req.shard_rows is not None:
+        rows = min(rows, req.shard_rows) if req.chunk_rows is None else rows
+        if req.shard_rows % rows:
+            raise KdcacheError(f"--shard-rows {req.shard_rows} must be a multiple of the chunk rows ({rows}): a shard "
+                               "holds whole chunks; give --chunk-rows too")
+        shard = min(req.shard_rows, rows * n_chunks(n, rows))  # never more than a view's chunks
+    else:
+        shard = rows if req.chunk_rows else shard_rows_for(n, rows, widest, itemsize=1)
     return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
-                      rows)
+                      rows, shard)
 
 
 def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
@@ -269,10 +281,10 @@ def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, se
 
 
 class _Group(NamedTuple):
-    """Consecutive chunks of one view, forwarded together."""
+    """Consecutive shards of one view (chunks, in a store without shards), forwarded together."""
 
     view: int
-    chunks: list[int]
+    chunks: list[int]    # the shards
     rows: slice          # the group's rows of the view
     indices: np.ndarray  # their sample ids
 
@@ -288,11 +300,12 @@ class _Batch(NamedTuple):
 def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, store: TeacherStore,
                  chunks: list[tuple[int, int]], device: torch.device, batch_size: int,
                  tick: Progress | None = None) -> None:
-    """Forward the teacher over the (view, chunk) pairs and write each chunk.
+    """Forward the teacher over the shards holding the (view, chunk) pairs and write each shard whole.
 
-    Consecutive chunks of a view are forwarded together, up to ``batch_size`` rows, so that a
-    store of wide rows (a spatial store holds about 60 resnet32x4 rows a chunk) still feeds the
-    teacher whole batches. The next batch's images are decoded and replayed on a background
+    A shard is the unit of writing (one chunk in a store without shards): every chunk of it is
+    written, by this writer, then its markers. Consecutive shards of a view are forwarded
+    together, up to ``batch_size`` rows, so that a store of wide rows (a spatial store holds
+    about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. The next batch's images are decoded and replayed on a background
     thread while the teacher runs the current one (``READ_AHEAD_BATCHES`` ahead, so memory stays
     bounded), and one writer thread overlaps I/O with compute.
     """
@@ -316,13 +329,15 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
             outputs = []
             _refuse_non_finite(logits, features, store.id, group.view, rows)
             correct = logits.float().argmax(1) == labels[group.indices]
-            for c in group.chunks:
-                part = slice(store.rows(c).start - rows.start, store.rows(c).stop - rows.start)
+            for s in group.chunks:
+                part = slice(store.shard_rows_of(s).start - rows.start, store.shard_rows_of(s).stop - rows.start)
+                counts = [int(correct[store.rows(c).start - rows.start:store.rows(c).stop - rows.start].sum())
+                          for c in store.shard_chunks(s)]
                 while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
                     in_flight.popleft().result()
-                in_flight.append(writer.submit(store.write_chunk, group.view, c, logits[part].numpy(),
+                in_flight.append(writer.submit(store.write_shard, group.view, s, logits[part].numpy(),
                                                None if features is None else features[part].numpy(),
-                                               int(correct[part].sum()), plan_labels[group.indices[part]]))
+                                               counts, plan_labels[group.indices[part]]))
                 if tick:
                     in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
         while in_flight:
@@ -331,18 +346,20 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
 
 def forward_batches(plan: PlanStore, store: TeacherStore, chunks: Sequence[tuple[int, int]],
                     batch_size: int) -> Iterator[_Batch]:
-    """The teacher's forward batches over the (view, chunk) pairs, in order: each group of consecutive chunks
-    (:func:`chunk_groups`) split into batches of at most ``batch_size`` rows; a group's last batch names it."""
+    """The teacher's forward batches over the shards holding the (view, chunk) pairs, in order: each group of
+    consecutive shards (:func:`chunk_groups`) split into batches of at most ``batch_size`` rows; a group's last
+    batch names it (its ``chunks`` are shards; in a store without shards, one chunk each)."""
     view_cache: tuple[int, np.ndarray, np.ndarray] | None = None
-    for v, chunk_ids in chunk_groups(chunks, max(1, batch_size // store.chunk_rows)):
+    shards = sorted({(v, store.shard_of(c)) for v, c in chunks})
+    for v, shard_ids in chunk_groups(shards, max(1, batch_size // store.shard_rows)):
         if view_cache is None or view_cache[0] != v:
             view_cache = (v, *plan.view(v))
-        rows = slice(store.rows(chunk_ids[0]).start, store.rows(chunk_ids[-1]).stop)
+        rows = slice(store.shard_rows_of(shard_ids[0]).start, store.shard_rows_of(shard_ids[-1]).stop)
         indices, params = view_cache[1][rows], view_cache[2][rows]
         for start in range(0, len(indices), batch_size):
             stop = start + batch_size
             yield _Batch(indices[start:stop], params[start:stop],
-                         _Group(v, chunk_ids, rows, indices) if stop >= len(indices) else None)
+                         _Group(v, shard_ids, rows, indices) if stop >= len(indices) else None)
 
 
 def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple[int, list[int]]]:
@@ -422,6 +439,8 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--batch-size must be at least 1 (got {req.batch_size})")
     if req.chunk_rows is not None and req.chunk_rows < 1:
         raise KdcacheError(f"--chunk-rows must be at least 1 (got {req.chunk_rows})")
+    if req.shard_rows is not None and req.shard_rows < 1:
+        raise KdcacheError(f"--shard-rows must be at least 1 (got {req.shard_rows})")
     if req.features not in FEATURE_FORMS:
         raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
     if req.feature_dtype not in FEATURE_DTYPES:
@@ -440,21 +459,23 @@ def _check_options(req: PrecomputeRequest) -> None:
 def _dry_run_lines(job: TeacherJob) -> list[str]:
     req, dataset, cache, pid, tid = job.req, job.dataset, job.cache, job.plan_id, job.teacher_id
     v, n, c, d = job.shape
-    rows, fshape = job.chunk_rows, job.feature_shape
+    rows, fshape, shard = job.chunk_rows, job.feature_shape, job.shard_rows
+    sharded = f" in shards of {shard} rows" if shard != rows else ""
     total_rows = v * n
     int8 = req.feature_dtype == "int8"
     k = job.topk
     per_row = row_bytes(c, fshape, feature_dtype=req.feature_dtype, topk=k)
     logits_row = logits_row_bytes(c, k)
     logits_b, features_b = total_rows * logits_row, total_rows * (per_row - logits_row)
-    logits_line = (f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}): {human_bytes(logits_b)}" if k is None
+    logits_line = (f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}){sharded}: {human_bytes(logits_b)}"
+                   if k is None
                    else f"logits     top-{k} of {c} at T={req.logits_temperature:g}: values ({v}, {n}, {k}) float16, "
                         f"classes {index_dtype(c).name}, {len(LOGIT_STATS)} float32 scalars a row, chunks "
-                        f"(1, {rows}, ·): {human_bytes(logits_b)}")
+                        f"(1, {rows}, ·){sharded}: {human_bytes(logits_b)}")
     kind = "int8 (+ a float32 scale a row)" if int8 else "float16"
     features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
-                     f"features   {req.features} {_shape((v, n, *fshape))} {kind}, chunks {_shape((1, rows, *fshape))}: "
-                     f"{human_bytes(features_b)}")
+                     f"features   {req.features} {_shape((v, n, *fshape))} {kind}, chunks {_shape((1, rows, *fshape))}"
+                     f"{sharded}: {human_bytes(features_b)}")
     plan_state = "exists" if cache.plan_location(pid).exists("zarr.json") else "to be drawn"
     store_state = "complete" if job.is_complete() else (
         "partial, would resume" if cache.teacher_location(tid).exists("zarr.json") else "new")
@@ -467,19 +488,25 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         features_line,
         f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {logits_row} B + features "
         f"{per_row - logits_row} B)",
-        _files_line(v, n_chunks(n, rows), bool(fshape), int8, k is not None),
+        _files_line(v, n, rows, shard, bool(fshape), int8, k is not None),
         f"total      {human_bytes(logits_b + features_b)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
 
 
-def _files_line(views: int, chunks: int, features: bool, scales: bool = False, topk: bool = False) -> str:
-    """How many chunk files the store's data arrays and completion markers come to (one file a chunk)."""
+def _files_line(views: int, n: int, chunk_rows: int, shard_rows: int, features: bool, scales: bool = False,
+                topk: bool = False) -> str:
+    """How many files the store's data arrays and completion markers come to: one a shard of each (one a chunk
+    in a store without shards)."""
     arrays = [*(TOPK_ARRAYS if topk else ["logits"]), *(["features"] if features else []),
               *(["feature_scale"] if scales else []), "done"]
-    per_view = chunks * len(arrays)
-    return (f"files      {views * per_view:,} chunk files: {per_view:,} a view ({chunks:,} chunks of each of "
-            f"{', '.join(arrays)})")
+    per_view = files_per_view(n, shard_rows, len(arrays) - 1)
+    files = n_chunks(n, shard_rows)
+    if shard_rows == chunk_rows:
+        return (f"files      {views * per_view:,} chunk files: {per_view:,} a view ({files:,} chunks of each of "
+                f"{', '.join(arrays)})")
+    return (f"files      {views * per_view:,} files: {per_view:,} a view ({files:,} shards of each of "
+            f"{', '.join(arrays)}; {n_chunks(n, chunk_rows):,} chunks a view, {shard_rows // chunk_rows:,} a shard)")
 
 
 def _shape(shape: tuple[int, ...]) -> str:

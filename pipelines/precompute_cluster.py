@@ -122,15 +122,17 @@ def _run(jobs: list[TeacherJob], workers: int | None, scheduler: str | None, pro
 
 
 def chunk_tasks(job: TeacherJob, store: TeacherStore, spec: TeacherSpec) -> list[ChunkTask]:
-    """The store's pending chunks as tasks: runs of whole chunks of one view, at most ``TASK_ROWS`` rows each."""
-    per_task = max(1, TASK_ROWS // store.chunk_rows)
+    """The store's pending chunks as tasks: runs of whole shards of one view (a shard is one chunk in a store
+    without shards), at most ``TASK_ROWS`` rows each (at least one shard). No two tasks share a shard, so no two
+    workers ever write the same file."""
+    per_task = max(1, TASK_ROWS // store.shard_rows)
     by_view: dict[int, list[int]] = {}
-    for v, c in store.pending():
-        by_view.setdefault(v, []).append(c)
+    for v, s in store.pending_shards():
+        by_view.setdefault(v, []).append(s)
     tasks = []
-    for v, chunks in by_view.items():
-        for i in range(0, len(chunks), per_task):
-            run = tuple(chunks[i:i + per_task])
+    for v, shards in by_view.items():
+        for i in range(0, len(shards), per_task):
+            run = tuple(c for s in shards[i:i + per_task] for c in store.shard_chunks(s))
             tasks.append(ChunkTask(spec, v, run, store.rows_in(run)))
     return tasks
 

@@ -1,4 +1,4 @@
-"""A dask worker plugin for tests: log every chunk write and kill one worker mid-task, once.
+"""A dask worker plugin for tests: log every shard write and kill one worker mid-task, once.
 
 Installed by the test with ``client.register_plugin(KillOnce(...))``; dask sends it to
 every worker, including those a nanny restarts, so it lives in its own importable
@@ -14,9 +14,9 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 
 class KillOnce(WorkerPlugin):
-    """Wraps ``TeacherStore.write_chunk`` in the worker process: each call appends
-    ``write PID TEACHER VIEW CHUNK`` to ``log``; the ``kill_at``-th call of the first
-    process to reach it logs ``kill ...`` and SIGKILLs its own process instead of writing."""
+    """Wraps ``TeacherStore.write_shard`` (the unit a writer writes: one chunk in a store of one chunk a file)
+    in the worker process: each call appends ``write PID TEACHER VIEW SHARD`` to ``log``; the ``kill_at``-th
+    call of the first process to reach it logs ``kill ...`` and SIGKILLs its own process instead of writing."""
 
     name = "kdcache-kill-once"
 
@@ -26,11 +26,11 @@ class KillOnce(WorkerPlugin):
     def setup(self, worker: object) -> None:
         from kdcache.store.teacher import TeacherStore
 
-        original = TeacherStore.write_chunk
+        original = TeacherStore.write_shard
         log, marker, kill_at = self.log, self.marker, self.kill_at
         calls = [0]
 
-        def write_chunk(store, v, c, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def write_shard(store, v, c, *args, **kwargs):  # type: ignore[no-untyped-def]
             calls[0] += 1
             if calls[0] == kill_at and _claim(marker):
                 _append(log, f"kill {os.getpid()} {store.id} {v} {c}")
@@ -38,7 +38,7 @@ class KillOnce(WorkerPlugin):
             _append(log, f"write {os.getpid()} {store.id} {v} {c}")
             return original(store, v, c, *args, **kwargs)
 
-        TeacherStore.write_chunk = write_chunk
+        TeacherStore.write_shard = write_shard
 
 
 def _claim(marker: str) -> bool:

@@ -365,6 +365,56 @@ def test_precompute_killed_early_mid_chunk_and_near_the_end_resumes_bit_identica
     assert_verifies(cache, shared.tid)
 
 
+def test_a_store_in_shards_killed_mid_shard_or_before_its_markers_resumes_whole_shards(shared: Shared,
+                                                                                       tmp_path: Path) -> None:
+    """The same teacher in shards of two 8-row chunks (6 shards, 11 chunks a view): SIGKILLed with a shard file
+    half written, then just before the last shard's markers. Each re-run keeps every marked shard's files
+    (same inodes), removes the temporary file, redoes the unmarked shard whole, and ends with the rows of the
+    reference store (one chunk a file), verified."""
+    cache = tmp_path / "c"
+    store = cache / "teachers" / shared.tid
+    args = [*shared.precompute_args(cache), "--chunk-rows", 8, "--shard-rows", 16]  # the last --chunk-rows wins
+
+    def ident(path: Path) -> tuple[int, int]:  # the writer unlinks a shard's files first: an inode may come back
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+
+    def shard_inodes() -> dict[tuple[int, int], tuple[tuple[int, int], ...]]:
+        out = {}
+        for marker in (store / "done" / "c").glob("*/*"):
+            if marker.name.isdigit():
+                v, s = marker.parent.name, marker.name
+                out[(int(v), int(s))] = (*(ident(store / a / "c" / v / s / "0") for a in ("logits", "features")),
+                                         ident(marker))
+        return out
+
+    stages = [  # (fault, the shards marked after the kill, where the kill leaves a temporary file)
+        ({"action": "kill-partial", "key": "features/c/0/2/0"}, {(0, 0), (0, 1)}, ["features/c/0/2"]),
+        ({"action": "kill", "key": "done/c/1/5"}, {(v, s) for v in range(VIEWS) for s in range(6)} - {(1, 5)}, []),
+    ]
+    for fault, marked, stray in stages:
+        before = shard_inodes() if store.exists() else {}
+        code, _, err = finish(start(*args, fault=fault))
+        assert code == -signal.SIGKILL, err
+        after = shard_inodes()
+        assert set(after) == marked, fault
+        assert {k: after[k] for k in before} == before, "a shard finished before the kill was written again"
+        assert strays(store) == stray and not is_complete(store)
+    unmarked = ident(store / "logits" / "c" / "1" / "5" / "0")  # the last shard's data, without its markers
+    before = shard_inodes()
+    result = run_cli(*args)
+    assert result.exit_code == 0 and result.stdout.strip().splitlines()[-1] == shared.tid, result.output
+    after = shard_inodes()
+    assert len(after) == VIEWS * 6 and {k: after[k] for k in before} == before
+    assert ident(store / "logits" / "c" / "1" / "5" / "0") != unmarked and strays(store) == []
+    got, ref = zarr.open_group(store, mode="r"), zarr.open_group(shared.store, mode="r")
+    assert (got.attrs["chunk_rows"], got.attrs["shard_rows"]) == (8, 16)
+    for name in ("logits", "features"):  # the same forward batches (16 rows): the same rows, bit for bit
+        assert np.array_equal(got[name][...], ref[name][...]), name
+    assert got["done"][...].sum() == ref["done"][...].sum()  # the same correct predictions, counted by 8-row chunk
+    assert_verifies(cache, shared.tid)
+
+
 # Writes of plan and store creation (zarr rewrites a group's zarr.json as each child is added): the group's
 # first write, an array's metadata, the plan's views being written, the head, the end of creation.
 CREATION_FAULTS = [

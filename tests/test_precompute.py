@@ -228,3 +228,31 @@ def test_imagefolder_with_a_torchvision_teacher(tmp_path: Path) -> None:
     # resnet18's float32 sums depend on the CPU's thread split; a wrong view or row would differ by O(1)
     torch.testing.assert_close(torch.from_numpy(z[:3]).float(), z_ref.half().float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(torch.from_numpy(feats[:3]).float(), h_ref.half().float(), atol=1e-2, rtol=1e-2)
+
+
+def test_a_store_in_shards_has_the_files_the_dry_run_states_and_the_values_of_one_chunk_a_file(
+        digits_teacher: Path, tmp_path: Path) -> None:
+    """--shard-rows packs chunks into one file a shard; --chunk-rows alone keeps one file a chunk. Same rows."""
+    args = ["precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits", "--views", 2,
+            "--batch-size", 256, "--device", "cpu", "--chunk-rows", 128]
+    dry = run_cli(*args, "--shard-rows", 512, "--cache", tmp_path / "s", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    # 1437 rows: 12 chunks of 128 a view, in 3 shards of 512 rows; a file a shard of logits, features and done
+    assert "logits     (2, 1437, 10) float16, chunks (1, 128, 10) in shards of 512 rows: " in dry.stdout
+    assert "files      18 files: 9 a view (3 shards of each of logits, features, done; 12 chunks a view, 4 a shard)" \
+        in dry.stdout
+    tid = dry.stdout.strip().splitlines()[-1]
+    for cache, extra, n_files in ((tmp_path / "s", ["--shard-rows", 512], 18), (tmp_path / "p", [], 72)):
+        result = run_cli(*args, *extra, "--cache", cache)
+        assert result.exit_code == 0 and result.stdout.strip().splitlines()[-1] == tid, result.output
+        store = cache / "teachers" / tid
+        written = [f for a in ("logits", "features", "done") for f in (store / a / "c").rglob("*") if f.is_file()]
+        assert len(written) == n_files
+        verify = run_cli("cache", "verify", tid, "--cache", cache)
+        assert verify.exit_code == 0 and f"{tid}: ok" in verify.stdout, verify.output
+    sharded, plain = (zarr.open_group(c / "teachers" / tid, mode="r") for c in (tmp_path / "s", tmp_path / "p"))
+    assert (sharded.attrs["chunk_rows"], sharded.attrs["shard_rows"], plain.attrs["shard_rows"]) == (128, 512, 128)
+    for name in ("logits", "features", "done"):
+        assert np.array_equal(sharded[name][...], plain[name][...]), name
+    refused = run_cli(*args, "--shard-rows", 200, "--cache", tmp_path / "x")
+    assert refused.exit_code == 1 and "--shard-rows 200 must be a multiple of the chunk rows (128)" in refused.output

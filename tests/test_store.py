@@ -261,3 +261,109 @@ def test_a_plan_of_many_views_is_written_chunk_by_chunk_in_bounded_memory(cache:
     order, params = draw_plan("crop-flip", n_views, n, 5)
     assert np.array_equal(plan.group["order"][...], order) and np.array_equal(plan.group["params"][...], params)
     assert plan.verify() == []
+
+
+# ---------------------------------------------------------------- shards: one file a shard, written whole
+
+S = 8  # rows a shard: 2 chunks of R = 4; a view's 10 rows are shard 0 (chunks 0, 1) and shard 1 (chunk 2)
+
+
+def make_sharded(cache: Cache, tid: str = "cccc3333dddd4444") -> TeacherStore:
+    attrs = {"plan_id": "p" * 16, "arch": "resnet8", "num_classes": C, "feature_dim": D,
+             "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}, "dataset": "digits"}
+    return TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (V, N, C, D), R, torch.zeros(C, D),
+                                         torch.ones(C), shard_rows=S)
+
+
+def fill_shards(store: TeacherStore, skip: set[tuple[int, int]] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((V, N, C)).astype(np.float16)
+    feats = rng.standard_normal((V, N, D)).astype(np.float16)
+    for v in range(V):
+        for s in range(store.shards_per_view):
+            if (v, s) not in skip:
+                rows = store.shard_rows_of(s)
+                store.write_shard(v, s, logits[v, rows], feats[v, rows], list(store.shard_chunks(s)))
+    return logits, feats
+
+
+def test_a_store_in_shards_holds_one_file_a_shard_and_reads_chunk_by_chunk(cache: Cache) -> None:
+    store = make_sharded(cache)
+    assert (store.chunk_rows, store.shard_rows, store.chunks_per_shard, store.shards_per_view) == (R, S, 2, 2)
+    assert store.pending_shards() == [(v, s) for v in range(V) for s in range(2)]
+    logits, feats = fill_shards(store)
+    written = {f for a in ("logits", "features", "done") for f in store.location.files(f"{a}/c")}
+    assert written == {f"{a}/c/{v}/{s}{inner}" for a, inner in (("logits", "/0"), ("features", "/0"), ("done", ""))
+                       for v in range(V) for s in range(2)}
+    assert len(written) == V * fmt.files_per_view(N, S, 2) == 18  # against 27 in one file a chunk
+    meta = json.loads((store.path / "logits" / "zarr.json").read_text())
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, S, C]
+    (sharding,) = meta["codecs"]
+    assert sharding["name"] == "sharding_indexed" and sharding["configuration"]["chunk_shape"] == [1, R, C]
+    assert [c["name"] for c in sharding["configuration"]["codecs"]][-1] == "crc32c"
+    assert [c["name"] for c in sharding["configuration"]["index_codecs"]][-1] == "crc32c"
+    done = json.loads((store.path / "done" / "zarr.json").read_text())
+    assert done["chunk_grid"]["configuration"]["chunk_shape"] == [1, 2]  # the markers of a shard: one file
+    with pytest.raises(ValueError, match="whole shards"):
+        store.write_chunk(0, 0, logits[0, :R], feats[0, :R], 0)
+    store.mark_complete()
+    ro = cache.open_teacher(store.id)
+    for v in range(V):
+        for c in range(3):
+            z, h = ro.read_chunk(v, c)
+            assert np.array_equal(z, logits[v, ro.rows(c)]) and np.array_equal(h, feats[v, ro.rows(c)])
+        z, h = ro.read_selected(v, np.array([9, 1, 6]))
+        assert np.array_equal(z, logits[v, [9, 1, 6]]) and np.array_equal(h, feats[v, [9, 1, 6]])
+    assert np.array_equal(ro.markers(), np.tile([0, 1, 2], (V, 1)))
+    assert ro.verify() == []
+
+
+def test_a_shard_is_redone_whole_even_over_what_a_cut_short_write_left(cache: Cache) -> None:
+    store = make_sharded(cache)
+    fill_shards(store, skip={(1, 0)})
+    assert store.pending() == [(1, 0), (1, 1)] and store.pending_shards() == [(1, 0)]
+    # a killed or failed write left shard (1, 0)'s logits file, and it is damaged: zarr would read it back
+    # before a write and fail on its checksum, so the writer removes it first
+    fmt.array(store.group, "logits")[1, 0:S] = np.ones((S, C), np.float16)
+    flip_byte(store.path / "logits" / "c" / "1" / "0" / "0")
+    with pytest.raises(ValueError):
+        fmt.read(store.group, "logits", (1, slice(0, S)))
+    logits, feats = fill_shards(store, skip={(v, s) for v in range(V) for s in range(2)} - {(1, 0)})
+    assert store.pending() == []
+    store.mark_complete()
+    ro = cache.open_teacher(store.id)
+    assert np.array_equal(ro.read_rows(1, 0, N)[0], logits[1]) and ro.verify() == []
+
+
+def test_damage_in_a_shard_is_named_by_chunk(cache: Cache) -> None:
+    store = make_sharded(cache)
+    fill_shards(store)
+    store.mark_complete()
+    flip_byte(store.path / "features" / "c" / "0" / "0" / "0")        # inside one of shard (0, 0)'s chunks
+    (store.path / "logits" / "c" / "1" / "1" / "0").unlink()           # shard (1, 1): chunk 2
+    (store.path / "done" / "c" / "2" / "0").unlink()                   # the markers of chunks (2, 0), (2, 1)
+    ro = cache.open_teacher(store.id)
+    problems = ro.verify()
+    damaged = [p for p in problems if "is damaged" in p]
+    assert damaged and all(p.startswith("features: chunk (view 0, chunk ") for p in damaged), problems
+    assert "logits: chunk (view 1, chunk 2) is missing" in problems
+    assert {"done: completion marker of (view 2, chunk 0) is missing",
+            "done: completion marker of (view 2, chunk 1) is missing"} <= set(problems)
+    with pytest.raises(StoreError, match=r"logits chunk \(view 1, chunk 2\) is missing"):
+        ro.read_chunk(1, 2)
+    with pytest.raises(StoreError, match=r"completion marker of \(view 2, chunk 1\) is missing"):
+        ro.read_chunk(2, 1)
+    bad = [c for c in (0, 1) if any(f"chunk (view 0, chunk {c})" in p for p in damaged)]
+    with pytest.raises(StoreError, match=rf"features chunk \(view 0, chunk {bad[0]}\) is damaged"):
+        ro.read_chunk(0, bad[0])
+
+
+def test_a_store_written_before_shards_still_reads(cache: Cache) -> None:
+    store = make_store(cache)  # one chunk a file; stores of earlier versions also lack the attribute
+    logits, feats = fill(store)
+    store.mark_complete()
+    del store.group.attrs["shard_rows"]
+    ro = cache.open_teacher(store.id)
+    assert "shard_rows" not in ro.attrs and (ro.shard_rows, ro.chunks_per_shard, ro.shards_per_view) == (R, 1, 3)
+    assert ro.pending_shards() == [] and ro.verify() == []
+    assert np.array_equal(ro.read_rows(2, 0, N)[1], feats[2])

@@ -28,6 +28,13 @@ LOCKS_DIR = "locks"
 # Chunks of teacher arrays hold about this many uncompressed bytes of the wider
 # of logits and features (docs/STORE.md: about 1-4 MB a chunk).
 TARGET_CHUNK_BYTES = 2 * 2**20
+# A shard (Zarr v3 sharding) packs consecutive chunks of one view of an array into one file of about this many
+# uncompressed bytes of the widest array: the file, and the unit a writer writes whole (never partially: one
+# writer a shard, as zarr's partial shard writes race) and a re-run redoes. Chunks stay the unit of compression,
+# checksum and reading, so readers keep their memory and shuffle; only the count of files falls, from thousands
+# a view (hundreds of thousands for spatial maps) to tens (thousands). benchmarks/chunk_files.py measured the
+# options (RESULTS.md, "Files a view").
+TARGET_SHARD_BYTES = 128 * 2**20
 # A chunk of a plan array holds at most this many rows: one view cut into chunks of this many rows
 # when the training set is larger, else as many whole views as fit (a 100,000-view plan of a small
 # data set is then a few dozen files, not 200,000).
@@ -256,6 +263,20 @@ def chunk_rows_for(n_samples: int, row_width: int, itemsize: int = 2) -> int:
     rows = max(1, TARGET_CHUNK_BYTES // max(1, row_width * itemsize))
     rows = 1 << (rows.bit_length() - 1)  # a power of two keeps chunk edges aligned across teachers
     return int(min(rows, n_samples))
+
+
+def shard_rows_for(n_samples: int, chunk_rows: int, row_width: int, itemsize: int = 2) -> int:
+    """Rows per shard: ``chunk_rows`` times a power of two so that the widest array's shard holds about
+    TARGET_SHARD_BYTES, but never more chunks than a view has (a small view is one shard)."""
+    per = max(1, TARGET_SHARD_BYTES // max(1, chunk_rows * row_width * itemsize))
+    per = 1 << (per.bit_length() - 1)
+    return int(chunk_rows * min(per, n_chunks(n_samples, chunk_rows)))
+
+
+def files_per_view(n_samples: int, shard_rows: int, n_data_arrays: int) -> int:
+    """Files one view of a teacher store comes to: a shard file of each data array and one file of
+    completion markers a shard (one chunk a shard in stores without shards)."""
+    return (n_data_arrays + 1) * n_chunks(n_samples, shard_rows)
 
 
 def n_chunks(n_samples: int, chunk_rows: int) -> int:

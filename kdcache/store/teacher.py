@@ -13,10 +13,17 @@ Arrays (Zarr format 3, every chunk CRC32C-checked):
   attribute ``feature_dtype`` int8 the features are int8 (fill -128) and ``feature_scale``
   (V, N) float32, chunks (1, R), holds each row's scale: a row is ``features · scale``;
 - ``head/weight`` (C, D) and ``head/bias`` (C,), float32;
-- ``done`` (V, n_chunks) int32, one chunk per element: the completion marker of chunk
-  (v, c), written after both data chunks are in place. It holds the number of rows
+- ``done`` (V, n_chunks) int32, one chunk a shard: the completion markers of the chunks
+  (v, c), written after the shard's data are in place. Each holds the number of rows
   the teacher classified correctly there (-1: not written), which gives the
   accuracy over the views without reading the logits back.
+
+Shards (attribute ``shard_rows``, a multiple of ``chunk_rows``): every data array is
+sharded (1, S, ·), so a file holds S/R chunks of one view, and ``done`` is chunked
+(1, S/R). A shard is the unit of writing: one writer writes all of it, its files
+made afresh (:meth:`TeacherStore.write_shard`), then its markers in one file, so a
+shard is whole or unmarked and a re-run redoes whole shards. Stores without the
+attribute (written before shards) have one chunk a file: S = R.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ from __future__ import annotations
 import datetime as _dt
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, cast
+from typing import Any, Iterable, Iterator, Sequence, cast
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
 from kdcache import __version__
 from kdcache.errors import StoreError
@@ -83,11 +91,14 @@ class TeacherStore:
     @classmethod
     def open_for_writing(cls, path: Where, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
                          chunk_rows: int, head_weight: torch.Tensor, head_bias: torch.Tensor,
-                         feature_shape: tuple[int, ...] | None = None) -> "TeacherStore":
+                         feature_shape: tuple[int, ...] | None = None, shard_rows: int | None = None
+                         ) -> "TeacherStore":
         """Create the store, or reopen an unfinished one to resume it. The caller holds the writer lock.
 
         ``shape`` is (V, N, C, D); ``attrs["features"]`` names the feature form (default pooled) and
         ``feature_shape`` the per-row shape of its features array ((D,) when not given; () for none).
+        ``shard_rows`` (a multiple of ``chunk_rows``; default ``chunk_rows``, one chunk a file) are the rows
+        of a shard, the file and the unit of writing. A store being resumed keeps its own chunks and shards.
         An existing store whose attributes disagree with ``attrs`` is not this teacher's and is
         refused rather than overwritten.
         """
@@ -122,38 +133,46 @@ class TeacherStore:
             raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
         if fdtype not in fmt.FEATURE_DTYPES or (fdtype != fmt.DEFAULT_FEATURE_DTYPE and form == "none"):
             raise StoreError(f"feature dtype {fdtype!r} with feature form {form!r} is not a valid store")
+        shard = chunk_rows if shard_rows is None else int(shard_rows)
+        if chunk_rows < 1 or shard < chunk_rows or shard % chunk_rows:
+            raise StoreError(f"shards of {shard} rows do not hold whole chunks of {chunk_rows} rows")
+        per_shard = shard // chunk_rows
         size = n_views * n_samples * fmt.row_bytes(n_classes, fshape, feature_dtype=fdtype, topk=k)
         with fmt.disk_errors(f"creating teacher store {teacher_id}", where,
                              f"the store needs about {human_bytes(size)} before compression"):
             group = fmt.create_group(where, {
                 **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
                 "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "logits": logits_form,
-                "chunk_rows": chunk_rows,
+                "chunk_rows": chunk_rows, "shard_rows": shard,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
             })
             common: dict[str, Any] = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+
+            def layout(*row: int) -> dict[str, Any]:  # chunks of one view's rows, in shards when they are larger
+                return {"chunks": (1, chunk_rows, *row), **({"shards": (1, shard, *row)} if per_shard > 1 else {})}
+
             if k is not None:
                 index = fmt.index_dtype(n_classes)
                 for name, width, dtype, fill in (("topk_values", k, fmt.STORED_DTYPE, fmt.float_fill()),
                                                  ("topk_indices", k, index, np.iinfo(index).max),
                                                  ("logit_stats", len(fmt.LOGIT_STATS), "float32", fmt.float_fill())):
-                    group.create_array(name, shape=(n_views, n_samples, width), chunks=(1, chunk_rows, width),
+                    group.create_array(name, shape=(n_views, n_samples, width), **layout(width),
                                        dtype=dtype, fill_value=fill, **common)
             rows_of: tuple[tuple[str, tuple[int, ...]], ...] = (("logits", (n_classes,)), ("features", fshape))
             for name, row in rows_of:
                 if (name == "features" and form == "none") or (name == "logits" and k is not None):
                     continue
                 int8 = name == "features" and fdtype == "int8"
-                group.create_array(name, shape=(n_views, n_samples, *row), chunks=(1, chunk_rows, *row),
+                group.create_array(name, shape=(n_views, n_samples, *row), **layout(*row),
                                    dtype="int8" if int8 else fmt.STORED_DTYPE,
                                    fill_value=fmt.INT8_FILL if int8 else fmt.float_fill(),
                                    **{**common, "compressors": fmt.compressors(spatial=len(row) > 1)})
             if fdtype == "int8":
-                group.create_array("feature_scale", shape=(n_views, n_samples), chunks=(1, chunk_rows),
+                group.create_array("feature_scale", shape=(n_views, n_samples), **layout(),
                                    dtype="float32", fill_value=fmt.float_fill(), **common)
             chunks = fmt.n_chunks(n_samples, chunk_rows)
-            group.create_array("done", shape=(n_views, chunks), chunks=(1, 1), dtype="int32", fill_value=-1,
+            group.create_array("done", shape=(n_views, chunks), chunks=(1, per_shard), dtype="int32", fill_value=-1,
                                **common)
             head = group.create_group("head")
             head.create_array("weight", shape=(n_classes, dim), chunks=(n_classes, dim), dtype="float32",
@@ -250,6 +269,31 @@ class TeacherStore:
     def total_chunks(self) -> int:
         return self.n_views * self.chunks_per_view
 
+    @property
+    def shard_rows(self) -> int:
+        """Rows of a shard, the file and the unit of writing (``chunk_rows`` in stores written before shards)."""
+        return int(self.attrs.get("shard_rows", self.chunk_rows))
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def shards_per_view(self) -> int:
+        return fmt.n_chunks(self.n_samples, self.shard_rows)
+
+    def shard_of(self, c: int) -> int:
+        """The shard holding chunk ``c`` of a view."""
+        return c // self.chunks_per_shard
+
+    def shard_chunks(self, s: int) -> range:
+        """The chunks of shard ``s`` of a view."""
+        return range(s * self.chunks_per_shard, min((s + 1) * self.chunks_per_shard, self.chunks_per_view))
+
+    def shard_rows_of(self, s: int) -> slice:
+        """The rows of shard ``s`` within a view."""
+        return fmt.chunk_slice(s, self.shard_rows, self.n_samples)
+
     def rows(self, c: int) -> slice:
         """The rows of chunk ``c`` within a view."""
         return fmt.chunk_slice(c, self.chunk_rows, self.n_samples)
@@ -283,6 +327,10 @@ class TeacherStore:
             out += [(v, int(c)) for c in np.nonzero(row < 0)[0]]
         return out
 
+    def pending_shards(self, view: int | None = None) -> list[tuple[int, int]]:
+        """Shards (view, shard) holding a chunk still to write, in plan order: the units a writer writes."""
+        return sorted({(v, self.shard_of(c)) for v, c in self.pending(view)})
+
     def _marker_or_missing(self, v: int, c: int) -> int:
         try:
             return int(fmt.read(self.group, "done", (v, c)))
@@ -300,19 +348,38 @@ class TeacherStore:
 
     def write_chunk(self, v: int, c: int, logits: np.ndarray, features: np.ndarray | None, n_correct: int,
                     labels: np.ndarray | None = None) -> None:
-        """Write chunk (v, c) of the data arrays (``features`` is None in the form none), then its completion marker.
+        """Write chunk (v, c) and its marker (:meth:`write_shard`) in a store of one chunk a file; a store with
+        shards is written a whole shard at a time, so there this is a ValueError."""
+        if self.chunks_per_shard != 1:
+            raise ValueError(f"teacher store {self.id} holds {self.chunks_per_shard} chunks a shard and is written "
+                             "whole shards at a time: use write_shard")
+        self.write_shard(v, c, logits, features, [n_correct], labels)
+
+    def write_shard(self, v: int, s: int, logits: np.ndarray, features: np.ndarray | None,
+                    n_correct: Sequence[int], labels: np.ndarray | None = None) -> None:
+        """Write shard (v, s) of the data arrays, all its rows (``features`` None in the form none), then the
+        completion markers of its chunks (``n_correct``: the rows classified correctly in each), in one file.
 
         ``logits`` are the rows' float16 logits, all C of them; a top-K store keeps their summary
-        (:func:`format.summarise_logits`), for which it needs the rows' ``labels``.
-        A write the file system refuses (disk full, I/O error) is a StoreError naming the
-        chunk; the marker is then not written, so re-running the same precompute redoes the chunk.
+        (:func:`format.summarise_logits`), for which it needs the rows' ``labels``. In a store with shards
+        the shard's files are first removed (unmarked, so nothing in them counts), so that zarr makes each
+        afresh instead of reading one back a killed or failed write may have left. A write the file system
+        refuses (disk full, I/O error) is a StoreError naming the chunks; the markers are then not written,
+        so re-running the same precompute redoes the shard.
         """
-        rows = self.rows(c)
+        rows = self.shard_rows_of(s)
+        chunks = self.shard_chunks(s)
+        if len(n_correct) != len(chunks):
+            raise ValueError(f"shard {s} holds {len(chunks)} chunks, got {len(n_correct)} counts")
         name = "logits"
         k = self.topk
         if k is not None and labels is None:
-            raise ValueError(f"teacher store {self.id} keeps top-{k} logits: write_chunk needs the rows' labels")
+            raise ValueError(f"teacher store {self.id} keeps top-{k} logits: write_shard needs the rows' labels")
         try:
+            if self.chunks_per_shard > 1:
+                name = "files"
+                self._remove_shard_files(v, s)
+                name = "logits"
             if k is None:
                 fmt.array(self.group, "logits")[v, rows] = logits
             else:
@@ -328,14 +395,33 @@ class TeacherStore:
                     fmt.array(self.group, "feature_scale")[v, rows] = scale
                 else:
                     fmt.array(self.group, "features")[v, rows] = features
-            name = "completion marker"
-            fmt.array(self.group, "done")[v, c] = n_correct
+            name = "completion marker" if len(chunks) == 1 else "completion markers"
+            fmt.array(self.group, "done")[v, chunks.start:chunks.stop] = np.asarray(n_correct, dtype=np.int32)
         except OSError as exc:
             raise StoreError(
-                f"teacher store {self.id} at {self.path}: writing the {name} of chunk (view {v}, chunk {c}) failed: "
+                f"teacher store {self.id} at {self.path}: writing the {name} of {self._unit(v, s)} failed: "
                 f"{exc.strerror or exc}; make room (or fix the disk) and run the same `kdcache precompute` again "
-                "to resume from that chunk"
+                f"to resume from that {'chunk' if len(chunks) == 1 else 'shard'}"
             ) from None
+
+    def _unit(self, v: int, s: int) -> str:
+        """How errors name shard (v, s): as its chunk in a store of one chunk a file."""
+        chunks = self.shard_chunks(s)
+        if len(chunks) == 1:
+            return f"chunk (view {v}, chunk {chunks.start})"
+        return f"shard {s} of view {v} (chunks {chunks.start}-{chunks.stop - 1})"
+
+    def shard_key(self, name: str, v: int, c: int) -> str:
+        """The key (path below the store) of the file holding chunk (v, c) of array ``name``."""
+        inner = "/0" * (fmt.array(self.group, name).ndim - 2)  # one chunk spans every dimension after (view, row)
+        return f"{name}/c/{v}/{self.shard_of(c)}{inner}"
+
+    def _remove_shard_files(self, v: int, s: int) -> None:
+        """Delete shard (v, s)'s data files and its markers' file, whatever a cut-short write left there."""
+        c = self.shard_chunks(s).start
+        keys = [self.shard_key(name, v, c) for name in self.data_arrays] + [f"done/c/{v}/{s}"]
+        for key in keys:
+            sync((self.group.store_path / key).delete())
 
     def mark_complete(self, **extra: Any) -> None:
         """Record final attributes and declare the store complete (the last write)."""
@@ -446,13 +532,11 @@ class TeacherStore:
                 problems.append(f"done: completion marker of (view {v}, chunk {c}) is missing")
         for name in self.data_arrays:
             written = self.location.files(f"{name}/c")  # one listing, also on object stores
-            # one chunk spans every dimension after (view, row)
-            inner = "/0" * (fmt.array(self.group, name).ndim - 2)
             for v, c in self._chunks():
                 if (v, c) in unwritten:
                     continue
                 rows = self.rows(c)
-                if f"{name}/c/{v}/{c}{inner}" not in written:
+                if self.shard_key(name, v, c) not in written:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is missing")
                     continue
                 try:
