@@ -74,7 +74,7 @@ def approximation(out: Path, cfg: study.Config, dense: list[str], top: list[str]
     n = 0
     for epoch in (1, 2):
         for x, y in zip(a.epoch(epoch), b.epoch(epoch)):
-            s = student(x.views)
+            _, s = student(x.views)
             q = torch.softmax(s / T, dim=1)
             for z, z_hat, t in zip(x.teacher_logits, y.teacher_logits, y.teacher_topk):
                 assert t is not None
