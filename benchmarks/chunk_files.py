@@ -3,8 +3,9 @@
 Two tables, in one process:
 
 1. ImageNet-1k arithmetic (resnet50: 1,281,167 rows a view, 1,000 classes, pooled 2,048 or
-   spatial 2,048x7x7 features; a top-10 store with pooled features), from the format's own
-   functions (kdcache.store.format: chunk_rows_for, shard_rows_for, files_per_view): for each
+   spatial 2,048x7x7 features; top-10 stores with pooled features and without), from the format's own
+   functions (kdcache.store.format: chunk_rows_for, shard_rows_for, files_per_view; shards of at most
+   MAX_SHARD_ROWS rows): for each
    layout the files a view and over 100 views, the rows a batch is shuffled within (the
    reader's block: one chunk), the reader's read-ahead (prefetch 2 blocks x 4 teachers x a
    block's bytes), the rows a killed precompute redoes (at most the unit being forwarded and
@@ -76,7 +77,7 @@ def rows_of(layout: Layout, n: int, widest: int) -> tuple[int, int, int]:
     row is ``widest`` bytes, by the format's rules (powers of two; a shard never covers more than a view)."""
     chunk = pow2_rows(layout.chunk_bytes, widest, n)
     if layout.shard_bytes:
-        per = max(1, layout.shard_bytes // (chunk * widest))
+        per = max(1, min(layout.shard_bytes // (chunk * widest), fmt.MAX_SHARD_ROWS // chunk))
         shard = chunk * min(1 << (per.bit_length() - 1), fmt.n_chunks(n, chunk))
     else:
         shard = chunk
@@ -96,6 +97,7 @@ STORES = {  # name -> (logits row bytes, features row bytes, data arrays, widest
     "pooled float16": (fmt.logits_row_bytes(C_IMAGENET), fmt.feature_row_bytes((2048,)), 2),
     "spatial float16": (fmt.logits_row_bytes(C_IMAGENET), fmt.feature_row_bytes((2048, 7, 7)), 2),
     "topk:10, pooled float16": (fmt.logits_row_bytes(C_IMAGENET, 10), fmt.feature_row_bytes((2048,)), 4),
+    "topk:10, no features": (fmt.logits_row_bytes(C_IMAGENET, 10), 0, 3),
 }
 
 

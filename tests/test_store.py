@@ -71,6 +71,16 @@ def test_chunk_rows_target_about_two_megabytes() -> None:
     assert chunk_rows_for(10**6, 100) * 100 * 2 <= fmt.TARGET_CHUNK_BYTES
 
 
+def test_shard_rows_target_about_128_megabytes_at_most_65536_rows_and_a_view() -> None:
+    n = 1_281_167  # ImageNet-1k
+    assert fmt.shard_rows_for(n, 512, 4096, itemsize=1) == 32768  # pooled: 32768 rows x 4096 B = 128 MiB
+    assert fmt.shard_rows_for(n, 8, 200704, itemsize=1) == 512  # spatial 2048x7x7: 98 MiB
+    assert fmt.shard_rows_for(n, 32768, 60, itemsize=1) == fmt.MAX_SHARD_ROWS == 65536  # top-10 logits alone
+    assert fmt.shard_rows_for(1437, 128, 128) == 1536  # never more than a view's chunks: 12 of 128 rows
+    assert fmt.shard_rows_for(1437, 1437, 64) == 1437
+    assert fmt.files_per_view(n, 32768, 2) == 120 and fmt.files_per_view(n, 512, 2) == 7509
+
+
 def test_round_trip_is_exact_and_rows_are_in_plan_order(cache: Cache) -> None:
     store = make_store(cache)
     assert store.pending() == [(v, c) for v in range(V) for c in range(3)]

@@ -35,6 +35,10 @@ TARGET_CHUNK_BYTES = 2 * 2**20
 # a view (hundreds of thousands for spatial maps) to tens (thousands). benchmarks/chunk_files.py measured the
 # options (RESULTS.md, "Files a view").
 TARGET_SHARD_BYTES = 128 * 2**20
+# ... and at most this many rows (unless a chunk is larger), so that a killed precompute redoes at most a few
+# seconds of a GPU's work and a cluster still splits a view of narrow rows (a top-K store without features)
+# into tasks.
+MAX_SHARD_ROWS = 2**16
 # A chunk of a plan array holds at most this many rows: one view cut into chunks of this many rows
 # when the training set is larger, else as many whole views as fit (a 100,000-view plan of a small
 # data set is then a few dozen files, not 200,000).
@@ -267,8 +271,9 @@ def chunk_rows_for(n_samples: int, row_width: int, itemsize: int = 2) -> int:
 
 def shard_rows_for(n_samples: int, chunk_rows: int, row_width: int, itemsize: int = 2) -> int:
     """Rows per shard: ``chunk_rows`` times a power of two so that the widest array's shard holds about
-    TARGET_SHARD_BYTES, but never more chunks than a view has (a small view is one shard)."""
-    per = max(1, TARGET_SHARD_BYTES // max(1, chunk_rows * row_width * itemsize))
+    TARGET_SHARD_BYTES and at most MAX_SHARD_ROWS rows, but never more chunks than a view has (a small view
+    is one shard)."""
+    per = max(1, min(TARGET_SHARD_BYTES // max(1, chunk_rows * row_width * itemsize), MAX_SHARD_ROWS // chunk_rows))
     per = 1 << (per.bit_length() - 1)
     return int(chunk_rows * min(per, n_chunks(n_samples, chunk_rows)))
 
