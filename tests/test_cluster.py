@@ -186,3 +186,35 @@ def test_refusals_are_one_clear_line(digits_teacher: Path, tmp_path: Path, extra
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "c").exists()
+
+
+def test_workers_write_different_shards_of_one_view_and_never_the_same_shard(serial, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """In shards of two 128-row chunks and one shard a task, two workers fill the shards of one view side by
+    side: every task holds whole shards, no shard is in two tasks, and the store has the serial run's rows."""
+    ref, pairs, ids = serial
+    seen: dict[str, list] = {}
+    original = pcc.run_tasks
+
+    def recording(client, tasks, resources, tick=None):  # type: ignore[no-untyped-def]
+        seen["tasks"] = list(tasks)
+        original(client, tasks, resources, tick)
+
+    monkeypatch.setattr(pcc, "TASK_ROWS", 256)
+    monkeypatch.setattr(pcc, "run_tasks", recording)
+    result = run_cli(*precompute_args(pairs[:1], tmp_path / "c", "--chunk-rows", "128", "--shard-rows", "256",
+                                      "--workers", 2))  # the last --chunk-rows wins
+    assert result.exit_code == 0, result.output
+    tid = ids[0]
+    store = Cache.at(tmp_path / "c").open_teacher(tid)
+    assert (store.chunk_rows, store.shard_rows, store.shards_per_view) == (128, 256, 6)
+    shards = [(t.view, store.shard_of(c)) for t in seen["tasks"] for c in t.chunks]
+    assert all(list(t.chunks) == list(store.shard_chunks(store.shard_of(t.chunks[0]))) for t in seen["tasks"])
+    assert sorted(set(shards)) == [(v, s) for v in range(VIEWS) for s in range(6)]
+    assert len({(t.view, store.shard_of(t.chunks[0])) for t in seen["tasks"]}) == len(seen["tasks"]) == VIEWS * 6
+    assert store.verify() == []
+    got, want = zarr.open_group(tmp_path / "c" / "teachers" / tid, mode="r"), zarr.open_group(ref / "teachers" / tid,
+                                                                                              mode="r")
+    for name in ("logits", "features"):  # the same 256-row forward batches: the same rows, bit for bit
+        assert np.array_equal(got[name][...], want[name][...]), name
+    assert got["done"][...].sum() == want["done"][...].sum()
