@@ -128,4 +128,32 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
         click.echo(result.teacher_id)
 
 
-COMMANDS = (train_teacher_cmd, precompute_cmd)
+@click.command("sizes")
+@click.option("--teacher", default="resnet50", show_default=True, help="Architecture from `kdcache models`.")
+@click.option("--classes", "num_classes", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Classes of the data set (ImageNet-1k's by default).")
+@click.option("--samples", type=click.IntRange(min=1), default=1_281_167, show_default=True,
+              help="Training samples: rows a view (ImageNet-1k's by default).")
+@click.option("--views", type=click.IntRange(min=1), default=100, show_default=True, help="Views a store holds.")
+@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+              help="Side of the views, which sets the last-block map's size.")
+@click.option("--topk", "ks", type=click.IntRange(min=1), multiple=True, default=(10, 100), show_default=True,
+              help="The K of the top-K options to list (repeat for several).")
+def sizes_cmd(teacher: str, num_classes: int, samples: int, views: int, image_size: int,
+              ks: tuple[int, ...]) -> None:
+    """Bytes a row, a view and a store, and files a view, of every store option, before any data exists.
+
+    Arithmetic from the store format (no data, checkpoint or weights needed): dense and top-K logits, with no,
+    pooled or spatial features in float16 or int8, beside TinyViT's published figures. `precompute --dry-run`
+    states the same for the one store it would write.
+    """
+    from kdcache.pipelines.sizes import teacher_store_sizes
+    from kdcache.store.sizes import size_table
+
+    rows = teacher_store_sizes(teacher, num_classes, samples, views, image_size, ks)
+    click.echo(f"{teacher}, {num_classes} classes, {samples:,} samples, {views} views at {image_size} px; "
+               "before compression")
+    click.echo("\n".join(size_table(rows, samples, views)))
+
+
+COMMANDS = (train_teacher_cmd, precompute_cmd, sizes_cmd)

@@ -31,11 +31,11 @@ from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
-from kdcache.store import (Cache, PlanStore, TeacherStore, chunk_rows_for, plan_id, sha256_file, shard_rows_for,
-                           teacher_id)
+from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
 from kdcache.store.format import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES, FEATURE_FORMS,
-                                  STORED_DTYPE, feature_row_bytes, feature_shape, index_dtype, logits_row_bytes,
-                                  LOGIT_STATS, TOPK_ARRAYS, files_per_view, n_chunks, parse_logits, row_bytes)
+                                  LOGIT_STATS, STORED_DTYPE, data_array_names, default_layout, feature_shape,
+                                  files_per_view, index_dtype, logits_row_bytes, n_chunks, parse_logits, row_bytes,
+                                  widest_row_bytes)
 from kdcache.text import human_bytes
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
@@ -225,8 +225,8 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     fshape = feature_shape(req.features, d, spatial)
     # About 2 MB in the widest array's chunk and 128 MB in its shard (features counted at float16 whatever
     # their dtype). --chunk-rows alone keeps the layout it always gave, one chunk a file.
-    widest = max(logits_row_bytes(c, k), feature_row_bytes(fshape))
-    rows = req.chunk_rows or chunk_rows_for(n, widest, itemsize=1)
+    widest = widest_row_bytes(c, k, fshape)
+    rows = req.chunk_rows or default_layout(n, widest)[0]
     if req.shard_rows is not None:
         rows = min(rows, req.shard_rows) if req.chunk_rows is None else rows
         if req.shard_rows % rows:
@@ -234,7 +234,7 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
                                "holds whole chunks; give --chunk-rows too")
         shard = min(req.shard_rows, rows * n_chunks(n, rows))  # never more than a view's chunks
     else:
-        shard = rows if req.chunk_rows else shard_rows_for(n, rows, widest, itemsize=1)
+        shard = rows if req.chunk_rows else default_layout(n, widest)[1]
     return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
                       rows, shard)
 
@@ -498,8 +498,7 @@ def _files_line(views: int, n: int, chunk_rows: int, shard_rows: int, features: 
                 topk: bool = False) -> str:
     """How many files the store's data arrays and completion markers come to: one a shard of each (one a chunk
     in a store without shards)."""
-    arrays = [*(TOPK_ARRAYS if topk else ["logits"]), *(["features"] if features else []),
-              *(["feature_scale"] if scales else []), "done"]
+    arrays = [*data_array_names(1 if topk else None, features, scales), "done"]
     per_view = files_per_view(n, shard_rows, len(arrays) - 1)
     files = n_chunks(n, shard_rows)
     if shard_rows == chunk_rows:

@@ -278,6 +278,26 @@ def shard_rows_for(n_samples: int, chunk_rows: int, row_width: int, itemsize: in
     return int(chunk_rows * min(per, n_chunks(n_samples, chunk_rows)))
 
 
+def widest_row_bytes(num_classes: int, topk: int | None, features: tuple[int, ...]) -> int:
+    """The bytes of a row of a store's widest array, which sizes its chunks: its logits' (dense or top-K) or its
+    features' at float16 (whatever their dtype, so an int8 store keeps its float16 twin's layout)."""
+    return max(logits_row_bytes(num_classes, topk), feature_row_bytes(features))
+
+
+def default_layout(n_samples: int, widest: int) -> tuple[int, int]:
+    """(rows a chunk, rows a shard) of a store whose widest array's row takes ``widest`` bytes: about 2 MB a
+    chunk and 128 MB a shard (:func:`chunk_rows_for`, :func:`shard_rows_for`)."""
+    rows = chunk_rows_for(n_samples, widest, itemsize=1)
+    return rows, shard_rows_for(n_samples, rows, widest, itemsize=1)
+
+
+def data_array_names(topk: int | None, features: bool, int8: bool) -> tuple[str, ...]:
+    """The data arrays of a store: its logits' (``logits``, or a top-K store's three), then its features' (with
+    their scales when int8)."""
+    return ((TOPK_ARRAYS if topk is not None else ("logits",)) + (("features",) if features else ())
+            + (("feature_scale",) if features and int8 else ()))
+
+
 def files_per_view(n_samples: int, shard_rows: int, n_data_arrays: int) -> int:
     """Files one view of a teacher store comes to: a shard file of each data array and one file of
     completion markers a shard (one chunk a shard in stores without shards)."""
