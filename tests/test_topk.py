@@ -17,7 +17,7 @@ from kdcache.losses import Batch, MethodOptions, build_method
 from kdcache.losses.base import ce_per_sample, entropy_per_sample, kl_per_sample, teachers_ce, teachers_entropy
 from kdcache.models import build_model
 from kdcache.store import Cache
-from kdcache.store.format import summarise_logits
+from kdcache.store.format import SUMMARY_BLOCK_ROWS, summarise_logits
 from kdcache.topk import TopKLogits, kl_error_bound
 
 from conftest import error_lines, run_cli
@@ -47,6 +47,13 @@ def test_the_stored_scalars_by_hand() -> None:
     for k in (1, 5, 17, 40):
         assert np.array_equal(summarise_logits(z, np.zeros(50, int), k, 4.0)[1],
                               np.argsort(-z.astype(np.float64), axis=1, kind="stable")[:, :k])
+    # a long block is summarised in parts, with the same result as row by row
+    big = (np.random.default_rng(2).standard_normal((SUMMARY_BLOCK_ROWS + 7, 30)) * 3).astype(np.float16)
+    labels = np.arange(len(big)) % 30
+    whole = summarise_logits(big, labels, 4, 2.0)
+    for rows in (slice(0, 5), slice(SUMMARY_BLOCK_ROWS - 2, SUMMARY_BLOCK_ROWS + 7)):
+        for a, b in zip(whole, summarise_logits(big[rows], labels[rows], 4, 2.0)):
+            assert np.array_equal(a[rows], b)
     # 255 classes fit uint8 (255 marks an unwritten chunk); 256 need uint16
     assert summarise_logits(np.zeros((1, 255), np.float16), np.array([0]), 1, 1.0)[1].dtype == np.uint8
     assert summarise_logits(np.zeros((1, 256), np.float16), np.array([0]), 1, 1.0)[1].dtype == np.uint16

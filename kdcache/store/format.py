@@ -75,6 +75,7 @@ from kdcache.defaults import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAU
 TOPK_PREFIX = "topk:"
 LOGIT_STATS = ("lse", "label_logit", "entropy", "lse_t", "rest_t")
 TOPK_ARRAYS = ("topk_values", "topk_indices", "logit_stats")
+SUMMARY_BLOCK_ROWS = 4096
 
 # Fill value of int8 feature arrays: symmetric quantisation writes only -127..127, so an unwritten chunk
 # reads as -128 everywhere and is told from a written one, as NaN tells the float arrays'.
@@ -145,7 +146,13 @@ def summarise_logits(logits: np.ndarray, labels: np.ndarray, k: int,
                      temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A top-K store's rows of float16 logits ``(R, C)``: the K largest (float16, largest first; ties by class),
     their classes, and the float32 scalars of :data:`LOGIT_STATS`, computed in float64 from the float16 values
-    (what a dense store holds), so that a weight from them equals the dense store's."""
+    (what a dense store holds), so that a weight from them equals the dense store's. Done in blocks of
+    SUMMARY_BLOCK_ROWS rows, so a shard of 2^16 rows of 1,000 classes needs tens of MB of float64, not GBs."""
+    if len(logits) > SUMMARY_BLOCK_ROWS:
+        parts = [summarise_logits(logits[i:i + SUMMARY_BLOCK_ROWS], labels[i:i + SUMMARY_BLOCK_ROWS], k, temperature)
+                 for i in range(0, len(logits), SUMMARY_BLOCK_ROWS)]
+        values, indices, stats = (np.concatenate(p) for p in zip(*parts))
+        return values, indices, stats
     z16 = np.asarray(logits, dtype=np.float16)
     z = z16.astype(np.float64)
     order, chosen = _top_k(z, k)
