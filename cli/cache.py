@@ -18,7 +18,8 @@ def cache() -> None:
 @cache.command("ls")
 @cache_option
 def ls(cache: str | None) -> None:
-    """List teacher stores with their plan, arch, logits and feature forms, views, size and accuracy."""
+    """List teacher stores with their plan, arch, logits and feature forms, views, size, accuracy and forward
+    precision (float32, or amp-bfloat16 / amp-float16 from precompute --amp)."""
     from kdcache.pipelines.cache_admin import list_stores
     from kdcache.store import Cache
     from kdcache.text import human_bytes
@@ -29,12 +30,12 @@ def ls(cache: str | None) -> None:
         click.echo(f"no teacher stores in {c.root}", err=True)
         return
     click.echo(f"{'teacher':<16}  {'plan':<16}  {'arch':<12} {'features':<12} {'dataset':<13} {'views':>5} {'samples':>8} "
-               f"{'size':>10} {'test acc':>8}  {'logits':<12}  state")
+               f"{'size':>10} {'test acc':>8}  {'logits':<12}  {'forward':<12}  state")
     for r in rows:
         acc = f"{r.test_accuracy:.2f}%" if r.test_accuracy is not None else "-"
         click.echo(f"{r.teacher_id:<16}  {r.plan_id:<16}  {r.arch:<12} {r.features:<12} {r.dataset:<13} {r.views:>5} "
                    f"{r.samples:>8} "
-                   f"{human_bytes(r.bytes):>10} {acc:>8}  {r.logits:<12}  {r.state}")
+                   f"{human_bytes(r.bytes):>10} {acc:>8}  {r.logits:<12}  {r.forward:<12}  {r.state}")
 
 
 @cache.command("info")

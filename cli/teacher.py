@@ -9,7 +9,8 @@ import click
 from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
                                 recipe_option, row_progress, tensorboard_option)
 from kdcache import defaults
-from kdcache.defaults import DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAULT_VIEWS, FEATURE_DTYPES, FEATURE_FORMS
+from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAULT_VIEWS, FEATURE_DTYPES,
+                              FEATURE_FORMS)
 
 
 @click.command("train-teacher")
@@ -96,13 +97,23 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--logits-temperature", type=float, default=defaults.TEMPERATURE, show_default=True,
               help="The KD temperature a top-K store serves: distill's --temperature must equal it. Dense stores "
                    "serve every temperature.")
+@click.option("--amp", is_flag=True,
+              help="Run the teachers under autocast (mixed precision), for GPUs with tensor cores. bfloat16 on a "
+                   "CPU: stored logits off float32's by about 0.5% of their magnitude on average, at most 1.4% of "
+                   "the largest (benchmarks/RESULTS.md, \"AMP for precompute\"). Part of the teacher id; the test "
+                   "accuracy is measured the same way.")
+@click.option("--amp-dtype", type=click.Choice(AMP_DTYPES), default=None,
+              help="The autocast dtype of --amp [default: float16 on CUDA, as distill's --amp; bfloat16 on CPU, "
+                   "where autocast is usually slower than float32]. bfloat16 keeps float32's range where float16 "
+                   "could overflow.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
                    batch_size: int | None,
                    device: str | None, chunk_rows: int | None, shard_rows: int | None, workers: int | None,
                    scheduler: str | None,
-                   features: str, feature_dtype: str, logits: str, logits_temperature: float, dry_run: bool) -> None:
+                   features: str, feature_dtype: str, logits: str, logits_temperature: float, amp: bool,
+                   amp_dtype: str | None, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
@@ -116,7 +127,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
                               chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, features=features, image_size=image_size,
-                              feature_dtype=feature_dtype, logits=logits, logits_temperature=logits_temperature)
+                              feature_dtype=feature_dtype, logits=logits, logits_temperature=logits_temperature,
+                              amp=amp, amp_dtype=amp_dtype)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

@@ -22,6 +22,8 @@ DEFAULT_FEATURE_FORM = "pooled"
 # How stored features are kept: float16, or int8 with one float32 scale a row (about half the bytes).
 FEATURE_DTYPES = ("float16", "int8")
 DEFAULT_FEATURE_DTYPE = "float16"
+# The teacher's forward under autocast (precompute --amp): its dtype; by default float16 on CUDA, bfloat16 elsewhere.
+AMP_DTYPES = ("bfloat16", "float16")
 
 # Logits: every class's logit (dense), or a top-K store's K largest with the scalars that keep the methods'
 # weights exact ("topk:K", docs/STORE.md); a top-K store serves distillation at one temperature.

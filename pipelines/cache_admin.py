@@ -26,6 +26,7 @@ class StoreSummary:
     state: str  # "complete", "partial (k/n chunks)", "cut short while being created" or "unreadable: why"
     features: str = "?"  # the feature form: pooled, spatial or none; ":int8" added for int8 features
     logits: str = "?"    # dense, or topk:K@T (the temperature a top-K store serves)
+    forward: str = "?"   # the teacher's forward precision: float32, amp-bfloat16 or amp-float16
 
 
 def list_stores(cache: Cache) -> list[StoreSummary]:
@@ -46,7 +47,8 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
                                 store.n_samples, size_on_disk(path), a.get("test_accuracy"), state,
                                 store.feature_form + (":" + store.feature_dtype if store.feature_dtype != "float16"
                                                       else ""),
-                                store.logits_form + ("" if store.topk is None else f"@T{store.logits_temperature:g}")))
+                                store.logits_form + ("" if store.topk is None else f"@T{store.logits_temperature:g}"),
+                                store.forward))
     return out
 
 

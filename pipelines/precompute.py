@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from kdcache.batches import read_ahead, view_batch
-from kdcache.defaults import DEFAULT_LOGITS, DEFAULT_VIEWS, TEMPERATURE
+from kdcache.defaults import AMP_DTYPES, DEFAULT_LOGITS, DEFAULT_VIEWS, TEMPERATURE
 from kdcache.data import DataSet, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
@@ -33,7 +33,8 @@ from kdcache.models import (build_model, feature_dim, forward_with_map, head_of,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
 from kdcache.store.format import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES, FEATURE_FORMS,
-                                  LOGIT_STATS, STORED_DTYPE, data_array_names, default_layout, feature_shape,
+                                  LOGIT_STATS, STORED_DTYPE, autocast_dtype, data_array_names, default_layout,
+                                  feature_shape, forward_precision,
                                   files_per_view, index_dtype, logits_row_bytes, n_chunks, parse_logits, row_bytes,
                                   widest_row_bytes)
 from kdcache.text import human_bytes
@@ -70,6 +71,8 @@ class PrecomputeRequest:
     feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
     logits: str = DEFAULT_LOGITS     # "dense" | "topk:K" (kdcache.store.format.parse_logits)
     logits_temperature: float = TEMPERATURE  # the T a top-K store serves (ignored when dense)
+    amp: bool = False                # run the teacher under autocast (the precision is part of the teacher id)
+    amp_dtype: str | None = None     # with amp: "bfloat16" | "float16"; default float16 on CUDA, bfloat16 elsewhere
 
 
 @dataclass
@@ -100,6 +103,7 @@ class TeacherJob:
     feature_shape: tuple[int, ...]    # per row: (D,) pooled, (C', H, W) spatial, () none
     chunk_rows: int
     shard_rows: int                   # a multiple of chunk_rows (equal: one chunk a file)
+    forward: str = "float32"          # the forward precision: float32, amp-bfloat16 or amp-float16
 
     @property
     def path(self) -> Path | str:
@@ -119,6 +123,7 @@ class TeacherJob:
         return {
             "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
             "features": self.req.features, "feature_dtype": self.req.feature_dtype, "logits": self.req.logits,
+            "forward": self.forward,
             **({} if self.topk is None else {"logits_temperature": float(self.req.logits_temperature)}),
             "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
             "dataset": self.req.dataset,
@@ -212,10 +217,10 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     if k is not None and k > dataset.num_classes:
         raise KdcacheError(f"--logits {req.logits}: K exceeds the {dataset.num_classes} classes of {dataset.name}; "
                            f"give K from 1 to {dataset.num_classes} (topk:{dataset.num_classes} keeps every logit)")
-    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype, req.logits,
-                     req.logits_temperature if k is not None else None)
-
     device = resolve_device(req.device)
+    forward = forward_precision(amp_dtype_for(device, req.amp_dtype) if req.amp else None)
+    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype, req.logits,
+                     req.logits_temperature if k is not None else None, forward)
     model = build_model(req.teacher, dataset.num_classes)
     load_checkpoint(model, req.checkpoint)
     # A model that cannot take the views' size fails here, before any plan or store exists.
@@ -236,12 +241,29 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     else:
         shard = rows if req.chunk_rows else default_layout(n, widest)[1]
     return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
-                      rows, shard)
+                      rows, shard, forward)
+
+
+def amp_dtype_for(device: torch.device, requested: str | None = None) -> str:
+    """The autocast dtype of ``--amp`` on ``device``: ``requested`` (``--amp-dtype``) if given, else float16 on
+    CUDA (as distill's --amp: tensor cores, and three more mantissa bits than bfloat16) and bfloat16 elsewhere
+    (the CPU's autocast dtype). One line of error where the device cannot run it."""
+    dtype = requested or ("float16" if device.type == "cuda" else "bfloat16")
+    if dtype not in AMP_DTYPES:
+        raise KdcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)} (got {dtype!r})")
+    if not torch.amp.is_autocast_available(device.type):
+        raise KdcacheError(f"--amp: torch has no autocast on {device.type} devices; drop --amp")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise KdcacheError(f"--amp-dtype bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
+                           "arithmetic; use --amp-dtype float16 (or drop --amp)")
+    return dtype
 
 
 def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
-    """Evaluate the teacher on the test split, record the accuracies and mark the store complete."""
-    test_top1, test_top5 = evaluate(job.model, job.dataset, job.recipe.name, job.device, job.batch_size)
+    """Evaluate the teacher on the test split (in the store's forward precision), record the accuracies and mark
+    the store complete."""
+    with _autocast(job.device, autocast_dtype(store.forward)):
+        test_top1, test_top5 = evaluate(job.model, job.dataset, job.recipe.name, job.device, job.batch_size)
     view_acc = 100.0 * store.view_accuracy()
     store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=view_acc)
     return [f"wrote teacher store {job.teacher_id} at {job.path}",
@@ -307,10 +329,12 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     together, up to ``batch_size`` rows, so that a store of wide rows (a spatial store holds
     about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. The next batch's images are decoded and replayed on a background
     thread while the teacher runs the current one (``READ_AHEAD_BATCHES`` ahead, so memory stays
-    bounded), and one writer thread overlaps I/O with compute.
+    bounded), and one writer thread overlaps I/O with compute. The teacher runs in the store's forward
+    precision (attribute ``forward``: float32, or autocast in bfloat16 or float16), whoever writes it.
     """
     plan_labels = plan.labels
     labels = torch.as_tensor(plan_labels)
+    amp = autocast_dtype(store.forward)
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
 
     def views(batch: _Batch) -> tuple[_Batch, torch.Tensor]:
@@ -320,14 +344,14 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     outputs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as writer:
         for batch, x in read_ahead(views, forward_batches(plan, store, chunks, batch_size), READ_AHEAD_BATCHES):
-            outputs.append(forward_batch(model, x, store.feature_form))
+            outputs.append(forward_batch(model, x, store.feature_form, amp))
             if batch.ends is None:
                 continue
             group, rows = batch.ends, batch.ends.rows
             logits = torch.cat([z for z, _ in outputs])
             features = None if store.feature_form == "none" else torch.cat([h for _, h in outputs if h is not None])
             outputs = []
-            _refuse_non_finite(logits, features, store.id, group.view, rows)
+            _refuse_non_finite(logits, features, store.id, group.view, rows, store.forward)
             correct = logits.float().argmax(1) == labels[group.indices]
             for s in group.chunks:
                 part = slice(store.shard_rows_of(s).start - rows.start, store.shard_rows_of(s).stop - rows.start)
@@ -377,13 +401,19 @@ def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple
 
 
 @torch.inference_mode()
-def forward_batch(model: torch.nn.Module, x: torch.Tensor,
-                  features: str = DEFAULT_FEATURE_FORM) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward_batch(model: torch.nn.Module, x: torch.Tensor, features: str = DEFAULT_FEATURE_FORM,
+                  amp: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's float16 logits and features in the form ``features`` (None for none), on the CPU,
-    for one batch of views."""
-    m, h, z = forward_with_map(model, x)
+    for one batch of views; run under autocast in ``amp`` (``bfloat16``, ``float16``) when given."""
+    with _autocast(x.device, amp):
+        m, h, z = forward_with_map(model, x)
     return z.to(torch.float16).cpu(), (None if features == "none" else
                                        (m if features == "spatial" else h).to(torch.float16).cpu())
+
+
+def _autocast(device: torch.device, amp: str | None) -> torch.autocast:
+    """Autocast on ``device`` in ``amp`` (``bfloat16``, ``float16``); a context that changes nothing for None."""
+    return torch.autocast(device.type, dtype=getattr(torch, amp or "bfloat16"), enabled=amp is not None)
 
 
 def forward_batch_size(device: torch.device, requested: int | None) -> int:
@@ -391,7 +421,8 @@ def forward_batch_size(device: torch.device, requested: int | None) -> int:
     return requested or default_batch_size(device, cpu=256, gpu=2048)
 
 
-def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid: str, v: int, rows: slice) -> None:
+def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid: str, v: int, rows: slice,
+                       forward: str = "float32") -> None:
     bad = ~torch.isfinite(logits).all(1)
     if features is not None:
         bad |= ~torch.isfinite(features).flatten(1).all(1)
@@ -400,6 +431,9 @@ def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid:
         raise KdcacheError(
             f"teacher {tid} produced NaN or inf (after float16 conversion) at view {v}, rows {where}"
             f"{' ...' if int(bad.sum()) > 5 else ''}; nothing was written for that chunk: check the checkpoint"
+            + {"float32": "", "amp-float16": " (it ran under --amp in float16: try --amp-dtype bfloat16, whose range "
+                                             "is float32's, or drop --amp)",
+               }.get(forward, f" (it ran under --amp in {autocast_dtype(forward)}: try without --amp)")
         )
 
 
@@ -451,6 +485,10 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--logits: {exc}") from None
     if not (math.isfinite(req.logits_temperature) and req.logits_temperature > 0):
         raise KdcacheError(f"--logits-temperature must be a positive number (got {req.logits_temperature})")
+    if req.amp_dtype is not None and not req.amp:
+        raise KdcacheError(f"--amp-dtype {req.amp_dtype} needs --amp: give --amp too, or drop --amp-dtype")
+    if req.amp_dtype is not None and req.amp_dtype not in AMP_DTYPES:
+        raise KdcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)} (got {req.amp_dtype!r})")
     if req.feature_dtype != DEFAULT_FEATURE_DTYPE and req.features == "none":
         raise KdcacheError(f"--feature-dtype {req.feature_dtype} needs features to store: give --features pooled "
                            "or spatial, or drop --feature-dtype")
@@ -481,6 +519,7 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         "partial, would resume" if cache.teacher_location(tid).exists("zarr.json") else "new")
     return [
         f"teacher    {req.teacher} from {req.checkpoint}",
+        f"forward    {_forward_text(job.forward, job.device)}",
         f"data set   {dataset.name}: {n} training samples, {dataset.num_classes} classes, recipe {job.recipe.name}",
         f"plan       {pid} ({plan_state}): {v} views x {n} samples = {total_rows} rows (seed {req.plan_seed})",
         f"store      {tid} ({store_state}) under {cache.root}",
@@ -506,6 +545,12 @@ def _files_line(views: int, n: int, chunk_rows: int, shard_rows: int, features: 
                 f"{', '.join(arrays)})")
     return (f"files      {views * per_view:,} files: {per_view:,} a view ({files:,} shards of each of "
             f"{', '.join(arrays)}; {n_chunks(n, chunk_rows):,} chunks a view, {shard_rows // chunk_rows:,} a shard)")
+
+
+def _forward_text(forward: str, device: torch.device) -> str:
+    amp = autocast_dtype(forward)
+    return (f"float32 on {device.type}" if amp is None else
+            f"autocast {amp} on {device.type} (--amp; {forward} is part of the teacher id)")
 
 
 def _shape(shape: tuple[int, ...]) -> str:

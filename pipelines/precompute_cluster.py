@@ -314,7 +314,9 @@ _loading = threading.Lock()
 
 
 def fill_chunks(task: ChunkTask) -> int:
-    """Write the task's chunks whose markers are missing, with their markers; return the rows written."""
+    """Write the task's chunks whose markers are missing, with their markers; return the rows written. The teacher
+    runs in the precision the store records (attribute ``forward``, from the coordinator's ``--amp``), whatever
+    this worker's device."""
     spec = task.teacher
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)

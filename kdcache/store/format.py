@@ -63,8 +63,15 @@ STORED_DTYPE = "float16"
 # What a teacher store keeps besides its logits (docs/STORE.md, "A teacher store"):
 # "pooled" the penultimate vector (V, N, D); "spatial" the last-block map its global
 # pool receives (V, N, C', H, W), as the official CA-MKD code matches it; "none" nothing.
-from kdcache.defaults import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAULT_LOGITS,  # noqa: E402,F401
-                              FEATURE_DTYPES, FEATURE_FORMS)
+from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM,  # noqa: E402,F401
+                              DEFAULT_LOGITS, FEATURE_DTYPES, FEATURE_FORMS)
+
+# How the teacher's forward pass ran (attribute ``forward``; docs/STORE.md): in float32 (the default, and every store
+# written before the option existed), or under autocast in bfloat16 or float16 (``precompute --amp``). Part of the
+# teacher id when not float32, so a store never mixes chunks of two precisions.
+DEFAULT_FORWARD = "float32"
+AMP_PREFIX = "amp-"
+FORWARD_PRECISIONS = (DEFAULT_FORWARD, *(AMP_PREFIX + d for d in AMP_DTYPES))
 
 # Top-K logits (docs/STORE.md, "Top-K logits"): per row the K largest logits (float16, largest first), their
 # classes (the smallest unsigned type that holds 0..C, its largest value marking an unwritten chunk), and
@@ -244,11 +251,12 @@ def plan_id(fingerprint: str, recipe: dict[str, Any], n_views: int, seed: int) -
 
 def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED_DTYPE,
                features: str = "pooled", feature_dtype: str = DEFAULT_FEATURE_DTYPE,
-               logits: str = DEFAULT_LOGITS, logits_temperature: float | None = None) -> str:
-    """Id of a teacher store: the same teacher on the same plan in the same feature form, feature dtype and
-    logits form (a top-K store's with its temperature) is the same store.
+               logits: str = DEFAULT_LOGITS, logits_temperature: float | None = None,
+               forward: str = DEFAULT_FORWARD) -> str:
+    """Id of a teacher store: the same teacher on the same plan in the same feature form, feature dtype,
+    logits form (a top-K store's with its temperature) and forward precision is the same store.
 
-    The pooled float16 form hashes exactly what ids hashed before the forms existed, so
+    The pooled float16 form of a float32 forward hashes exactly what ids hashed before the forms existed, so
     stores written by earlier versions keep their ids.
     """
     payload = {"format": FORMAT_VERSION, "kind": "teacher", "plan_id": plan, "arch": arch,
@@ -260,7 +268,23 @@ def teacher_id(plan: str, arch: str, checkpoint_sha256: str, dtype: str = STORED
     if logits != DEFAULT_LOGITS:
         payload["logits"] = logits
         payload["logits_temperature"] = float(logits_temperature) if logits_temperature is not None else None
+    if forward != DEFAULT_FORWARD:
+        payload["forward"] = forward
     return content_id(payload)
+
+
+def forward_precision(amp_dtype: str | None) -> str:
+    """The ``forward`` attribute of a store whose teacher ran under autocast in ``amp_dtype`` (None: float32)."""
+    return DEFAULT_FORWARD if amp_dtype is None else AMP_PREFIX + amp_dtype
+
+
+def autocast_dtype(forward: str) -> str | None:
+    """The autocast dtype (``bfloat16``, ``float16``) of a ``forward`` attribute; None for a float32 forward."""
+    if forward == DEFAULT_FORWARD:
+        return None
+    if forward not in FORWARD_PRECISIONS:
+        raise StoreError(f"unknown forward precision {forward!r}; known: {', '.join(FORWARD_PRECISIONS)}")
+    return forward[len(AMP_PREFIX):]
 
 
 def default_cache_dir() -> Path:

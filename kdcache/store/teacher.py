@@ -12,6 +12,8 @@ Arrays (Zarr format 3, every chunk CRC32C-checked):
   chunks (1, R, ·) with R chosen from the wider of a logits row and a features row. With the
   attribute ``feature_dtype`` int8 the features are int8 (fill -128) and ``feature_scale``
   (V, N) float32, chunks (1, R), holds each row's scale: a row is ``features · scale``;
+- attribute ``forward``: how the teacher ran, ``float32`` (the default; stores without the attribute), or
+  ``amp-bfloat16`` / ``amp-float16`` under autocast (``precompute --amp``); every chunk of a store ran alike;
 - ``head/weight`` (C, D) and ``head/bias`` (C,), float32;
 - ``done`` (V, n_chunks) int32, one chunk a shard: the completion markers of the chunks
   (v, c), written after the shard's data are in place. Each holds the number of rows
@@ -107,7 +109,7 @@ class TeacherStore:
         if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
             for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features", "feature_dtype",
-                        "logits", "logits_temperature"):
+                        "logits", "logits_temperature", "forward"):
                 have, want = (_identity(a, key) for a in (store.attrs, attrs))
                 if have != want:
                     raise StoreError(
@@ -133,6 +135,10 @@ class TeacherStore:
             raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
         if fdtype not in fmt.FEATURE_DTYPES or (fdtype != fmt.DEFAULT_FEATURE_DTYPE and form == "none"):
             raise StoreError(f"feature dtype {fdtype!r} with feature form {form!r} is not a valid store")
+        forward = attrs.get("forward", fmt.DEFAULT_FORWARD)
+        if forward not in fmt.FORWARD_PRECISIONS:
+            raise StoreError(f"forward precision {forward!r} is not a valid store; known: "
+                             f"{', '.join(fmt.FORWARD_PRECISIONS)}")
         shard = chunk_rows if shard_rows is None else int(shard_rows)
         if chunk_rows < 1 or shard < chunk_rows or shard % chunk_rows:
             raise StoreError(f"shards of {shard} rows do not hold whole chunks of {chunk_rows} rows")
@@ -143,7 +149,7 @@ class TeacherStore:
             group = fmt.create_group(where, {
                 **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
                 "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "logits": logits_form,
-                "chunk_rows": chunk_rows, "shard_rows": shard,
+                "forward": forward, "chunk_rows": chunk_rows, "shard_rows": shard,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
             })
@@ -218,6 +224,12 @@ class TeacherStore:
     def feature_dtype(self) -> str:
         """How the features are stored: float16, or int8 with a float32 scale a row (feature_scale)."""
         return str(self.attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE))
+
+    @property
+    def forward(self) -> str:
+        """How the teacher's forward ran: ``float32``, or ``amp-bfloat16`` / ``amp-float16`` under autocast
+        (stores written before the option existed are float32)."""
+        return str(self.attrs.get("forward", fmt.DEFAULT_FORWARD))
 
     @property
     def logits_form(self) -> str:
@@ -562,9 +574,10 @@ class TeacherStore:
 
 def _identity(attrs: dict[str, Any], key: str) -> Any:
     """What attribute ``key`` contributes to a store's identity: the checkpoint's content (not where the file
-    lies, which may move), the feature form and dtype with their defaults for stores older than them."""
+    lies, which may move), the feature form and dtype, logits form and forward precision with their defaults for
+    stores older than them."""
     value = attrs.get(key, {"features": fmt.DEFAULT_FEATURE_FORM, "feature_dtype": fmt.DEFAULT_FEATURE_DTYPE,
-                            "logits": fmt.DEFAULT_LOGITS}.get(key))
+                            "logits": fmt.DEFAULT_LOGITS, "forward": fmt.DEFAULT_FORWARD}.get(key))
     return value.get("sha256") if key == "checkpoint" and isinstance(value, dict) else value
 
 
