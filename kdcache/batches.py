@@ -12,20 +12,30 @@ import torch
 from kdcache.data import DataSet
 from kdcache.data.base import ImageSource
 from kdcache.views import eval_view, normalize, replay
+from kdcache.views.replay import replays_on_device
 
 _In = TypeVar("_In")
 _Out = TypeVar("_Out")
 
 
-def view_batch(dataset: DataSet, source: ImageSource, recipe: str, indices: np.ndarray,
+def view_batch(dataset: DataSet, source: ImageSource, recipe: str, indices: np.ndarray | torch.Tensor,
                params: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """The augmented, normalised views of ``indices`` under ``params``: float32 (B, 3, S, S) on ``device``.
 
     The same function serves teachers at precompute and students at distill, so
     both see bit-identical tensors for the same (view, row).
+
+    ``indices`` and ``params`` may be host arrays or tensors already on ``device``
+    (distill stages them there). Parameters are used where the recipe's replay reads
+    them (``kdcache.views.replay.replays_on_device``): host parameters of a recipe
+    replayed on the device are copied there without waiting, and device parameters of
+    a recipe that reads host ints would cost a device-to-host copy, so callers keep
+    those on the host.
     """
     images = source.load_on(indices, device)
-    params_t = torch.as_tensor(params).to(device, non_blocking=True)
+    params_t = torch.as_tensor(params)
+    if replays_on_device(recipe) or len(params_t) == 0:
+        params_t = params_t.to(device, non_blocking=True)
     return normalize(replay(recipe, images, params_t), dataset.mean, dataset.std)
 
 

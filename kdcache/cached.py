@@ -11,6 +11,13 @@ mass shared equally), with its exact rows in ``teacher_topk``. Under torchrun ea
 its slice of every global batch, as distill's ranks do. ``kdcache distill`` trains
 from this class; :meth:`CachedTeachers.as_dataset` serves users of DataLoader.
 
+On a GPU nothing here makes the host wait for the device: each batch's arrays go through
+:class:`kdcache.staging.Staging` (reused pinned buffers, copies on a side stream, the next
+batch's copies started before the current batch is handed out), a resident data set sits on
+the device where it fits (:func:`resident_source`) and is gathered there with sample ids
+staged with the batch, and replay parameters are staged to the device for a recipe that
+replays there, else kept on the host (``kdcache.views.replay.replays_on_device``).
+
     teachers = CachedTeachers(["3f2a", "9c1e"], batch_size=64, device="cuda")
     for epoch in range(1, 241):
         for b in teachers.epoch(epoch):
@@ -30,14 +37,17 @@ import torch
 
 from kdcache.batches import view_batch
 from kdcache.data import DataSet, load_dataset
+from kdcache.data.base import ImageSource, TensorSource
 from kdcache.device import resolve_device
 from kdcache.distributed import split_batch
 from kdcache.errors import KdcacheError, StoreError
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.store.location import Where
-from kdcache.stream import TeacherStream, check_compatible
+from kdcache.staging import Staged, Staging, fits_on_device
+from kdcache.stream import StreamBatch, TeacherStream, check_compatible
 from kdcache.topk import TopKLogits
 from kdcache.views import get_recipe
+from kdcache.views.replay import replays_on_device
 
 
 @dataclass
@@ -92,9 +102,14 @@ class CachedTeachers:
         if self.plan.n_samples < batch_size:
             raise KdcacheError(f"--batch-size {batch_size} exceeds the {self.plan.n_samples} training samples")
         self.batch_size = batch_size
+        # No pinning per batch: epoch() stages the arrays through reused (pinned, on CUDA) buffers.
         self.stream = TeacherStream(self.plan, self.stores, seed, prefetch, read_teachers=read_teachers,
-                                    pin_memory=self.device.type == "cuda", rank=self.rank, world=self.world)
-        self._source = self.dataset.train.to(self.device) if self.dataset.train.resident else self.dataset.train
+                                    pin_memory=False, rank=self.rank, world=self.world)
+        self._source = resident_source(self.dataset.train, self.device)
+        # Sample ids go to the device with the batch when its images are gathered there; replay parameters
+        # when the recipe's replay reads them there (else they stay host ints: no device-to-host copy).
+        self._ids_on_device = _images_on(self._source, self.device)
+        self._params_on_device = replays_on_device(self.plan.recipe)
 
     # -- what the stores hold ----------------------------------------------------------------
 
@@ -134,20 +149,49 @@ class CachedTeachers:
     # -- batches -----------------------------------------------------------------------------
 
     def epoch(self, epoch: int) -> Iterator[CachedBatch]:
-        """The batches of ``epoch`` (1-based), read ahead on background threads; stops early without harm."""
+        """The batches of ``epoch`` (1-based), read ahead on background threads; stops early without harm.
+
+        Each batch's arrays are staged (:class:`kdcache.staging.Staging`): copied into reused host
+        buffers, pinned on CUDA, and on to the device on a side stream. Batch i+1's copies are started
+        before batch i is handed out, so they run while the consumer's step on batch i does. Every tensor
+        of a batch is the batch's own (never a staging buffer): a consumer may keep batches.
+        """
         if epoch < 1:
             raise KdcacheError(f"epochs count from 1 (got {epoch})")
         view = self.stream.schedule.view(epoch)
+        staging = Staging(self.device)
+        ahead: tuple[int, StreamBatch, Staged] | None = None
         for step, batch in enumerate(self.stream.epoch(epoch, self.batch_size)):
-            views = view_batch(self.dataset, self._source, self.plan.recipe, batch.indices, batch.params, self.device)
-            topk = [None if s.logits_temperature is None else
-                    TopKLogits.unpack(z.to(self.device, non_blocking=True), s.num_classes, s.logits_temperature)
-                    for s, z in zip(self.stores, batch.teacher_logits)]
-            logits = [z.to(self.device, non_blocking=True).float() if t is None else t.dense()
-                      for t, z in zip(topk, batch.teacher_logits)]
-            yield CachedBatch(epoch, step, view, views, torch.as_tensor(batch.labels, device=self.device), logits,
-                              [h.to(self.device, non_blocking=True).float() for h in batch.teacher_features],
-                              batch.indices, topk)
+            staged = (step, batch, staging.put(self._arrays(batch)))
+            if ahead is not None:
+                yield self._on_device(epoch, view, *ahead)
+            ahead = staged
+        if ahead is not None:
+            yield self._on_device(epoch, view, *ahead)
+
+    def _arrays(self, batch: StreamBatch) -> dict[str, np.ndarray]:
+        """What of ``batch`` goes to the device, by name (the staging keys)."""
+        arrays = {"labels": batch.labels}
+        if self._ids_on_device:
+            arrays["indices"] = batch.indices
+        if self._params_on_device:
+            arrays["params"] = batch.params
+        arrays.update((f"logits{k}", z.numpy()) for k, z in enumerate(batch.teacher_logits))
+        arrays.update((f"features{k}", h.numpy()) for k, h in enumerate(batch.teacher_features))
+        return arrays
+
+    def _on_device(self, epoch: int, view: int, step: int, batch: StreamBatch, staged: Staged) -> CachedBatch:
+        """The batch made on the device, on the current stream, from its staged arrays."""
+        t = staged.ready()
+        views = view_batch(self.dataset, self._source, self.plan.recipe, t.get("indices", batch.indices),
+                           t.get("params", batch.params), self.device)
+        logits = [t[f"logits{k}"] for k in range(len(batch.teacher_logits))]
+        topk = [None if s.logits_temperature is None else TopKLogits.unpack(z, s.num_classes, s.logits_temperature)
+                for s, z in zip(self.stores, logits)]
+        return CachedBatch(epoch, step, view, views, t["labels"],
+                           [z.float() if k is None else k.dense() for k, z in zip(topk, logits)],
+                           [t[f"features{k}"].float() for k in range(len(batch.teacher_features))],
+                           batch.indices, topk)
 
     def as_dataset(self, epochs: int, start: int = 1) -> "CachedTeacherDataset":
         """An IterableDataset of every batch of epochs ``start`` .. ``epochs``, for
@@ -229,6 +273,26 @@ def teacher_classes_fit(stores: list[TeacherStore], dataset: DataSet) -> None:
         if s.num_classes != dataset.num_classes:
             raise StoreError(f"teacher store {s.id} has {s.num_classes} classes but {dataset.name} has "
                              f"{dataset.num_classes}")
+
+
+def resident_source(train: ImageSource, device: torch.device) -> ImageSource:
+    """The training images as distill reads them: a resident set (its images one tensor) moved to ``device``
+    where it fits there (:func:`kdcache.staging.fits_on_device`: at most half the free device memory), else
+    where they are."""
+    if train.resident:
+        images = getattr(train, "images", None)
+        nbytes = images.numel() * images.element_size() if isinstance(images, torch.Tensor) else 0
+        if fits_on_device(nbytes, device):
+            return train.to(device)
+    return train
+
+
+def _images_on(source: ImageSource, device: torch.device) -> bool:
+    """Whether ``source`` gathers a batch's images on ``device`` (a resident set there)."""
+    if not isinstance(source, TensorSource):
+        return False
+    where = source.images.device  # "cuda" names the current CUDA device, "cuda:0" one by number
+    return where.type == device.type and (where.index is None or device.index is None or where.index == device.index)
 
 
 def _place(rank: int | None, world: int | None) -> tuple[int, int]:

@@ -99,6 +99,10 @@ class TeacherStream:
     larger than a batch, that is every chunk of the view); only chunks without any
     of its rows, e.g. past the dropped last batch, are skipped. Splitting by chunk
     instead would save the reads but change which samples share a batch.
+
+    The teacher tensors of a batch are CPU tensors over fresh numpy arrays; ``pin_memory``
+    pins each batch's anew. :class:`kdcache.cached.CachedTeachers` leaves it off and copies
+    them into reused pinned buffers instead (:mod:`kdcache.staging`).
     """
 
     def __init__(self, plan: PlanStore, stores: list[TeacherStore], seed: int, prefetch: int = 2,

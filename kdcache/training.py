@@ -103,6 +103,8 @@ class NonFiniteWatch:
     ``CHECK_EVERY`` steps and at the end of every epoch, before anything of that epoch is saved.
     ``kept(epoch)`` says what the run keeps when epoch ``epoch`` fails (its last good checkpoint);
     ``any_rank(flag)``, under torchrun, tells every rank whether any rank found a bad step.
+    A check with nothing observed since the last one returns at once (no sync, and no collective:
+    every rank observes and checks the same steps, so all skip it alike).
     """
 
     CHECK_EVERY = 50
@@ -115,6 +117,7 @@ class NonFiniteWatch:
         self.step = torch.full((), -1, dtype=torch.long, device=device)
         self.bad = torch.zeros(0, dtype=torch.bool, device=device)
         self.values = torch.zeros(0, device=device)
+        self.unchecked = False   # steps observed since the last check
 
     def observe(self, epoch: int, step: int, terms: dict[str, torch.Tensor]) -> None:
         """Note the loss terms of training step ``step`` (0-based) of ``epoch``; check every CHECK_EVERY steps."""
@@ -131,11 +134,15 @@ class NonFiniteWatch:
         self.step = torch.where(hit, torch.full_like(self.step, step), self.step)
         self.bad = torch.where(hit, bad, self.bad)
         self.values = torch.where(hit, values, self.values)
+        self.unchecked = True
         if (step + 1) % self.CHECK_EVERY == 0:
             self.check()
 
     def check(self) -> None:
         """Raise NonFiniteLossError if a step observed so far had a non-finite term (on any rank)."""
+        if not self.unchecked:
+            return  # checked already: what it found would have been raised then
+        self.unchecked = False
         step = int(self.step)
         found = step >= 0
         if self.any_rank is not None and self.any_rank(found) and not found:

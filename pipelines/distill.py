@@ -267,7 +267,12 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
 
 @dataclass
 class _Stepper:
-    """One optimisation step of the student and the method's trainable parts on a batch."""
+    """One optimisation step of the student and the method's trainable parts on a batch.
+
+    No host sync: the loss terms stay on the device (the watch records them there). Two exceptions outside
+    this code: a method that solves on the host (aekd's teacher weights), and, with --amp on CUDA, the
+    GradScaler's inf check, which torch reads on the host before each optimizer step.
+    """
 
     model: torch.nn.Module               # StudentLoss, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
@@ -337,7 +342,12 @@ class EpochSums:
 
 def train_epoch(step: _Stepper, teachers: CachedTeachers, epoch: int, live: list[torch.nn.Module] | None,
                 on_step: Callable[[StepRecord], None] | None = None) -> EpochSums:
-    """One epoch: every batch of the epoch's stored view, one step each; the summed terms."""
+    """One epoch: every batch of the epoch's stored view, one step each; the summed terms.
+
+    Nothing is read back from the device per step (the terms are summed there; the NaN watch reads its
+    flag every CHECK_EVERY steps), except for ``on_step``: its record holds the step's terms as floats,
+    one host sync per step, taken only when a callback is given.
+    """
     step.model.train()
     sums = EpochSums()
     for batch in teachers.epoch(epoch):

@@ -99,8 +99,16 @@ class TensorSource(ImageSource):
         return np.tile(np.array([[h, w]], dtype=np.int64), (len(self), 1))
 
     def load(self, indices: Indices) -> torch.Tensor:
-        """The (B, 3, H, W) uint8 images at `indices`, on the tensor's device."""
-        idx = torch.from_numpy(_as_index_array(indices)).to(self.images.device)
+        """The (B, 3, H, W) uint8 images at `indices`, on the tensor's device.
+
+        Indices given as a tensor on that device are used where they are: no round trip through the
+        host (which on a GPU would wait for the device), so a training step can gather its batch from
+        a set resident on the GPU without a host sync.
+        """
+        if isinstance(indices, torch.Tensor) and indices.device == self.images.device:
+            idx = indices.reshape(-1).long()
+        else:
+            idx = torch.from_numpy(_as_index_array(indices)).to(self.images.device)
         return self.images[idx]
 
     def to(self, device: torch.device | str) -> TensorSource:

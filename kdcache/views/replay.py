@@ -42,6 +42,16 @@ def replay(recipe: str, images: Images, params: torch.Tensor) -> torch.Tensor:
     return _REPLAY[rec.name](images, params, rec.config)
 
 
+def replays_on_device(recipe: str) -> bool:
+    """Whether `recipe`'s replay reads its params on the images' device (crop-flip: one batched gather)
+    rather than as host ints (resized-crop-flip: a resize per image, sized by Python ints).
+
+    Callers keep the params where the replay reads them, so neither a host-to-device copy that
+    waits nor a device-to-host copy (a host sync) happens per batch.
+    """
+    return get_recipe(recipe).name in _DEVICE_PARAMS
+
+
 def eval_view(recipe: str, images: Images) -> torch.Tensor:
     """The deterministic test-time view matching `recipe`, uint8 (B, 3, S, S).
 
@@ -86,7 +96,8 @@ def _normalize_by_table(images: torch.Tensor, mean: tuple[float, ...], std: tupl
 def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
     """(C * 256,) float32: entry c * 256 + x is the CPU-normalised value x of channel c."""
     values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, len(mean), 1, 256)
-    return normalize(values.contiguous(), mean, std).reshape(-1).to(device)
+    # non_blocking: a copy from pageable host memory is staged before it returns, and nothing waits for it
+    return normalize(values.contiguous(), mean, std).reshape(-1).to(device, non_blocking=True)
 
 
 def _batch_size(images: Images) -> int:
@@ -126,7 +137,7 @@ def _replay_crop_flip(images: Images, params: torch.Tensor, config: dict) -> tor
     batch, channels = x.shape[:2]
     device = x.device
     padded = F.pad(x, (pad, pad, pad, pad))
-    top, left, flip = params.to(device=device, dtype=torch.long).unbind(1)
+    top, left, flip = params.to(device=device, dtype=torch.long, non_blocking=True).unbind(1)
     ar = torch.arange(size, device=device)
     rows = top[:, None] + ar
     # The flip is folded into the column indices: read the crop right to left.
@@ -147,7 +158,7 @@ def _replay_resized_crop_flip(images: Images, params: torch.Tensor, config: dict
             raise KdcacheError(f"crop box (i={i}, j={j}, h={h}, w={w}) does not fit a {height}x{width} image")
         crops.append(TF.resized_crop(img, i, j, h, w, size=[size, size], antialias=True))
     out = torch.stack(crops)
-    flip = params[:, 4].to(out.device) != 0
+    flip = params[:, 4].to(out.device, non_blocking=True) != 0
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
 
 
@@ -173,6 +184,8 @@ _REPLAY: dict[str, Callable[[Images, torch.Tensor, dict], torch.Tensor]] = {
     "crop-flip": _replay_crop_flip,
     "resized-crop-flip": _replay_resized_crop_flip,
 }
+# The recipes whose replay reads its params on the images' device (see replays_on_device).
+_DEVICE_PARAMS = frozenset({"crop-flip"})
 _EVAL: dict[str, Callable[[Images, dict], torch.Tensor]] = {
     "crop-flip": _eval_crop_flip,
     "resized-crop-flip": _eval_resized_crop_flip,
