@@ -456,3 +456,31 @@ def test_digits_fingerprint_changes_with_a_pixel():
     labels = ds.train.labels.copy()
     labels[3] = (labels[3] + 1) % 10
     assert tensor_fingerprint("digits", ds.train.images, labels) != ds.fingerprint
+
+
+def test_cifar_layout_is_torchvisions():
+    """kdcache keeps torchvision's CIFAR file and folder names itself (importing torchvision costs a run 2 s);
+    they must stay what torchvision's classes say."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    from kdcache.data.cifar import KINDS
+
+    for name, tv in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
+        kind = KINDS[name]
+        assert kind.base_folder == tv.base_folder
+        assert list(kind.train_files) == [f for f, _ in tv.train_list]
+        assert list(kind.test_files) == [f for f, _ in tv.test_list]
+        assert (kind.meta_file, kind.meta_key) == (tv.meta["filename"], tv.meta["key"])
+
+
+def test_reading_cifar_or_digits_does_not_import_torchvision(tmp_path):
+    """The distill path loads its data without torchvision (whose import takes about 2 s)."""
+    import subprocess
+    import sys
+
+    root = write_fake_cifar(tmp_path, kind="cifar10", n_train=20, n_test=10, seed=0)
+    code = ("import sys; from kdcache.data import load_dataset; import kdcache.pipelines.distill; "
+            f"load_dataset('cifar10', {str(root)!r}); load_dataset('digits', None); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

@@ -190,9 +190,9 @@ def test_precompute_decodes_at_most_the_read_ahead_batches_ahead_of_the_teacher(
         built.append(1)
         return real_view_batch(*args, **kwargs)
 
-    def slow_forward(model, x, features="pooled"):
+    def slow_forward(model, x, features="pooled", *rest):
         time.sleep(0.02)
-        out = real_forward(model, x, features)
+        out = real_forward(model, x, features, *rest)
         lead.append(len(built) - (len(lead) + 1))  # batches built beyond the one now forwarded
         return out
 

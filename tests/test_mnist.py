@@ -141,3 +141,13 @@ def test_train_precompute_and_distill_on_fashion_mnist(tmp_path: Path) -> None:
         assert out.exit_code == 0, out.output
         assert (run / "last.pth").is_file()
         assert torch.load(run / "last.pth", weights_only=False)["epoch"] == 1
+
+
+def test_the_layout_is_torchvisions() -> None:
+    """kdcache keeps torchvision's folder names and Fashion-MNIST's class names itself (importing torchvision
+    costs a run 2 s); they must stay what torchvision's classes say."""
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    assert KINDS["mnist"].folder == MNIST.__name__
+    assert KINDS["fashion-mnist"].folder == FashionMNIST.__name__
+    assert list(KINDS["fashion-mnist"].classes) == list(FashionMNIST.classes)

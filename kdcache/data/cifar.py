@@ -5,8 +5,9 @@ torchvision checks the md5 of every file (so no test fixture can pass it), turns
 every problem into one generic RuntimeError that names no file, and converts the
 rows to HWC, which we would only convert back. Reading the pickles directly lets
 each file be validated on its own (row count, row size, label range) and named
-in the error. File names, folder names and the meta key are still taken from
-torchvision's classes, so the expected layout is exactly torchvision's, and a
+in the error. File names, folder names and the meta key are torchvision's (kept here rather than read
+from its classes, whose import costs a distill run two seconds; tests/test_datasets.py checks that they
+equal torchvision's), so the expected layout is exactly torchvision's, and a
 restricted unpickler admits only what these files contain (numpy arrays and
 plain Python values), so a hostile file under --data-root cannot run code.
 
@@ -25,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
 
 from kdcache.data.base import DataSet, TensorSource, tensor_fingerprint
 from kdcache.errors import DatasetError
@@ -38,7 +38,11 @@ ROW_BYTES = 3 * 32 * 32
 class _Kind:
     name: str
     title: str
-    tv: type[CIFAR10]
+    base_folder: str               # torchvision's CIFAR10/CIFAR100.base_folder
+    train_files: tuple[str, ...]   # .train_list's names
+    test_files: tuple[str, ...]    # .test_list's names
+    meta_file: str                 # .meta["filename"]
+    meta_key: str                  # .meta["key"]
     num_classes: int
     label_key: str
     mean: tuple[float, float, float]
@@ -47,11 +51,13 @@ class _Kind:
 
 KINDS = {
     "cifar10": _Kind(
-        "cifar10", "CIFAR-10", CIFAR10, 10, "labels",
+        "cifar10", "CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+        "batches.meta", "label_names", 10, "labels",
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
     ),
     "cifar100": _Kind(
-        "cifar100", "CIFAR-100", CIFAR100, 100, "fine_labels",
+        "cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "meta", "fine_label_names", 100,
+        "fine_labels",
         (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761),
     ),
 }
@@ -131,7 +137,7 @@ def _read_batch(path: Path, kind: _Kind) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_classes(path: Path, kind: _Kind) -> list[str]:
     meta = _read_pickle(path, kind)
-    key = kind.tv.meta["key"]
+    key = kind.meta_key
     names = meta.get(key)
     if not isinstance(names, (list, tuple)) or len(names) != kind.num_classes:
         got = f"{len(names)} names" if isinstance(names, (list, tuple)) else "none"
@@ -141,7 +147,7 @@ def _read_classes(path: Path, kind: _Kind) -> list[str]:
 
 def _find_folder(root: Path, kind: _Kind, files: list[str]) -> Path:
     """The folder holding the CIFAR files: ROOT/<base_folder>, or ROOT itself if it is that folder."""
-    base = kind.tv.base_folder
+    base = kind.base_folder
     folder = root / base
     if not folder.is_dir() and root.name == base and root.is_dir():
         folder = root
@@ -168,13 +174,11 @@ def load_cifar(name: str, root: str | os.PathLike | None) -> DataSet:
     kind = KINDS[name]
     if root is None:
         raise DatasetError(
-            f"data set {name} needs --data-root: the folder that holds {kind.tv.base_folder} "
+            f"data set {name} needs --data-root: the folder that holds {kind.base_folder} "
             f"(kdcache never downloads; get the python version of {kind.title} from {URL})"
         )
     root = Path(root).expanduser()
-    train_files = [f for f, _ in kind.tv.train_list]
-    test_files = [f for f, _ in kind.tv.test_list]
-    meta_file = kind.tv.meta["filename"]
+    train_files, test_files, meta_file = list(kind.train_files), list(kind.test_files), kind.meta_file
     folder = _find_folder(root, kind, train_files + test_files + [meta_file])
 
     classes = _read_classes(folder / meta_file, kind)
@@ -206,5 +210,5 @@ def describe(name: str) -> str:
     kind = KINDS[name]
     return (
         f"{kind.title}, 50000 train / 10000 test 32x32 RGB images, {kind.num_classes} classes; "
-        f"needs --data-root (the folder holding {kind.tv.base_folder}, torchvision's layout; never downloaded)"
+        f"needs --data-root (the folder holding {kind.base_folder}, torchvision's layout; never downloaded)"
     )

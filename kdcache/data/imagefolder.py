@@ -13,7 +13,6 @@ import hashlib
 import os
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from kdcache.data.base import DataSet, FileSource, read_image_size
 from kdcache.errors import DatasetError
@@ -36,6 +35,8 @@ def _names(items: list[str], limit: int = 5) -> str:
 
 def _list_split(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
     try:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # torchvision's import costs 2 s
+
         return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
     except FileNotFoundError as exc:
         raise DatasetError(f"{folder}: {str(exc).strip()}; every class folder needs at least one image") from exc
@@ -73,6 +74,8 @@ def load_imagefolder(root: str | os.PathLike | None) -> DataSet:
                 f"ImageFolder data not found: expected folder {d} with one sub-folder of images per class "
                 f"(train/ and val/ alike); kdcache never downloads: put the images under {root}"
             )
+    from torchvision.datasets.folder import find_classes  # imported here: torchvision's import costs 2 s
+
     try:
         classes, class_to_idx = find_classes(str(train_dir))
         val_classes, _ = find_classes(str(val_dir))

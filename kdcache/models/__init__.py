@@ -126,15 +126,20 @@ def forward_with_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
 def map_shape(model: nn.Module, image_size: int) -> tuple[int, int, int]:
     """``(C', H, W)`` of ``model``'s last-block map for square inputs of side ``image_size``.
 
-    Runs the model on the meta device (no memory, no arithmetic); raises
-    KdcacheError with one line when the model cannot take that size.
+    Runs a copy of the model in eval mode on one blank image on the CPU (the model itself, its mode and
+    its batch-norm statistics are untouched), or on the meta device when its weights are there (no memory,
+    no arithmetic: ``kdcache sizes``). The meta device's first use imports torch's decompositions, about
+    3 s, which every run would pay; one small CPU forward costs milliseconds to a fraction of a second.
+    Raises KdcacheError with one line when the model cannot take that size.
     """
     import copy
 
-    meta = copy.deepcopy(model).to("meta").eval()
+    on_meta = any(p.is_meta for p in model.parameters())
+    device = torch.device("meta" if on_meta else "cpu")
+    probe = copy.deepcopy(model).to(device).eval()
     try:
         with torch.no_grad():
-            m, h, z = forward_with_map(meta, torch.empty(2, 3, image_size, image_size, device="meta"))
+            m, h, z = forward_with_map(probe, torch.zeros(1, 3, image_size, image_size, device=device))
     except (RuntimeError, ValueError) as exc:
         arch = getattr(model, "kdcache_arch", type(model).__name__)
         raise KdcacheError(f"{arch} cannot take {image_size}x{image_size} images: "

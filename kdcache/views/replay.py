@@ -8,14 +8,25 @@ row get the same uint8 tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 from kdcache.errors import KdcacheError
 from kdcache.views.recipes import get_recipe
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def _tf() -> "ModuleType":
+    """torchvision's v2 functional transforms, imported where a recipe resizes (torchvision's import costs a
+    crop-flip run, CIFAR's or digits', about 2 s)."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
 
 Images = torch.Tensor | list[torch.Tensor]
 
@@ -119,7 +130,7 @@ def _stacked(images: Images, size: int, recipe: str) -> torch.Tensor:
     of any size; a resident batch must already be S x S.
     """
     if isinstance(images, list):
-        images = [img if tuple(img.shape[-2:]) == (size, size) else TF.resize(img, [size, size], antialias=True)
+        images = [img if tuple(img.shape[-2:]) == (size, size) else _tf().resize(img, [size, size], antialias=True)
                   for img in images]
     batch = torch.stack(images) if isinstance(images, list) else images
     if batch.dtype != torch.uint8 or batch.ndim != 4 or tuple(batch.shape[2:]) != (size, size):
@@ -156,7 +167,7 @@ def _replay_resized_crop_flip(images: Images, params: torch.Tensor, config: dict
         height, width = img.shape[-2:]
         if not (h >= 1 and w >= 1 and 0 <= i and 0 <= j and i + h <= height and j + w <= width):
             raise KdcacheError(f"crop box (i={i}, j={j}, h={h}, w={w}) does not fit a {height}x{width} image")
-        crops.append(TF.resized_crop(img, i, j, h, w, size=[size, size], antialias=True))
+        crops.append(_tf().resized_crop(img, i, j, h, w, size=[size, size], antialias=True))
     out = torch.stack(crops)
     flip = params[:, 4].to(out.device, non_blocking=True) != 0
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
@@ -176,7 +187,7 @@ def _eval_resized_crop_flip(images: Images, config: dict) -> torch.Tensor:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
     shorter = round(size * _EVAL_RESIZE / _EVAL_CROP)
     return torch.stack([
-        TF.center_crop(TF.resize(img, [shorter], antialias=True), [size, size]) for img in images
+        _tf().center_crop(_tf().resize(img, [shorter], antialias=True), [size, size]) for img in images
     ])
 
 
