@@ -1,66 +1,246 @@
-"""Distill step times side by side: the student alone, CA-MKD from the stores, CA-MKD with live teachers.
+"""Distill step times in steady state, side by side: the student alone, the method from memory, from the
+stores, and with live teachers.
 
-    python benchmarks/distill_step.py                       # 3 x resnet32x4 -> vgg8, batch 64, CIFAR-shaped
-    python benchmarks/distill_step.py --features pooled spatial   # the same teachers in both feature forms
-    python benchmarks/distill_step.py --memory              # also: peak RSS of distill over V and 4V views
+    python benchmarks/distill_step.py                 # 3 x resnet32x4 -> vgg8, batch 64, 50,000 CIFAR-shaped samples
+    python benchmarks/distill_step.py --rounds 5 --steps 300 --json out.json
+    python benchmarks/distill_step.py --memory --no-steps   # peak RSS of distill over V and 4V views
 
-- t_student: a plain ``ce`` step (student forward, backward, SGD step), the bound;
-- t_cached:  a ``camkd`` step, teacher rows streamed from the stores;
-- t_online:  a ``camkd`` step, the same teachers run live on the same views.
-t_cached and t_online are taken for each ``--features`` form: the same teacher
-checkpoints precomputed as pooled stores (penultimate vectors, kdcache's compact
-CA-MKD) and as spatial stores (last-block maps, the official CA-MKD, with the
-student's map aligned by 1x1 conv + BN + ReLU). All go through the same distill
-pipeline on the same synthetic CIFAR-100 data, student, batch size and device,
-in one process; the step time is the median interval between consecutive steps
-(first steps dropped as warm-up).
+Four timings of one training step, all through the same distill pipeline, in one process:
+
+- t_student:  a plain ``ce`` step (student forward, backward, SGD step);
+- t_resident: the method, with every teacher row already in memory (the stores' chunks read and
+  decompressed before timing): the bound for reading;
+- t_cached:   the method, teacher rows streamed from the stores while the student trains;
+- t_online:   the method, the teachers run live on the same views.
+
+For each ``--rows`` entry (method and feature form: camkd on pooled stores, camkd on spatial stores
+(the official last-block maps, the student's map aligned by 1x1 conv + BN + ReLU), aver) the report
+gives t_cached / t_resident (the cache's own cost) and t_online / t_cached (what the cache saves).
+
+Steady state: the view holds ``--samples`` rows (50,000 by default, CIFAR-100-shaped), so the timed
+steps read many chunks while the student trains (pooled float16 resnet32x4 rows: 4,096 a chunk, a chunk
+every 64 steps at batch 64; spatial: 64 rows a chunk, a chunk per step), and the method sees epoch 2
+(camkd's feature term acts from its second epoch). A step's time is the median interval between
+consecutive steps after ``--warmup`` steps; each round runs every condition once, in the same order,
+and the report gives the median over ``--rounds`` rounds and the range.
+
+The teachers are resnet32x4 of random weights. Their stores are written by the precompute pipeline
+with the forward pass replaced by random outputs of the teacher's shapes (normal logits, ReLU'd normal
+features), since running resnet32x4 over 50,000 images on a CPU takes an hour and the values do not
+change the cost of a student step. t_online runs the real teachers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from common import fake_cifar100, machine
-from kdcache.data import load_dataset
-from kdcache.models import build_model
-from kdcache.pipelines.distill import DistillRequest, distill
-from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute
-from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id
-from kdcache.views import get_recipe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fake_cifar100, machine  # noqa: E402
 
-WARMUP = 3
+import kdcache.pipelines.distill as distill_mod  # noqa: E402
+import kdcache.pipelines.precompute as precompute_mod  # noqa: E402
+from kdcache.data import load_dataset  # noqa: E402
+from kdcache.models import build_model  # noqa: E402
+from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
+from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute  # noqa: E402
+from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id  # noqa: E402
+from kdcache.views import get_recipe  # noqa: E402
+
+ROWS = ("camkd:pooled", "camkd:spatial", "aver:pooled")
+
+
+class _Enough(Exception):
+    """Raised from the step callback once the timed steps are done: the run stops there."""
+
+
+@contextlib.contextmanager
+def random_teacher_outputs(seed: int = 0) -> Iterator[None]:
+    """Precompute with the teacher's forward replaced by random float16 outputs of its shapes."""
+    real = precompute_mod.forward_batch
+    shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
+    gen = torch.Generator().manual_seed(seed)
+
+    def fake(model: torch.nn.Module, x: torch.Tensor, features: str = "pooled", amp: str | None = None):
+        if id(model) not in shapes:
+            z, h = real(model, x[:1], features, amp)
+            shapes[id(model)] = (tuple(z.shape[1:]), () if h is None else tuple(h.shape[1:]))
+        zs, hs = shapes[id(model)]
+        z = (3 * torch.randn(len(x), *zs, generator=gen)).to(torch.float16)
+        h = None if features == "none" else torch.randn(len(x), *hs, generator=gen).clamp_min(0).to(torch.float16)
+        return z, h
+
+    precompute_mod.forward_batch = fake
+    try:
+        yield
+    finally:
+        precompute_mod.forward_batch = real
+
+
+Chunks = dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray | None]]
+
+
+def read_every_chunk(cache: Path, ids: list[str]) -> Chunks:
+    """Every chunk of the stores ``ids``, read and decompressed: (store id, view, chunk) -> (logits, features)."""
+    stores = [Cache.at(cache).open_teacher(t) for t in ids]
+    return {(s.id, v, c): s.read_chunk(v, c) for s in stores for v in range(s.n_views)
+            for c in range(s.chunks_per_view)}
+
+
+@contextlib.contextmanager
+def resident(held: Chunks) -> Iterator[None]:
+    """Reads of the chunks in ``held`` served from memory (the rest of the reading path unchanged)."""
+    real = TeacherStore.read_chunk
+
+    def read_chunk(self: TeacherStore, v: int, c: int, within: np.ndarray | None = None):
+        hit = held.get((self.id, v, c))
+        return real(self, v, c, within) if hit is None or within is not None else hit
+
+    TeacherStore.read_chunk = read_chunk  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        TeacherStore.read_chunk = real  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def steady_epoch() -> Iterator[None]:
+    """The method sees epoch e + 1 while the loop reads epoch e, so epoch 1 is timed as a later epoch."""
+    real = distill_mod._Stepper.__call__
+
+    def call(self: Any, batch: Any, epoch: int, live: Any) -> Any:
+        return real(self, batch, epoch + 1, live)
+
+    distill_mod._Stepper.__call__ = call  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        distill_mod._Stepper.__call__ = real  # type: ignore[method-assign]
+
+
+def step_times(req: DistillRequest, warmup: int, steps: int) -> list[float]:
+    """Seconds between consecutive steps ``warmup`` .. ``warmup + steps`` of the run's first epoch."""
+    stamps: list[float] = []
+
+    def on_step(_: object) -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) > warmup + steps:
+            raise _Enough
+
+    with contextlib.suppress(_Enough), steady_epoch():
+        distill(req, on_step=on_step)
+    shutil.rmtree(req.out, ignore_errors=True)
+    gaps = np.diff(stamps)[warmup:]
+    if len(gaps) == 0:
+        raise SystemExit(f"an epoch has {len(stamps)} steps, too few for --warmup {warmup}: raise --samples")
+    return [float(g) for g in gaps]
 
 
 def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset: str,
-                  features: str = "pooled") -> list[str]:
-    """K teachers of random weights (seeds 0..K-1, the same checkpoints for every form) precomputed in ``features``."""
+                  features: str = "pooled", random_outputs: bool = False) -> list[str]:
+    """K teachers of random weights (seeds 0..K-1, the same checkpoints for every form) precomputed in
+    ``features``; with ``random_outputs`` their stored rows are random (no forward pass is run)."""
     ids = []
     tmp.mkdir(parents=True, exist_ok=True)
-    for seed in range(k):
-        ckpt = tmp / f"{arch}-{seed}.pth"
-        if not ckpt.exists():
-            torch.manual_seed(seed)
-            torch.save({"model": build_model(arch, 100 if dataset == "cifar100" else 10).state_dict()}, ckpt)
-        ids.append(precompute(PrecomputeRequest(teacher=arch, checkpoint=ckpt, dataset=dataset, data_root=root,
-                                                cache=tmp / "cache", views=views, features=features)).teacher_id)
+    outputs = random_teacher_outputs() if random_outputs else contextlib.nullcontext()
+    with outputs:
+        for seed in range(k):
+            ckpt = tmp / f"{arch}-{seed}.pth"
+            if not ckpt.exists():
+                torch.manual_seed(seed)
+                torch.save({"model": build_model(arch, 100 if dataset == "cifar100" else 10).state_dict()}, ckpt)
+            ids.append(precompute(PrecomputeRequest(teacher=arch, checkpoint=ckpt, dataset=dataset, data_root=root,
+                                                    cache=tmp / "cache", views=views, features=features,
+                                                    device="cpu")).teacher_id)
     return ids
 
 
-def step_time(req: DistillRequest) -> float:
-    """Median seconds between consecutive training steps of one epoch."""
-    stamps: list[float] = []
-    distill(req, on_step=lambda r: stamps.append(time.perf_counter()))
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])][WARMUP:]
-    return statistics.median(gaps)
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Every condition once a round, ``args.rounds`` rounds; per-round medians, then their median and range."""
+    root = fake_cifar100(tmp / "data", args.samples)
+    rows = [tuple(r.split(":")) for r in args.rows]
+    forms = list(dict.fromkeys(form for _, form in rows))
+    t0 = time.perf_counter()
+    ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100",
+                               features=form, random_outputs=True) for form in forms}
+    print(f"stores written in {time.perf_counter() - t0:.0f} s", flush=True)
+    common = dict(student=args.student, cache=tmp / "cache", data_root=root, epochs=1,
+                  batch_size=args.batch_size, device=args.device, seed=0)
+
+    def timed(name: str, r: int, method: str, form: str, steps: int, **extra: Any) -> float:
+        req = DistillRequest(method=method, out=tmp / f"run-{r}-{name}", teachers=ids[form], **common, **extra)
+        t = statistics.median(step_times(req, args.warmup, steps))
+        print(f"  round {r + 1} {name:<28} {t * 1e3:9.1f} ms/step", flush=True)
+        return t
+
+    t0 = time.perf_counter()
+    held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]])
+    print(f"resident copies read in {time.perf_counter() - t0:.0f} s", flush=True)
+    per_round: dict[str, list[float]] = {}
+    for r in range(args.rounds):
+        per_round.setdefault("student", []).append(timed("student", r, "ce", forms[0], args.steps))
+        for method, form in rows:
+            key = f"{method} {form}"
+            with resident(held):
+                per_round.setdefault(f"{key} resident", []).append(
+                    timed(f"{key} resident", r, method, form, args.steps))
+            per_round.setdefault(f"{key} cached", []).append(timed(f"{key} cached", r, method, form, args.steps))
+            if not args.no_online:
+                per_round.setdefault(f"{key} online", []).append(
+                    timed(f"{key} online", r, method, form, args.online_steps, online=True))
+    del held
+    result: dict[str, Any] = {
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": str(args.device or "default"),
+        "setting": {k: getattr(args, k) for k in ("teacher", "teachers", "student", "samples", "batch_size",
+                                                  "rounds", "steps", "online_steps", "warmup")},
+        "times_ms": {k: summary([t * 1e3 for t in v]) for k, v in per_round.items()},
+        "ratios": {}}
+    for method, form in rows:
+        key = f"{method} {form}"
+        ratios = {"cached/resident": [c / s for c, s in zip(per_round[f"{key} cached"], per_round[f"{key} resident"])],
+                  "resident/student": [s / b for s, b in zip(per_round[f"{key} resident"], per_round["student"])]}
+        if not args.no_online:
+            ratios["online/cached"] = [o / c for o, c in zip(per_round[f"{key} online"], per_round[f"{key} cached"])]
+        result["ratios"][key] = {k: summary(v) for k, v in ratios.items()}
+    return result
+
+
+def print_steps(result: dict[str, Any]) -> None:
+    """The result as the markdown table RESULTS.md carries."""
+    s, t = result["setting"], result["times_ms"]
+    print(f"\n{s['teachers']} x {s['teacher']} -> {s['student']}, batch {s['batch_size']}, {s['samples']:,} "
+          f"CIFAR-shaped samples, device {result['device']}; {s['rounds']} rounds of {s['steps']} timed steps "
+          f"({s['online_steps']} online) after {s['warmup']}; medians over the rounds (min-max)")
+
+    def ms(d: dict[str, float] | None) -> str:
+        return "-" if d is None else f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f})"
+
+    def ratio(d: dict[str, float] | None) -> str:
+        return "-" if d is None else f"**{d['median']:.3f}** ({d['min']:.3f}-{d['max']:.3f})"
+
+    print(f"t_student (ce): {ms(t['student'])} ms")
+    print("| row | t_resident ms | t_cached ms | t_online ms | t_cached / t_resident | t_online / t_cached "
+          "| t_resident / t_student |")
+    print("|---|---|---|---|---|---|---|")
+    for key, r in result["ratios"].items():
+        print(f"| {key} | {ms(t[f'{key} resident'])} | {ms(t[f'{key} cached'])} | {ms(t.get(f'{key} online'))} | "
+              f"{ratio(r['cached/resident'])} | {ratio(r.get('online/cached'))} | {ratio(r['resident/student'])} |")
 
 
 RSS_PROBE = ("import resource, sys\n"
@@ -84,47 +264,34 @@ def main() -> None:
     ap.add_argument("--teacher", default="resnet32x4", help="Teacher architecture (random weights).")
     ap.add_argument("--student", default="vgg8", help="Student architecture.")
     ap.add_argument("--teachers", type=int, default=3, help="How many teachers.")
-    ap.add_argument("--samples", type=int, default=1024, help="Synthetic CIFAR-100 training images (one epoch).")
+    ap.add_argument("--samples", type=int, default=50_000, help="CIFAR-100-shaped training images in the view.")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
-    ap.add_argument("--features", nargs="+", choices=("pooled", "spatial"), default=["pooled"],
-                    help="Feature forms of the teacher stores to time camkd on, in this order (default: pooled).")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), metavar="METHOD:FORM",
+                    help=f"Method and feature form of each row (default: {' '.join(ROWS)}).")
+    ap.add_argument("--rounds", type=int, default=3, help="Rounds; each runs every condition once.")
+    ap.add_argument("--steps", type=int, default=200, help="Timed steps per condition and round.")
+    ap.add_argument("--online-steps", type=int, default=12, help="Timed steps of t_online (live teachers are slow).")
+    ap.add_argument("--warmup", type=int, default=5, help="Steps dropped at the start of each run.")
     ap.add_argument("--no-online", action="store_true", help="Skip t_online.")
+    ap.add_argument("--json", type=Path, help="Also write the result here.")
     ap.add_argument("--memory", action="store_true", help="Also measure peak RSS over V and 4V views (digits).")
     ap.add_argument("--no-steps", action="store_true", help="Skip the step times (with --memory).")
     args = ap.parse_args()
+    for row in args.rows:
+        if row.count(":") != 1 or row.split(":")[1] not in ("pooled", "spatial"):
+            ap.error(f"--rows takes METHOD:FORM with FORM pooled or spatial (got {row!r})")
 
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        result: dict[str, Any] = {}
         if not args.no_steps:
-            measure_steps(tmp, args)
+            result = measure_steps(Path(tmp), args)
+            print_steps(result)
         if args.memory:
-            measure_memory(tmp)
-
-
-def measure_steps(tmp: Path, args: argparse.Namespace) -> None:
-    """t_student, then t_cached and t_online for each feature form, on the same data, student, batch and device."""
-    root = fake_cifar100(tmp / "data", args.samples)
-    ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100", features=form)
-           for form in args.features}
-    common = dict(student=args.student, cache=tmp / "cache", data_root=root, epochs=1,
-                  batch_size=args.batch_size, device=args.device, seed=0)
-    t_student = step_time(DistillRequest(method="ce", out=tmp / "ce", teachers=ids[args.features[0]], **common))
-    t_cached = {form: step_time(DistillRequest(method="camkd", out=tmp / f"cached-{form}", teachers=ids[form],
-                                               **common)) for form in args.features}
-    t_online = {} if args.no_online else {
-        form: step_time(DistillRequest(method="camkd", out=tmp / f"online-{form}", teachers=ids[form], online=True,
-                                       **common)) for form in args.features}
-    print(f"{args.teachers} x {args.teacher} -> {args.student}, batch {args.batch_size}, {args.samples} "
-          f"CIFAR-shaped samples, steps timed per epoch: {args.samples // args.batch_size - 1 - WARMUP}")
-    print(f"t_student {t_student * 1e3:9.1f} ms/step")
-    for form in args.features:
-        print(f"{form:>8}: t_cached {t_cached[form] * 1e3:9.1f} ms/step   "
-              f"t_cached / t_student = {t_cached[form] / t_student:.3f}")
-        if form in t_online:
-            print(f"{form:>8}: t_online {t_online[form] * 1e3:9.1f} ms/step   "
-                  f"t_online / t_cached  = {t_online[form] / t_cached[form]:.2f}")
+            result["memory"] = measure_memory(Path(tmp))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 def synthetic_stores(cache_root: Path, n_views: int, k: int, dim: int) -> list[str]:
@@ -154,7 +321,7 @@ def synthetic_stores(cache_root: Path, n_views: int, k: int, dim: int) -> list[s
     return ids
 
 
-def measure_memory(tmp: Path, v: int = 3, dim: int = 2048) -> None:
+def measure_memory(tmp: Path, v: int = 3, dim: int = 2048) -> dict[str, float]:
     """Peak RSS of a camkd distill over V views in V epochs against 4V views in 4V epochs.
 
     Two synthetic teachers with 2048-wide features (a resnet50's) make each view 5.9 MB a
@@ -171,8 +338,8 @@ def measure_memory(tmp: Path, v: int = 3, dim: int = 2048) -> None:
     print(f"peak RSS, camkd resnet8 <- 2 synthetic teachers (D={dim}) on digits, one view per epoch: "
           f"{v1} views/epochs {r1:.0f} MiB (reads {b1:.0f} MiB of stores); {v4} views/epochs {r4:.0f} MiB "
           f"(reads {b4:.0f} MiB); ratio {r4 / r1:.3f}")
+    return {"views": v1, "peak_rss_mib": r1, "views_4x": v4, "peak_rss_4x_mib": r4, "ratio": r4 / r1}
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()
