@@ -1,13 +1,16 @@
-"""Distill step time per rank with 1 and 2 data-parallel ranks (torchrun), on the same stores, in one run.
+"""Distill step time per rank with 1 and N data-parallel ranks (torchrun), on the same stores, in one run.
 
     python benchmarks/distill_ranks.py         # 3 x resnet32x4 -> vgg8, camkd, global batch 64, CIFAR-shaped
+    python benchmarks/distill_ranks.py --device cuda --json out.json   # N = every GPU of the machine (NCCL)
 
 Every configuration runs the distill pipeline on the same teacher stores, student,
 method, global batch and seed, as a fresh torchrun job:
 - 1 rank:             one process, torch's default intra-op threads (all cores);
 - 1 rank, 1 thread:   one process with the one thread each rank gets below (torchrun's default);
-- 2 ranks:            ``torchrun --nproc_per_node 2``: DDP over gloo on CPU (NCCL on GPU), each rank
-                      training on half of every global batch and reading only its rows of the stores.
+- N ranks:            ``torchrun --nproc_per_node N`` (``--ranks``; default 2 on CPU, every GPU on CUDA):
+                      DDP over gloo on CPU (NCCL on GPU, one GPU a rank), each rank training on 1/N of
+                      every global batch and reading only its rows of the stores.
+On CUDA the one-thread configuration is left out (the GPU does the arithmetic).
 The step time of a rank is the median interval between its consecutive steps
 within an epoch (the first steps of each epoch dropped as warm-up); samples/s is
 the global batch over the slowest rank's step time. Rounds run the configurations
@@ -65,7 +68,9 @@ def launch(tmp: Path, name: str, ranks: int, threads: int | None, common: list[s
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            __file__, "--worker", str(record), "--out", str(tmp / f"run-{name}"), *common]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"torchrun of {name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
     results = [json.loads((record / f"rank{r}.json").read_text()) for r in range(ranks)]
     return [{"threads": r["threads"], "step": step_time(r["stamps"])} for r in results]
 
@@ -81,6 +86,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ranks", type=int, help="The data-parallel ranks (default: 2 on CPU, every GPU on CUDA).")
+    ap.add_argument("--json", type=Path, help="Also write the result here.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
@@ -102,7 +109,11 @@ def main() -> None:
         common = ["--student", args.student, "--method", args.method, "--batch-size", str(args.batch_size),
                   "--epochs", str(args.epochs), "--device", args.device, "--cache", str(tmp / "cache"),
                   "--data-root", str(root), "--ids", *ids]
-        configs = [("1 rank", 1, None), ("1 rank, 1 thread", 1, 1), ("2 ranks", 2, None)]
+        cuda = torch.device(args.device).type == "cuda"
+        ranks = args.ranks or (torch.cuda.device_count() if cuda else 2)
+        configs = [("1 rank", 1, None)] + ([] if cuda else [("1 rank, 1 thread", 1, 1)])
+        if ranks > 1:
+            configs.append((f"{ranks} ranks", ranks, None))
         print(f"{args.teachers} x {args.teacher} -> {args.student} {args.method}, global batch {args.batch_size}, "
               f"{args.samples} CIFAR-shaped samples, {args.epochs} epochs of {args.samples // args.batch_size} "
               f"steps ({WARMUP} warm-up steps dropped per epoch), {args.rounds} rounds")
@@ -113,12 +124,18 @@ def main() -> None:
                 runs[name].append(per_rank)
                 print(f"  round {r + 1} {name:<17} " + "  ".join(f"{p['step'] * 1e3:.1f}" for p in per_rank)
                       + " ms/step", flush=True)
-        for name, ranks, _ in configs:
-            steps = [statistics.median(rnd[i]["step"] for rnd in runs[name]) for i in range(ranks)]
+        result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": args.device,
+                  "global_batch": args.batch_size, "configs": {}}
+        for name, n, _ in configs:
+            steps = [statistics.median(rnd[i]["step"] for rnd in runs[name]) for i in range(n)]
             threads = runs[name][0][0]["threads"]
             ranks_text = "  ".join(f"rank {i}: {t * 1e3:7.1f} ms/step" for i, t in enumerate(steps))
             print(f"{name:<17} {ranks_text}  ({threads} thread{'s' if threads > 1 else ''} and "
-                  f"{args.batch_size // ranks} samples a rank)   {args.batch_size / max(steps):6.1f} samples/s")
+                  f"{args.batch_size // n} samples a rank)   {args.batch_size / max(steps):6.1f} samples/s")
+            result["configs"][name] = {"ranks": n, "threads": threads, "step_s": steps,
+                                       "samples_s": args.batch_size / max(steps)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

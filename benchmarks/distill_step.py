@@ -3,6 +3,7 @@ stores, and with live teachers.
 
     python benchmarks/distill_step.py                 # 3 x resnet32x4 -> vgg8, batch 64, 50,000 CIFAR-shaped samples
     python benchmarks/distill_step.py --rounds 5 --steps 300 --json out.json
+    python benchmarks/distill_step.py --device cuda --batch-size 64 256   # both batches on the same stores
     python benchmarks/distill_step.py --memory --no-steps   # peak RSS of distill over V and 4V views
 
 Four timings of one training step, all through the same distill pipeline, in one process:
@@ -172,7 +173,8 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Every condition once a round, ``args.rounds`` rounds; per-round medians, then their median and range."""
+    """The stores written once, then for each ``--batch-size`` every condition once a round, ``args.rounds``
+    rounds; per-round medians, then their median and range."""
     root = fake_cifar100(tmp / "data", args.samples)
     rows = [tuple(r.split(":")) for r in args.rows]
     forms = list(dict.fromkeys(form for _, form in rows))
@@ -180,18 +182,31 @@ def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100",
                                features=form, random_outputs=True) for form in forms}
     print(f"stores written in {time.perf_counter() - t0:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]])
+    print(f"resident copies read in {time.perf_counter() - t0:.0f} s", flush=True)
+    result: dict[str, Any] = {
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": str(args.device or "default"),
+        "setting": {k: getattr(args, k) for k in ("teacher", "teachers", "student", "samples", "rounds", "steps",
+                                                  "online_steps", "warmup")},
+        "batches": {}}
+    for batch in args.batch_size:
+        result["batches"][str(batch)] = rounds_at(tmp, args, root, ids, held, rows, forms, batch)
+    return result
+
+
+def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, list[str]], held: Chunks,
+              rows: list[tuple[str, ...]], forms: list[str], batch: int) -> dict[str, Any]:
+    """Every condition at ``batch``, once a round: the times (ms) and the ratios, per-round medians summarised."""
     common = dict(student=args.student, cache=tmp / "cache", data_root=root, epochs=1,
-                  batch_size=args.batch_size, device=args.device, seed=0)
+                  batch_size=batch, device=args.device, seed=0)
 
     def timed(name: str, r: int, method: str, form: str, steps: int, **extra: Any) -> float:
         req = DistillRequest(method=method, out=tmp / f"run-{r}-{name}", teachers=ids[form], **common, **extra)
         t = statistics.median(step_times(req, args.warmup, steps))
-        print(f"  round {r + 1} {name:<28} {t * 1e3:9.1f} ms/step", flush=True)
+        print(f"  batch {batch} round {r + 1} {name:<28} {t * 1e3:9.1f} ms/step", flush=True)
         return t
 
-    t0 = time.perf_counter()
-    held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]])
-    print(f"resident copies read in {time.perf_counter() - t0:.0f} s", flush=True)
     per_round: dict[str, list[float]] = {}
     for r in range(args.rounds):
         per_round.setdefault("student", []).append(timed("student", r, "ce", forms[0], args.steps))
@@ -204,27 +219,28 @@ def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             if not args.no_online:
                 per_round.setdefault(f"{key} online", []).append(
                     timed(f"{key} online", r, method, form, args.online_steps, online=True))
-    del held
-    result: dict[str, Any] = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": str(args.device or "default"),
-        "setting": {k: getattr(args, k) for k in ("teacher", "teachers", "student", "samples", "batch_size",
-                                                  "rounds", "steps", "online_steps", "warmup")},
-        "times_ms": {k: summary([t * 1e3 for t in v]) for k, v in per_round.items()},
-        "ratios": {}}
+    out: dict[str, Any] = {"times_ms": {k: summary([t * 1e3 for t in v]) for k, v in per_round.items()},
+                           "ratios": {}}
     for method, form in rows:
         key = f"{method} {form}"
         ratios = {"cached/resident": [c / s for c, s in zip(per_round[f"{key} cached"], per_round[f"{key} resident"])],
                   "resident/student": [s / b for s, b in zip(per_round[f"{key} resident"], per_round["student"])]}
         if not args.no_online:
             ratios["online/cached"] = [o / c for o, c in zip(per_round[f"{key} online"], per_round[f"{key} cached"])]
-        result["ratios"][key] = {k: summary(v) for k, v in ratios.items()}
-    return result
+        out["ratios"][key] = {k: summary(v) for k, v in ratios.items()}
+    return out
 
 
 def print_steps(result: dict[str, Any]) -> None:
     """The result as the markdown table RESULTS.md carries."""
-    s, t = result["setting"], result["times_ms"]
-    print(f"\n{s['teachers']} x {s['teacher']} -> {s['student']}, batch {s['batch_size']}, {s['samples']:,} "
+    for batch, at in result["batches"].items():
+        print_batch(result, int(batch), at)
+
+
+def print_batch(result: dict[str, Any], batch: int, at: dict[str, Any]) -> None:
+    """One batch size's table."""
+    s, t = result["setting"], at["times_ms"]
+    print(f"\n{s['teachers']} x {s['teacher']} -> {s['student']}, batch {batch}, {s['samples']:,} "
           f"CIFAR-shaped samples, device {result['device']}; {s['rounds']} rounds of {s['steps']} timed steps "
           f"({s['online_steps']} online) after {s['warmup']}; medians over the rounds (min-max)")
 
@@ -238,7 +254,7 @@ def print_steps(result: dict[str, Any]) -> None:
     print("| row | t_resident ms | t_cached ms | t_online ms | t_cached / t_resident | t_online / t_cached "
           "| t_resident / t_student |")
     print("|---|---|---|---|---|---|---|")
-    for key, r in result["ratios"].items():
+    for key, r in at["ratios"].items():
         print(f"| {key} | {ms(t[f'{key} resident'])} | {ms(t[f'{key} cached'])} | {ms(t.get(f'{key} online'))} | "
               f"{ratio(r['cached/resident'])} | {ratio(r.get('online/cached'))} | {ratio(r['resident/student'])} |")
 
@@ -265,7 +281,8 @@ def main() -> None:
     ap.add_argument("--student", default="vgg8", help="Student architecture.")
     ap.add_argument("--teachers", type=int, default=3, help="How many teachers.")
     ap.add_argument("--samples", type=int, default=50_000, help="CIFAR-100-shaped training images in the view.")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[64],
+                    help="Batch size(s): each is timed in turn on the same stores (default: 64).")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), metavar="METHOD:FORM",
                     help=f"Method and feature form of each row (default: {' '.join(ROWS)}).")

@@ -2,6 +2,11 @@
 
     python benchmarks/precompute_throughput.py --arch resnet32x4 --samples 2048 --views 2
     python benchmarks/precompute_throughput.py --arch resnet8 --features pooled spatial   # both forms, alternating
+    python benchmarks/precompute_throughput.py --device cuda --amp --batch-size 256 512 1024 --json out.json
+
+With several ``--batch-size`` values, the bare forward is timed at each first and the fastest (the
+teacher's best batch) is used for the rest. ``--amp`` runs both the bound and precompute under
+autocast (precompute's ``--amp``: float16 on CUDA, bfloat16 elsewhere).
 
 The bound feeds the same replayed views, built beforehand, to the teacher under inference mode and
 does nothing else, in two ways at ``--batch-size``: ``model(x)`` (the pooled vector and the logits)
@@ -18,6 +23,8 @@ pipeline costs beyond the teacher itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import tempfile
 import time
@@ -59,6 +66,18 @@ def real_inputs(dataset, n_rows: int, batch: int, device: torch.device) -> list[
             for i in range(0, n_rows, batch)]
 
 
+def best_batch(model: torch.nn.Module, dataset, sizes: list[int], device: torch.device,
+               autocast: contextlib.AbstractContextManager) -> tuple[int, dict[int, float]]:
+    """The batch of ``sizes`` at which the bare forward runs fastest (one pass over 4 batches of each), and every rate."""
+    if len(sizes) == 1:
+        return sizes[0], {}
+    rates = {}
+    for b in sizes:
+        with autocast:
+            rates[b] = bare_forward(model, real_inputs(dataset, 4 * b, b, device), device)
+    return max(rates, key=rates.__getitem__), rates
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -69,7 +88,10 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet32x4", help="The teacher (random weights: they do not change the cost).")
     ap.add_argument("--samples", type=int, default=2048, help="Synthetic CIFAR-100 training images.")
     ap.add_argument("--views", type=int, default=2, help="Views of the plan.")
-    ap.add_argument("--batch-size", type=int, default=256, help="The teacher's forward batch, bound and precompute.")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[256],
+                    help="The teacher's forward batch, bound and precompute; several: the fastest bare forward's.")
+    ap.add_argument("--amp", action="store_true", help="Bound and precompute under autocast (precompute --amp).")
+    ap.add_argument("--json", type=Path, help="Also write the result here.")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
     ap.add_argument("--rounds", type=int, default=3, help="Rounds of (bounds, then each form's precompute).")
     ap.add_argument("--features", nargs="+", choices=FEATURE_FORMS, default=["pooled"],
@@ -86,12 +108,15 @@ def main() -> None:
         torch.save({"model": model.state_dict()}, ckpt)
         model.eval().to(device)
         n_rows = args.samples * args.views
+        amp = pc.amp_dtype_for(device) if args.amp else None
+        autocast = contextlib.nullcontext() if amp is None else pc._autocast(device, amp)
+        batch, sweep = best_batch(model, dataset, args.batch_size, device, autocast)
         reqs = {form: pc.PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="cifar100", data_root=root,
-                                           views=args.views, batch_size=args.batch_size, device=str(device),
-                                           features=form) for form in args.features}
+                                           views=args.views, batch_size=batch, device=str(device),
+                                           features=form, amp=args.amp) for form in args.features}
         chunk_rows = {form: pc.prepare(req, dataset).chunk_rows for form, req in reqs.items()}
         bounds = {"model(x)": model, "forward_with_map": lambda x: forward_with_map(model, x)}
-        inputs = real_inputs(dataset, n_rows, args.batch_size, device)
+        inputs = real_inputs(dataset, n_rows, batch, device)
 
         # Time the chunk loop alone (the per-row cost) and the whole call, alternating with the bounds
         # so that drift of a shared machine hits all alike; report medians.
@@ -110,7 +135,8 @@ def main() -> None:
         totals: dict[str, list[float]] = {form: [] for form in args.features}
         for r in range(args.rounds + 1):
             for key, forward in bounds.items():
-                bound_rates[key].append(bare_forward(forward, inputs, device))
+                with autocast:
+                    bound_rates[key].append(bare_forward(forward, inputs, device))
             if r == args.rounds:  # a last set of bounds closes the final round
                 break
             for form, req in reqs.items():
@@ -121,11 +147,18 @@ def main() -> None:
         pc.write_chunks = original
 
         print(f"machine: {machine()}, device {device}")
+        if len(sweep) > 1:
+            print("bare forward by batch: " + ", ".join(f"{b}: {r:.0f} img/s" for b, r in sweep.items())
+                  + f" -> batch {batch}")
         print(f"teacher {args.arch}, {args.views} views x {args.samples} samples = {n_rows} rows, "
-              f"--batch-size {args.batch_size}, {args.rounds} rounds (medians)")
+              f"--batch-size {batch}, {'autocast ' + amp if amp else 'float32'}, {args.rounds} rounds (medians)")
+        result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": str(device), "arch": args.arch,
+                  "rows": n_rows, "batch_size": batch, "batch_sweep": sweep, "precision": amp or "float32",
+                  "bound_img_s": {}, "precompute": {}}
         bound = {key: statistics.median(rates) for key, rates in bound_rates.items()}
         for name, rates in bound_rates.items():
             print(f"bound {name:<16}: {bound[name]:9.1f} img/s  (rounds: {', '.join(f'{x:.0f}' for x in rates)})")
+            result["bound_img_s"][name] = bound[name]
         plain, fair = bound["model(x)"], bound["forward_with_map"]
         for form in args.features:
             rate = n_rows / statistics.median(loops[form])
@@ -135,6 +168,10 @@ def main() -> None:
                   f"(rounds: {', '.join(f'{n_rows / t:.0f}' for t in loops[form])})")
             print(f"    end-to-end (plan, loop, test eval, marks): {total:9.1f} img/s  ratio {total / plain:.3f}, "
                   f"{total / fair:.3f}")
+            result["precompute"][form] = {"chunk_rows": chunk_rows[form], "loop_img_s": rate, "total_img_s": total,
+                                          "loop/forward_with_map": rate / fair, "total/forward_with_map": total / fair}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
