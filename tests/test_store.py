@@ -161,6 +161,29 @@ def test_damaged_missing_chunks_and_markers_are_named(cache: Cache) -> None:
         ro.read_chunk(2, 0)
 
 
+def test_reading_a_view_keeps_its_markers_but_reads_every_chunk_afresh(cache: Cache) -> None:
+    """The read path reads a complete store's markers once a view: a damaged marker elsewhere in the view
+    costs only its own chunk (named, as before); data chunks are still read and checked on every call, so
+    damage done after the view's markers were read is still caught."""
+    store = make_store(cache)
+    logits, feats = fill(store)
+    store.mark_complete()
+    flip_byte(store.path / "done" / "c" / "1" / "2")          # the marker of (view 1, chunk 2): its checksum fails
+    ro = cache.open_teacher(store.id)
+    z, h = ro.read_chunk(1, 0)                                  # the view's markers cannot be read whole
+    assert np.array_equal(z, logits[1, 0:4]) and np.array_equal(h, feats[1, 0:4])
+    with pytest.raises(StoreError, match=r"completion marker of \(view 1, chunk 2\) is damaged"):
+        ro.read_chunk(1, 2)
+    z, h = ro.read_chunk(0, 1)                                  # view 0's markers, read whole and kept
+    assert np.array_equal(z, logits[0, 4:8]) and np.array_equal(h, feats[0, 4:8])
+    flip_byte(store.path / "features" / "c" / "0" / "1" / "0")
+    with pytest.raises(StoreError, match=r"features chunk \(view 0, chunk 1\) is damaged"):
+        ro.read_chunk(0, 1)
+    (store.path / "logits" / "c" / "0" / "2" / "0").unlink()
+    with pytest.raises(StoreError, match=r"logits chunk \(view 0, chunk 2\) is missing"):
+        ro.read_chunk(0, 2)
+
+
 def test_id_prefixes(cache: Cache) -> None:
     make_store(cache, "abc1000000000000")
     make_store(cache, "abc2000000000000")

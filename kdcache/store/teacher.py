@@ -59,6 +59,10 @@ class TeacherStore:
         self.group = group
         self.location = Location.of(location)
         self.id = teacher_id
+        # The read path's memo (:meth:`read_chunk`): opening an array re-reads and parses its metadata, and a
+        # complete store's markers no longer change, so each array is opened once and a view's markers read once.
+        self._arrays: dict[str, zarr.Array] = {}
+        self._view_markers: tuple[int, np.ndarray] | None = None
 
     @property
     def path(self) -> Path | str:
@@ -454,26 +458,23 @@ class TeacherStore:
         order): the chunk is still decompressed and checked whole, but nothing else is kept.
         """
         rows = self.rows(c)
-        try:
-            marked = int(fmt.read(self.group, "done", (v, c))) >= 0
-        except ValueError as exc:  # the marker's own checksum
-            raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is damaged ({exc}); "
-                             f"run `kdcache cache verify {self.id}`") from None
-        if not marked:  # deleted after the store was completed: the chunk cannot be trusted
+        if not self._marked(v, c):  # deleted after the store was completed: the chunk cannot be trusted
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
                              f"run `kdcache cache verify {self.id}`")
         out: dict[str, np.ndarray] = {}
         for name in self.data_arrays:
+            array = self._array(name)
             try:
                 if within is None:
-                    block = fmt.read(self.group, name, (v, rows))
+                    block = cast(np.ndarray, array[v, rows])
                 else:
-                    block = cast(np.ndarray, fmt.array(self.group, name).get_orthogonal_selection(
-                        (v, rows.start + np.asarray(within))))
+                    block = cast(np.ndarray, array.get_orthogonal_selection((v, rows.start + np.asarray(within))))
             except ValueError as exc:  # the CRC32C codec's checksum mismatch
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
                                  f"run `kdcache cache verify {self.id}`") from None
-            if fmt.is_unwritten(block):  # the fill value: the chunk was never written or was deleted
+            # A chunk is written whole, in one write, so an unwritten (or deleted) one is the fill value in every
+            # row: its first row tells, at 1/R of the cost of scanning all (a chunk of maps is 2 MB).
+            if fmt.is_unwritten(block[:1]):
                 raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is missing; "
                                  f"run `kdcache cache verify {self.id}`")
             out[name] = block
@@ -481,6 +482,31 @@ class TeacherStore:
         if "feature_scale" in out:
             return logits, fmt.dequantize_rows(out["features"], out["feature_scale"])
         return logits, out.get("features")
+
+    def _array(self, name: str) -> zarr.Array:
+        """The data array ``name``, opened once."""
+        if name not in self._arrays:
+            self._arrays[name] = fmt.array(self.group, name)
+        return self._arrays[name]
+
+    def _marked(self, v: int, c: int) -> bool:
+        """Whether chunk (v, c) has its completion marker. A complete store's markers of view ``v`` are read in
+        one go and kept while it reads that view; a damaged marker (its checksum) is a StoreError naming it."""
+        if self._view_markers is not None and self._view_markers[0] == v:
+            return int(self._view_markers[1][c]) >= 0
+        if self.group.attrs.get("complete"):
+            try:
+                row = np.asarray(fmt.read(self.group, "done", v))
+            except ValueError:  # a damaged marker somewhere in the view: read this chunk's alone, which names it
+                pass
+            else:
+                self._view_markers = (v, row)
+                return int(row[c]) >= 0
+        try:
+            return int(fmt.read(self.group, "done", (v, c))) >= 0
+        except ValueError as exc:  # the marker's own checksum
+            raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is damaged ({exc}); "
+                             f"run `kdcache cache verify {self.id}`") from None
 
     def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits and features of the rows ``rows`` of view ``v``, in the order given, chunk by chunk.
