@@ -58,6 +58,7 @@ from kdcache.models import build_model  # noqa: E402
 from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute  # noqa: E402
 from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id  # noqa: E402
+from kdcache.stream import TeacherStream  # noqa: E402
 from kdcache.views import get_recipe  # noqa: E402
 
 ROWS = ("camkd:pooled", "camkd:spatial", "aver:pooled")
@@ -182,17 +183,31 @@ def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100",
                                features=form, random_outputs=True) for form in forms}
     print(f"stores written in {time.perf_counter() - t0:.0f} s", flush=True)
+    readers = {form: reader_rate(tmp / "cache", ids[form]) for form in forms}
+    for form, rate in readers.items():
+        print(f"reader alone, {form} stores: {rate:,.0f} rows/s of {args.teachers} teachers", flush=True)
     t0 = time.perf_counter()
-    held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]])
+    held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]]) if args.rounds else {}
     print(f"resident copies read in {time.perf_counter() - t0:.0f} s", flush=True)
     result: dict[str, Any] = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": str(args.device or "default"),
         "setting": {k: getattr(args, k) for k in ("teacher", "teachers", "student", "samples", "rounds", "steps",
                                                   "online_steps", "warmup")},
-        "batches": {}}
-    for batch in args.batch_size:
+        "reader_rows_s": readers, "batches": {}}
+    for batch in args.batch_size if args.rounds else []:
         result["batches"][str(batch)] = rounds_at(tmp, args, root, ids, held, rows, forms, batch)
     return result
+
+
+def reader_rate(cache: Path, ids: list[str], batch: int = 64) -> float:
+    """Rows a second (each with every teacher's logits and features) that the stream delivers with nothing
+    else running: the reading path's ceiling, which a GPU step must not outrun."""
+    stores = [Cache.at(cache).open_teacher(t) for t in ids]
+    stream = TeacherStream(Cache.at(cache).open_plan(stores[0].plan_id), stores, seed=0)
+    t0, n = time.perf_counter(), 0
+    for b in stream.epoch(1, batch):
+        n += len(b.rows)
+    return n / (time.perf_counter() - t0)
 
 
 def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, list[str]], held: Chunks,
@@ -235,6 +250,8 @@ def print_steps(result: dict[str, Any]) -> None:
     """The result as the markdown table RESULTS.md carries."""
     for batch, at in result["batches"].items():
         print_batch(result, int(batch), at)
+    print("\nreader alone (the stream over the stores, nothing training): " + ", ".join(
+        f"{form} {rate:,.0f} rows/s" for form, rate in result["reader_rows_s"].items()))
 
 
 def print_batch(result: dict[str, Any], batch: int, at: dict[str, Any]) -> None:
@@ -286,7 +303,8 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), metavar="METHOD:FORM",
                     help=f"Method and feature form of each row (default: {' '.join(ROWS)}).")
-    ap.add_argument("--rounds", type=int, default=3, help="Rounds; each runs every condition once.")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="Rounds; each runs every condition once (0: only the reader's ceiling).")
     ap.add_argument("--steps", type=int, default=200, help="Timed steps per condition and round.")
     ap.add_argument("--online-steps", type=int, default=12, help="Timed steps of t_online (live teachers are slow).")
     ap.add_argument("--warmup", type=int, default=5, help="Steps dropped at the start of each run.")
