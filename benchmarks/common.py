@@ -13,6 +13,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fakes
 from tests.fakes import write_fake_cifar  # noqa: E402
 
 
+def random_checkpoint(path: Path, arch: str, classes: int, seed: int) -> Path:
+    """A checkpoint of ``arch`` with seeded random weights at ``path``: the benchmarks' stand-in for a trained
+    teacher, whose weights do not change what anything costs."""
+    from kdcache.models import build_model
+
+    torch.manual_seed(seed)
+    torch.save({"model": build_model(arch, classes).state_dict()}, path)
+    return path
+
+
 def machine() -> str:
     """One line naming the machine, for the results page."""
     cpu = platform.processor() or platform.machine()

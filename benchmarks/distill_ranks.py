@@ -119,8 +119,8 @@ def main() -> None:
               f"steps ({WARMUP} warm-up steps dropped per epoch), {args.rounds} rounds")
         runs: dict[str, list[list[dict]]] = {name: [] for name, _, _ in configs}
         for r in range(args.rounds):
-            for name, ranks, threads in configs:
-                per_rank = launch(tmp, f"{r}-{name.replace(' ', '').replace(',', '-')}", ranks, threads, common)
+            for name, n, threads in configs:
+                per_rank = launch(tmp, f"{r}-{name.replace(' ', '').replace(',', '-')}", n, threads, common)
                 runs[name].append(per_rank)
                 print(f"  round {r + 1} {name:<17} " + "  ".join(f"{p['step'] * 1e3:.1f}" for p in per_rank)
                       + " ms/step", flush=True)

@@ -49,12 +49,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fake_cifar100, machine  # noqa: E402
+from common import fake_cifar100, machine, random_checkpoint  # noqa: E402
 
 import kdcache.pipelines.distill as distill_mod  # noqa: E402
 import kdcache.pipelines.precompute as precompute_mod  # noqa: E402
 from kdcache.data import load_dataset  # noqa: E402
-from kdcache.models import build_model  # noqa: E402
 from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute  # noqa: E402
 from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id  # noqa: E402
@@ -161,8 +160,7 @@ def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset:
         for seed in range(k):
             ckpt = tmp / f"{arch}-{seed}.pth"
             if not ckpt.exists():
-                torch.manual_seed(seed)
-                torch.save({"model": build_model(arch, 100 if dataset == "cifar100" else 10).state_dict()}, ckpt)
+                random_checkpoint(ckpt, arch, 100 if dataset == "cifar100" else 10, seed)
             ids.append(precompute(PrecomputeRequest(teacher=arch, checkpoint=ckpt, dataset=dataset, data_root=root,
                                                     cache=tmp / "cache", views=views, features=features,
                                                     device="cpu")).teacher_id)

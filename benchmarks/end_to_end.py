@@ -33,13 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, random_checkpoint  # noqa: E402
 
 from kdcache.data import load_dataset  # noqa: E402
-from kdcache.models import build_model  # noqa: E402
 
 
 def kdcache(*args: str) -> tuple[float, str]:
@@ -54,13 +52,7 @@ def kdcache(*args: str) -> tuple[float, str]:
 
 def checkpoints(tmp: Path, archs: list[str], classes: int) -> list[Path]:
     """Random-weight checkpoints of ``archs`` (seeds 0, 1, ...)."""
-    paths = []
-    for i, arch in enumerate(archs):
-        torch.manual_seed(i)
-        path = tmp / f"teacher{i}-{arch}.pth"
-        torch.save({"model": build_model(arch, classes).state_dict()}, path)
-        paths.append(path)
-    return paths
+    return [random_checkpoint(tmp / f"teacher{i}-{arch}.pth", arch, classes, i) for i, arch in enumerate(archs)]
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

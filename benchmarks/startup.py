@@ -29,12 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fake_cifar100, machine  # noqa: E402
+from common import fake_cifar100, machine, random_checkpoint  # noqa: E402
 
-from kdcache.models import build_model  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute  # noqa: E402
 
 PROBE = r"""
@@ -68,9 +66,7 @@ main(sys.argv[1:], prog_name="kdcache")
 def teachers(tmp: Path, dataset: str, root: Path | None, classes: int, views: int) -> list[str]:
     ids = []
     for seed in range(3):
-        ckpt = tmp / f"{dataset}-{seed}.pth"
-        torch.manual_seed(seed)
-        torch.save({"model": build_model("resnet8", classes).state_dict()}, ckpt)
+        ckpt = random_checkpoint(tmp / f"{dataset}-{seed}.pth", "resnet8", classes, seed)
         ids.append(precompute(PrecomputeRequest(teacher="resnet8", checkpoint=ckpt, dataset=dataset, data_root=root,
                                                 cache=tmp / "cache", views=views)).teacher_id)
     return ids
