@@ -23,16 +23,15 @@ if [[ "${1:-}" == "--tiny" ]]; then tiny=1; shift; fi
 if [[ "${1:-}" == -* ]]; then echo "usage: bash benchmarks/gpu.sh [--tiny] [RESULTS_DIR]" >&2; exit 2; fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 py="${PYTHON:-python}"
-out="${1:-gpu-results-$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$out" || exit 2
-out="$(cd "$out" && pwd)"
-
-device="$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')" || {
+device="$("$py" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null)" || {
     echo "error: $py cannot import torch; set PYTHON to the interpreter that has kdcache installed" >&2; exit 2; }
 if [[ $tiny == 0 && $device != cuda ]]; then
     echo "error: no GPU here (torch.cuda.is_available() is False); run 'bash benchmarks/gpu.sh --tiny' to check the steps on CPU" >&2
     exit 2
 fi
+out="${1:-gpu-results-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$out" || exit 2
+out="$(cd "$out" && pwd)"
 
 if [[ $tiny == 1 ]]; then
     # Seconds, not minutes: what a CI test can afford. The figures mean nothing; that every step runs does.
@@ -42,7 +41,7 @@ if [[ $tiny == 1 ]]; then
                --rounds 1 --steps 2 --online-steps 1 --warmup 1)
     rank_args=(--teacher resnet8 --student resnet8 --teachers 2 --samples 128 --batch-size 16 --epochs 1 --rounds 1)
     worker_args=(--arch resnet8 --samples 64 --views 1 --batch-size 64 --rounds 1 --workers 1)
-    limits=(120 120 240 120 120)
+    pre_limit=120 step_limit=240 rank_limit=120 worker_limit=120
 else
     # Limits sum to 475 s (under 8 min) over the steps: 40 s a precompute run (x2 archs x2 precisions),
     # 200 s distill steps (writing 6 stores of 50,000 rows is most of it), 50 s ranks, 65 s workers.
@@ -51,7 +50,7 @@ else
     step_args=(--samples 50000 --batch-size 64 256 --rounds 2 --steps 100 --online-steps 20 --warmup 10)
     rank_args=(--samples 8192 --batch-size 256 --epochs 1 --rounds 2)
     worker_args=(--arch resnet8 --samples 8192 --views 4 --batch-size 1024 --rounds 2)
-    limits=(40 40 200 50 65)
+    pre_limit=40 step_limit=200 rank_limit=50 worker_limit=65
 fi
 
 results="$out/results.md"
@@ -96,12 +95,12 @@ step() {
 }
 
 for arch in "${archs[@]}"; do
-    step "precompute-$arch-float32" "${limits[0]}" precompute_throughput.py --arch "$arch" --device "$device" "${pre_args[@]}"
-    step "precompute-$arch-amp" "${limits[1]}" precompute_throughput.py --arch "$arch" --device "$device" --amp "${pre_args[@]}"
+    step "precompute-$arch-float32" "$pre_limit" precompute_throughput.py --arch "$arch" --device "$device" "${pre_args[@]}"
+    step "precompute-$arch-amp" "$pre_limit" precompute_throughput.py --arch "$arch" --device "$device" --amp "${pre_args[@]}"
 done
-step distill-step "${limits[2]}" distill_step.py --device "$device" "${step_args[@]}"
-step distill-ranks "${limits[3]}" distill_ranks.py --device "$device" "${rank_args[@]}"
-step precompute-workers "${limits[4]}" precompute_workers.py --device "$device" "${worker_args[@]}"
+step distill-step "$step_limit" distill_step.py --device "$device" "${step_args[@]}"
+step distill-ranks "$rank_limit" distill_ranks.py --device "$device" "${rank_args[@]}"
+step precompute-workers "$worker_limit" precompute_workers.py --device "$device" "${worker_args[@]}"
 
 {
     echo
