@@ -68,6 +68,12 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
 @click.option("--prefetch", type=int, default=2, help="Chunk blocks read ahead of the training step.")
+@click.option("--read-threads", type=click.IntRange(min=1), default=None,
+              help="Threads decoding the stores' chunks [default: the cores this process may use].")
+@click.option("--resident-share", type=click.FloatRange(0, 1), default=defaults.VIEW_SHARE, show_default=True,
+              help="Hold each view whole on the device (the next read in the background) when the views held at "
+                   "once fit in this share of its free memory (on the CPU, of the memory available); 0 streams "
+                   "block by block. Same batches either way.")
 @click.option("--online", is_flag=True, help="Run the recorded teacher checkpoints live instead of reading stores.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
 @tensorboard_option
@@ -76,8 +82,8 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
                 cache: Path | None, dataset: str | None, data_root: Path | None, epochs: int, batch_size: int,
                 lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                 temperature: float, gamma: float, alpha: float | None, beta: float | None, seed: int,
-                device: str | None, amp: bool, prefetch: int, online: bool, resume: bool,
-                tensorboard: Path | None) -> None:
+                device: str | None, amp: bool, prefetch: int, read_threads: int | None, resident_share: float,
+                online: bool, resume: bool, tensorboard: Path | None) -> None:
     """Train a student from cached teacher stores with CA-MKD or a baseline.
 
     Under `torchrun --nproc_per_node N $(command -v kdcache) distill ...` it trains data-parallel on N ranks:
@@ -93,7 +99,8 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
     req = DistillRequest(student=student, teachers=list(teachers), method=method, out=out, cache=cache,
                          dataset=dataset, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, weight_decay=weight_decay, milestones=lr_milestones, seed=seed,
-                         device=device, resume=resume, online=online, amp=amp, prefetch=prefetch, options=options,
+                         device=device, resume=resume, online=online, amp=amp, prefetch=prefetch,
+                         read_threads=read_threads, resident_share=resident_share, options=options,
                          tensorboard=tensorboard)
 
     def report(m: EpochMetrics) -> None:

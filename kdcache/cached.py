@@ -41,6 +41,7 @@ from kdcache.data.base import ImageSource, TensorSource
 from kdcache.device import resolve_device
 from kdcache.distributed import split_batch
 from kdcache.errors import KdcacheError, StoreError
+from kdcache.resident import VIEW_SHARE, ResidentView, ResidentViews, views_fit
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.store.location import Where
 from kdcache.staging import Staged, Staging, fits_on_device
@@ -78,17 +79,28 @@ class CachedTeachers:
     (a pure function of seed and epoch, so a resumed loop sees the same batches); ``rank``/``world``:
     default from torch.distributed when initialised, else torchrun's environment, else a single process.
     ``read_teachers=False`` yields views and labels only (for live teachers, or a method without any).
+    ``read_threads``: threads decoding the stores' chunks (default: the cores this process may use).
+    ``resident_share``: when the views held at once (two, or one for a plan of one view) fit in this share of
+    the device's free memory (on the CPU, of the memory available), each view is read whole onto the device,
+    the next in the background while the current one trains, and batches are gathered there
+    (:mod:`kdcache.resident`); else they are streamed block by block. 0 always streams. The batches are the
+    same either way; ``resident_views`` says which it is.
     Every refusal is a KdcacheError with one line saying what to do.
     """
 
     def __init__(self, teachers: Sequence[str], cache: Where | None = None, *, dataset: str | None = None,
                  data_root: Path | None = None, batch_size: int = 64, seed: int = 0,
                  device: str | torch.device | None = None, prefetch: int = 2, rank: int | None = None,
-                 world: int | None = None, read_teachers: bool = True) -> None:
+                 world: int | None = None, read_teachers: bool = True, read_threads: int | None = None,
+                 resident_share: float = VIEW_SHARE) -> None:
         if batch_size < 1:
             raise KdcacheError(f"--batch-size must be at least 1 (got {batch_size})")
         if prefetch < 1:
             raise KdcacheError(f"--prefetch must be at least 1 (got {prefetch})")
+        if read_threads is not None and read_threads < 1:
+            raise KdcacheError(f"--read-threads must be at least 1 (got {read_threads})")
+        if not 0 <= resident_share <= 1:
+            raise KdcacheError(f"--resident-share must be between 0 and 1 (got {resident_share})")
         self.cache = Cache.at(cache)
         self.stores = [self.cache.open_teacher(t) for t in teachers]
         self.plan = open_plan(self.cache, self.stores)
@@ -102,10 +114,15 @@ class CachedTeachers:
         if self.plan.n_samples < batch_size:
             raise KdcacheError(f"--batch-size {batch_size} exceeds the {self.plan.n_samples} training samples")
         self.batch_size = batch_size
-        # No pinning per batch: epoch() stages the arrays through reused (pinned, on CUDA) buffers.
-        self.stream = TeacherStream(self.plan, self.stores, seed, prefetch, read_teachers=read_teachers,
-                                    pin_memory=False, rank=self.rank, world=self.world)
         self._source = resident_source(self.dataset.train, self.device)
+        # Whole views on the device where two fit in resident_share of its free memory (after the data set
+        # took its place there); else the stream reads them block by block while the epoch trains.
+        self.resident_views = read_teachers and views_fit(self.stores, self.plan.n_views, self.device, resident_share)
+        self._views = ResidentViews(self.stores, self.device, read_threads) if self.resident_views else None
+        # No pinning per batch: epoch() stages the arrays through reused (pinned, on CUDA) buffers.
+        self.stream = TeacherStream(self.plan, self.stores, seed, prefetch,
+                                    read_teachers=read_teachers and not self.resident_views, pin_memory=False,
+                                    rank=self.rank, world=self.world, read_threads=read_threads)
         # Sample ids go to the device with the batch when its images are gathered there; replay parameters
         # when the recipe's replay reads them there (else they stay host ints: no device-to-host copy).
         self._ids_on_device = _images_on(self._source, self.device)
@@ -159,19 +176,26 @@ class CachedTeachers:
         if epoch < 1:
             raise KdcacheError(f"epochs count from 1 (got {epoch})")
         view = self.stream.schedule.view(epoch)
+        held = None
+        if self._views is not None:
+            coming = self.stream.schedule.view(epoch + 1)
+            held = self._views.get(view, coming if coming != view else None)
         staging = Staging(self.device)
         ahead: tuple[int, StreamBatch, Staged] | None = None
         for step, batch in enumerate(self.stream.epoch(epoch, self.batch_size)):
-            staged = (step, batch, staging.put(self._arrays(batch)))
+            staged = (step, batch, staging.put(self._arrays(batch, held is not None)))
             if ahead is not None:
-                yield self._on_device(epoch, view, *ahead)
+                yield self._on_device(epoch, view, *ahead, held)
             ahead = staged
         if ahead is not None:
-            yield self._on_device(epoch, view, *ahead)
+            yield self._on_device(epoch, view, *ahead, held)
 
-    def _arrays(self, batch: StreamBatch) -> dict[str, np.ndarray]:
-        """What of ``batch`` goes to the device, by name (the staging keys)."""
+    def _arrays(self, batch: StreamBatch, resident: bool = False) -> dict[str, np.ndarray]:
+        """What of ``batch`` goes to the device, by name (the staging keys): with the view ``resident`` there,
+        the rows to gather instead of the teachers' arrays."""
         arrays = {"labels": batch.labels}
+        if resident:
+            arrays["rows"] = batch.rows.astype(np.int64)
         if self._ids_on_device:
             arrays["indices"] = batch.indices
         if self._params_on_device:
@@ -180,18 +204,24 @@ class CachedTeachers:
         arrays.update((f"features{k}", h.numpy()) for k, h in enumerate(batch.teacher_features))
         return arrays
 
-    def _on_device(self, epoch: int, view: int, step: int, batch: StreamBatch, staged: Staged) -> CachedBatch:
-        """The batch made on the device, on the current stream, from its staged arrays."""
+    def _on_device(self, epoch: int, view: int, step: int, batch: StreamBatch, staged: Staged,
+                   held: ResidentView | None = None) -> CachedBatch:
+        """The batch made on the device, on the current stream, from its staged arrays (and its rows of the
+        view ``held`` there, when resident)."""
         t = staged.ready()
         views = view_batch(self.dataset, self._source, self.plan.recipe, t.get("indices", batch.indices),
                            t.get("params", batch.params), self.device)
-        logits = [t[f"logits{k}"] for k in range(len(batch.teacher_logits))]
+        if held is not None:
+            logits = [z[t["rows"]] for z in held.logits]
+            features = [h[t["rows"]] for h in held.features]
+        else:
+            logits = [t[f"logits{k}"] for k in range(len(batch.teacher_logits))]
+            features = [t[f"features{k}"] for k in range(len(batch.teacher_features))]
         topk = [None if s.logits_temperature is None else TopKLogits.unpack(z, s.num_classes, s.logits_temperature)
                 for s, z in zip(self.stores, logits)]
         return CachedBatch(epoch, step, view, views, t["labels"],
                            [z.float() if k is None else k.dense() for k, z in zip(topk, logits)],
-                           [t[f"features{k}"].float() for k in range(len(batch.teacher_features))],
-                           batch.indices, topk)
+                           [h.float() for h in features], batch.indices, topk)
 
     def as_dataset(self, epochs: int, start: int = 1) -> "CachedTeacherDataset":
         """An IterableDataset of every batch of epochs ``start`` .. ``epochs``, for

@@ -22,6 +22,11 @@ DEFAULT_FEATURE_FORM = "pooled"
 # How stored features are kept: float16, or int8 with one float32 scale a row (about half the bytes).
 FEATURE_DTYPES = ("float16", "int8")
 DEFAULT_FEATURE_DTYPE = "float16"
+# Resident views (kdcache.resident): the share of the device's free memory (on the CPU, of the memory available)
+# that the views a run holds at once may take (two: the one training and the next being read; one for a plan of
+# one view). Above it, views are streamed block by block.
+VIEW_SHARE = 0.4
+
 # The teacher's forward under autocast (precompute --amp): its dtype; by default float16 on CUDA, bfloat16 elsewhere.
 AMP_DTYPES = ("bfloat16", "float16")
 

@@ -4,9 +4,10 @@ A run reads each epoch's view front to back in chunks: the :class:`Schedule`
 decides which view an epoch uses, the order of its chunks and the shuffle of rows
 within each chunk, all from (seed, epoch), so a run is reproducible and two seeds
 see different batches while every read stays a whole, sequential chunk. The
-:class:`TeacherStream` reads the chunk blocks of all K teachers on background
-threads (dask's threaded scheduler) a bounded number of blocks ahead of the
-training step, so memory does not grow with the number of views or samples.
+:class:`TeacherStream` reads the chunk blocks of all K teachers on a pool of
+background threads (every chunk of every teacher and array one task, several blocks
+decoding at once: :mod:`kdcache.store.chunks`) a bounded number of blocks ahead of
+the training step, so memory does not grow with the number of views or samples.
 
 Under torchrun each rank streams its own slice of every global batch (see
 :class:`TeacherStream`): the global order is the same pure function of (seed, epoch)
@@ -15,18 +16,22 @@ on every rank, so the ranks need not talk to each other to split it.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import dask
 import numpy as np
 import torch
 
 from kdcache.distributed import split_batch
 from kdcache.errors import StoreError
 from kdcache.store import PlanStore, TeacherStore
+from kdcache.store.chunks import default_threads
+from kdcache.store.teacher import PendingRows
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -88,6 +93,11 @@ class _Block:
 class TeacherStream:
     """Batches of an epoch with the K teachers' rows, read ``prefetch`` chunk blocks ahead on background threads.
 
+    Reading: a thread walks the epoch's blocks and hands every chunk of every teacher and array as a task to
+    a pool of ``read_threads`` (default: the cores this process may use), keeping ``ahead`` blocks decoding
+    at once; finished blocks wait in a queue of ``prefetch``. Memory holds at most ``prefetch + ahead + 1``
+    blocks of the K teachers.
+
     With ``world`` > 1 the stream is rank ``rank``'s share of a data-parallel run: the
     global batches are the ones a single process would use, and this rank gets the
     contiguous slice ``[rank·b, (rank+1)·b)`` of each, ``b = batch_size / world``
@@ -106,7 +116,8 @@ class TeacherStream:
     """
 
     def __init__(self, plan: PlanStore, stores: list[TeacherStore], seed: int, prefetch: int = 2,
-                 read_teachers: bool = True, pin_memory: bool = False, rank: int = 0, world: int = 1) -> None:
+                 read_teachers: bool = True, pin_memory: bool = False, rank: int = 0, world: int = 1,
+                 read_threads: int | None = None) -> None:
         check_compatible(plan, stores)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
@@ -114,6 +125,10 @@ class TeacherStream:
         self.stores = stores
         self.read_teachers = read_teachers
         self.prefetch = max(1, prefetch)
+        self.read_threads = max(1, read_threads or default_threads())
+        # Blocks whose chunks are decoding at once: enough tasks to keep every reader thread busy (a block is
+        # a task per teacher and array), at least two, so that reading a block overlaps waiting for the last.
+        self.ahead = max(2, math.ceil(2 * self.read_threads / max(1, len(stores))))
         self.pin_memory = pin_memory
         self.rank, self.world = rank, world
         # Read in blocks of the largest chunk: every teacher's chunks are powers of two (or the whole view).
@@ -156,6 +171,11 @@ class TeacherStream:
                     reader.join(0.01)
 
     def _read(self, epoch: int, v: int, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
+        """The epoch's blocks, in order, onto ``out``: every chunk of every teacher and array one task on a pool
+        of ``read_threads``, ``ahead`` blocks submitted before the oldest is waited for, so the pool decodes
+        several teachers, arrays and blocks at once."""
+        pending: deque[tuple[np.ndarray, np.ndarray | None, list[PendingRows]]] = deque()
+        pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
         try:
             position = 0  # of the block's first row in the epoch's reading order
             for c in self.schedule.chunk_order(epoch):
@@ -165,32 +185,30 @@ class TeacherStream:
                 start = int(c) * self.schedule.chunk_rows
                 if self.world == 1:
                     stop_row = start + len(rows)
-                    z, h = (self._from_every_teacher(lambda s: s.read_rows(v, start, stop_row))
-                            if self.read_teachers else ([], []))
-                    local = rows - start
-                    out.put(_Block(rows, [a[local] for a in z], [a[local] for a in h if a is not None]))
+                    reads = ([s.submit_rows(v, start, stop_row, pool) for s in self.stores]
+                             if self.read_teachers else [])
+                    pending.append((rows, rows - start, reads))
                 else:
                     mine = rows[self._mine(position + np.arange(len(rows)), batch_size)]
                     if len(mine):
-                        z, h = (self._from_every_teacher(lambda s: s.read_selected(v, mine))
-                                if self.read_teachers else ([], []))
-                        out.put(_Block(mine, z, [a for a in h if a is not None]))
+                        reads = [s.submit_selected(v, mine, pool) for s in self.stores] if self.read_teachers else []
+                        pending.append((mine, None, reads))
                 position += len(rows)
+                while len(pending) > self.ahead:
+                    out.put(_block(*pending.popleft()))
+            while pending:
+                out.put(_block(*pending.popleft()))
             out.put(None)
         except BaseException as exc:  # handed to the training thread, which raises it
             out.put(exc)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # chunks started finish; none queued starts
 
     def _mine(self, positions: np.ndarray, batch_size: int) -> np.ndarray:
         """Which epoch positions fall in this rank's slice of a complete global batch."""
         share = batch_size // self.world
         complete = positions < self.schedule.steps(batch_size) * batch_size
         return complete & (positions % batch_size // share == self.rank)
-
-    def _from_every_teacher(self, read: Callable[[TeacherStore], tuple[np.ndarray, np.ndarray | None]]
-                            ) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        """``read`` (logits and features of one store) done for every teacher, in parallel on dask's threads."""
-        parts = dask.compute(*[dask.delayed(read)(s) for s in self.stores], scheduler="threads")
-        return [p[0] for p in parts], [p[1] for p in parts]
 
     def _batch(self, v: int, block: _Block, order: np.ndarray, params: np.ndarray) -> StreamBatch:
         indices = order[block.rows]
@@ -200,6 +218,13 @@ class TeacherStream:
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t.pin_memory() if self.pin_memory else t
+
+
+def _block(rows: np.ndarray, local: np.ndarray | None, reads: list[PendingRows]) -> _Block:
+    """A block of ``rows`` from its teachers' reads; ``local`` reorders the rows read (None: already in order)."""
+    parts = [r.result() for r in reads]
+    pick = (lambda a: a) if local is None else (lambda a: a[local])
+    return _Block(rows, [pick(z) for z, _ in parts], [pick(h) for _, h in parts if h is not None])
 
 
 def _concat(a: _Block, b: _Block) -> _Block:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kdcache import __version__, distributed, tblog, training
+from kdcache.defaults import VIEW_SHARE
 from kdcache.data import DataSet
 from kdcache.device import resolve_device
 from kdcache.distributed import DistContext
@@ -71,6 +72,8 @@ class DistillRequest:
     online: bool = False
     amp: bool = False
     prefetch: int = 2
+    read_threads: int | None = None   # threads decoding the stores' chunks (default: the cores available)
+    resident_share: float = VIEW_SHARE  # views whole on the device when they fit in this share of it (0: stream)
     options: MethodOptions = field(default_factory=MethodOptions)
     tensorboard: Path | None = None   # also write the per-epoch scalars there (the tensorboard extra)
 
@@ -155,7 +158,8 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
         teachers = CachedTeachers(req.teachers, req.cache, dataset=req.dataset, data_root=req.data_root,
                                   batch_size=req.batch_size, seed=req.seed, device=ctx.device, prefetch=req.prefetch,
                                   rank=ctx.rank, world=ctx.world,
-                                  read_teachers=info.n_teachers != "0" and not req.online)
+                                  read_teachers=info.n_teachers != "0" and not req.online,
+                                  read_threads=req.read_threads, resident_share=req.resident_share)
         if info.uses_features and teachers.feature_form == "none":
             raise StoreError(f"{info.name} needs the teachers' features but store {teachers.stores[0].id} holds "
                              "logits only (precomputed with --features none); precompute with --features pooled "
@@ -438,7 +442,8 @@ def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[
 
 # Options that may change on --resume without changing what the run computes. --epochs may grow: the
 # milestones the user gave are compared, the ones resolved from --epochs follow it (training.reschedule).
-_FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "out", "cache", "data_root", "tensorboard"}
+_FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "read_threads", "resident_share", "out", "cache",
+                   "data_root", "tensorboard"}
 
 
 def _resume(run: RunDir, config: dict[str, Any], student: torch.nn.Module, method: Method,

@@ -239,7 +239,8 @@ def teacher_state(ckpt: Path, epochs: int) -> str:
 
 
 # What a finished run may differ in and still be this grid's: where it ran and how, not what it computed.
-_FREE = ("out", "cache", "data_root", "dataset", "device", "prefetch", "tensorboard", "resume")
+_FREE = ("out", "cache", "data_root", "dataset", "device", "prefetch", "read_threads", "resident_share", "tensorboard",
+         "resume")
 
 
 def check_same_grid(run: RunDir, req: DistillRequest) -> None:

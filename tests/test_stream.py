@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from fakes import flip_byte
 from kdcache.errors import KdcacheError, StoreError
@@ -101,21 +100,22 @@ def test_read_ahead_is_bounded_and_stops_with_the_consumer(cache: Cache, monkeyp
     plan = make_plan(cache)
     a, _, _ = make_teacher(cache, "a" * 16, plan, dim=5, rows=4, seed=1)  # 10 chunks a view
     reads: list[int] = []
-    original = TeacherStore.read_rows
+    original = TeacherStore.submit_rows
 
-    def counting(self, v, start, stop):
+    def counting(self, v, start, stop, pool):
         reads.append(start)
-        return original(self, v, start, stop)
+        return original(self, v, start, stop, pool)
 
-    monkeypatch.setattr(TeacherStore, "read_rows", counting)
-    stream = TeacherStream(plan, [a], seed=0, prefetch=2)
+    monkeypatch.setattr(TeacherStore, "submit_rows", counting)
+    stream = TeacherStream(plan, [a], seed=0, prefetch=2, read_threads=2)
+    assert stream.ahead == 4  # two tasks a reader thread, one teacher's block a task... at least 2
     it = stream.epoch(1, batch_size=4)
     next(it)
     threading.Event().wait(0.3)  # give the reader every chance to run ahead
-    # one block consumed, at most `prefetch` queued, one more held by the blocked reader
-    assert 1 <= len(reads) <= 1 + 2 + 1
+    # one block consumed, at most `prefetch` queued, `ahead` decoding, one more held by the blocked reader
+    assert 1 <= len(reads) <= 1 + 2 + 4 + 1 < 10
     it.close()
-    assert not [t for t in threading.enumerate() if t.name == "kdcache-stream"]
+    assert not [t for t in threading.enumerate() if t.name.startswith(("kdcache-stream", "kdcache-read"))]
 
 
 def test_a_damaged_chunk_stops_the_run_naming_store_and_chunk(cache: Cache) -> None:
@@ -137,18 +137,17 @@ def test_each_rank_streams_and_reads_only_its_slice_of_every_global_batch(cache:
     single = list(TeacherStream(plan, [a, b], seed=11).epoch(epoch, batch))
     v = single[0].view
     reads: list[tuple[str, list[int]]] = []
-    original = zarr.Array.get_orthogonal_selection
+    original = TeacherStore.submit_selected
 
-    def recording(self, selection, *args, **kwargs):
-        if self.path in ("logits", "features"):
-            reads.append((self.path, np.asarray(selection[1]).tolist()))
-        return original(self, selection, *args, **kwargs)
+    def recording(self, v, rows, pool):
+        reads.append((self.id, np.asarray(rows).tolist()))
+        return original(self, v, rows, pool)
 
     def whole_block(*_args):
         raise AssertionError("a rank read a whole block")
 
-    monkeypatch.setattr(zarr.Array, "get_orthogonal_selection", recording)
-    monkeypatch.setattr(TeacherStore, "read_rows", whole_block)
+    monkeypatch.setattr(TeacherStore, "submit_selected", recording)
+    monkeypatch.setattr(TeacherStore, "submit_rows", whole_block)
     for world in (2, 3):
         ranks = []
         for rank in range(world):
@@ -160,11 +159,11 @@ def test_each_rank_streams_and_reads_only_its_slice_of_every_global_batch(cache:
                 assert torch.equal(bt.teacher_features[0], torch.from_numpy(ha[v, bt.rows]))
                 assert torch.equal(bt.teacher_logits[1], torch.from_numpy(zb[v, bt.rows]))
                 assert torch.equal(bt.teacher_features[1], torch.from_numpy(hb[v, bt.rows]))
-            # of each teacher array it took its own rows, each once, and nothing else
+            # of each teacher it took its own rows, each once, and nothing else
             mine = np.concatenate([bt.rows for bt in batches]).tolist()
-            for path in ("logits", "features"):
-                got = sum((rows for p, rows in reads if p == path), [])
-                assert sorted(got) == sorted(mine * 2)  # two teachers
+            for teacher in (a, b):
+                got = sum((rows for t, rows in reads if t == teacher.id), [])
+                assert sorted(got) == sorted(mine)
             ranks.append(batches)
         for step, whole in enumerate(single):
             parts = [ranks[r][step] for r in range(world)]

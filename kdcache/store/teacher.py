@@ -31,9 +31,10 @@ attribute (written before shards) have one chunk a file: S = R.
 from __future__ import annotations
 
 import datetime as _dt
+from concurrent.futures import Executor, Future
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, cast
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from zarr.core.sync import sync
 from kdcache import __version__
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
+from kdcache.store.chunks import INLINE, ArrayChunks, ChunkError, failed
 from kdcache.store.location import Location, Where
 from kdcache.text import human_bytes
 
@@ -63,6 +65,8 @@ class TeacherStore:
         # complete store's markers no longer change, so each array is opened once and a view's markers read once.
         self._arrays: dict[str, zarr.Array] = {}
         self._view_markers: tuple[int, np.ndarray] | None = None
+        self._chunk_readers: dict[str, ArrayChunks] | None = None
+        self._reading_view: int | None = None
 
     @property
     def path(self) -> Path | str:
@@ -458,30 +462,83 @@ class TeacherStore:
         order): the chunk is still decompressed and checked whole, but nothing else is kept.
         """
         rows = self.rows(c)
-        if not self._marked(v, c):  # deleted after the store was completed: the chunk cannot be trusted
-            raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
-                             f"run `kdcache cache verify {self.id}`")
-        out: dict[str, np.ndarray] = {}
-        for name in self.data_arrays:
-            array = self._array(name)
-            try:
-                if within is None:
-                    block = cast(np.ndarray, array[v, rows])
-                else:
-                    block = cast(np.ndarray, array.get_orthogonal_selection((v, rows.start + np.asarray(within))))
-            except ValueError as exc:  # the CRC32C codec's checksum mismatch
-                raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is damaged ({exc}); "
-                                 f"run `kdcache cache verify {self.id}`") from None
-            # A chunk is written whole, in one write, so an unwritten (or deleted) one is the fill value in every
-            # row: its first row tells, at 1/R of the cost of scanning all (a chunk of maps is 2 MB).
-            if fmt.is_unwritten(block[:1]):
-                raise StoreError(f"teacher store {self.id}: {name} chunk (view {v}, chunk {c}) is missing; "
-                                 f"run `kdcache cache verify {self.id}`")
-            out[name] = block
-        logits = out["logits"] if self.topk is None else fmt.pack_topk(*(out[n] for n in fmt.TOPK_ARRAYS))
-        if "feature_scale" in out:
-            return logits, fmt.dequantize_rows(out["features"], out["feature_scale"])
-        return logits, out.get("features")
+        if within is None:
+            return self.read_rows(v, rows.start, rows.stop)
+        return self.read_selected(v, rows.start + np.asarray(within))
+
+    def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and features of the rows ``rows`` of view ``v``, in the order given.
+
+        For a rank that needs only its slice of each batch: chunks holding none of
+        ``rows`` are not read, and of the others only the wanted rows are kept.
+        """
+        return self.submit_selected(v, rows).result()
+
+    def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and features of rows [start, stop) of view ``v``, read chunk by chunk (so errors name the chunk).
+
+        Teachers of different widths have different chunk sizes; a reader walks
+        all of them in blocks of the largest and reads whatever chunks each block covers.
+        """
+        return self.submit_rows(v, start, stop).result()
+
+    def submit_rows(self, v: int, start: int, stop: int, pool: Executor = INLINE) -> "PendingRows":
+        """Start reading rows [start, stop) of view ``v``: every chunk of every data array they cover is one task
+        on ``pool`` (default: done now, on this thread); :meth:`PendingRows.result` gives what
+        :meth:`read_rows` does."""
+        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
+        offset = first * self.chunk_rows
+        return self._submit(v, list(range(first, last + 1)), slice(start - offset, stop - offset), pool)
+
+    def submit_selected(self, v: int, rows: np.ndarray, pool: Executor = INLINE) -> "PendingRows":
+        """Start reading the rows ``rows`` of view ``v`` (in that order) as :meth:`submit_rows` does; only the
+        chunks holding one of them are read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        chunks, slot = np.unique(rows // self.chunk_rows, return_inverse=True)
+        keep = slot * self.chunk_rows + rows % self.chunk_rows  # where each row lands in the chunks read
+        return self._submit(v, [int(c) for c in chunks], keep, pool)
+
+    def _submit(self, v: int, chunks: list[int], keep: slice | np.ndarray, pool: Executor) -> "PendingRows":
+        """Chunks ``chunks`` of view ``v`` of every data array decoded by ``pool`` into one block per array (the
+        chunks one after another, R rows apart); ``keep`` selects the rows wanted from the blocks."""
+        if self._reading_view != v:  # the kept shard indexes are a view's; a reader moves on view by view
+            for reader in self._readers().values():
+                reader.forget()
+            self._reading_view = v
+        r = self.chunk_rows
+        blocks = {name: np.empty((len(chunks) * r, *self._row_shape(name)), dtype=self._array(name).dtype)
+                  for name in self.data_arrays}
+        tasks: list[tuple[int, str, Future[None]]] = []
+        for i, c in enumerate(chunks):
+            if not self._marked(v, c):  # deleted after the store was completed: the chunk cannot be trusted
+                tasks.append((c, "done", failed(StoreError(
+                    f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
+                    f"run `kdcache cache verify {self.id}`"))))
+                continue
+            for name, reader in self._readers().items():
+                out = blocks[name][i * r:i * r + reader.chunk_rows(c)]
+                tasks.append((c, name, self._read_task(reader, v, c, out, pool)))
+        return PendingRows(self, v, chunks, blocks, tasks, keep)
+
+    def _read_task(self, reader: ArrayChunks, v: int, c: int, out: np.ndarray, pool: Executor) -> Future[None]:
+        """Chunk (v, c) of ``reader``'s array into ``out``, as a task on ``pool``; its shard's index is read here."""
+        if reader.layout is None:
+            def through_zarr() -> None:
+                out[...] = reader.read_with_zarr(v, c)
+            return pool.submit(through_zarr)
+        try:
+            where = reader.locate(v, c)
+        except ChunkError as exc:
+            return failed(exc)
+        return pool.submit(reader.read_into, v, c, out, where)
+
+    def _readers(self) -> dict[str, ArrayChunks]:
+        """The data arrays' chunk readers, made once."""
+        if self._chunk_readers is None:
+            local = self.location.local_path
+            self._chunk_readers = {name: ArrayChunks(self._array(name), name, None if local is None else local / name)
+                                   for name in self.data_arrays}
+        return self._chunk_readers
 
     def _array(self, name: str) -> zarr.Array:
         """The data array ``name``, opened once."""
@@ -508,42 +565,8 @@ class TeacherStore:
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is damaged ({exc}); "
                              f"run `kdcache cache verify {self.id}`") from None
 
-    def read_selected(self, v: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits and features of the rows ``rows`` of view ``v``, in the order given, chunk by chunk.
-
-        For a rank that needs only its slice of each batch: chunks holding none of
-        ``rows`` are not read, and of the others only the wanted rows are kept.
-        """
-        rows = np.asarray(rows)
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        chunk_of = sorted_rows // self.chunk_rows
-        logits: list[np.ndarray] = []
-        features: list[np.ndarray] = []  # stays empty in the form none
-        for c in np.unique(chunk_of):
-            z, h = self.read_chunk(v, int(c), sorted_rows[chunk_of == c] - int(c) * self.chunk_rows)
-            logits.append(z)
-            if h is not None:
-                features.append(h)
-        back = np.empty_like(order)
-        back[order] = np.arange(len(order))
-        return np.concatenate(logits)[back], (np.concatenate(features)[back] if features else None)
-
-    def read_rows(self, v: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits and features of rows [start, stop) of view ``v``, read chunk by chunk (so errors name the chunk).
-
-        Teachers of different widths have different chunk sizes; a reader walks
-        all of them in blocks of the largest and reads whatever chunks each block covers.
-        """
-        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-        parts = [self.read_chunk(v, c) for c in range(first, last + 1)]
-        offset = first * self.chunk_rows
-        rows = slice(start - offset, stop - offset)
-        logits = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        if parts[0][1] is None:
-            return logits[rows], None
-        features = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        return logits[rows], features[rows]
+    def _row_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in self._array(name).shape[2:])
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
@@ -596,6 +619,36 @@ class TeacherStore:
         for v in range(self.n_views):
             for c in range(self.chunks_per_view):
                 yield v, c
+
+
+class PendingRows:
+    """Rows of one view of a store being read (:meth:`TeacherStore.submit_rows`): :meth:`result` waits for its
+    chunks and returns the logits and features, or raises the first failure in chunk order as a StoreError
+    naming the chunk."""
+
+    def __init__(self, store: TeacherStore, v: int, chunks: list[int], blocks: dict[str, np.ndarray],
+                 tasks: list[tuple[int, str, Future[None]]], keep: slice | np.ndarray) -> None:
+        self.store, self.v, self.chunks, self.blocks, self.tasks, self.keep = store, v, chunks, blocks, tasks, keep
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        store, v, r = self.store, self.v, self.store.chunk_rows
+        for _, _, task in self.tasks:
+            try:
+                task.result()
+            except ChunkError as exc:
+                raise StoreError(f"teacher store {store.id}: {exc}; run `kdcache cache verify {store.id}`") from None
+        for name, block in self.blocks.items():
+            # A chunk is written whole, in one write, so one read back as the fill value (through zarr) is
+            # unwritten in every row: its first row tells, at 1/R of the cost of scanning all.
+            for i, c in enumerate(self.chunks):
+                if fmt.is_unwritten(block[i * r:i * r + 1]):
+                    raise StoreError(f"teacher store {store.id}: {name} chunk (view {v}, chunk {c}) is missing; "
+                                     f"run `kdcache cache verify {store.id}`")
+        out = {name: block[self.keep] for name, block in self.blocks.items()}
+        logits = out["logits"] if store.topk is None else fmt.pack_topk(*(out[n] for n in fmt.TOPK_ARRAYS))
+        if "feature_scale" in out:
+            return logits, fmt.dequantize_rows(out["features"], out["feature_scale"])
+        return logits, out.get("features")
 
 
 def _identity(attrs: dict[str, Any], key: str) -> Any:
