@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fake_cifar100, machine, random_checkpoint  # noqa: E402
+from readers import compressed_chunks, decode_bound  # noqa: E402
 
 import kdcache.pipelines.distill as distill_mod  # noqa: E402
 import kdcache.pipelines.precompute as precompute_mod  # noqa: E402
@@ -100,20 +102,37 @@ def read_every_chunk(cache: Path, ids: list[str]) -> Chunks:
             for c in range(s.chunks_per_view)}
 
 
+class _Done:
+    """A read already done: what :meth:`TeacherStore.submit_rows` returns, served from memory."""
+
+    def __init__(self, value: tuple[np.ndarray, np.ndarray | None]) -> None:
+        self.value = value
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.value
+
+
 @contextlib.contextmanager
 def resident(held: Chunks) -> Iterator[None]:
     """Reads of the chunks in ``held`` served from memory (the rest of the reading path unchanged)."""
-    real = TeacherStore.read_chunk
+    real = TeacherStore.submit_rows
 
-    def read_chunk(self: TeacherStore, v: int, c: int, within: np.ndarray | None = None):
-        hit = held.get((self.id, v, c))
-        return real(self, v, c, within) if hit is None or within is not None else hit
+    def submit_rows(self: TeacherStore, v: int, start: int, stop: int, pool: Any = None) -> Any:
+        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
+        parts = [held.get((self.id, v, c)) for c in range(first, last + 1)]
+        if any(p is None for p in parts):
+            return real(self, v, start, stop, pool) if pool is not None else real(self, v, start, stop)
+        keep = slice(start - first * self.chunk_rows, stop - first * self.chunk_rows)
+        z = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        h = None if parts[0][1] is None else (np.concatenate([p[1] for p in parts]) if len(parts) > 1
+                                               else parts[0][1])
+        return _Done((z[keep], None if h is None else h[keep]))
 
-    TeacherStore.read_chunk = read_chunk  # type: ignore[method-assign]
+    TeacherStore.submit_rows = submit_rows  # type: ignore[method-assign]
     try:
         yield
     finally:
-        TeacherStore.read_chunk = real  # type: ignore[method-assign]
+        TeacherStore.submit_rows = real  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -181,9 +200,11 @@ def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100",
                                features=form, random_outputs=True) for form in forms}
     print(f"stores written in {time.perf_counter() - t0:.0f} s", flush=True)
-    readers = {form: reader_rate(tmp / "cache", ids[form]) for form in forms}
-    for form, rate in readers.items():
-        print(f"reader alone, {form} stores: {rate:,.0f} rows/s of {args.teachers} teachers", flush=True)
+    readers = {form: reader_table(tmp / "cache", ids[form], args.reader_threads) for form in forms}
+    for form, at in readers.items():
+        for threads, r in at.items():
+            print(f"reader alone, {form} stores, {threads} threads: {r['stream']:,.0f} rows/s of {args.teachers} "
+                  f"teachers; decode bound {r['bound']:,.0f} rows/s ({r['stream'] / r['bound']:.2f})", flush=True)
     t0 = time.perf_counter()
     held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]]) if args.rounds else {}
     print(f"resident copies read in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -197,15 +218,28 @@ def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def reader_rate(cache: Path, ids: list[str], batch: int = 64) -> float:
-    """Rows a second (each with every teacher's logits and features) that the stream delivers with nothing
-    else running: the reading path's ceiling, which a GPU step must not outrun."""
+def reader_rate(cache: Path, ids: list[str], threads: int | None = None, batch: int = 64) -> float:
+    """Rows a second (each with every teacher's logits and features) that the stream delivers on ``threads``
+    reader threads with nothing else running: the reading path's ceiling, which a GPU step must not outrun."""
     stores = [Cache.at(cache).open_teacher(t) for t in ids]
-    stream = TeacherStream(Cache.at(cache).open_plan(stores[0].plan_id), stores, seed=0)
+    stream = TeacherStream(Cache.at(cache).open_plan(stores[0].plan_id), stores, seed=0, read_threads=threads)
     t0, n = time.perf_counter(), 0
     for b in stream.epoch(1, batch):
         n += len(b.rows)
     return n / (time.perf_counter() - t0)
+
+
+def reader_table(cache: Path, ids: list[str], threads: list[int]) -> dict[str, dict[str, float]]:
+    """The stream's rows a second and the decode bound's (the same chunks' compressed bytes in memory, decoded
+    by numcodecs: ``readers.decode_bound``) at each reader thread count; the bound counts the rows the stream
+    delivers (an epoch's, less the dropped last batch, all of whose chunks it decodes)."""
+    stores = [Cache.at(cache).open_teacher(t) for t in ids]
+    held = compressed_chunks([Path(s.path) for s in stores])
+    out = {}
+    for t in threads:
+        stream = reader_rate(cache, ids, t)
+        out[str(t)] = {"stream": stream, "bound": stores[0].n_samples / decode_bound(held, t)}
+    return out
 
 
 def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, list[str]], held: Chunks,
@@ -227,8 +261,11 @@ def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, li
             key = f"{method} {form}"
             with resident(held):
                 per_round.setdefault(f"{key} resident", []).append(
-                    timed(f"{key} resident", r, method, form, args.steps))
-            per_round.setdefault(f"{key} cached", []).append(timed(f"{key} cached", r, method, form, args.steps))
+                    timed(f"{key} resident", r, method, form, args.steps, resident_share=0.0))
+            per_round.setdefault(f"{key} cached", []).append(
+                timed(f"{key} cached", r, method, form, args.steps, resident_share=0.0))
+            if args.views_resident:
+                per_round.setdefault(f"{key} views", []).append(timed(f"{key} views", r, method, form, args.steps))
             if not args.no_online:
                 per_round.setdefault(f"{key} online", []).append(
                     timed(f"{key} online", r, method, form, args.online_steps, online=True))
@@ -238,6 +275,8 @@ def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, li
         key = f"{method} {form}"
         ratios = {"cached/resident": [c / s for c, s in zip(per_round[f"{key} cached"], per_round[f"{key} resident"])],
                   "resident/student": [s / b for s, b in zip(per_round[f"{key} resident"], per_round["student"])]}
+        if args.views_resident:
+            ratios["views/resident"] = [c / s for c, s in zip(per_round[f"{key} views"], per_round[f"{key} resident"])]
         if not args.no_online:
             ratios["online/cached"] = [o / c for o, c in zip(per_round[f"{key} online"], per_round[f"{key} cached"])]
         out["ratios"][key] = {k: summary(v) for k, v in ratios.items()}
@@ -248,8 +287,17 @@ def print_steps(result: dict[str, Any]) -> None:
     """The result as the markdown table RESULTS.md carries."""
     for batch, at in result["batches"].items():
         print_batch(result, int(batch), at)
-    print("\nreader alone (the stream over the stores, nothing training): " + ", ".join(
-        f"{form} {rate:,.0f} rows/s" for form, rate in result["reader_rows_s"].items()))
+    print("\nreader alone (the stream over the stores, nothing training), against the decode bound (the same "
+          "chunks' compressed bytes in memory, decoded by numcodecs on as many threads)")
+    print("| stores | threads | stream rows/s | decode bound rows/s | stream / bound |")
+    print("|---|---|---|---|---|")
+    for form, at in result["reader_rows_s"].items():
+        for threads, r in at.items():
+            print(f"| {form} | {threads} | {r['stream']:,.0f} | {r['bound']:,.0f} | **{r['stream'] / r['bound']:.2f}** |")
+        first, last = list(at.values())[0], list(at.values())[-1]
+        if len(at) > 1:
+            print(f"| {form} | {' to '.join(list(at)[::len(at) - 1])} | **{last['stream'] / first['stream']:.2f}x** | "
+                  f"{last['bound'] / first['bound']:.2f}x | |")
 
 
 def print_batch(result: dict[str, Any], batch: int, at: dict[str, Any]) -> None:
@@ -266,12 +314,13 @@ def print_batch(result: dict[str, Any], batch: int, at: dict[str, Any]) -> None:
         return "-" if d is None else f"**{d['median']:.3f}** ({d['min']:.3f}-{d['max']:.3f})"
 
     print(f"t_student (ce): {ms(t['student'])} ms")
-    print("| row | t_resident ms | t_cached ms | t_online ms | t_cached / t_resident | t_online / t_cached "
-          "| t_resident / t_student |")
-    print("|---|---|---|---|---|---|---|")
+    print("| row | t_resident ms | t_cached ms | t_views ms | t_online ms | t_cached / t_resident "
+          "| t_views / t_resident | t_online / t_cached | t_resident / t_student |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, r in at["ratios"].items():
-        print(f"| {key} | {ms(t[f'{key} resident'])} | {ms(t[f'{key} cached'])} | {ms(t.get(f'{key} online'))} | "
-              f"{ratio(r['cached/resident'])} | {ratio(r.get('online/cached'))} | {ratio(r['resident/student'])} |")
+        print(f"| {key} | {ms(t[f'{key} resident'])} | {ms(t[f'{key} cached'])} | {ms(t.get(f'{key} views'))} | "
+              f"{ms(t.get(f'{key} online'))} | {ratio(r['cached/resident'])} | {ratio(r.get('views/resident'))} | "
+              f"{ratio(r.get('online/cached'))} | {ratio(r['resident/student'])} |")
 
 
 RSS_PROBE = ("import resource, sys\n"
@@ -307,6 +356,11 @@ def main() -> None:
     ap.add_argument("--online-steps", type=int, default=12, help="Timed steps of t_online (live teachers are slow).")
     ap.add_argument("--warmup", type=int, default=5, help="Steps dropped at the start of each run.")
     ap.add_argument("--no-online", action="store_true", help="Skip t_online.")
+    ap.add_argument("--no-views", dest="views_resident", action="store_false",
+                    help="Skip t_views (the method on views held whole in memory, --resident-share's default).")
+    ap.add_argument("--reader-threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                    help="Reader thread counts of the reader's ceiling and its decode bound (default: 1 and every "
+                         "core).")
     ap.add_argument("--json", type=Path, help="Also write the result here.")
     ap.add_argument("--memory", action="store_true", help="Also measure peak RSS over V and 4V views (digits).")
     ap.add_argument("--no-steps", action="store_true", help="Skip the step times (with --memory).")

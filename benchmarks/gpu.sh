@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement of kdcache in one command, each step under a time limit so the whole run ends
-# within 8 minutes on one GPU; the figures go into one results file.
+# within 9 minutes on one GPU; the figures go into one results file.
 #
 #   bash benchmarks/gpu.sh [RESULTS_DIR]          # on a machine with a GPU (refuses without one)
 #   bash benchmarks/gpu.sh --tiny [RESULTS_DIR]   # tiny sizes on any device: checks that every step runs
 #
 # Steps (scripts of this folder; each writes STEP.json and its printed table goes into results.md):
+#   0. the readers (zarr, zarrs, tensorstore, kdcache's) against the decode bound at 1, 2 and every core
+#                                                                             readers.py
 #   1. precompute against the bare forward pass, float32 and --amp, for resnet32x4 and resnet8, each at its
 #      best batch (the fastest bare forward of a sweep)                      precompute_throughput.py
 #   2. distill step times in steady state (student, resident, cached, online) at batch 64 and 256
@@ -36,21 +38,24 @@ out="$(cd "$out" && pwd)"
 if [[ $tiny == 1 ]]; then
     # Seconds, not minutes: what a CI test can afford. The figures mean nothing; that every step runs does.
     archs=(resnet8)
+    reader_args=(--samples 512 --threads 1 2 --rounds 1 --candidates zarr kdcache bound)
     pre_args=(--samples 64 --views 1 --rounds 1 --batch-size 32 64)
     step_args=(--teacher resnet8 --student resnet8 --samples 256 --batch-size 16 32 --rows camkd:spatial
-               --rounds 1 --steps 2 --online-steps 1 --warmup 1)
+               --rounds 1 --steps 2 --online-steps 1 --warmup 1 --reader-threads 1 2)
     rank_args=(--teacher resnet8 --student resnet8 --teachers 2 --samples 128 --batch-size 16 --epochs 1 --rounds 1)
     worker_args=(--arch resnet8 --samples 64 --views 1 --batch-size 64 --rounds 1 --workers 1)
-    pre_limit=120 step_limit=240 rank_limit=120 worker_limit=120
+    reader_limit=120 pre_limit=120 step_limit=240 rank_limit=120 worker_limit=120
 else
-    # Limits sum to 475 s (under 8 min) over the steps: 40 s a precompute run (x2 archs x2 precisions),
-    # 200 s distill steps (writing 6 stores of 50,000 rows is most of it), 50 s ranks, 65 s workers.
+    # Limits sum to 550 s (about 9 min) over the steps: 75 s the readers (3 spatial stores of 8,192 rows written,
+    # then 18 fresh processes), 40 s a precompute run (x2 archs x2 precisions), 200 s distill steps (writing 6
+    # stores of 50,000 rows is most of it), 50 s ranks, 65 s workers.
     archs=(resnet32x4 resnet8)
+    reader_args=(--samples 8192 --forms spatial --threads 1 2 "$(nproc)" --rounds 1)
     pre_args=(--samples 8192 --views 2 --rounds 2 --batch-size 256 512 1024 2048)
     step_args=(--samples 50000 --batch-size 64 256 --rounds 2 --steps 100 --online-steps 20 --warmup 10)
     rank_args=(--samples 8192 --batch-size 256 --epochs 1 --rounds 2)
     worker_args=(--arch resnet8 --samples 8192 --views 4 --batch-size 1024 --rounds 2)
-    pre_limit=40 step_limit=200 rank_limit=50 worker_limit=65
+    reader_limit=75 pre_limit=40 step_limit=200 rank_limit=50 worker_limit=65
 fi
 
 results="$out/results.md"
@@ -94,6 +99,7 @@ step() {
     fi
 }
 
+step readers "$reader_limit" readers.py "${reader_args[@]}"
 for arch in "${archs[@]}"; do
     step "precompute-$arch-float32" "$pre_limit" precompute_throughput.py --arch "$arch" --device "$device" "${pre_args[@]}"
     step "precompute-$arch-amp" "$pre_limit" precompute_throughput.py --arch "$arch" --device "$device" --amp "${pre_args[@]}"

@@ -19,7 +19,8 @@ library can read them in parallel:
 - ``kdcache``: kdcache's read path (``kdcache.store.chunks``): a chunk's bytes read from its shard, its CRC32C
   checked and Blosc undone by numcodecs, one task a chunk on a pool of the given threads;
 - ``bound``: the decode bound: the same chunks' compressed bytes already in memory, checked and decoded by
-  numcodecs on the given threads (no file reads, no library between).
+  numcodecs on the given threads, each into a buffer of its own (no file reads, no allocation, no library
+  between).
 
 Every (candidate, threads) runs in a fresh process (zarr's thread pool is sized once a process), after the
 stores' files were read once (so every candidate reads from the page cache); ``--rounds`` rounds run every
@@ -166,39 +167,42 @@ def read_kdcache(paths: list[Path], threads: int, block: int) -> Callable[[], No
     return run
 
 
-def compressed_chunks(paths: list[Path]) -> list[tuple[Any, int, bytes, np.ndarray]]:
-    """Every chunk of view 0 of every store's logits and features: (its reader, chunk, compressed bytes, an
-    output array of its rows)."""
+def compressed_chunks(paths: list[Path]) -> list[tuple[Any, int, bytes]]:
+    """Every chunk of view 0 of every store's logits and features: (its reader, chunk, compressed bytes)."""
     stores = [TeacherStore.open(p, f"t{i}") for i, p in enumerate(paths)]
     held = []
     for s in stores:
-        for name, reader in s._readers().items():
+        for reader in s.chunk_readers().values():
             for c in range(s.chunks_per_view):
                 key, offset, length = reader.locate(0, c)
-                data = reader._fetch(key, offset, length)
-                out = np.empty((reader.chunk_rows(c), *reader.layout.chunk_shape[2:]), reader.layout.dtype)
-                held.append((reader, c, data, out))
+                held.append((reader, c, reader.fetch(key, offset, length)))
     return held
 
 
-def decode_bound(held: list[tuple[Any, int, bytes, np.ndarray]], threads: int) -> float:
-    """Seconds to check and decode ``held`` (:func:`compressed_chunks`) on ``threads`` threads, bytes in memory."""
+def decode_bound(held: list[tuple[Any, int, bytes]], threads: int) -> float:
+    """Seconds to check and decode ``held`` (:func:`compressed_chunks`) on ``threads`` threads, the bytes in
+    memory, each thread decoding into one output buffer of its own (no allocation, no page faults)."""
+    import threading
+
     import google_crc32c
     import numcodecs.blosc
 
-    def decode(item: tuple[Any, int, bytes, np.ndarray]) -> None:
-        reader, _, data, out = item
+    local = threading.local()
+
+    def decode(item: tuple[Any, int, bytes]) -> None:
+        reader, _, data = item
+        layout = reader.layout
+        out = getattr(local, "out", {}).get(reader.name)
+        if out is None:
+            out = np.empty(layout.chunk_shape[1:], layout.dtype)
+            local.out = {**getattr(local, "out", {}), reader.name: out}
         raw = np.frombuffer(data, np.uint8)
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
             raise ValueError("checksum")
-        if out.shape[0] == reader.layout.rows:
-            numcodecs.blosc.decompress(raw[:-4], out)
-        else:
-            out[...] = np.frombuffer(numcodecs.blosc.decompress(raw[:-4]), out.dtype).reshape(
-                reader.layout.chunk_shape[1:])[:out.shape[0]]
+        numcodecs.blosc.decompress(raw[:-4], out)
 
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(decode, held[:threads]))  # threads started, caches warm
+        list(pool.map(decode, held[:4 * threads]))  # threads started, their buffers made
         t0 = time.perf_counter()
         list(pool.map(decode, held))
         return time.perf_counter() - t0
@@ -287,6 +291,7 @@ def main() -> None:
     ap.add_argument("--measure", choices=CANDIDATES, help=argparse.SUPPRESS)
     ap.add_argument("--paths", nargs="+", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.threads = sorted(set(args.threads))
     if args.measure:
         print(measure_one(args.paths, args.measure, args.threads[0], args.block_rows))
         return

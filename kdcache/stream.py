@@ -174,7 +174,7 @@ class TeacherStream:
         """The epoch's blocks, in order, onto ``out``: every chunk of every teacher and array one task on a pool
         of ``read_threads``, ``ahead`` blocks submitted before the oldest is waited for, so the pool decodes
         several teachers, arrays and blocks at once."""
-        pending: deque[tuple[np.ndarray, np.ndarray | None, list[PendingRows]]] = deque()
+        pending: deque[tuple[np.ndarray, list[PendingRows]]] = deque()
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
         try:
             position = 0  # of the block's first row in the epoch's reading order
@@ -182,17 +182,12 @@ class TeacherStream:
                 if stop.is_set():
                     return
                 rows = self.schedule.row_shuffle(epoch, int(c))
-                start = int(c) * self.schedule.chunk_rows
-                if self.world == 1:
-                    stop_row = start + len(rows)
-                    reads = ([s.submit_rows(v, start, stop_row, pool) for s in self.stores]
-                             if self.read_teachers else [])
-                    pending.append((rows, rows - start, reads))
-                else:
-                    mine = rows[self._mine(position + np.arange(len(rows)), batch_size)]
-                    if len(mine):
-                        reads = [s.submit_selected(v, mine, pool) for s in self.stores] if self.read_teachers else []
-                        pending.append((mine, None, reads))
+                # The block's rows in this epoch's order (this rank's of them): each chunk's task puts its rows
+                # in their places, so no thread but the pool's touches the rows' bytes.
+                mine = rows if self.world == 1 else rows[self._mine(position + np.arange(len(rows)), batch_size)]
+                if len(mine):
+                    reads = [s.submit_selected(v, mine, pool) for s in self.stores] if self.read_teachers else []
+                    pending.append((mine, reads))
                 position += len(rows)
                 while len(pending) > self.ahead:
                     out.put(_block(*pending.popleft()))
@@ -220,11 +215,10 @@ class TeacherStream:
         return t.pin_memory() if self.pin_memory else t
 
 
-def _block(rows: np.ndarray, local: np.ndarray | None, reads: list[PendingRows]) -> _Block:
-    """A block of ``rows`` from its teachers' reads; ``local`` reorders the rows read (None: already in order)."""
+def _block(rows: np.ndarray, reads: list[PendingRows]) -> _Block:
+    """A block of ``rows`` from its teachers' reads (their rows in that order)."""
     parts = [r.result() for r in reads]
-    pick = (lambda a: a) if local is None else (lambda a: a[local])
-    return _Block(rows, [pick(z) for z, _ in parts], [pick(h) for _, h in parts if h is not None])
+    return _Block(rows, [z for z, _ in parts], [h for _, h in parts if h is not None])
 
 
 def _concat(a: _Block, b: _Block) -> _Block:

@@ -54,14 +54,14 @@ FORMS = [dict(), dict(features="spatial"), dict(features="none"), dict(feature_d
 @pytest.mark.parametrize("form", FORMS, ids=lambda f: "-".join(map(str, f.values())) or "pooled")
 def test_every_chunk_of_every_array_decodes_as_zarr_reads_it(tmp_path: Path, shards: bool, form: dict) -> None:
     store, arrays = make(tmp_path / "s", "t" * 16, shards, **form)
-    readers = store._readers()
+    readers = store.chunk_readers()
     assert all(r.layout is not None for r in readers.values())  # nothing falls back to zarr
     assert {r.layout.per_shard for r in readers.values()} == {2 if shards else 1}
     for name, reader in readers.items():
         for v in range(V):
             for c in range(3):
                 out = np.empty((reader.chunk_rows(c), *arrays[name].shape[2:]), arrays[name].dtype)
-                reader.read_into(v, c, out, reader.locate(v, c))
+                reader.read(v, c, out, where=reader.locate(v, c))
                 assert np.array_equal(out, arrays[name][v, c * R:(c + 1) * R])
                 assert out.dtype == arrays[name].dtype
     # whole reads, inline and on a pool, equal the rows zarr holds (after packing or scaling back)
@@ -69,6 +69,8 @@ def test_every_chunk_of_every_array_decodes_as_zarr_reads_it(tmp_path: Path, sha
     with ThreadPoolExecutor(3) as pool:
         pooled = [store.submit_rows(v, 1, N, pool).result() for v in range(V)]
         picked = store.submit_selected(1, np.array([10, 0, 5, 9]), pool).result()
+        perm = np.random.default_rng(3).permutation(N)
+        shuffled = store.submit_selected(0, perm, pool).result()  # rows of three chunks, each put in its place
     for v in range(V):
         z, h = inline[v]
         if store.topk is None:
@@ -84,12 +86,14 @@ def test_every_chunk_of_every_array_decodes_as_zarr_reads_it(tmp_path: Path, sha
         assert np.array_equal(pooled[v][0], z[1:])
         assert h is None or np.array_equal(pooled[v][1], h[1:])
     assert np.array_equal(picked[0], inline[1][0][[10, 0, 5, 9]])
+    assert np.array_equal(shuffled[0], inline[0][0][perm])
+    assert shuffled[1] is None or np.array_equal(shuffled[1], inline[0][1][perm])
 
 
 def test_a_store_behind_a_url_is_read_through_zarrs_store(tmp_path: Path) -> None:
     url = f"memory://kdcache-chunks-{uuid.uuid4().hex}/t"
     store, arrays = make(url, "u" * 16, shards=True, features="spatial")
-    assert all(r.local is None for r in store._readers().values())
+    assert all(r.local is None for r in store.chunk_readers().values())
     with ThreadPoolExecutor(2) as pool:
         z, h = store.submit_rows(1, 0, N, pool).result()
     assert np.array_equal(z, arrays["logits"][1]) and np.array_equal(h, arrays["features"][1])
@@ -136,16 +140,16 @@ def test_a_damaged_shard_index_a_chunk_left_out_and_a_cut_short_file_are_named(t
 
 def test_a_flipped_byte_inside_a_chunk_fails_its_checksum_and_only_that_chunk(tmp_path: Path) -> None:
     store, arrays = make(tmp_path / "s", "f" * 16, shards=True)
-    reader = store._readers()["features"]
+    reader = store.chunk_readers()["features"]
     key, offset, length = reader.locate(0, 1)
     path = Path(store.path) / "features" / key
     data = bytearray(path.read_bytes())
     data[offset + length // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(ChunkDamaged, match=r"features chunk \(view 0, chunk 1\) is damaged \(CRC32C"):
-        reader.read_into(0, 1, np.empty((R, D), np.float16), reader.locate(0, 1))
+        reader.read(0, 1, np.empty((R, D), np.float16))
     out = np.empty((R, D), np.float16)
-    reader.read_into(0, 0, out, reader.locate(0, 0))
+    reader.read(0, 0, out)
     assert np.array_equal(out, arrays["features"][0, :R])
 
 

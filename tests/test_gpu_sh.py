@@ -30,7 +30,7 @@ def test_tiny_suite_runs_every_step_and_records_its_figures(tmp_path: Path) -> N
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert f"- device: {device}" in results
 
-    steps = ["precompute-resnet8-float32", "precompute-resnet8-amp", "distill-step", "distill-ranks",
+    steps = ["readers", "precompute-resnet8-float32", "precompute-resnet8-amp", "distill-step", "distill-ranks",
              "precompute-workers"]
     for name in steps:
         assert f"\n## {name}\n" in results, name
@@ -47,10 +47,10 @@ def test_tiny_suite_runs_every_step_and_records_its_figures(tmp_path: Path) -> N
     step = figures["distill-step"]
     assert set(step["batches"]) == {"16", "32"}
     for at in step["batches"].values():
-        assert {"student", "camkd spatial resident", "camkd spatial cached", "camkd spatial online"} == set(
-            at["times_ms"])
+        assert {"student", "camkd spatial resident", "camkd spatial cached", "camkd spatial views",
+                "camkd spatial online"} == set(at["times_ms"])
         ratios = at["ratios"]["camkd spatial"]
-        assert set(ratios) == {"cached/resident", "online/cached", "resident/student"}
+        assert set(ratios) == {"cached/resident", "views/resident", "online/cached", "resident/student"}
         times = at["times_ms"]
         assert ratios["cached/resident"]["median"] == pytest.approx(
             times["camkd spatial cached"]["median"] / times["camkd spatial resident"]["median"])
@@ -61,6 +61,14 @@ def test_tiny_suite_runs_every_step_and_records_its_figures(tmp_path: Path) -> N
     assert expected <= set(ranks)
     for config in ranks.values():
         assert len(config["step_s"]) == config["ranks"] and config["samples_s"] > 0
+
+    readers = figures["readers"]["forms"]
+    assert set(readers) == {"spatial", "pooled"}
+    for at in readers.values():  # the optional readers (zarrs, tensorstore) are left out of the tiny run
+        assert set(at["rows_s"]) == {"zarr", "kdcache", "bound"}
+        assert all(rate > 0 for per in at["rows_s"].values() for t in ("1", "2") for rate in per[t])
+    assert set(step["reader_rows_s"]["spatial"]) == {"1", "2"}
+    assert all(r["stream"] > 0 and r["bound"] > 0 for r in step["reader_rows_s"]["spatial"].values())
 
     modes = figures["precompute-workers"]["modes"]
     assert "serial" in modes and len(modes) == 2

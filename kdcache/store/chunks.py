@@ -17,6 +17,7 @@ chunk, with the same errors.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
+
+from kdcache.store.format import is_unwritten
 
 T = TypeVar("T")
 
@@ -126,7 +129,7 @@ def _plain(codecs: tuple[Any, ...]) -> bool:
 
 
 class ArrayChunks:
-    """Chunk (v, c) of one data array of a store, read on whatever thread calls :meth:`read_into`.
+    """Chunk (v, c) of one data array of a store, read on whatever thread calls :meth:`read`.
 
     ``local``: the array's folder on this machine (files are read directly), else None (bytes come through
     zarr's store, for a URL). A shard's index is read once and kept (``index``); a complete store does not
@@ -169,11 +172,33 @@ class ArrayChunks:
         """Drop the kept shard indexes (a reader moving to another view)."""
         self._indexes.clear()
 
-    def read_into(self, v: int, c: int, out: np.ndarray, where: tuple[str, int | None, int | None]) -> None:
-        """Fetch chunk (v, c) from ``where`` (:meth:`locate`), check and decode it into ``out`` (its rows)."""
+    def read(self, v: int, c: int, out: np.ndarray, pick: tuple[np.ndarray, np.ndarray] | None = None,
+             where: tuple[str, int | None, int | None] | None = None) -> None:
+        """Chunk (v, c) into ``out``: every row of it (``pick`` None; ``out`` holds exactly its rows), or its rows
+        ``src`` into ``out[dest]`` for ``pick = (dest, src)``. Decoded here where the array's layout is known
+        (from ``where``, :meth:`locate`), else read through zarr. A chunk whose first row is the fill value (an
+        unwritten chunk read through zarr) is a ChunkMissing."""
+        if self.layout is None:
+            chunk = self.read_with_zarr(v, c)
+        else:
+            direct = pick is None and out.shape[0] == self.layout.rows and out.flags.c_contiguous
+            chunk = out if direct else _scratch(self.layout)
+            self.decode(v, c, chunk, self.locate(v, c) if where is None else where)
+        # A chunk is written whole, in one write: its first row tells an unwritten one, at 1/R of a scan's cost.
+        if is_unwritten(chunk[:1]):
+            raise ChunkMissing(self.name, v, c, "it reads as the fill value")
+        if pick is not None:
+            dest, src = pick
+            out[dest] = chunk[src]
+        elif chunk is not out:
+            out[...] = chunk[:out.shape[0]]
+
+    def decode(self, v: int, c: int, target: np.ndarray, where: tuple[str, int | None, int | None]) -> None:
+        """Fetch chunk (v, c) from ``where`` (:meth:`locate`), check it and decode it into ``target``, an array of
+        the chunk's full shape (R rows, as stored, the last chunk of a view too)."""
         layout = self._layout()
         key, offset, length = where
-        data = self._fetch(key, offset, length)
+        data = self.fetch(key, offset, length)
         if data is None:
             raise ChunkMissing(self.name, v, c, "no file")
         view = np.frombuffer(data, dtype=np.uint8)
@@ -181,8 +206,6 @@ class ArrayChunks:
             if len(view) < 4 or google_crc32c.value(view[:-4]) != int.from_bytes(view[-4:].tobytes(), "little"):
                 raise ChunkDamaged(self.name, v, c, "CRC32C checksum mismatch")
             view = view[:-4]
-        full = out.shape[0] == layout.rows and out.flags.c_contiguous
-        target = out if full else np.empty(layout.chunk_shape[1:], dtype=layout.dtype)
         try:
             if layout.compressed:
                 # the Blosc header (16 bytes) holds the uncompressed size at bytes 4-8, little-endian
@@ -196,8 +219,6 @@ class ArrayChunks:
                 target.reshape(-1).view(np.uint8)[:] = view
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ChunkDamaged(self.name, v, c, f"does not decode: {exc}") from None
-        if not full:
-            out[...] = target[:out.shape[0]]
 
     def read_with_zarr(self, v: int, c: int) -> np.ndarray:
         """Chunk (v, c) read through zarr, for an array this module does not decode: a checksum that fails is
@@ -216,7 +237,7 @@ class ArrayChunks:
     def _read_index(self, key: str, v: int, c: int) -> np.ndarray | ChunkError:
         layout = self._layout()
         n = layout.index_bytes
-        data = self._fetch(key, -n if layout.index_at_end else 0, n)
+        data = self.fetch(key, -n if layout.index_at_end else 0, n)
         if data is None:
             return ChunkMissing(self.name, v, c, "no shard file")
         view = np.frombuffer(data, dtype=np.uint8)
@@ -224,7 +245,7 @@ class ArrayChunks:
             return ChunkDamaged(self.name, v, c, "its shard's index fails its checksum")
         return view[:-4].view("<u8").reshape(layout.per_shard, 2)
 
-    def _fetch(self, key: str, offset: int | None, length: int | None) -> bytes | None:
+    def fetch(self, key: str, offset: int | None, length: int | None) -> bytes | None:
         """The bytes of file ``key`` (below the array) in [offset, offset + length), the whole file for None, the
         last ``length`` bytes for a negative offset; None when there is no such file."""
         if self.local is not None:
@@ -246,6 +267,19 @@ class ArrayChunks:
                       else RangeByteRequest(offset, offset + cast(int, length)))
         got = sync((self.array.store_path / key).get(prototype=default_buffer_prototype(), byte_range=byte_range))
         return None if got is None else got.to_bytes()
+
+
+_local = threading.local()
+
+
+def _scratch(layout: ChunkLayout) -> np.ndarray:
+    """This thread's buffer of one chunk of ``layout``'s shape and dtype, made once and reused (no allocation,
+    no page faults on a chunk decoded only to have some of its rows picked)."""
+    buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = _local.__dict__.setdefault("buffers", {})
+    key = (layout.chunk_shape[1:], layout.dtype.str)
+    if key not in buffers:
+        buffers[key] = np.empty(layout.chunk_shape[1:], dtype=layout.dtype)
+    return buffers[key]
 
 
 class InlineExecutor(Executor):

@@ -488,51 +488,58 @@ class TeacherStore:
         :meth:`read_rows` does."""
         first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
         offset = first * self.chunk_rows
-        return self._submit(v, list(range(first, last + 1)), slice(start - offset, stop - offset), pool)
+        return self._submit(v, list(range(first, last + 1)), None, slice(start - offset, stop - offset), pool)
 
     def submit_selected(self, v: int, rows: np.ndarray, pool: Executor = INLINE) -> "PendingRows":
-        """Start reading the rows ``rows`` of view ``v`` (in that order) as :meth:`submit_rows` does; only the
-        chunks holding one of them are read."""
+        """Start reading the rows ``rows`` of view ``v``, in that order, as :meth:`submit_rows` does: only the
+        chunks holding one of them are read, and each chunk's task puts its rows in their places."""
         rows = np.asarray(rows, dtype=np.int64)
-        chunks, slot = np.unique(rows // self.chunk_rows, return_inverse=True)
-        keep = slot * self.chunk_rows + rows % self.chunk_rows  # where each row lands in the chunks read
-        return self._submit(v, [int(c) for c in chunks], keep, pool)
+        return self._submit(v, [int(c) for c in np.unique(rows // self.chunk_rows)], rows, None, pool)
 
-    def _submit(self, v: int, chunks: list[int], keep: slice | np.ndarray, pool: Executor) -> "PendingRows":
-        """Chunks ``chunks`` of view ``v`` of every data array decoded by ``pool`` into one block per array (the
-        chunks one after another, R rows apart); ``keep`` selects the rows wanted from the blocks."""
+    def _submit(self, v: int, chunks: list[int], want: np.ndarray | None, keep: slice | None,
+                pool: Executor) -> "PendingRows":
+        """Chunks ``chunks`` of view ``v`` of every data array, a task each on ``pool``, into one array per data
+        array: the chunks' rows one after another (``want`` None; ``keep`` then slices them), or the rows
+        ``want`` in that order."""
         if self._reading_view != v:  # the kept shard indexes are a view's; a reader moves on view by view
-            for reader in self._readers().values():
+            for reader in self.chunk_readers().values():
                 reader.forget()
             self._reading_view = v
         r = self.chunk_rows
-        blocks = {name: np.empty((len(chunks) * r, *self._row_shape(name)), dtype=self._array(name).dtype)
+        sizes = [min(r, self.n_samples - c * r) for c in chunks]
+        rows = sum(sizes) if want is None else len(want)
+        blocks = {name: np.empty((rows, *self._row_shape(name)), dtype=self._array(name).dtype)
                   for name in self.data_arrays}
+        picks: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(chunks)
+        if want is not None:  # each chunk's rows of ``want``: where they go, and where they are in the chunk
+            order = np.argsort(want // r, kind="stable")
+            bounds = np.searchsorted(want[order] // r, np.asarray(chunks + [chunks[-1] + 1]) if chunks else [0])
+            picks = [(order[a:b], want[order[a:b]] - c * r) for c, a, b in zip(chunks, bounds[:-1], bounds[1:])]
         tasks: list[tuple[int, str, Future[None]]] = []
-        for i, c in enumerate(chunks):
+        start = 0
+        for c, size, pick in zip(chunks, sizes, picks):
             if not self._marked(v, c):  # deleted after the store was completed: the chunk cannot be trusted
                 tasks.append((c, "done", failed(StoreError(
                     f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
                     f"run `kdcache cache verify {self.id}`"))))
-                continue
-            for name, reader in self._readers().items():
-                out = blocks[name][i * r:i * r + reader.chunk_rows(c)]
-                tasks.append((c, name, self._read_task(reader, v, c, out, pool)))
-        return PendingRows(self, v, chunks, blocks, tasks, keep)
+            else:
+                for name, reader in self.chunk_readers().items():
+                    out = blocks[name] if pick is not None else blocks[name][start:start + size]
+                    tasks.append((c, name, self._read_task(reader, v, c, out, pick, pool)))
+            start += size
+        return PendingRows(self, blocks, tasks, keep)
 
-    def _read_task(self, reader: ArrayChunks, v: int, c: int, out: np.ndarray, pool: Executor) -> Future[None]:
-        """Chunk (v, c) of ``reader``'s array into ``out``, as a task on ``pool``; its shard's index is read here."""
-        if reader.layout is None:
-            def through_zarr() -> None:
-                out[...] = reader.read_with_zarr(v, c)
-            return pool.submit(through_zarr)
+    @staticmethod
+    def _read_task(reader: ArrayChunks, v: int, c: int, out: np.ndarray, pick: tuple[np.ndarray, np.ndarray] | None,
+                   pool: Executor) -> Future[None]:
+        """Chunk (v, c) of ``reader``'s array into ``out``, a task on ``pool``; its shard's index is read here."""
         try:
-            where = reader.locate(v, c)
+            where = None if reader.layout is None else reader.locate(v, c)
         except ChunkError as exc:
             return failed(exc)
-        return pool.submit(reader.read_into, v, c, out, where)
+        return pool.submit(reader.read, v, c, out, pick, where)
 
-    def _readers(self) -> dict[str, ArrayChunks]:
+    def chunk_readers(self) -> dict[str, ArrayChunks]:
         """The data arrays' chunk readers, made once."""
         if self._chunk_readers is None:
             local = self.location.local_path
@@ -626,25 +633,18 @@ class PendingRows:
     chunks and returns the logits and features, or raises the first failure in chunk order as a StoreError
     naming the chunk."""
 
-    def __init__(self, store: TeacherStore, v: int, chunks: list[int], blocks: dict[str, np.ndarray],
-                 tasks: list[tuple[int, str, Future[None]]], keep: slice | np.ndarray) -> None:
-        self.store, self.v, self.chunks, self.blocks, self.tasks, self.keep = store, v, chunks, blocks, tasks, keep
+    def __init__(self, store: TeacherStore, blocks: dict[str, np.ndarray], tasks: list[tuple[int, str, Future[None]]],
+                 keep: slice | None) -> None:
+        self.store, self.blocks, self.tasks, self.keep = store, blocks, tasks, keep
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
-        store, v, r = self.store, self.v, self.store.chunk_rows
+        store = self.store
         for _, _, task in self.tasks:
             try:
                 task.result()
             except ChunkError as exc:
                 raise StoreError(f"teacher store {store.id}: {exc}; run `kdcache cache verify {store.id}`") from None
-        for name, block in self.blocks.items():
-            # A chunk is written whole, in one write, so one read back as the fill value (through zarr) is
-            # unwritten in every row: its first row tells, at 1/R of the cost of scanning all.
-            for i, c in enumerate(self.chunks):
-                if fmt.is_unwritten(block[i * r:i * r + 1]):
-                    raise StoreError(f"teacher store {store.id}: {name} chunk (view {v}, chunk {c}) is missing; "
-                                     f"run `kdcache cache verify {store.id}`")
-        out = {name: block[self.keep] for name, block in self.blocks.items()}
+        out = {name: block if self.keep is None else block[self.keep] for name, block in self.blocks.items()}
         logits = out["logits"] if store.topk is None else fmt.pack_topk(*(out[n] for n in fmt.TOPK_ARRAYS))
         if "feature_scale" in out:
             return logits, fmt.dequantize_rows(out["features"], out["feature_scale"])
