@@ -40,14 +40,37 @@ from common import machine, random_checkpoint  # noqa: E402
 from kdcache.data import load_dataset  # noqa: E402
 
 
-def kdcache(*args: str) -> tuple[float, str]:
-    """Run ``kdcache ARGS`` in a fresh process; its wall time and standard output."""
+# `kdcache ARGS` as the command runs it, timing what the live teachers' forward passes take (``--online``).
+PROBE = r"""
+import sys, time
+import kdcache.pipelines.distill as d
+spent = [0.0]
+real = d._teacher_outputs
+def timed(*a, **k):
+    s = time.perf_counter()
+    try:
+        return real(*a, **k)
+    finally:
+        spent[0] += time.perf_counter() - s
+d._teacher_outputs = timed
+from kdcache.cli.main import main
+try:
+    main(sys.argv[1:], prog_name="kdcache")
+finally:
+    print(f"TEACHERS {spent[0]}", file=sys.stderr)
+"""
+
+
+def kdcache(*args: str) -> tuple[float, str, float]:
+    """Run ``kdcache ARGS`` in a fresh process; its wall time, standard output, and the seconds spent in the live
+    teachers' forward passes (0 unless ``--online``)."""
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "kdcache.cli", *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"kdcache {' '.join(args[:2])} failed:\n{done.stderr[-3000:]}")
-    return seconds, done.stdout
+    teachers = float(next(x for x in done.stderr.splitlines() if x.startswith("TEACHERS ")).split()[1])
+    return seconds, done.stdout, teachers
 
 
 def checkpoints(tmp: Path, archs: list[str], classes: int) -> list[Path]:
@@ -63,7 +86,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
            *device]
     for arch, ckpt in zip(args.teachers, ckpts):
         pre += ["--teacher", arch, "--checkpoint", str(ckpt)]
-    t_pre, out = kdcache(*pre)
+    t_pre, out, _ = kdcache(*pre)
     ids = out.strip().splitlines()[-len(args.teachers):]
     print(f"precompute of {len(ids)} teachers x {args.epochs} views: {t_pre:.1f} s", flush=True)
     base = ["distill", "--student", args.student, "--method", args.method, "--cache", str(tmp / "cache"),
@@ -71,18 +94,22 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             *(["--data-root", str(args.data_root)] if args.data_root else [])]
     cached: list[float] = []
     online: list[float] = []
+    in_teachers: list[float] = []
     for seed in range(args.runs):
         order = [("cached", []), ("online", ["--online"])]
         for name, extra in order if seed % 2 == 0 else order[::-1]:
-            t, _ = kdcache(*base, "--seed", str(seed), "--out", str(tmp / f"{name}-{seed}"), *extra)
+            t, _, teachers = kdcache(*base, "--seed", str(seed), "--out", str(tmp / f"{name}-{seed}"), *extra)
             (cached if name == "cached" else online).append(t)
-        print(f"seed {seed}: cached {cached[-1]:.1f} s, online {online[-1]:.1f} s", flush=True)
+            if name == "online":
+                in_teachers.append(teachers)
+        print(f"seed {seed}: cached {cached[-1]:.1f} s, online {online[-1]:.1f} s (teachers' forward passes "
+              f"{in_teachers[-1]:.1f} s)", flush=True)
     gap = statistics.mean(online) - statistics.mean(cached)
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
             "setting": {"dataset": args.dataset, "teachers": args.teachers, "student": args.student,
                         "method": args.method, "features": args.features, "epochs": args.epochs,
                         "views": args.epochs, "device": args.device, "trained_teachers": bool(args.checkpoints)},
-            "precompute_s": t_pre, "cached_s": cached, "online_s": online,
+            "precompute_s": t_pre, "cached_s": cached, "online_s": online, "online_teachers_s": in_teachers,
             "crossover_n": math.ceil(t_pre / gap) if gap > 0 else None,
             "rows": [{"n": n, "cache_s": t_pre + sum(cached[:n]), "online_s": sum(online[:n]),
                       "saving": sum(online[:n]) / (t_pre + sum(cached[:n]))}
@@ -93,9 +120,15 @@ def print_table(r: dict[str, Any]) -> None:
     s = r["setting"]
     print(f"\n{' + '.join(s['teachers'])} -> {s['student']}, {s['method']} on {s['features']} stores, "
           f"{s['dataset']}, {s['epochs']} epochs ({s['views']} views), device {s['device']}")
+    gap = statistics.mean(r["online_s"]) - statistics.mean(r["cached_s"])
+    forward = statistics.mean(r["online_teachers_s"])
     print(f"precompute {r['precompute_s']:.1f} s; a cached run {statistics.mean(r['cached_s']):.1f} s "
           f"({min(r['cached_s']):.1f}-{max(r['cached_s']):.1f}); an online run {statistics.mean(r['online_s']):.1f} s "
           f"({min(r['online_s']):.1f}-{max(r['online_s']):.1f}); crossover N = {r['crossover_n']}")
+    print(f"the teachers' share of an online run: online - cached = {gap:.1f} s (precompute / it = "
+          f"**{r['precompute_s'] / gap:.2f}**); the live teachers' forward passes inside it {forward:.1f} s "
+          f"({min(r['online_teachers_s']):.1f}-{max(r['online_teachers_s']):.1f}; precompute / it = "
+          f"**{r['precompute_s'] / forward:.2f}**)")
     print("| N | precompute + N cached runs | N online runs | online / cache |")
     print("|---|---|---|---|")
     for row in r["rows"]:

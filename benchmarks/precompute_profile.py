@@ -8,20 +8,24 @@ One `kdcache precompute` of the teachers (random weights: time does not depend o
 run in a fresh process through a probe that times, without changing it, each stage of the pipeline:
 
 - ``start-up``: the interpreter, kdcache's command line and its imports, to the first teacher's preparation;
-- ``prepare``: the data set loaded and fingerprinted, the checkpoint hashed, the teacher built and loaded;
+- ``data set``: the training set loaded and fingerprinted (once for all teachers);
+- ``prepare``: the checkpoint hashed, the teacher built and loaded (the data set too, for a single teacher);
 - ``plan``: the view plan drawn and written (once for all teachers);
 - ``forward``: the teacher's forward passes (on the main thread: the critical path);
-- ``views`` (background): decoding and replaying the next batch's views (the read-ahead thread);
-- ``writes`` (background): compressing, checksumming and writing the shards and their markers (the writer);
+- ``views``: decoding and replaying the views (on a GPU on the read-ahead thread, beside the forward pass;
+  on the CPU in turn with it);
+- ``writes``: compressing, checksumming and writing the shards and their markers (on a GPU on the writer
+  thread; on the CPU in turn with the forward);
 - ``summaries`` (inside writes): a top-K store's summaries of the logits;
-- ``waits``: the main thread waiting for the views or the writer (what the background work adds to the
+- ``waits``: the main thread waiting for the views or the writer (what background work adds to the
   critical path);
 - ``test evaluation``: the teacher on the test split;
 - ``mark complete``: accuracies recorded, the store declared complete;
 - ``total``: the process's wall clock, from its start to its exit.
 
-Background stages overlap the forward pass; the critical path is start-up + prepare + plan + forward + waits +
-test evaluation + mark complete (the rest is bookkeeping between them, reported as ``other``).
+On a GPU, views and writes overlap the forward pass and the critical path is start-up + data set + prepare + plan +
+forward + waits + test evaluation + mark complete; on the CPU views and writes are on it too. ``other`` is the
+rest: the forward loop's own work (outputs gathered, checked for NaN, correct rows counted) and bookkeeping.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def prepare(*a, **k):
     finally:
         spent["prepare"] += time.perf_counter() - s
 pc.prepare = prepare
+timed(pc, "load_dataset", "data set")
 timed(pc, "ensure_plan", "plan")
 timed(pc, "forward_batch", "forward")
 timed(pc, "view_batch", "views")
@@ -94,19 +99,20 @@ finally:
     print("PROBE " + json.dumps(spent), flush=True)
 """
 
-STAGES = ("start-up", "prepare", "plan", "forward", "waits", "test evaluation", "mark complete", "other", "views",
-          "writes", "summaries", "total")
-CRITICAL = ("start-up", "prepare", "plan", "forward", "waits", "test evaluation", "mark complete")
+STAGES = ("start-up", "data set", "prepare", "plan", "forward", "views", "writes", "summaries", "waits",
+          "test evaluation", "mark complete", "other", "total")
+CRITICAL = ("start-up", "data set", "prepare", "plan", "forward", "waits", "test evaluation", "mark complete")
 
 
-def run_once(args: list[str]) -> dict[str, float]:
+def run_once(args: list[str], inline: bool) -> dict[str, float]:
     env = {**os.environ, "KDCACHE_T0": repr(time.time())}
     done = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True)
     line = next((x for x in done.stdout.splitlines() if x.startswith("PROBE ")), None)
     if done.returncode != 0 or line is None:
         raise SystemExit(f"precompute failed:\n{done.stderr[-3000:]}")
     spent = json.loads(line[len("PROBE "):])
-    spent["other"] = spent["total"] - sum(spent.get(s, 0.0) for s in CRITICAL)
+    on_path = CRITICAL + (("views", "writes") if inline else ())
+    spent["other"] = spent["total"] - sum(spent.get(s, 0.0) for s in on_path)
     return spent
 
 
@@ -135,7 +141,7 @@ def main() -> None:
                    *(["--data-root", str(args.data_root)] if args.data_root else []), *args.extra]
             for arch, ckpt in zip(args.teachers, ckpts):
                 cmd += ["--teacher", arch, "--checkpoint", str(ckpt)]
-            runs.append(run_once(cmd))
+            runs.append(run_once(cmd, inline=args.device == "cpu"))
             print(f"run {r + 1}: {runs[-1]['total']:.1f} s", flush=True)
     med = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STAGES}
     print(f"\n`kdcache precompute` of {' + '.join(args.teachers)} over {args.views} views of {args.dataset}, "
@@ -143,7 +149,7 @@ def main() -> None:
     print("| stage | seconds | share of total |")
     print("|---|---|---|")
     for s in STAGES:
-        tag = " (background)" if s in ("views", "writes", "summaries") else ""
+        tag = " (background)" if s in ("views", "writes") and args.device != "cpu" else ""
         print(f"| {s}{tag} | {med[s]:.2f} | {med[s] / med['total']:.1%} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"),

@@ -70,7 +70,7 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--plan-seed", type=int, default=0, help="Seed the view plan is drawn from.")
 @recipe_option
 @image_size_option
-@click.option("--batch-size", type=int, default=None, help="Forward batch size [default: 2048 on GPU, 256 on CPU].")
+@click.option("--batch-size", type=int, default=None, help="Forward batch size [default: 2048 on GPU, 64 on CPU].")
 @device_option
 @click.option("--chunk-rows", type=int, default=None,
               help="Rows per stored chunk, the unit of reading [default: about 2 MB a chunk]. Given alone, one chunk "

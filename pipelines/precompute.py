@@ -11,6 +11,7 @@ as tasks on a dask cluster (:mod:`kdcache.pipelines.precompute_cluster`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -29,6 +30,7 @@ from kdcache.data import DataSet, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
+from kdcache.inline import INLINE
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
@@ -327,9 +329,10 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     A shard is the unit of writing (one chunk in a store without shards): every chunk of it is
     written, by this writer, then its markers. Consecutive shards of a view are forwarded
     together, up to ``batch_size`` rows, so that a store of wide rows (a spatial store holds
-    about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. The next batch's images are decoded and replayed on a background
-    thread while the teacher runs the current one (``READ_AHEAD_BATCHES`` ahead, so memory stays
-    bounded), and one writer thread overlaps I/O with compute. The teacher runs in the store's forward
+    about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. On a GPU the next batch's images are
+    decoded and replayed on a background thread while the teacher runs the current one (``READ_AHEAD_BATCHES``
+    ahead, so memory stays bounded), and one writer thread compresses and writes beside the forward pass; on the
+    CPU both run in turn with it (:func:`overlaps_forward`). The teacher runs in the store's forward
     precision (attribute ``forward``: float32, or autocast in bfloat16 or float16), whoever writes it.
     """
     plan_labels = plan.labels
@@ -342,8 +345,11 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
 
     in_flight: deque[Future[None]] = deque()
     outputs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") as writer:
-        for batch, x in read_ahead(views, forward_batches(plan, store, chunks, batch_size), READ_AHEAD_BATCHES):
+    batches = forward_batches(plan, store, chunks, batch_size)
+    overlap = overlaps_forward(device)
+    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") if overlap
+          else contextlib.nullcontext(INLINE)) as writer:
+        for batch, x in read_ahead(views, batches, READ_AHEAD_BATCHES) if overlap else map(views, batches):
             outputs.append(forward_batch(model, x, store.feature_form, amp))
             if batch.ends is None:
                 continue
@@ -366,6 +372,14 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                     in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
         while in_flight:
             in_flight.popleft().result()
+
+
+def overlaps_forward(device: torch.device) -> bool:
+    """Whether the next batch's views and the last shard's writes run on threads beside the teacher's forward
+    pass: on a GPU, whose forward leaves the host's cores free; not on the CPU, where the forward already uses
+    every core and work beside it only stalls its threads (3 digits teachers over 10 views: 25.7 s overlapped,
+    20.7 s in turn, the forward itself 20.5 s against 14.6 s; benchmarks/RESULTS.md), so there they run in turn."""
+    return device.type != "cpu"
 
 
 def forward_batches(plan: PlanStore, store: TeacherStore, chunks: Sequence[tuple[int, int]],
@@ -417,12 +431,17 @@ def _autocast(device: torch.device, amp: str | None) -> torch.autocast:
 
 
 def forward_batch_size(device: torch.device, requested: int | None) -> int:
-    """The teacher's forward batch: ``--batch-size`` if given, else 2048 on a GPU and 256 on a CPU."""
-    return requested or default_batch_size(device, cpu=256, gpu=2048)
+    """The teacher's forward batch: ``--batch-size`` if given, else 2048 on a GPU and 64 on a CPU (where larger
+    batches run slower a row: resnet32x4 at 89 img/s at 64 against 49 at 256, benchmarks/RESULTS.md)."""
+    return requested or default_batch_size(device, cpu=64, gpu=2048)
 
 
 def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid: str, v: int, rows: slice,
                        forward: str = "float32") -> None:
+    # A sum is finite exactly when every value is (float16 values summed in float32 cannot overflow): one pass
+    # and no mask in the common case; the rows are found only when something is not finite.
+    if all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (logits, features) if t is not None):
+        return
     bad = ~torch.isfinite(logits).all(1)
     if features is not None:
         bad |= ~torch.isfinite(features).flatten(1).all(1)

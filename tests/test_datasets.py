@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import pickle
 from pathlib import Path
 
@@ -427,6 +429,27 @@ def test_digits_images_match_their_labels():
     source = [by_bytes[img.tobytes()] for img in images]  # KeyError if an image is not an exact upsample
     assert sorted(source) == list(range(len(up)))
     assert np.array_equal(bunch.target[source], np.concatenate([ds.train.labels, ds.test.labels]))
+
+
+def test_digits_split_is_scikit_learns_and_loading_imports_no_scikit_learn():
+    """The kept split mask is scikit-learn's stratified train_test_split(test_size=0.2, random_state=0), the
+    images and labels read from scikit-learn's file are load_digits()'s, and loading the digits in a fresh
+    process imports no scikit-learn (0.85 s of every digits run's start-up)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from kdcache.data.digits import sklearn_digits, train_mask
+
+    bunch = load_digits()
+    train_idx, _ = train_test_split(np.arange(len(bunch.target)), test_size=0.2, random_state=0,
+                                    stratify=bunch.target)
+    assert np.array_equal(np.flatnonzero(train_mask()), np.sort(train_idx))
+    images, labels = sklearn_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+    probe = ("import sys; from kdcache.data import load_dataset; ds = load_dataset('digits'); "
+             "print(len(ds.train), len(ds.test), any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["1437", "360", "False"]
 
 
 def test_digits_deterministic_and_root_ignored():

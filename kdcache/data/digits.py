@@ -9,7 +9,11 @@ transform, so the same scikit-learn data always gives the same bytes.
 
 from __future__ import annotations
 
+import base64
 import functools
+import importlib.util
+import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +22,38 @@ import torch.nn.functional as F
 from kdcache.data.base import DataSet, TensorSource, tensor_fingerprint
 
 N_TRAIN, N_TEST = 1437, 360
+
+# The fixed stratified split, scikit-learn's train_test_split(test_size=0.2, random_state=0, stratify=labels) of its
+# 1,797 digits (tests/test_datasets.py checks it against scikit-learn), as a bit mask of the training rows, packed
+# and zlib-compressed. Kept here so that loading the digits imports no scikit-learn (0.85 s of the start-up of
+# every run on them), and so that no scikit-learn release that draws its split otherwise can change the data set.
+TRAIN_MASK = (
+    "eNoVyrFKw0AYB/DRR/EZpGAeo5QONzooFKeAae6eQtz0ERwEg4T0Gzq0iOBQsMNhb7LFQjiCjZ/J+d1f/M0/IKTP1hO6GS6qHh/gCIt1t6rhcd5"
+    "isq2DO1KivQK3qSv39rEi1QKgcAxo41D0A3hi5dFTgVcPaQbfEJthOoxzNzr73wcmDmpXiNDsFCbQU7a81vKJ0oAqNd6198gOV7cn7A3jwSQudJ"
+    "eInENjwb8JbwHfRGRebfCyfgtJmZibJsoUOdL3Ea1s2PDwzky0+pJcqjouxvufP4sIr/4="
+)
+
+
+def train_mask(n: int = N_TRAIN + N_TEST) -> np.ndarray:
+    """(1797,) bool: the rows of scikit-learn's digits in the training split."""
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(TRAIN_MASK)), dtype=np.uint8)
+    return np.unpackbits(bits)[:n].astype(bool)
+
+
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: (1797, 8, 8) float64 gray levels 0..16 and (1797,) labels, as ``load_digits`` gives
+    them, read from the file scikit-learn ships (found without importing scikit-learn); through ``load_digits``
+    where that file is not where scikit-learn keeps it today."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / "datasets" / "data" / "digits.csv.gz" if folders else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return np.asarray(bunch.images, dtype=np.float64), np.asarray(bunch.target)
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
 def _to_rgb32(images8: np.ndarray) -> torch.Tensor:
@@ -45,17 +81,12 @@ def load_digits_dataset() -> DataSet:
 
     Callers share the cached tensors, so they must not modify them in place.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = load_digits()
-    labels = bunch.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(
-        np.arange(labels.shape[0]), test_size=0.2, random_state=0, stratify=labels
-    )
-    # sorted: each split keeps scikit-learn's order, which makes it easy to inspect
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    images = _to_rgb32(bunch.images)
+    images8, labels = sklearn_digits()
+    labels = labels.astype(np.int64)
+    # each split keeps scikit-learn's order, which makes it easy to inspect
+    mask = train_mask(len(labels))
+    train_idx, test_idx = np.flatnonzero(mask), np.flatnonzero(~mask)
+    images = _to_rgb32(images8)
     train = TensorSource(images[torch.from_numpy(train_idx)].contiguous(), labels[train_idx])
     test = TensorSource(images[torch.from_numpy(test_idx)].contiguous(), labels[test_idx])
     mean, std = _mean_std(train.images)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, cast
 
 import google_crc32c
 import numcodecs.blosc
@@ -35,8 +35,6 @@ from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 
 from kdcache.store.format import is_unwritten
-
-T = TypeVar("T")
 
 # An empty entry of a shard's index: offset and length both 2^64 - 1 (the Zarr v3 sharding specification).
 _EMPTY = np.uint64(2**64 - 1)
@@ -280,21 +278,6 @@ def _scratch(layout: ChunkLayout) -> np.ndarray:
     if key not in buffers:
         buffers[key] = np.empty(layout.chunk_shape[1:], dtype=layout.dtype)
     return buffers[key]
-
-
-class InlineExecutor(Executor):
-    """An executor that runs each task at once on the calling thread: the read path without a pool."""
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        future: Future[T] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except BaseException as exc:  # handed to whoever asks for the result, as a pool would
-            future.set_exception(exc)
-        return future
-
-
-INLINE = InlineExecutor()
 
 
 def failed(exc: BaseException) -> Future[Any]:

@@ -44,7 +44,8 @@ from zarr.core.sync import sync
 from kdcache import __version__
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
-from kdcache.store.chunks import INLINE, ArrayChunks, ChunkError, failed
+from kdcache.inline import INLINE
+from kdcache.store.chunks import ArrayChunks, ChunkError, failed
 from kdcache.store.location import Location, Where
 from kdcache.text import human_bytes
 
