@@ -105,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = fake_cifar100(tmp / "data", args.samples)
-        ids = make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100")
+        ids = make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100", cache=tmp / "cache")
         common = ["--student", args.student, "--method", args.method, "--batch-size", str(args.batch_size),
                   "--epochs", str(args.epochs), "--device", args.device, "--cache", str(tmp / "cache"),
                   "--data-root", str(root), "--ids", *ids]

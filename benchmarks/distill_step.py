@@ -12,6 +12,8 @@ Four timings of one training step, all through the same distill pipeline, in one
 - t_resident: the method, with every teacher row already in memory (the stores' chunks read and
   decompressed before timing): the bound for reading;
 - t_cached:   the method, teacher rows streamed from the stores while the student trains;
+- t_views:    the method, each view read whole into memory before its epoch (``--resident-share``), batches
+  gathered there;
 - t_online:   the method, the teachers run live on the same views.
 
 For each ``--rows`` entry (method and feature form: camkd on pooled stores, camkd on spatial stores
@@ -169,7 +171,7 @@ def step_times(req: DistillRequest, warmup: int, steps: int) -> list[float]:
 
 
 def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset: str,
-                  features: str = "pooled", random_outputs: bool = False) -> list[str]:
+                  features: str = "pooled", random_outputs: bool = False, cache: Path | None = None) -> list[str]:
     """K teachers of random weights (seeds 0..K-1, the same checkpoints for every form) precomputed in
     ``features``; with ``random_outputs`` their stored rows are random (no forward pass is run)."""
     ids = []
@@ -181,8 +183,10 @@ def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset:
             if not ckpt.exists():
                 random_checkpoint(ckpt, arch, 100 if dataset == "cifar100" else 10, seed)
             ids.append(precompute(PrecomputeRequest(teacher=arch, checkpoint=ckpt, dataset=dataset, data_root=root,
-                                                    cache=tmp / "cache", views=views, features=features,
-                                                    device="cpu")).teacher_id)
+                                                    cache=cache or tmp / f"cache-{features}", views=views,
+                                                    features=features.split("-")[0], device="cpu",
+                                                    feature_compression="none" if features.endswith("-raw")
+                                                    else "zstd")).teacher_id)
     return ids
 
 
@@ -200,13 +204,14 @@ def measure_steps(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     ids = {form: make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100",
                                features=form, random_outputs=True) for form in forms}
     print(f"stores written in {time.perf_counter() - t0:.0f} s", flush=True)
-    readers = {form: reader_table(tmp / "cache", ids[form], args.reader_threads) for form in forms}
+    readers = {form: reader_table(tmp / f"cache-{form}", ids[form], args.reader_threads) for form in forms}
     for form, at in readers.items():
         for threads, r in at.items():
             print(f"reader alone, {form} stores, {threads} threads: {r['stream']:,.0f} rows/s of {args.teachers} "
                   f"teachers; decode bound {r['bound']:,.0f} rows/s ({r['stream'] / r['bound']:.2f})", flush=True)
     t0 = time.perf_counter()
-    held = read_every_chunk(tmp / "cache", [t for form in forms for t in ids[form]]) if args.rounds else {}
+    held = {key: chunk for form in forms for key, chunk in read_every_chunk(tmp / f"cache-{form}", ids[form]).items()
+            } if args.rounds else {}
     print(f"resident copies read in {time.perf_counter() - t0:.0f} s", flush=True)
     result: dict[str, Any] = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": str(args.device or "default"),
@@ -245,11 +250,11 @@ def reader_table(cache: Path, ids: list[str], threads: list[int]) -> dict[str, d
 def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, list[str]], held: Chunks,
               rows: list[tuple[str, ...]], forms: list[str], batch: int) -> dict[str, Any]:
     """Every condition at ``batch``, once a round: the times (ms) and the ratios, per-round medians summarised."""
-    common = dict(student=args.student, cache=tmp / "cache", data_root=root, epochs=1,
-                  batch_size=batch, device=args.device, seed=0)
+    common = dict(student=args.student, data_root=root, epochs=1, batch_size=batch, device=args.device, seed=0)
 
     def timed(name: str, r: int, method: str, form: str, steps: int, **extra: Any) -> float:
-        req = DistillRequest(method=method, out=tmp / f"run-{r}-{name}", teachers=ids[form], **common, **extra)
+        req = DistillRequest(method=method, out=tmp / f"run-{r}-{name}", teachers=ids[form],
+                             cache=tmp / f"cache-{form}", **common, **extra)
         t = statistics.median(step_times(req, args.warmup, steps))
         print(f"  batch {batch} round {r + 1} {name:<28} {t * 1e3:9.1f} ms/step", flush=True)
         return t
@@ -265,7 +270,9 @@ def rounds_at(tmp: Path, args: argparse.Namespace, root: Path, ids: dict[str, li
             per_round.setdefault(f"{key} cached", []).append(
                 timed(f"{key} cached", r, method, form, args.steps, resident_share=0.0))
             if args.views_resident:
-                per_round.setdefault(f"{key} views", []).append(timed(f"{key} views", r, method, form, args.steps))
+                # views whole in memory: a share high enough for the view beside this benchmark's own copies
+                per_round.setdefault(f"{key} views", []).append(
+                    timed(f"{key} views", r, method, form, args.steps, resident_share=0.9))
             if not args.no_online:
                 per_round.setdefault(f"{key} online", []).append(
                     timed(f"{key} online", r, method, form, args.online_steps, online=True))
@@ -366,8 +373,9 @@ def main() -> None:
     ap.add_argument("--no-steps", action="store_true", help="Skip the step times (with --memory).")
     args = ap.parse_args()
     for row in args.rows:
-        if row.count(":") != 1 or row.split(":")[1] not in ("pooled", "spatial"):
-            ap.error(f"--rows takes METHOD:FORM with FORM pooled or spatial (got {row!r})")
+        if row.count(":") != 1 or row.split(":")[1] not in ("pooled", "spatial", "spatial-raw"):
+            ap.error(f"--rows takes METHOD:FORM with FORM pooled, spatial or spatial-raw (the maps with "
+                     f"--feature-compression none) (got {row!r})")
 
     print(f"machine: {machine()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

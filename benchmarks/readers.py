@@ -7,7 +7,8 @@
 Three teacher stores of resnet32x4's shapes (100 float16 logits a row; features a 256x8x8 map, ``spatial``,
 or its pooled 256-vector, ``pooled``) over one view of ``--samples`` rows, laid out as precompute lays them
 out (2 MB chunks in ~128 MB shards, Blosc and CRC32C; random values, half of a map's exact zeros as after a
-ReLU, which compress about as real maps do). Each candidate reads the whole view, the three teachers' logits
+ReLU, which compress about as real maps do; ``spatial-raw``: the same maps stored with ``--feature-compression
+none``). Each candidate reads the whole view, the three teachers' logits
 and features, in blocks of ``--block-rows`` rows, every teacher and array of a block at once, so that the
 library can read them in parallel:
 
@@ -58,8 +59,11 @@ ARRAYS = ("logits", "features")
 CLASSES, CHANNELS, SIDE = 100, 256, 8  # resnet32x4 on CIFAR-100
 
 
+FORMS = ("spatial", "spatial-raw", "pooled")  # spatial-raw: the maps with --feature-compression none
+
+
 def feature_row(form: str) -> tuple[int, ...]:
-    return (CHANNELS, SIDE, SIDE) if form == "spatial" else (CHANNELS,)
+    return (CHANNELS, SIDE, SIDE) if form.startswith("spatial") else (CHANNELS,)
 
 
 def build_stores(root: Path, form: str, teachers: int, samples: int) -> list[Path]:
@@ -74,7 +78,8 @@ def build_stores(root: Path, form: str, teachers: int, samples: int) -> list[Pat
         if (path / "zarr.json").exists() and json.loads((path / "zarr.json").read_text())["attributes"].get("complete"):
             continue
         attrs = {"plan_id": "b" * 16, "arch": "resnet32x4", "num_classes": CLASSES, "feature_dim": CHANNELS,
-                 "features": form, "checkpoint": {"path": "-", "sha256": f"{t:064x}"}}
+                 "features": form.split("-")[0], "checkpoint": {"path": "-", "sha256": f"{t:064x}"},
+                 "feature_compression": "none" if form.endswith("-raw") else "zstd"}
         store = TeacherStore.open_for_writing(path, f"t{t}", attrs, (1, samples, CLASSES, CHANNELS), chunk,
                                               torch.randn(CLASSES, CHANNELS), torch.zeros(CLASSES),
                                               feature_shape=row, shard_rows=shard)
@@ -199,7 +204,10 @@ def decode_bound(held: list[tuple[Any, int, bytes]], threads: int) -> float:
         raw = np.frombuffer(data, np.uint8)
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
             raise ValueError("checksum")
-        numcodecs.blosc.decompress(raw[:-4], out)
+        if layout.compressed:
+            numcodecs.blosc.decompress(raw[:-4], out)
+        else:
+            out.reshape(-1).view(np.uint8)[:] = raw[:-4]
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(decode, held[:4 * threads]))  # threads started, their buffers made
@@ -280,7 +288,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=50_000, help="Rows of the view.")
     ap.add_argument("--teachers", type=int, default=3)
-    ap.add_argument("--forms", nargs="+", default=["spatial", "pooled"], choices=("spatial", "pooled"))
+    ap.add_argument("--forms", nargs="+", default=["spatial", "pooled"], choices=FORMS,
+                    help="Stores: spatial maps, the same uncompressed (spatial-raw), pooled vectors.")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="Thread counts to measure.")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=CANDIDATES)
     ap.add_argument("--rounds", type=int, default=3)

@@ -90,6 +90,11 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE, show_default=True,
               help="How features are stored: float16, or int8 with a float32 scale a row (about half the bytes; each "
                    "value within half a scale step of its float16). Part of the teacher id.")
+@click.option("--feature-compression", type=click.Choice(defaults.FEATURE_COMPRESSIONS),
+              default=defaults.DEFAULT_FEATURE_COMPRESSION, show_default=True,
+              help="How the features are compressed before their checksum: zstd (Blosc, level 1), or none, which "
+                   "keeps spatial maps in about 1.9x the disk but writes and reads them at a fraction of the CPU "
+                   "time (benchmarks/RESULTS.md). Not part of the teacher id: the values are the same.")
 @click.option("--logits", "logits", default=defaults.DEFAULT_LOGITS, show_default=True, metavar="dense|topk:K",
               help="Which logits to store: every class's (dense), or the K largest with their classes and five "
                    "scalars that keep the teachers' cross-entropy and entropy exact (topk:K, e.g. topk:10 for "
@@ -112,7 +117,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                    batch_size: int | None,
                    device: str | None, chunk_rows: int | None, shard_rows: int | None, workers: int | None,
                    scheduler: str | None,
-                   features: str, feature_dtype: str, logits: str, logits_temperature: float, amp: bool,
+                   features: str, feature_dtype: str, feature_compression: str, logits: str,
+                   logits_temperature: float, amp: bool,
                    amp_dtype: str | None, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
@@ -127,7 +133,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
                               chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, features=features, image_size=image_size,
-                              feature_dtype=feature_dtype, logits=logits, logits_temperature=logits_temperature,
+                              feature_dtype=feature_dtype, feature_compression=feature_compression, logits=logits,
+                              logits_temperature=logits_temperature,
                               amp=amp, amp_dtype=amp_dtype)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,

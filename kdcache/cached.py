@@ -180,6 +180,10 @@ class CachedTeachers:
         if self._views is not None:
             coming = self.stream.schedule.view(epoch + 1)
             held = self._views.get(view, coming if coming != view else None)
+            if self.device.type == "cuda":  # gathered on the consumer's stream: freed only once its work is done
+                consumer = torch.cuda.current_stream(self.device)
+                for t in held.logits + held.features:
+                    t.record_stream(consumer)
         staging = Staging(self.device)
         ahead: tuple[int, StreamBatch, Staged] | None = None
         for step, batch in enumerate(self.stream.epoch(epoch, self.batch_size)):

@@ -22,6 +22,12 @@ DEFAULT_FEATURE_FORM = "pooled"
 # How stored features are kept: float16, or int8 with one float32 scale a row (about half the bytes).
 FEATURE_DTYPES = ("float16", "int8")
 DEFAULT_FEATURE_DTYPE = "float16"
+# How the features array is compressed before its CRC32C: Blosc zstd level 1 (the default), or not at all, which
+# stores spatial maps in about 1.9x the bytes but writes and reads them at a fraction of the CPU time
+# (benchmarks/RESULTS.md, "Uncompressed maps"). Not part of the teacher id: the values are the same.
+FEATURE_COMPRESSIONS = ("zstd", "none")
+DEFAULT_FEATURE_COMPRESSION = "zstd"
+
 # Resident views (kdcache.resident): the share of the device's free memory (on the CPU, of the memory available)
 # that the views a run holds at once may take (two: the one training and the next being read; one for a plan of
 # one view). Above it, views are streamed block by block.

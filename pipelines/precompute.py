@@ -34,7 +34,8 @@ from kdcache.inline import INLINE
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
-from kdcache.store.format import (DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, FEATURE_DTYPES, FEATURE_FORMS,
+from kdcache.store.format import (DEFAULT_FEATURE_COMPRESSION, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM,
+                                  FEATURE_COMPRESSIONS, FEATURE_DTYPES, FEATURE_FORMS,
                                   LOGIT_STATS, STORED_DTYPE, autocast_dtype, data_array_names, default_layout,
                                   feature_shape, forward_precision,
                                   files_per_view, index_dtype, logits_row_bytes, n_chunks, parse_logits, row_bytes,
@@ -71,6 +72,7 @@ class PrecomputeRequest:
     dry_run: bool = False
     features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
     feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
+    feature_compression: str = DEFAULT_FEATURE_COMPRESSION  # "zstd" | "none": the features before their CRC32C
     logits: str = DEFAULT_LOGITS     # "dense" | "topk:K" (kdcache.store.format.parse_logits)
     logits_temperature: float = TEMPERATURE  # the T a top-K store serves (ignored when dense)
     amp: bool = False                # run the teacher under autocast (the precision is part of the teacher id)
@@ -125,6 +127,7 @@ class TeacherJob:
         return {
             "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
             "features": self.req.features, "feature_dtype": self.req.feature_dtype, "logits": self.req.logits,
+            "feature_compression": self.req.feature_compression,
             "forward": self.forward,
             **({} if self.topk is None else {"logits_temperature": float(self.req.logits_temperature)}),
             "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
@@ -144,7 +147,13 @@ class TeacherJob:
         return PrecomputeResult(self.teacher_id, self.plan_id, self.path, status, lines)
 
     def complete_result(self) -> PrecomputeResult:
-        return self.result("complete", [f"teacher store {self.teacher_id} is already complete at {self.path}"])
+        lines = [f"teacher store {self.teacher_id} is already complete at {self.path}"]
+        held = TeacherStore.open(self.cache.teacher_location(self.teacher_id), self.teacher_id).feature_compression
+        if self.req.features != "none" and held != self.req.feature_compression:
+            lines.append(f"its features are kept with compression {held} (--feature-compression "
+                         f"{self.req.feature_compression} applies to a new store: the values are the same; "
+                         f"`kdcache cache rm {self.teacher_id}` and precompute again to change it)")
+        return self.result("complete", lines)
 
 
 def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
@@ -496,6 +505,9 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--shard-rows must be at least 1 (got {req.shard_rows})")
     if req.features not in FEATURE_FORMS:
         raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
+    if req.feature_compression not in FEATURE_COMPRESSIONS:
+        raise KdcacheError(f"--feature-compression must be one of {', '.join(FEATURE_COMPRESSIONS)} "
+                           f"(got {req.feature_compression!r})")
     if req.feature_dtype not in FEATURE_DTYPES:
         raise KdcacheError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)} (got {req.feature_dtype!r})")
     try:
@@ -529,7 +541,8 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
                    else f"logits     top-{k} of {c} at T={req.logits_temperature:g}: values ({v}, {n}, {k}) float16, "
                         f"classes {index_dtype(c).name}, {len(LOGIT_STATS)} float32 scalars a row, chunks "
                         f"(1, {rows}, ·){sharded}: {human_bytes(logits_b)}")
-    kind = "int8 (+ a float32 scale a row)" if int8 else "float16"
+    kind = ("int8 (+ a float32 scale a row)" if int8 else "float16") + (
+        ", uncompressed (CRC32C only)" if req.feature_compression == "none" else "")
     features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
                      f"features   {req.features} {_shape((v, n, *fshape))} {kind}, chunks {_shape((1, rows, *fshape))}"
                      f"{sharded}: {human_bytes(features_b)}")

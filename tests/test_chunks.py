@@ -47,7 +47,8 @@ def make(where: Path | str, tid: str, shards: bool, **form: object) -> tuple[Tea
 
 
 FORMS = [dict(), dict(features="spatial"), dict(features="none"), dict(feature_dtype="int8"),
-         dict(logits="topk:2"), dict(logits="topk:2", features="spatial", feature_dtype="int8")]
+         dict(logits="topk:2"), dict(logits="topk:2", features="spatial", feature_dtype="int8"),
+         dict(features="spatial", feature_compression="none")]
 
 
 @pytest.mark.parametrize("shards", [False, True], ids=["a-file-a-chunk", "shards"])
@@ -56,6 +57,9 @@ def test_every_chunk_of_every_array_decodes_as_zarr_reads_it(tmp_path: Path, sha
     store, arrays = make(tmp_path / "s", "t" * 16, shards, **form)
     readers = store.chunk_readers()
     assert all(r.layout is not None for r in readers.values())  # nothing falls back to zarr
+    assert readers["logits" if store.topk is None else "logit_stats"].layout.compressed
+    if "features" in readers:
+        assert readers["features"].layout.compressed == (form.get("feature_compression") != "none")
     assert {r.layout.per_shard for r in readers.values()} == {2 if shards else 1}
     for name, reader in readers.items():
         for v in range(V):

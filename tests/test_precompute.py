@@ -256,3 +256,36 @@ def test_a_store_in_shards_has_the_files_the_dry_run_states_and_the_values_of_on
         assert np.array_equal(sharded[name][...], plain[name][...]), name
     refused = run_cli(*args, "--shard-rows", 200, "--cache", tmp_path / "x")
     assert refused.exit_code == 1 and "--shard-rows 200 must be a multiple of the chunk rows (128)" in refused.output
+
+
+def test_uncompressed_features_hold_the_same_values_under_the_same_id(digits_teacher: Path, tmp_path: Path) -> None:
+    """--feature-compression none: the features array's codecs are the CRC32C alone, its values and the teacher id
+    are the compressed store's, damage is still caught, and a second precompute in the other compression finds
+    the store complete and says it keeps its own."""
+    zstd = precompute(digits_teacher, tmp_path / "z", "--features", "spatial")
+    raw = precompute(digits_teacher, tmp_path / "r", "--features", "spatial", "--feature-compression", "none")
+    assert raw == zstd
+    a, b = Cache.at(tmp_path / "z").open_teacher(zstd), Cache.at(tmp_path / "r").open_teacher(raw)
+    assert (a.feature_compression, b.feature_compression) == ("zstd", "none")
+    codecs = zarr.open_array(Path(b.path) / "features", mode="r").metadata.to_dict()["codecs"]
+    assert [c["name"] for c in codecs] == ["bytes", "crc32c"]  # --chunk-rows alone: a file a chunk, no shards
+    assert b.chunk_readers()["features"].layout.compressed is False
+    for v in range(3):
+        za, ha = a.read_rows(v, 0, 1437)
+        zb, hb = b.read_rows(v, 0, 1437)
+        assert np.array_equal(za, zb) and np.array_equal(ha, hb)
+    size = lambda c: sum(f.stat().st_size for f in (c / "teachers" / raw / "features").rglob("*") if f.is_file())
+    assert size(tmp_path / "r") > 1.5 * size(tmp_path / "z")  # the maps compress about 1.9x
+    again = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
+                    "--cache", tmp_path / "r", "--views", 3, "--chunk-rows", ROWS, "--batch-size", 256, "--device",
+                    "cpu", "--features", "spatial")
+    assert again.exit_code == 0 and "already complete" in again.stderr
+    assert "kept with compression none (--feature-compression zstd applies to a new store" in again.stderr
+    shard = next((Path(b.path) / "features" / "c" / "1").rglob("*"))
+    while shard.is_dir():
+        shard = next(shard.iterdir())
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    shard.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=r"features chunk \(view 1, chunk \d+\) is damaged \(CRC32C"):
+        Cache.at(tmp_path / "r").open_teacher(raw).read_rows(1, 0, 1437)

@@ -63,8 +63,9 @@ STORED_DTYPE = "float16"
 # What a teacher store keeps besides its logits (docs/STORE.md, "A teacher store"):
 # "pooled" the penultimate vector (V, N, D); "spatial" the last-block map its global
 # pool receives (V, N, C', H, W), as the official CA-MKD code matches it; "none" nothing.
-from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM,  # noqa: E402,F401
-                              DEFAULT_LOGITS, FEATURE_DTYPES, FEATURE_FORMS)
+from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_COMPRESSION, DEFAULT_FEATURE_DTYPE,  # noqa: E402,F401
+                              DEFAULT_FEATURE_FORM, DEFAULT_LOGITS, FEATURE_COMPRESSIONS, FEATURE_DTYPES,
+                              FEATURE_FORMS)
 
 # How the teacher's forward pass ran (attribute ``forward``; docs/STORE.md): in float32 (the default, and every store
 # written before the option existed), or under autocast in bfloat16 or float16 (``precompute --amp``). Part of the
@@ -223,10 +224,13 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return (q.astype(np.float32).reshape(len(q), -1) * scale[:, None]).reshape(q.shape)
 
 
-def compressors(spatial: bool = False) -> tuple[zarr.codecs.BloscCodec, zarr.codecs.Crc32cCodec]:
+def compressors(spatial: bool = False, compressed: bool = True) -> tuple[Any, ...]:
     """The bytes-to-bytes codec chain of an array: light compression (the spatial maps' own when
-    ``spatial``), then a checksum."""
-    return (zarr.codecs.BloscCodec(**(SPATIAL_COMPRESSION if spatial else COMPRESSION)), zarr.codecs.Crc32cCodec())
+    ``spatial``; none unless ``compressed``), then a checksum."""
+    checksum = zarr.codecs.Crc32cCodec()
+    if not compressed:
+        return (checksum,)
+    return (zarr.codecs.BloscCodec(**(SPATIAL_COMPRESSION if spatial else COMPRESSION)), checksum)
 
 
 def array_config() -> dict[str, Any]:

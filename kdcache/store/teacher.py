@@ -144,6 +144,10 @@ class TeacherStore:
             raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
         if fdtype not in fmt.FEATURE_DTYPES or (fdtype != fmt.DEFAULT_FEATURE_DTYPE and form == "none"):
             raise StoreError(f"feature dtype {fdtype!r} with feature form {form!r} is not a valid store")
+        compression = attrs.get("feature_compression", fmt.DEFAULT_FEATURE_COMPRESSION)
+        if compression not in fmt.FEATURE_COMPRESSIONS:
+            raise StoreError(f"feature compression {compression!r} is not a valid store; known: "
+                             f"{', '.join(fmt.FEATURE_COMPRESSIONS)}")
         forward = attrs.get("forward", fmt.DEFAULT_FORWARD)
         if forward not in fmt.FORWARD_PRECISIONS:
             raise StoreError(f"forward precision {forward!r} is not a valid store; known: "
@@ -158,6 +162,7 @@ class TeacherStore:
             group = fmt.create_group(where, {
                 **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
                 "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "logits": logits_form,
+                "feature_compression": compression,
                 "forward": forward, "chunk_rows": chunk_rows, "shard_rows": shard,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
@@ -182,7 +187,8 @@ class TeacherStore:
                 group.create_array(name, shape=(n_views, n_samples, *row), **layout(*row),
                                    dtype="int8" if int8 else fmt.STORED_DTYPE,
                                    fill_value=fmt.INT8_FILL if int8 else fmt.float_fill(),
-                                   **{**common, "compressors": fmt.compressors(spatial=len(row) > 1)})
+                                   **{**common, "compressors": fmt.compressors(
+                                       spatial=len(row) > 1, compressed=name == "logits" or compression != "none")})
             if fdtype == "int8":
                 group.create_array("feature_scale", shape=(n_views, n_samples), **layout(),
                                    dtype="float32", fill_value=fmt.float_fill(), **common)
@@ -233,6 +239,12 @@ class TeacherStore:
     def feature_dtype(self) -> str:
         """How the features are stored: float16, or int8 with a float32 scale a row (feature_scale)."""
         return str(self.attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE))
+
+    @property
+    def feature_compression(self) -> str:
+        """How the features array is compressed before its checksum: ``zstd`` (Blosc; stores written before the
+        option existed) or ``none``."""
+        return str(self.attrs.get("feature_compression", fmt.DEFAULT_FEATURE_COMPRESSION))
 
     @property
     def forward(self) -> str:
