@@ -145,35 +145,36 @@ class TeacherStream:
         local = split_batch(batch_size, self.world)
         v = self.schedule.view(epoch)
         order, params = self.plan.view(v)
-        blocks: queue.Queue[_Block | BaseException | None] = queue.Queue(maxsize=self.prefetch)
+        # Batches are cut and made on the reading thread; as many wait here as ``prefetch`` blocks hold.
+        per_block = max(1, self.schedule.chunk_rows // local)
+        batches: queue.Queue[StreamBatch | BaseException | None] = queue.Queue(maxsize=self.prefetch * per_block)
         stop = threading.Event()
-        reader = threading.Thread(target=self._read, args=(epoch, v, batch_size, blocks, stop), daemon=True,
-                                  name="kdcache-stream")
+        reader = threading.Thread(target=self._read, args=(epoch, v, batch_size, order, params, batches, stop),
+                                  daemon=True, name="kdcache-stream")
         reader.start()
         try:
-            carry: _Block | None = None
             while True:
-                item = blocks.get()
+                item = batches.get()
                 if item is None:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                carry = item if carry is None else _concat(carry, item)
-                while len(carry.rows) >= local:
-                    head, carry = _split(carry, local)
-                    yield self._batch(v, head, order, params)
+                yield item
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
                 try:
-                    blocks.get_nowait()
+                    batches.get_nowait()
                 except queue.Empty:
                     reader.join(0.01)
 
-    def _read(self, epoch: int, v: int, batch_size: int, out: queue.Queue, stop: threading.Event) -> None:
-        """The epoch's blocks, in order, onto ``out``: every chunk of every teacher and array one task on a pool
+    def _read(self, epoch: int, v: int, batch_size: int, order: np.ndarray, params: np.ndarray, out: queue.Queue,
+              stop: threading.Event) -> None:
+        """The epoch's batches, in order, onto ``out``: every chunk of every teacher and array one task on a pool
         of ``read_threads``, ``ahead`` blocks submitted before the oldest is waited for, so the pool decodes
-        several teachers, arrays and blocks at once."""
+        several teachers, arrays and blocks at once; each block, once read, cut into batches here."""
+        local = split_batch(batch_size, self.world)
+        carry: _Block | None = None
         pending: deque[tuple[np.ndarray, list[PendingRows]]] = deque()
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="kdcache-read")
         try:
@@ -190,14 +191,29 @@ class TeacherStream:
                     pending.append((mine, reads))
                 position += len(rows)
                 while len(pending) > self.ahead:
-                    out.put(_block(*pending.popleft()))
+                    carry = self._cut(carry, _block(*pending.popleft()), local, v, order, params, out)
             while pending:
-                out.put(_block(*pending.popleft()))
+                carry = self._cut(carry, _block(*pending.popleft()), local, v, order, params, out)
             out.put(None)
         except BaseException as exc:  # handed to the training thread, which raises it
             out.put(exc)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # chunks started finish; none queued starts
+
+    def _cut(self, carry: _Block | None, block: _Block, n: int, v: int, order: np.ndarray, params: np.ndarray,
+             out: queue.Queue) -> _Block:
+        """``block``, after the rows ``carry`` left of the last one, cut into batches of ``n`` rows onto ``out``;
+        what is left over. Only a batch that straddles two blocks is copied; the others are views of a block."""
+        if carry is not None and len(carry.rows):
+            need = n - len(carry.rows)
+            if len(block.rows) < need:
+                return _concat(carry, block)
+            head, block = _split(block, need)
+            out.put(self._batch(v, _concat(carry, head), order, params))
+        while len(block.rows) >= n:
+            head, block = _split(block, n)
+            out.put(self._batch(v, head, order, params))
+        return block
 
     def _mine(self, positions: np.ndarray, batch_size: int) -> np.ndarray:
         """Which epoch positions fall in this rank's slice of a complete global batch."""

@@ -180,8 +180,11 @@ def test_precompute_stores_are_identical_with_one_and_several_decode_workers(
     assert one["logits"].shape == (2, 30, 3)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["gpu-overlapped", "cpu-in-turn"])
 def test_precompute_decodes_at_most_the_read_ahead_batches_ahead_of_the_teacher(
-        tree: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tree: Path, teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overlap: bool) -> None:
+    """Beside a GPU's forward (forced here on the CPU) the views are made READ_AHEAD_BATCHES ahead; with the
+    teacher on the CPU they are made in turn with it, none ahead."""
     built: list[int] = []
     lead: list[int] = []
     real_view_batch, real_forward = pc.view_batch, pc.forward_batch
@@ -198,9 +201,10 @@ def test_precompute_decodes_at_most_the_read_ahead_batches_ahead_of_the_teacher(
 
     monkeypatch.setattr(pc, "view_batch", counting_view_batch)
     monkeypatch.setattr(pc, "forward_batch", slow_forward)
+    monkeypatch.setattr(pc, "overlaps_forward", lambda device: overlap)
     store = zarr.open_group(_precompute(tree, tmp_path / "cache", teacher), mode="r")
     assert len(lead) == len(built) == 2 * (4 * 3 + 1)  # per view: chunks of 7, 7, 7, 7, 2 rows in batches of 3
-    assert max(lead) == pc.READ_AHEAD_BATCHES
+    assert max(lead) == (pc.READ_AHEAD_BATCHES if overlap else 0)
     assert store.attrs["complete"] is True
 
 

@@ -152,7 +152,8 @@ def _same_batch(a: CachedBatch, b: CachedBatch) -> None:
 @pytest.mark.parametrize("which", [("dense0", "dense1"), ("compact",)])
 def test_staged_batches_are_the_unstaged_ones_bit_for_bit_and_stay_so_when_kept(stores, which) -> None:
     cache, ids = stores
-    teachers = CachedTeachers([ids[w] for w in which], cache, batch_size=100, seed=4, device="cpu")
+    # streamed (the staging path); views held on the device are tests/test_resident.py's
+    teachers = CachedTeachers([ids[w] for w in which], cache, batch_size=100, seed=4, device="cpu", resident_share=0)
     assert teachers.stream.pin_memory is False   # staging replaces pinning each batch
     for epoch in (1, 2, 3):
         kept = list(teachers.epoch(epoch))   # every batch held while the ring is reused under it
@@ -171,7 +172,7 @@ def test_staged_batches_are_the_unstaged_ones_bit_for_bit_and_stay_so_when_kept(
 
 def test_an_epoch_stopped_early_leaves_nothing_behind(stores) -> None:
     cache, ids = stores
-    teachers = CachedTeachers([ids["dense0"]], cache, batch_size=100, seed=0, device="cpu")
+    teachers = CachedTeachers([ids["dense0"]], cache, batch_size=100, seed=0, device="cpu", resident_share=0)
     it = teachers.epoch(1)
     first = next(it)
     it.close()
@@ -307,7 +308,8 @@ def test_the_ring_on_cuda_pins_its_buffers_copies_on_a_side_stream_and_keeps_eve
 @pytest.mark.parametrize("which", [("dense0", "dense1"), ("compact",)])
 def test_cuda_batches_are_the_cpu_ones(stores, which) -> None:
     cache, ids = stores
-    on = {d: CachedTeachers([ids[w] for w in which], cache, batch_size=100, seed=4, device=d) for d in ("cpu", "cuda")}
+    on = {d: CachedTeachers([ids[w] for w in which], cache, batch_size=100, seed=4, device=d, resident_share=0)
+          for d in ("cpu", "cuda")}
     assert on["cuda"]._ids_on_device and on["cuda"]._source.images.device.type == "cuda"
     for epoch in (1, 2):
         gpu = list(on["cuda"].epoch(epoch))

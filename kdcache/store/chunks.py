@@ -180,8 +180,7 @@ class ArrayChunks:
             chunk = self.read_with_zarr(v, c)
         else:
             direct = pick is None and out.shape[0] == self.layout.rows and out.flags.c_contiguous
-            chunk = out if direct else _scratch(self.layout)
-            self.decode(v, c, chunk, self.locate(v, c) if where is None else where)
+            chunk = self.decode(v, c, self.locate(v, c) if where is None else where, out if direct else None)
         # A chunk is written whole, in one write: its first row tells an unwritten one, at 1/R of a scan's cost.
         if is_unwritten(chunk[:1]):
             raise ChunkMissing(self.name, v, c, "it reads as the fill value")
@@ -191,9 +190,11 @@ class ArrayChunks:
         elif chunk is not out:
             out[...] = chunk[:out.shape[0]]
 
-    def decode(self, v: int, c: int, target: np.ndarray, where: tuple[str, int | None, int | None]) -> None:
-        """Fetch chunk (v, c) from ``where`` (:meth:`locate`), check it and decode it into ``target``, an array of
-        the chunk's full shape (R rows, as stored, the last chunk of a view too)."""
+    def decode(self, v: int, c: int, where: tuple[str, int | None, int | None],
+               into: np.ndarray | None = None) -> np.ndarray:
+        """Chunk (v, c) fetched from ``where`` (:meth:`locate`), checked and decoded, as an array of the chunk's full
+        shape (R rows as stored, the last chunk of a view too): decompressed into ``into`` if given, else into
+        this thread's buffer; an uncompressed chunk is then a view of the bytes read, copied nowhere."""
         layout = self._layout()
         key, offset, length = where
         data = self.fetch(key, offset, length)
@@ -204,17 +205,24 @@ class ArrayChunks:
             if len(view) < 4 or google_crc32c.value(view[:-4]) != int.from_bytes(view[-4:].tobytes(), "little"):
                 raise ChunkDamaged(self.name, v, c, "CRC32C checksum mismatch")
             view = view[:-4]
+        shape = layout.chunk_shape[1:]
+        size = int(np.prod(shape)) * layout.dtype.itemsize
         try:
-            if layout.compressed:
-                # the Blosc header (16 bytes) holds the uncompressed size at bytes 4-8, little-endian
-                size = int.from_bytes(view[4:8].tobytes(), "little") if len(view) >= 16 else -1
-                if size != target.nbytes:
-                    raise ValueError(f"{size} bytes decompressed for a chunk of {target.nbytes}")
-                numcodecs.blosc.decompress(view, target)
-            else:
-                if len(view) != target.nbytes:
-                    raise ValueError(f"{len(view)} bytes for a chunk of {target.nbytes}")
-                target.reshape(-1).view(np.uint8)[:] = view
+            if not layout.compressed:
+                if len(view) != size:
+                    raise ValueError(f"{len(view)} bytes for a chunk of {size}")
+                chunk = view.view(layout.dtype).reshape(shape)
+                if into is not None:
+                    into[...] = chunk
+                    return into
+                return chunk
+            # the Blosc header (16 bytes) holds the uncompressed size at bytes 4-8, little-endian
+            stated = int.from_bytes(view[4:8].tobytes(), "little") if len(view) >= 16 else -1
+            if stated != size:
+                raise ValueError(f"{stated} bytes decompressed for a chunk of {size}")
+            target = _scratch(layout) if into is None else into
+            numcodecs.blosc.decompress(view, target)
+            return target
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ChunkDamaged(self.name, v, c, f"does not decode: {exc}") from None
 

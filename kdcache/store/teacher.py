@@ -214,13 +214,13 @@ class TeacherStore:
     def plan_id(self) -> str:
         return str(self.attrs["plan_id"])
 
-    @property
+    @cached_property
     def n_views(self) -> int:
-        return int(fmt.array(self.group, self.data_arrays[0]).shape[0])
+        return int(self._array(self.data_arrays[0]).shape[0])
 
-    @property
+    @cached_property
     def n_samples(self) -> int:
-        return int(fmt.array(self.group, self.data_arrays[0]).shape[1])
+        return int(self._array(self.data_arrays[0]).shape[1])
 
     @property
     def num_classes(self) -> int:
