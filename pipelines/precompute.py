@@ -31,6 +31,7 @@ from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
 from kdcache.evaluate import evaluate
 from kdcache.inline import INLINE
+from kdcache.store.chunks import default_threads
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
 from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
@@ -340,8 +341,8 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     together, up to ``batch_size`` rows, so that a store of wide rows (a spatial store holds
     about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. On a GPU the next batch's images are
     decoded and replayed on a background thread while the teacher runs the current one (``READ_AHEAD_BATCHES``
-    ahead, so memory stays bounded), and one writer thread compresses and writes beside the forward pass; on the
-    CPU both run in turn with it (:func:`overlaps_forward`). The teacher runs in the store's forward
+    ahead, so memory stays bounded), and one writer thread writes beside the forward pass; on the CPU both run in
+    turn with it (:func:`overlaps_forward`). Either way a shard's chunks are compressed on a pool of every core. The teacher runs in the store's forward
     precision (attribute ``forward``: float32, or autocast in bfloat16 or float16), whoever writes it.
     """
     plan_labels = plan.labels
@@ -357,7 +358,8 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     batches = forward_batches(plan, store, chunks, batch_size)
     overlap = overlaps_forward(device)
     with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") if overlap
-          else contextlib.nullcontext(INLINE)) as writer:
+          else contextlib.nullcontext(INLINE)) as writer, \
+            ThreadPoolExecutor(default_threads(), thread_name_prefix="kdcache-encode") as encoder:
         for batch, x in read_ahead(views, batches, READ_AHEAD_BATCHES) if overlap else map(views, batches):
             outputs.append(forward_batch(model, x, store.feature_form, amp))
             if batch.ends is None:
@@ -376,7 +378,7 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
                     in_flight.popleft().result()
                 in_flight.append(writer.submit(store.write_shard, group.view, s, logits[part].numpy(),
                                                None if features is None else features[part].numpy(),
-                                               counts, plan_labels[group.indices[part]]))
+                                               counts, plan_labels[group.indices[part]], encoder))
                 if tick:
                     in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
         while in_flight:

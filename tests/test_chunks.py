@@ -165,3 +165,35 @@ def test_an_array_of_other_codecs_is_read_through_zarr(tmp_path: Path) -> None:
     assert ChunkLayout.of(array) is None
     reader = ArrayChunks(array, "features", tmp_path / "a")
     assert np.array_equal(reader.read_with_zarr(0, 2), values[0, 8:10])
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["a-file-a-chunk", "shards"])
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "-".join(map(str, f.values())) or "pooled")
+def test_files_written_here_are_zarrs_byte_for_byte(tmp_path: Path, shards: bool, form: dict,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shards (or chunk files) kdcache's writer makes are the files zarr-python makes of the same rows,
+    byte for byte (a short last chunk padded with the fill value, the index and its checksum), on a pool or not;
+    zarr reads them back and `verify` (which reads through zarr) passes."""
+    ours, arrays = make(tmp_path / "ours", "o" * 16, shards, **form)
+    assert all(r.writable() for r in ours.chunk_readers().values())
+    monkeypatch.setattr(ArrayChunks, "writable", lambda self: False)  # every array through zarr's write path
+    theirs, _ = make(tmp_path / "zarr", "z" * 16, shards, **form)
+    files = {p.relative_to(tmp_path / "ours") for name in ours.data_arrays
+             for p in (tmp_path / "ours" / name / "c").rglob("*") if p.is_file()}
+    assert files == {p.relative_to(tmp_path / "zarr") for name in theirs.data_arrays
+                     for p in (tmp_path / "zarr" / name / "c").rglob("*") if p.is_file()}
+    assert len(files) == len(ours.data_arrays) * V * (2 if shards else 3)
+    for f in sorted(files):
+        assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "zarr" / f).read_bytes(), f
+    assert ours.verify() == []
+
+
+def test_a_shard_encoded_on_a_pool_is_the_one_encoded_in_turn(tmp_path: Path) -> None:
+    store, arrays = make(tmp_path / "s", "p" * 16, shards=True, features="spatial")
+    writable = TeacherStore.open(tmp_path / "s", "p" * 16, writable=True)
+    name = "features"
+    key = Path(store.path) / name / "c" / "1" / "0" / "0" / "0" / "0"
+    before = key.read_bytes()
+    with ThreadPoolExecutor(3) as pool:
+        writable.chunk_readers()[name].write(1, 0, arrays[name][1, :S], pool)
+    assert key.read_bytes() == before

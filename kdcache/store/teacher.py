@@ -389,7 +389,7 @@ class TeacherStore:
         self.write_shard(v, c, logits, features, [n_correct], labels)
 
     def write_shard(self, v: int, s: int, logits: np.ndarray, features: np.ndarray | None,
-                    n_correct: Sequence[int], labels: np.ndarray | None = None) -> None:
+                    n_correct: Sequence[int], labels: np.ndarray | None = None, pool: Executor = INLINE) -> None:
         """Write shard (v, s) of the data arrays, all its rows (``features`` None in the form none), then the
         completion markers of its chunks (``n_correct``: the rows classified correctly in each), in one file.
 
@@ -398,7 +398,8 @@ class TeacherStore:
         the shard's files are first removed (unmarked, so nothing in them counts), so that zarr makes each
         afresh instead of reading one back a killed or failed write may have left. A write the file system
         refuses (disk full, I/O error) is a StoreError naming the chunks; the markers are then not written,
-        so re-running the same precompute redoes the shard.
+        so re-running the same precompute redoes the shard. The chunks are compressed as tasks on ``pool``
+        (:meth:`kdcache.store.chunks.ArrayChunks.write`; default: in turn, on this thread).
         """
         rows = self.shard_rows_of(s)
         chunks = self.shard_chunks(s)
@@ -414,20 +415,20 @@ class TeacherStore:
                 self._remove_shard_files(v, s)
                 name = "logits"
             if k is None:
-                fmt.array(self.group, "logits")[v, rows] = logits
+                self._write(v, s, "logits", logits, pool)
             else:
                 summary = fmt.summarise_logits(logits, np.asarray(labels), k, float(self.attrs["logits_temperature"]))
                 for name, block in zip(fmt.TOPK_ARRAYS, summary):
-                    fmt.array(self.group, name)[v, rows] = block
+                    self._write(v, s, name, block, pool)
             if features is not None:
                 name = "features"
                 if self.feature_dtype == "int8":
                     features, scale = fmt.quantize_rows(features)
-                    fmt.array(self.group, "features")[v, rows] = features
+                    self._write(v, s, "features", features, pool)
                     name = "feature scales"
-                    fmt.array(self.group, "feature_scale")[v, rows] = scale
+                    self._write(v, s, "feature_scale", scale, pool)
                 else:
-                    fmt.array(self.group, "features")[v, rows] = features
+                    self._write(v, s, "features", features, pool)
             name = "completion marker" if len(chunks) == 1 else "completion markers"
             fmt.array(self.group, "done")[v, chunks.start:chunks.stop] = np.asarray(n_correct, dtype=np.int32)
         except OSError as exc:
@@ -436,6 +437,15 @@ class TeacherStore:
                 f"{exc.strerror or exc}; make room (or fix the disk) and run the same `kdcache precompute` again "
                 f"to resume from that {'chunk' if len(chunks) == 1 else 'shard'}"
             ) from None
+
+    def _write(self, v: int, s: int, name: str, block: np.ndarray, pool: Executor) -> None:
+        """Shard (v, s) of data array ``name`` from its rows ``block``: by this package's writer where it knows the
+        array's layout, else through zarr."""
+        chunks = self.chunk_readers()[name]
+        if chunks.writable():
+            chunks.write(v, s, block, pool)
+        else:
+            fmt.array(self.group, name)[v, self.shard_rows_of(s)] = block
 
     def _unit(self, v: int, s: int) -> str:
         """How errors name shard (v, s): as its chunk in a store of one chunk a file."""
