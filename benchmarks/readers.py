@@ -53,6 +53,7 @@ from common import machine  # noqa: E402
 
 from kdcache.store import TeacherStore  # noqa: E402
 from kdcache.store import format as fmt  # noqa: E402
+from kdcache.store.chunks import intact  # noqa: E402
 
 CANDIDATES = ("zarr-chunks", "zarr", "zarrs", "tensorstore", "kdcache", "bound")
 ARRAYS = ("logits", "features")
@@ -189,7 +190,6 @@ def decode_bound(held: list[tuple[Any, int, bytes]], threads: int) -> float:
     memory, each thread decoding into one output buffer of its own (no allocation, no page faults)."""
     import threading
 
-    import google_crc32c
     import numcodecs.blosc
 
     local = threading.local()
@@ -202,7 +202,7 @@ def decode_bound(held: list[tuple[Any, int, bytes]], threads: int) -> float:
             out = np.empty(layout.chunk_shape[1:], layout.dtype)
             local.out = {**getattr(local, "out", {}), reader.name: out}
         raw = np.frombuffer(data, np.uint8)
-        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
+        if not intact(raw):
             raise ValueError("checksum")
         if layout.compressed:
             numcodecs.blosc.decompress(raw[:-4], out)

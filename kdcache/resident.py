@@ -32,7 +32,6 @@ from kdcache.store import format as fmt
 from kdcache.store.chunks import default_threads
 
 
-
 def served_row_bytes(store: TeacherStore) -> int:
     """Bytes one row of ``store`` takes as the stream serves it: float16 logits (a top-K store's packed float32
     row of 2K + 5 values) and float16 features (int8 ones scaled back to float32)."""
@@ -147,9 +146,10 @@ class ResidentViews:
             for j, part in enumerate(pending.result()):
                 if part is None:
                     continue
+                host = torch.from_numpy(part)
                 if out[j] is None:
-                    out[j] = torch.empty((n, *part.shape[1:]), dtype=_dtype(part.dtype), device=self.device)
-                copier.copy(torch.from_numpy(part), out[j][a:b])  # type: ignore[index]
+                    out[j] = torch.empty((n, *host.shape[1:]), dtype=host.dtype, device=self.device)
+                copier.copy(host, out[j][a:b])  # type: ignore[index]
             if following is not None:
                 pending = following
         copier.finish()
@@ -189,6 +189,3 @@ class _Copier:
         if self.stream is not None:
             self.stream.synchronize()
 
-
-def _dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype

@@ -95,8 +95,8 @@ class TeacherStream:
 
     Reading: a thread walks the epoch's blocks and hands every chunk of every teacher and array as a task to
     a pool of ``read_threads`` (default: the cores this process may use), keeping ``ahead`` blocks decoding
-    at once; finished blocks wait in a queue of ``prefetch``. Memory holds at most ``prefetch + ahead + 1``
-    blocks of the K teachers.
+    at once; finished blocks are cut into batches on that thread, which wait in a queue of ``prefetch`` blocks'
+    worth. Memory holds at most ``prefetch + ahead + 1`` blocks of the K teachers.
 
     With ``world`` > 1 the stream is rank ``rank``'s share of a data-parallel run: the
     global batches are the ones a single process would use, and this rank gets the

@@ -41,7 +41,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 
-from kdcache.store.format import is_unwritten
+from kdcache.store.format import is_unwritten, n_chunks
 
 # An empty entry of a shard's index: offset and length both 2^64 - 1 (the Zarr v3 sharding specification).
 _EMPTY = np.uint64(2**64 - 1)
@@ -160,17 +160,16 @@ class ArrayChunks:
         self.n_samples = int(array.shape[1])
         self._indexes: dict[tuple[int, int], np.ndarray | ChunkError] = {}
 
-    def chunk_rows(self, c: int) -> int:
-        """Rows chunk ``c`` of a view holds (the last chunk of a view may be short)."""
-        r = self.layout.rows if self.layout else int(self.array.chunks[1])
-        return min(r, self.n_samples - c * r)
+    def file_key(self, v: int, s: int) -> str:
+        """The key (below the array) of file ``s`` of view ``v``: a shard, or chunk ``s`` in a store without."""
+        return self.array.metadata.encode_chunk_key((v, s, *([0] * (self.array.ndim - 2))))
 
     def locate(self, v: int, c: int) -> tuple[str, int | None, int | None]:
         """The file key of chunk (v, c) and its byte range there (None, None: the whole file). Reads and keeps
         the shard's index; a missing or damaged index is the chunk's ChunkMissing or ChunkDamaged."""
         layout = self._layout()
         s, i = divmod(c, layout.per_shard)
-        key = self.array.metadata.encode_chunk_key((v, s, *([0] * (len(layout.chunk_shape) - 2))))
+        key = self.file_key(v, s)
         if not self.sharded:
             return key, None, None
         index = self._indexes.get((v, s))
@@ -219,7 +218,7 @@ class ArrayChunks:
             raise ChunkMissing(self.name, v, c, "no file")
         view = np.frombuffer(data, dtype=np.uint8)
         if layout.checksum:
-            if len(view) < 4 or google_crc32c.value(view[:-4]) != int.from_bytes(view[-4:].tobytes(), "little"):
+            if not intact(view):
                 raise ChunkDamaged(self.name, v, c, "CRC32C checksum mismatch")
             view = view[:-4]
         shape = layout.chunk_shape[1:]
@@ -249,9 +248,8 @@ class ArrayChunks:
         value where the view ends, as zarr stores them), the shard's index and its checksum after them, then the
         file handed to zarr's store in one write (a temporary file renamed into place, on a local folder)."""
         layout = self._layout()
-        n_chunks = -(-self.n_samples // layout.rows)
         first = s * layout.per_shard
-        chunks = range(first, min(first + layout.per_shard, n_chunks))
+        chunks = range(first, min(first + layout.per_shard, n_chunks(self.n_samples, layout.rows)))
         fill = np.asarray(self.array.metadata.fill_value, dtype=layout.dtype)
         encoded = [pool.submit(self.encode, rows[(c - first) * layout.rows:(c - first + 1) * layout.rows], fill)
                    for c in chunks]
@@ -264,9 +262,8 @@ class ArrayChunks:
                 offset += len(part)
             raw = index.tobytes()
             parts.append(raw + google_crc32c.value(raw).to_bytes(4, "little"))
-        key = self.array.metadata.encode_chunk_key((v, s, *([0] * (len(layout.chunk_shape) - 2))))
         data = b"".join(parts)
-        sync((self.array.store_path / key).set(default_buffer_prototype().buffer.from_bytes(data)))
+        sync((self.array.store_path / self.file_key(v, s)).set(default_buffer_prototype().buffer.from_bytes(data)))
 
     def encode(self, rows: np.ndarray, fill: np.ndarray) -> bytes:
         """One chunk's bytes as stored: its rows (padded with ``fill`` to the chunk's R), Blosc-compressed as the
@@ -311,7 +308,7 @@ class ArrayChunks:
         if data is None:
             return ChunkMissing(self.name, v, c, "no shard file")
         view = np.frombuffer(data, dtype=np.uint8)
-        if len(view) != n or google_crc32c.value(view[:-4]) != int.from_bytes(view[-4:].tobytes(), "little"):
+        if len(view) != n or not intact(view):
             return ChunkDamaged(self.name, v, c, "its shard's index fails its checksum")
         return view[:-4].view("<u8").reshape(layout.per_shard, 2)
 
@@ -337,6 +334,12 @@ class ArrayChunks:
                       else RangeByteRequest(offset, offset + cast(int, length)))
         got = sync((self.array.store_path / key).get(prototype=default_buffer_prototype(), byte_range=byte_range))
         return None if got is None else got.to_bytes()
+
+
+def intact(data: np.ndarray) -> bool:
+    """Whether ``data`` (uint8) ends in the CRC32C of the bytes before it, little-endian, as the crc32c codec
+    writes it."""
+    return len(data) >= 4 and google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:].tobytes(), "little")
 
 
 _local = threading.local()

@@ -456,8 +456,7 @@ class TeacherStore:
 
     def shard_key(self, name: str, v: int, c: int) -> str:
         """The key (path below the store) of the file holding chunk (v, c) of array ``name``."""
-        inner = "/0" * (fmt.array(self.group, name).ndim - 2)  # one chunk spans every dimension after (view, row)
-        return f"{name}/c/{v}/{self.shard_of(c)}{inner}"
+        return f"{name}/{self.chunk_readers()[name].file_key(v, self.shard_of(c))}"
 
     def _remove_shard_files(self, v: int, s: int) -> None:
         """Delete shard (v, s)'s data files and its markers' file, whatever a cut-short write left there."""
@@ -538,17 +537,16 @@ class TeacherStore:
             order = np.argsort(want // r, kind="stable")
             bounds = np.searchsorted(want[order] // r, np.asarray(chunks + [chunks[-1] + 1]) if chunks else [0])
             picks = [(order[a:b], want[order[a:b]] - c * r) for c, a, b in zip(chunks, bounds[:-1], bounds[1:])]
-        tasks: list[tuple[int, str, Future[None]]] = []
+        tasks: list[Future[None]] = []  # in chunk order, so the first failure named is the first chunk's
         start = 0
         for c, size, pick in zip(chunks, sizes, picks):
             if not self._marked(v, c):  # deleted after the store was completed: the chunk cannot be trusted
-                tasks.append((c, "done", failed(StoreError(
-                    f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; "
-                    f"run `kdcache cache verify {self.id}`"))))
+                tasks.append(failed(StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is "
+                                               f"missing; run `kdcache cache verify {self.id}`")))
             else:
                 for name, reader in self.chunk_readers().items():
                     out = blocks[name] if pick is not None else blocks[name][start:start + size]
-                    tasks.append((c, name, self._read_task(reader, v, c, out, pick, pool)))
+                    tasks.append(self._read_task(reader, v, c, out, pick, pool))
             start += size
         return PendingRows(self, blocks, tasks, keep)
 
@@ -656,13 +654,13 @@ class PendingRows:
     chunks and returns the logits and features, or raises the first failure in chunk order as a StoreError
     naming the chunk."""
 
-    def __init__(self, store: TeacherStore, blocks: dict[str, np.ndarray], tasks: list[tuple[int, str, Future[None]]],
+    def __init__(self, store: TeacherStore, blocks: dict[str, np.ndarray], tasks: list[Future[None]],
                  keep: slice | None) -> None:
         self.store, self.blocks, self.tasks, self.keep = store, blocks, tasks, keep
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         store = self.store
-        for _, _, task in self.tasks:
+        for task in self.tasks:
             try:
                 task.result()
             except ChunkError as exc:
