@@ -6,9 +6,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import click
+
+from kdcache.text import duration
 
 cache_option = click.option(
     "--cache", type=str, default=None, metavar="DIR|URL",
@@ -43,6 +45,42 @@ tensorboard_option = click.option(
          "logs in DIR (needs the tensorboard extra: pip install 'kdcache[tensorboard]').")
 device_option = click.option(
     "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
+
+
+def grid_cluster_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--workers, --scheduler and --runs-per-device: where a grid's teachers, stores and runs are trained."""
+    command = click.option(
+        "--runs-per-device", type=click.IntRange(min=1), default=1, show_default=True,
+        help="Student runs sharing one device on a local cluster: that many worker processes a GPU (on the CPU, "
+             "the cores are divided among all runs). Implies --workers 1 when given alone.")(command)
+    command = click.option(
+        "--scheduler", default=None, metavar="ADDRESS",
+        help="Run the grid on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache and "
+             "see the cache, the data and --out at the same paths.")(command)
+    command = click.option(
+        "--workers", type=click.IntRange(min=1), default=None, metavar="N",
+        help="Run the grid on a local dask cluster of N devices: teachers, stores' chunks and every (row, seed) "
+             "run as tasks side by side (one worker per GPU on a GPU machine, else N processes sharing the "
+             "cores) [default: every run in this process, one after another].")(command)
+    return command
+
+
+def exit_if_failed(failed: int, total: int) -> None:
+    """End a grid's command with status 1 and one line when any of its runs failed (the table is printed already)."""
+    if failed:
+        raise click.ClickException(f"{failed} of {total} run{'s' if total != 1 else ''} failed (the reasons are in the "
+                                   "table); run the same command again to retry them")
+
+
+def cluster_choice(workers: int | None, scheduler: str | None, runs_per_device: int) -> Any:
+    """The :class:`~kdcache.pipelines.precompute_cluster.ClusterOptions` the options ask for; None: in this process."""
+    if workers is None and scheduler is None and runs_per_device == 1:
+        return None
+    from kdcache.pipelines.precompute_cluster import ClusterOptions
+
+    if workers is None and scheduler is None:
+        workers = 1
+    return ClusterOptions(workers, scheduler, runs_per_device)
 
 
 # Seconds between progress lines when stderr is not a terminal (a log file, a batch job's output).
@@ -91,15 +129,7 @@ class LogProgress:
         elapsed = self.clock() - self.started
         rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        left = f", about {_duration((self.total - self.done) / rate)} left" if 0 < rate and self.done < self.total else ""
+        left = f", about {duration((self.total - self.done) / rate)} left" if 0 < rate and self.done < self.total else ""
         speed = f", {rate:,.0f} {self.unit}s/s" if rate > 0 else ""
         click.echo(f"{self.label}: {self.done:,} of {self.total:,} {self.unit}s ({pct:.0f}%){speed}{left}", err=True)
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli.common import device_option
+from kdcache.cli.common import cluster_choice, device_option, exit_if_failed, grid_cluster_options
 
 # The choices and default of --features, kept here so that importing the command imports no torch
 # (tests/test_demo.py checks they match kdcache.pipelines.demo.FEATURES and the store's forms).
@@ -26,17 +26,21 @@ FEATURES = "spatial"
               help="Feature form of the stores: the teachers' last-block maps (the official CA-MKD) or their pooled "
                    "vectors (kdcache's compact form).")
 @device_option
-def demo(out: Path, cache: Path | None, seeds: int, epochs: int, features: str, device: str | None) -> None:
+@grid_cluster_options
+def demo(out: Path, cache: Path | None, seeds: int, epochs: int, features: str, device: str | None,
+         workers: int | None, scheduler: str | None, runs_per_device: int) -> None:
     """Train three digits teachers of different quality, cache them, and compare six methods on one student.
 
-    A second run reuses the teachers, the stores and every finished run.
+    A second run reuses the teachers, the stores and every finished run, and retries failed ones.
     """
     from kdcache.pipelines.demo import run_demo
     from kdcache.pipelines.grid import summary_line
 
-    result = run_demo(out, cache, seeds, epochs, device, say=lambda m: click.echo(m, err=True), features=features)
+    result = run_demo(out, cache, seeds, epochs, device, say=lambda m: click.echo(m, err=True), features=features,
+                      cluster=cluster_choice(workers, scheduler, runs_per_device))
     click.echo(result.table, nl=False)
     click.echo(summary_line(result.grid, result.table_path))
+    exit_if_failed(result.grid.n_failed, len(result.grid.spec.ran) * result.grid.spec.seeds)
 
 
 COMMANDS = (demo,)

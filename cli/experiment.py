@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kdcache.cli.common import cache_option, device_option, row_progress
+from kdcache.cli.common import (cache_option, cluster_choice, device_option, exit_if_failed, grid_cluster_options,
+                                row_progress)
 
 if TYPE_CHECKING:
     from kdcache.pipelines.experiments import Experiment
@@ -69,17 +70,22 @@ def list_cmd() -> None:
 @click.option("--teacher-epochs", type=int, default=None,
               help="Epochs of the teachers trained here [default: the student epochs].")
 @device_option
+@grid_cluster_options
 @click.option("--dry-run", is_flag=True,
               help="Print each store's shape and disk in both forms, and the teacher forward passes saved; "
                    "write nothing.")
 def run_cmd(name: str, teachers: tuple[str, ...], student: str | None, dataset: str | None, data_root: Path,
             cache: Path | None, out: Path, teachers_dir: Path | None, features: str | None, setup: str | None,
             seeds: int | None, epochs: int | None, views: int | None, teacher_epochs: int | None,
-            device: str | None, dry_run: bool) -> None:
-    """Run experiment NAME end to end; a second run reuses teachers, stores and finished runs.
+            device: str | None, workers: int | None, scheduler: str | None, runs_per_device: int,
+            dry_run: bool) -> None:
+    """Run experiment NAME end to end; a second run reuses teachers, stores and finished runs, resumes started
+    ones and retries failed ones.
 
     NAME is one of `kdcache experiment list`, or `custom` with --teacher (repeated) and
-    --student for any other setting. The table (also in OUT/table.md) is printed to standard output.
+    --student for any other setting. The table (also in OUT/table.md, rewritten as each run ends) is printed to
+    standard output. A run that fails is reported there with its reason and the others go on; the command then
+    exits with status 1.
     """
     from kdcache.pipelines.experiments import run_experiment
     from kdcache.pipelines.grid import summary_line
@@ -88,13 +94,15 @@ def run_cmd(name: str, teachers: tuple[str, ...], student: str | None, dataset: 
                             teachers_dir=teachers_dir, seeds=seeds, epochs=epochs, views=views, device=device,
                             dry_run=dry_run, teacher_epochs=teacher_epochs, features=features, setup=setup,
                             say=lambda msg: click.echo(msg, err=True),
-                            precompute_progress=row_progress("precompute"))
+                            precompute_progress=row_progress("precompute"),
+                            cluster=cluster_choice(workers, scheduler, runs_per_device))
     if result.grid is None:
         for line in result.lines:
             click.echo(line)
         return
     click.echo(result.table, nl=False)
     click.echo(summary_line(result.grid, out / "table.md"), err=True)
+    exit_if_failed(result.grid.n_failed, len(result.grid.spec.ran) * result.grid.spec.seeds)
 
 
 def _experiment(name: str, teachers: tuple[str, ...], student: str | None, dataset: str | None) -> Experiment:

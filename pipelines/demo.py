@@ -21,6 +21,7 @@ import numpy as np
 
 from kdcache.pipelines import grid
 from kdcache.pipelines.grid import SETUPS, GridSpec, GridTeacher, Row
+from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.runs import SampleWeights
 
 CORRUPTED_CLASSES = {3: 5, 5: 8, 8: 3}
@@ -71,20 +72,25 @@ def demo_spec(out: Path, cache: Path | None = None, seeds: int = 1, epochs: int 
 
 
 def run_demo(out: Path, cache: Path | None = None, seeds: int = 1, epochs: int = 10, device: str | None = None,
-             say: grid.Say = print, features: str = FEATURES) -> DemoResult:
+             say: grid.Say = print, features: str = FEATURES, cluster: ClusterOptions | None = None) -> DemoResult:
     """Train the three teachers, precompute their stores in the ``features`` form, distil every method for
-    ``seeds`` seeds; write the table to ``<out>/demo-<form>.md`` and the record to ``<out>/demo-<form>.json``."""
+    ``seeds`` seeds (on dask with ``cluster``); write the table to ``<out>/demo-<form>.md`` and the record to
+    ``<out>/demo-<form>.json`` as each run finishes or fails, and at the end."""
     spec = demo_spec(out, cache, seeds, epochs, features)
-    found = grid.run_grid(spec, device, say)
-    corrupted = next(i for i, t in enumerate(TEACHERS) if t.label_map)
-    saved = [spec.run_dir("camkd", seed).load().sample_weights for seed in range(seeds)] if "camkd" in METHODS else []
-    weights = corrupted_teacher_weights([s for s in saved if s is not None], list(CORRUPTED_CLASSES), corrupted)
-    title = f"kdcache demo: {' + '.join(t.arch for t in TEACHERS)} → {STUDENT} on digits"
-    table = grid.format_table(found, title, about=[_ABOUT], after=_weight_line(weights))
     path = spec.out / f"demo-{features}.md"
-    path.write_text(table)
-    grid.write_result(spec.out / f"demo-{features}.json", found, camkd_weights_on_corrupted_teacher=weights)
-    return DemoResult(found, table, path, weights)
+
+    def write(found: grid.GridResult) -> DemoResult:
+        corrupted = next(i for i, t in enumerate(TEACHERS) if t.label_map)
+        camkd = [r["seed"] for r in found.students.get("camkd", [])]
+        saved = [spec.run_dir("camkd", seed).load().sample_weights for seed in camkd]
+        weights = corrupted_teacher_weights([s for s in saved if s is not None], list(CORRUPTED_CLASSES), corrupted)
+        title = f"kdcache demo: {' + '.join(t.arch for t in TEACHERS)} → {STUDENT} on digits"
+        table = grid.format_table(found, title, about=[_ABOUT], after=_weight_line(weights))
+        path.write_text(table)
+        grid.write_result(spec.out / f"demo-{features}.json", found, camkd_weights_on_corrupted_teacher=weights)
+        return DemoResult(found, table, path, weights)
+
+    return write(grid.run_grid(spec, device, say, cluster=cluster, on_update=write))
 
 
 _ABOUT = ("Three teachers of deliberately different quality on scikit-learn's handwritten digits: a good one; one "

@@ -67,6 +67,7 @@ from kdcache.losses import method_info
 from kdcache.models import build_model, feature_dim, map_shape, model_info
 from kdcache.pipelines import grid
 from kdcache.pipelines.grid import SETUPS, GridSpec, GridTeacher, Row, Setup, find_setup
+from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.store.format import FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
 from kdcache.text import human_bytes
 from kdcache.views import get_recipe as get_view_recipe
@@ -715,12 +716,14 @@ def run_experiment(name: str | Experiment, data_root: Path | None, cache: Path |
                    teachers_dir: Path | None = None, seeds: int | None = None, epochs: int | None = None,
                    views: int | None = None, device: str | None = None, dry_run: bool = False,
                    teacher_epochs: int | None = None, features: str | None = None, setup: str | None = None,
-                   say: Say | None = None, precompute_progress: grid.Progress | None = None) -> ExperimentResult:
+                   say: Say | None = None, precompute_progress: grid.Progress | None = None,
+                   cluster: ClusterOptions | None = None) -> ExperimentResult:
     """Run an experiment end to end (teachers, stores, every row × seed, the table), resuming what exists.
 
     ``teachers_dir`` defaults to ``<out>/teachers``; ``teacher_epochs`` (for teachers trained here)
     to the student epochs; ``features`` (``spatial`` or ``pooled``) and ``setup`` to the experiment's.
-    ``say`` is told each step; ``dry_run`` only computes and describes.
+    ``say`` is told each step; ``dry_run`` only computes and describes; ``cluster``: run on dask.
+    The table and the JSON record are written as each run finishes or fails, and at the end.
     """
     experiment = find_experiment(name) if isinstance(name, str) else name
     spec = grid_spec(experiment, data_root, cache, out, teachers_dir, seeds, epochs, views, teacher_epochs,
@@ -732,11 +735,15 @@ def run_experiment(name: str | Experiment, data_root: Path | None, cache: Path |
     _check_views(experiment, dataset)
     plan = plan_experiment(experiment, spec.seeds, spec.epochs, spec.views, len(dataset.train), dataset.num_classes,
                            dataset.image_size, dataset.recipe, spec.features, spec.setup.name)
-    found = grid.run_grid(spec, device, say, precompute_progress, dataset=dataset)
-    result = ExperimentResult(experiment, spec.out, plan, grid=found)
-    result.table = format_table(result)
-    (spec.out / "table.md").write_text(result.table)
-    grid.write_result(spec.out / "experiment.json", found, experiment=asdict(experiment))
+    result = ExperimentResult(experiment, spec.out, plan)
+
+    def write(found: grid.GridResult) -> None:
+        result.grid = found
+        result.table = format_table(result)
+        (spec.out / "table.md").write_text(result.table)
+        grid.write_result(spec.out / "experiment.json", found, experiment=asdict(experiment))
+
+    write(grid.run_grid(spec, device, say, precompute_progress, dataset=dataset, cluster=cluster, on_update=write))
     return result
 
 

@@ -16,7 +16,13 @@ makes it so, reusing whatever exists:
    (:attr:`kdcache.runs.RunDir.finished`: last.pth, written after the last epoch) is
    read back, once every finished run has been checked to be this grid's
    (:func:`check_same_grid`, before any training); a started one (checkpoint.pth)
-   resumes; any other starts.
+   resumes; any other starts. A run that fails (a refused option, a NaN stop, a crash)
+   is recorded with its one-line reason and the others go on; a re-run retries it.
+
+With :class:`ClusterOptions` the same grid runs on a dask cluster
+(:mod:`kdcache.pipelines.grid_cluster`): teachers side by side, their stores' chunks
+on every worker, and each run as soon as its stores are complete. Either way
+:class:`Tally` says each finished run and what is left.
 
 :func:`format_table` is the one table of a grid (markdown), :func:`write_result` its
 one JSON record and :func:`summary_line` the one line saying where things are and what
@@ -41,12 +47,15 @@ from kdcache.losses.base import MethodOptions
 from kdcache.models.checkpoint import read_checkpoint
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
+from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
-from kdcache.runs import RunDir, write_json
+from kdcache.runs import RunDir, RunRecord, write_json
+from kdcache.text import duration
 from kdcache.store import Cache
 
 Say = Callable[[str], None]
 Progress = Callable[[int, int], Callable[[int], None]]
+OnUpdate = Callable[["GridResult"], object]
 
 
 # -- training set-ups ---------------------------------------------------------------------------
@@ -207,6 +216,10 @@ class GridSpec:
     def run_dir(self, label: str, seed: int) -> RunDir:
         return RunDir(self.runs / label / f"seed{seed}")
 
+    def runs_in_order(self) -> list[tuple[Row, int]]:
+        """Every (row, seed) that is run, in the serial runner's order: seed by seed, row by row."""
+        return [(row, seed) for seed in range(self.seeds) for row in self.ran]
+
 
 def distill_request(spec: GridSpec, row: Row, ids: Sequence[str], seed: int,
                     device: str | None = None) -> DistillRequest:
@@ -272,6 +285,7 @@ class GridResult:
     teachers: list[dict[str, Any]] = field(default_factory=list)   # name, arch, checkpoint, id, plan_id, ...
     ensemble: dict[str, float] | None = None                       # "vote" and "softmax" test top-1
     students: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # row label -> [{seed, best, last}]
+    failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # row label -> [{seed, reason}]
     reused: dict[str, int] = field(default_factory=lambda: {"teachers": 0, "stores": 0, "runs": 0})
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -279,16 +293,99 @@ class GridResult:
     def ids(self) -> list[str]:
         return [t["id"] for t in self.teachers]
 
+    @property
+    def n_failed(self) -> int:
+        return sum(len(f) for f in self.failures.values())
+
+    def add_run(self, label: str, seed: int, record: RunRecord, **about: Any) -> None:
+        """Record a finished run's top-1 (``about``: its seconds and worker, for the JSON record), in seed order."""
+        self._put(self.students, label, {"seed": seed, "best": record.best_top1, "last": record.final_top1, **about})
+        self._drop(self.failures, label, seed)
+
+    def add_failure(self, label: str, seed: int, reason: str) -> None:
+        """Record a run that failed, with its one-line reason."""
+        self._put(self.failures, label, {"seed": seed, "reason": reason})
+        self._drop(self.students, label, seed)
+
+    @staticmethod
+    def _put(table: dict[str, list[dict[str, Any]]], label: str, entry: dict[str, Any]) -> None:
+        runs = [r for r in table.get(label, []) if r["seed"] != entry["seed"]] + [entry]
+        table[label] = sorted(runs, key=lambda r: r["seed"])
+
+    @staticmethod
+    def _drop(table: dict[str, list[dict[str, Any]]], label: str, seed: int) -> None:
+        if label in table:
+            table[label] = [r for r in table[label] if r["seed"] != seed]
+            if not table[label]:
+                del table[label]
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the one line a table shows: kdcache's own message, else the exception's type and first line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, KdcacheError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Tally:
+    """Progress of a grid's runs: one line a finished or failed run, and the count of runs done / running /
+    queued / failed with the time left (the mean of this session's runs, over the slots running at once)."""
+
+    def __init__(self, total: int, reused: int, slots: int, say: Say,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.slots, self.say, self.clock = total, max(1, slots), say, clock
+        self.done, self.failed, self.running = reused, 0, 0
+        self.took: list[float] = []
+
+    def start(self) -> None:
+        self.running += 1
+
+    def finish(self, label: str, seed: int, best: float, last: float, seconds: float, worker: str) -> None:
+        self.running -= 1
+        self.done += 1
+        self.took.append(seconds)
+        self.say(f"run {label} seed {seed}: top-1 {best:.2f}% (last epoch {last:.2f}%) in {seconds:.1f} s on {worker}")
+        self.say(self.counts())
+
+    def fail(self, label: str, seed: int, reason: str, started: bool = True) -> None:
+        self.running -= started
+        self.failed += 1
+        self.say(f"run {label} seed {seed} FAILED: {reason}")
+        self.say(self.counts())
+
+    def counts(self) -> str:
+        """'runs: 3 done, 2 running, 7 queued, 0 failed of 12; about 4 min 10 s left'."""
+        running = min(self.running, self.slots)  # the rest of those submitted wait for a slot
+        queued = self.total - self.done - self.failed - running
+        text = f"runs: {self.done} done, {running} running, {queued} queued, {self.failed} failed of {self.total}"
+        left = running + queued
+        if self.took and left:
+            text += f"; about {duration(statistics.mean(self.took) * left / min(self.slots, left))} left"
+        return text
+
+
 
 def run_grid(spec: GridSpec, device: str | None = None, say: Say | None = None,
-             precompute_progress: Progress | None = None, dataset: DataSet | None = None) -> GridResult:
+             precompute_progress: Progress | None = None, dataset: DataSet | None = None,
+             cluster: ClusterOptions | None = None, on_update: OnUpdate | None = None) -> GridResult:
     """Run ``spec`` end to end (teachers, stores, ensemble, every row × seed), reusing and resuming what exists.
 
-    ``say`` is told each step; ``dataset`` is the spec's data set when the caller has loaded it already.
+    ``say`` is told each step (and each line also goes to ``<out>/grid.log``); ``dataset`` is
+    the spec's data set when the caller has loaded it already; ``cluster``: run on dask
+    (:mod:`kdcache.pipelines.grid_cluster`) instead of in this process; ``on_update`` is
+    called with the result as each run finishes or fails (the caller writes its table).
+    A run's failure is recorded in the result (:attr:`GridResult.failures`), not raised.
     """
-    say = say or (lambda _msg: None)
+    say = _logged(say or (lambda _msg: None), spec.out / "grid.log")
+    on_update = on_update or (lambda _result: None)
     dataset = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_root)
     result = GridResult(spec, len(dataset.train), dataset.num_classes, dataset.image_size, dataset.recipe)
+    if cluster is not None:
+        from kdcache.pipelines.grid_cluster import run_grid_on_cluster
+
+        run_grid_on_cluster(spec, result, dataset, cluster, device, say, precompute_progress, on_update)
+        return result
 
     t0 = time.perf_counter()
     _train_teachers(spec, device, say, result)
@@ -300,9 +397,19 @@ def run_grid(spec: GridSpec, device: str | None = None, say: Say | None = None,
     result.seconds["precompute"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _distill_runs(spec, result.ids, device, say, result)
+    _distill_runs(spec, result.ids, device, say, result, on_update)
     result.seconds["distill"] = time.perf_counter() - t0
     return result
+
+
+def _logged(say: Say, log: Path) -> Say:
+    """``say``, each line also appended to ``log`` with the time."""
+    def both(msg: str) -> None:
+        say(msg)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+    return both
 
 
 def _train_teachers(spec: GridSpec, device: str | None, say: Say, result: GridResult) -> None:
@@ -340,26 +447,57 @@ def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: P
                                 "test_accuracy": store.attrs.get("test_accuracy")})
 
 
-def _distill_runs(spec: GridSpec, ids: list[str], device: str | None, say: Say, result: GridResult) -> None:
-    grid = [(row, seed, distill_request(spec, row, ids, seed, device)) for seed in range(spec.seeds)
-            for row in spec.ran]
-    for _, _, req in grid:  # every finished run is this grid's, checked before any training
+def _distill_runs(spec: GridSpec, ids: list[str], device: str | None, say: Say, result: GridResult,
+                  on_update: OnUpdate) -> None:
+    planned = plan_runs(spec, ids, device, result)
+    todo = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
+    result.reused["runs"] += len(planned) - len(todo)
+    tally = Tally(len(planned) + result.n_failed, len(planned) - len(todo), 1, say)
+    tally.failed = result.n_failed
+    for row, seed, req in todo:
+        run = RunDir(req.out)
+        req.resume = run.started
+        n = len(req.teachers) if row.teachers_of(len(ids)) else 0
+        say(f"run {[r[2] for r in planned].index(req) + 1}/{len(planned)}: {row.label} ({row.flags()}, {n} "
+            f"teacher{'s' if n != 1 else ''}), seed {seed}, {spec.student} for {spec.epochs} epochs"
+            f"{' (resuming)' if req.resume else ''}")
+        tally.start()
+        t0 = time.perf_counter()
+        try:
+            distill(req)
+            record = run.load()
+        except Exception as exc:  # noqa: BLE001 - a run's failure is its row's, not the grid's
+            reason = one_line(exc)
+            result.add_failure(row.label, seed, reason)
+            tally.fail(row.label, seed, reason)
+        else:
+            seconds = time.perf_counter() - t0
+            result.add_run(row.label, seed, record, seconds=round(seconds, 1), worker="this process")
+            tally.finish(row.label, seed, record.best_top1, record.final_top1, seconds, "this process")
+        on_update(result)
+
+
+def plan_runs(spec: GridSpec, ids: list[str], device: str | None,
+              result: GridResult) -> list[tuple[Row, int, DistillRequest]]:
+    """Every (row, seed) with its request, refusing (one line) a finished run of another grid before any training;
+    the runs of a row whose options are refused are recorded as failed in ``result`` and left out."""
+    planned = []
+    for row, seed in spec.runs_in_order():
+        try:
+            req = distill_request(spec, row, ids, seed, device)
+        except KdcacheError as exc:
+            result.add_failure(row.label, seed, one_line(exc))
+            continue
+        planned.append((row, seed, req))
+    for _, _, req in planned:
         run = RunDir(req.out)
         if run.finished:
             check_same_grid(run, req)
-    for done, (row, seed, req) in enumerate(grid, 1):
+    for row, seed, req in planned:
         run = RunDir(req.out)
         if run.finished:
-            result.reused["runs"] += 1
-        else:
-            req.resume = run.started
-            n = len(req.teachers) if row.teachers_of(len(ids)) else 0
-            say(f"run {done}/{len(grid)}: {row.label} ({row.flags()}, {n} teacher{'s' if n != 1 else ''}), "
-                f"seed {seed}, {spec.student} for {spec.epochs} epochs{' (resuming)' if req.resume else ''}")
-            distill(req)
-        record = run.load()
-        result.students.setdefault(row.label, []).append(
-            {"seed": seed, "best": record.best_top1, "last": record.final_top1})
+            result.add_run(row.label, seed, run.load())
+    return planned
 
 
 def _ensemble(spec: GridSpec, ids: list[str], dataset: DataSet, device: str | None, say: Say) -> dict[str, float]:
@@ -454,12 +592,16 @@ def format_table(result: GridResult, title: str, about: Sequence[str] = (), refe
         if not row.implemented:
             lines.append(line(row.title or row.label, "not implemented in kdcache", row.label))
             continue
-        runs = result.students.get(row.label, [])
-        best = mean_std([x["best"] for x in runs]) if runs else "not run"
+        runs, failed = result.students.get(row.label, []), result.failures.get(row.label, [])
+        best = mean_std([x["best"] for x in runs]) if runs else ("failed" if failed else "not run")
         last = mean_std([x["last"] for x in runs]) if runs else ""
         used = f"{_teachers_used(row, k)}, {spec.student}"
         name = f"{row.title} (`{row.flags()}`, {used})" if row.title else f"`{row.flags()}` ({used})"
-        lines.append(line(name, best, row.label, last, str(len(runs))))
+        lines.append(line(name, best, row.label, last, str(len(runs)) + (f" ({len(failed)} failed)" if failed else "")))
+    if result.failures:
+        lines += ["", f"**{result.n_failed} run{'s' if result.n_failed != 1 else ''} failed** (a re-run of the same "
+                      "command retries them):"]
+        lines += [f"- {label} seed {f['seed']}: {f['reason']}" for label, fs in result.failures.items() for f in fs]
     lines += list(after)
     lines += ["", f"Settings: {spec.views} views of {result.image_size}×{result.image_size} ({result.view_recipe}, "
                   f"plan seed {spec.plan_seed}), {spec.epochs} student epochs, {result.n_samples} training samples. "
@@ -495,7 +637,8 @@ def write_result(path: Path, result: GridResult, **extra: Any) -> None:
               "setup": asdict(spec.setup), "seeds": spec.seeds, "epochs": spec.epochs, "views": spec.views,
               "plan_seed": spec.plan_seed, "rows": [asdict(r) for r in spec.rows],
               "teacher_epochs": [t.epochs for t in spec.teachers], "teachers": result.teachers,
-              "ensemble": result.ensemble, "students": result.students, "reused": result.reused,
+              "ensemble": result.ensemble, "students": result.students, "failures": result.failures,
+              "reused": result.reused,
               "seconds": result.seconds, "cache": str(Cache.at(spec.cache).root), "runs": str(spec.runs)}
     write_json(path, {**record, **extra})
 

@@ -106,16 +106,17 @@ def _run(jobs: list[TeacherJob], workers: int | None, scheduler: str | None, pro
     with contextlib.ExitStack() as stack:
         for job in jobs:
             stack.enter_context(cache.teacher_lock(job.teacher_id))
-        client, gpu_workers, threads = stack.enter_context(dask_client(workers, scheduler, job0.req.device))
+        cluster = stack.enter_context(dask_client(workers, scheduler, job0.req.device))
         stores = {job.teacher_id: job.open_store() for job in jobs}  # every store exists before any task runs
         for job in jobs:
             if stores[job.teacher_id].attrs.get("complete"):  # finished by someone else meanwhile
                 results[job.teacher_id] = job.complete_result()
         jobs = [j for j in jobs if j.teacher_id not in results]
-        tasks = [t for job in jobs for t in chunk_tasks(job, stores[job.teacher_id], _spec(job, threads))]
+        tasks = [t for job in jobs for t in chunk_tasks(job, stores[job.teacher_id],
+                                                        teacher_spec(job, cluster.torch_threads))]
         total = sum(job.shape[0] * job.shape[1] for job in jobs)
         tick = progress(total, total - sum(t.rows for t in tasks)) if progress else None
-        run_tasks(client, tasks, {"GPU": 1} if gpu_workers else None, tick)
+        run_tasks(cluster.client, tasks, cluster.resources, tick)
         for job in jobs:
             results[job.teacher_id] = job.result("written", finish(job, stores[job.teacher_id]))
     return results
@@ -144,11 +145,7 @@ def run_tasks(client: Any, tasks: list[ChunkTask], resources: dict[str, int] | N
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
-    futures = {
-        client.submit(fill_chunks, t, key=f"kdcache-fill-{t.teacher.teacher_id}-v{t.view}-c{t.chunks[0]}",
-                      retries=TASK_RETRIES, resources=resources): t
-        for t in tasks
-    }
+    futures = {submit_fill(client, t, resources): t for t in tasks}
     try:
         for future in as_completed(futures):
             future.result()  # raises the task's error
@@ -163,7 +160,14 @@ def run_tasks(client: Any, tasks: list[ChunkTask], resources: dict[str, int] | N
         client.cancel(list(futures))
 
 
-def _spec(job: TeacherJob, torch_threads: int | None) -> TeacherSpec:
+def submit_fill(client: Any, task: ChunkTask, resources: dict[str, int] | None) -> Any:
+    """Submit one :class:`ChunkTask` to ``client`` (retried once when it raises); its dask future."""
+    return client.submit(fill_chunks, task, key=f"kdcache-fill-{task.teacher.teacher_id}-v{task.view}-c{task.chunks[0]}",
+                         retries=TASK_RETRIES, resources=resources)
+
+
+def teacher_spec(job: TeacherJob, torch_threads: int | None) -> TeacherSpec:
+    """What a worker needs to fill ``job``'s chunks, as plain values."""
     req = job.req
     location = job.cache.location
     return TeacherSpec(
@@ -177,15 +181,16 @@ def _spec(job: TeacherJob, torch_threads: int | None) -> TeacherSpec:
 
 
 def _check_cluster_options(reqs: Sequence[PrecomputeRequest], workers: int | None, scheduler: str | None) -> None:
-    if workers is not None and scheduler is not None:
-        raise KdcacheError("pass --workers N (a local cluster) or --scheduler ADDRESS (an existing one), not both")
-    if workers is not None and workers < 1:
-        raise KdcacheError(f"--workers must be at least 1 (got {workers})")
-    cache = Cache.at(reqs[0].cache)
-    if cache.location.protocol == "memory":
-        raise KdcacheError(f"--cache {cache.root} lives in this process's memory, which dask workers cannot see; "
+    ClusterOptions(workers, scheduler)
+    check_cluster_options(reqs[0].cache, reqs[0].device)
+
+
+def check_cluster_options(cache: Path | str | None, device: str | None) -> None:
+    """Refuse, in one line, a cache the workers cannot see and a device naming one GPU."""
+    where = Cache.at(cache)
+    if where.location.protocol == "memory":
+        raise KdcacheError(f"--cache {where.root} lives in this process's memory, which dask workers cannot see; "
                            "use a directory or a URL every worker can reach")
-    device = reqs[0].device
     try:
         one_gpu = device is not None and torch.device(device).index is not None
     except RuntimeError:  # not a device name: resolve_device says so in one line
@@ -195,17 +200,64 @@ def _check_cluster_options(reqs: Sequence[PrecomputeRequest], workers: int | Non
                            "its own GPU: pass --device cuda")
 
 
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where a grid's work runs when not in this process: a local dask cluster of ``workers`` devices (GPUs, or
+    shares of the CPU's cores), or the existing cluster at ``scheduler``; ``runs_per_device`` tasks share a device
+    (one worker process each)."""
+
+    workers: int | None = None
+    scheduler: str | None = None
+    runs_per_device: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.scheduler is not None:
+            raise KdcacheError("pass --workers N (a local cluster) or --scheduler ADDRESS (an existing one), not both")
+        if self.workers is None and self.scheduler is None:
+            raise KdcacheError("a cluster needs --workers N or --scheduler ADDRESS")
+        if self.workers is not None and self.workers < 1:
+            raise KdcacheError(f"--workers must be at least 1 (got {self.workers})")
+        if self.runs_per_device < 1:
+            raise KdcacheError(f"--runs-per-device must be at least 1 (got {self.runs_per_device})")
+        if self.scheduler is not None and self.runs_per_device != 1:
+            raise KdcacheError("--runs-per-device shapes a local cluster (--workers); an existing cluster's workers "
+                               "are its own")
+
+
 # -- the cluster --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A dask client and what its workers are: GPUs (one each) or CPU processes, and torch threads a task."""
+
+    client: Any
+    gpu_workers: bool
+    torch_threads: int | None      # None: the workers' own setting (an existing cluster)
+    dashboard: str | None = None   # the local cluster's dashboard address, when one is served
+
+    @property
+    def resources(self) -> dict[str, int] | None:
+        """What a task asks of a worker: one GPU on a GPU cluster, nothing else."""
+        return {"GPU": 1} if self.gpu_workers else None
+
+    @property
+    def slots(self) -> int:
+        """How many tasks run at once: every worker's threads."""
+        workers = self.client.scheduler_info().get("workers", {})
+        return max(1, sum(int(w.get("nthreads", 1)) for w in workers.values()))
+
+
 @contextlib.contextmanager
-def dask_client(workers: int | None, scheduler: str | None,
-                device: str | None) -> Iterator[tuple[Any, bool, int | None]]:
-    """A dask client, closed on exit, with whether its workers hold GPUs and the torch threads per worker.
+def dask_client(workers: int | None, scheduler: str | None, device: str | None, per_device: int = 1,
+                dashboard: bool = False) -> Iterator[Cluster]:
+    """A dask client, closed on exit, with what its workers are (:class:`Cluster`).
 
     ``scheduler``: connect to that existing cluster (its workers must import kdcache and reach
-    the cache, the checkpoints and the data). ``workers``: start a local cluster of that many
-    workers, one per GPU if this machine's device is CUDA, else plain processes.
+    the cache, the checkpoints and the data). ``workers``: start a local cluster on that many
+    devices: ``per_device`` single-threaded worker processes on each GPU if this machine's
+    device is CUDA, else ``workers`` × ``per_device`` processes sharing the cores evenly.
+    ``dashboard``: serve dask's dashboard on a free port (needs bokeh).
     """
     from distributed import Client
 
@@ -215,17 +267,26 @@ def dask_client(workers: int | None, scheduler: str | None,
         except (OSError, ValueError) as exc:
             raise KdcacheError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
         with client:
-            yield client, _has_gpu_workers(client), None
+            yield Cluster(client, _has_gpu_workers(client), None, client.dashboard_link if dashboard else None)
         return
     assert workers is not None
     gpus = _local_gpu_ids(device)
     if gpus and workers > len(gpus):
-        raise KdcacheError(f"--workers {workers}, but this machine has {len(gpus)} GPU(s) and precompute runs "
+        raise KdcacheError(f"--workers {workers}, but this machine has {len(gpus)} GPU(s) and kdcache runs "
                            "one worker per GPU; pass fewer workers, or --device cpu")
+    address = ":0" if dashboard and _has_bokeh() else None
     with plain_worker_environment():
-        cluster = gpu_cluster(gpus[:workers]) if gpus else cpu_cluster(workers)
+        cluster = (gpu_cluster(gpus[:workers], per_device, address) if gpus
+                   else cpu_cluster(workers * per_device, address))
         with cluster, Client(cluster) as client:
-            yield client, bool(gpus), max(1, _cpu_count() // workers)
+            yield Cluster(client, bool(gpus), max(1, _cpu_count() // (workers * per_device)),
+                          client.dashboard_link if address else None)
+
+
+def _has_bokeh() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bokeh") is not None
 
 
 @contextlib.contextmanager
@@ -249,16 +310,17 @@ def plain_worker_environment() -> Iterator[None]:
         os.environ.update(saved)
 
 
-def cpu_cluster(n_workers: int) -> Any:
+def cpu_cluster(n_workers: int, dashboard_address: str | None = None) -> Any:
     """A local cluster of ``n_workers`` single-threaded worker processes (torch threads are set per task)."""
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                        silence_logs=LOG_LEVEL)
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                        dashboard_address=dashboard_address, silence_logs=LOG_LEVEL)
 
 
-def gpu_worker_specs(gpu_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """One single-threaded worker (under a nanny) per GPU, each seeing only its own GPU and offering ``GPU: 1``.
+def gpu_worker_specs(gpu_ids: Sequence[str], per_device: int = 1) -> dict[str, dict[str, Any]]:
+    """``per_device`` single-threaded workers (each under a nanny, each its own process) per GPU, each seeing only
+    its own GPU and offering ``GPU: 1``.
 
     ``CUDA_VISIBLE_DEVICES`` is set in the worker process before its first CUDA call
     (torch initialises CUDA lazily), so ``cuda`` in a worker is that one GPU.
@@ -266,19 +328,20 @@ def gpu_worker_specs(gpu_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     from distributed import Nanny
 
     return {
-        f"gpu-{gpu}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
-                                                 "env": {"CUDA_VISIBLE_DEVICES": str(gpu)},
-                                                 "silence_logs": LOG_LEVEL}}
-        for gpu in gpu_ids
+        f"gpu-{gpu}" + (f"-{k}" if per_device > 1 else ""): {
+            "cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                      "env": {"CUDA_VISIBLE_DEVICES": str(gpu)}, "silence_logs": LOG_LEVEL}}
+        for gpu in gpu_ids for k in range(per_device)
     }
 
 
-def gpu_cluster(gpu_ids: Sequence[str]) -> Any:
-    """A local cluster with one worker per GPU in ``gpu_ids`` (see :func:`gpu_worker_specs`)."""
+def gpu_cluster(gpu_ids: Sequence[str], per_device: int = 1, dashboard_address: str | None = None) -> Any:
+    """A local cluster with ``per_device`` workers on each GPU in ``gpu_ids`` (see :func:`gpu_worker_specs`)."""
     from distributed import Scheduler, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": None}}
-    return SpecCluster(workers=gpu_worker_specs(gpu_ids), scheduler=scheduler, silence_logs=LOG_LEVEL)
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard_address is not None,
+                                               "dashboard_address": dashboard_address}}
+    return SpecCluster(workers=gpu_worker_specs(gpu_ids, per_device), scheduler=scheduler, silence_logs=LOG_LEVEL)
 
 
 def _local_gpu_ids(device: str | None) -> list[str]:

@@ -139,7 +139,7 @@ def test_cluster_tasks_run_in_the_stores_precision(digits_teacher: Path, tmp_pat
     pc.ensure_plan(job.cache, job.dataset, job.recipe, 1, 0, job.plan_id)
     with job.cache.teacher_lock(job.teacher_id):
         store = job.open_store()
-        for task in pcc.chunk_tasks(job, store, pcc._spec(job, None)):
+        for task in pcc.chunk_tasks(job, store, pcc.teacher_spec(job, None)):
             pcc.fill_chunks(task)
     got, want = (Cache.at(c).open_teacher(ref_amp, require_complete=False).read_rows(0, 0, 1437)
                  for c in (tmp_path / "c", ref_cache))

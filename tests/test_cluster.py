@@ -166,7 +166,7 @@ def test_local_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPat
     assert pcc._local_gpu_ids("cpu") == []
     # more workers than GPUs is refused before any cluster starts
     monkeypatch.setattr(pcc, "_local_gpu_ids", lambda device: ["0", "1"])
-    monkeypatch.setattr(pcc, "gpu_cluster", lambda ids: pytest.fail("started a cluster"))
+    monkeypatch.setattr(pcc, "gpu_cluster", lambda *a: pytest.fail("started a cluster"))
     with pytest.raises(pcc.KdcacheError, match="one worker per GPU"):
         with pcc.dask_client(3, None, None):
             pass
