@@ -126,6 +126,7 @@ class _Grid:
             self.on_update(self.result)
             return
         if kind == "teacher":
+            self.say(f"{about[-1]}: trained in {value['seconds']:.1f} s on {value['worker']}")
             if not any(w[0] == "teacher" for w in self.what.values()):
                 self._start_stores()
         elif kind == "fill":
@@ -248,7 +249,7 @@ class _Grid:
             assert self.tally is not None
             self.tally.start()
             self._submit(distill_task, req, self.cluster.torch_threads,
-                         key=f"kdcache-run-{row.label}-seed{seed}-{req.out.name}-{abs(hash(str(req.out)))}",
+                         key=f"kdcache-run-{row.label}-seed{seed}",
                          what=("run", row, seed, req))
 
 
@@ -276,12 +277,13 @@ def _worker_name() -> str:
     return f"worker {worker.name}" if str(worker.name) != worker.address else worker.address
 
 
-def train_teacher_task(req: TrainTeacherRequest, torch_threads: int | None) -> str:
-    """Train (or resume) one teacher on a worker; its checkpoint's path."""
+def train_teacher_task(req: TrainTeacherRequest, torch_threads: int | None) -> dict[str, Any]:
+    """Train (or resume) one teacher on a worker; how long it took and where."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    t0 = time.perf_counter()
     train_teacher(req)
-    return str(req.out)
+    return {"seconds": time.perf_counter() - t0, "worker": _worker_name()}
 
 
 def distill_task(req: DistillRequest, torch_threads: int | None) -> dict[str, Any]:

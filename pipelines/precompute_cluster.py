@@ -314,8 +314,10 @@ def cpu_cluster(n_workers: int, dashboard_address: str | None = None) -> Any:
     """A local cluster of ``n_workers`` single-threaded worker processes (torch threads are set per task)."""
     from distributed import LocalCluster
 
+    # ":0" when no dashboard is asked for: the scheduler's HTTP server (health, metrics) still starts, on a free
+    # port rather than a taken 8787 (a second grid on the machine), which dask would warn about
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                        dashboard_address=dashboard_address, silence_logs=LOG_LEVEL)
+                        dashboard_address=dashboard_address or ":0", silence_logs=LOG_LEVEL)
 
 
 def gpu_worker_specs(gpu_ids: Sequence[str], per_device: int = 1) -> dict[str, dict[str, Any]]:

@@ -56,3 +56,30 @@ def _append(path: str, line: str) -> None:
         os.write(fd, (line + "\n").encode())
     finally:
         os.close(fd)
+
+
+class KillAfterCheckpoint(WorkerPlugin):
+    """Wraps ``RunDir.save_checkpoint`` in the worker process: right after the first checkpoint of the run whose
+    directory ends with ``run`` (e.g. ``camkd/seed0``), the first process to get there logs ``kill PID EPOCH`` to
+    ``log`` and SIGKILLs itself, mid-run; every checkpoint saved is logged as ``save PID RUN EPOCH``."""
+
+    name = "kdcache-kill-after-checkpoint"
+
+    def __init__(self, log: str, marker: str, run: str) -> None:
+        self.log, self.marker, self.run = log, marker, run
+
+    def setup(self, worker: object) -> None:
+        from kdcache.runs import RunDir
+
+        original = RunDir.save_checkpoint
+        log, marker, target = self.log, self.marker, self.run
+
+        def save_checkpoint(run, state):  # type: ignore[no-untyped-def]
+            original(run, state)
+            name = "/".join(run.path.parts[-2:])
+            _append(log, f"save {os.getpid()} {name} {state['epoch']}")
+            if name == target and _claim(marker):
+                _append(log, f"kill {os.getpid()} {state['epoch']}")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        RunDir.save_checkpoint = save_checkpoint

@@ -343,7 +343,7 @@ def test_tiny_experiment_end_to_end_resumes_and_tabulates(tmp_path: Path, one_th
     said.clear()
     third = run_experiment(TINY, **kw)
     assert third.grid.reused["runs"] == 11
-    runs_said = [m for m in said if m.startswith("run ")]
+    runs_said = [m for m in said if re.match(r"run \d+/\d+: ", m)]
     assert len(runs_said) == 1 and runs_said[0].startswith("run 12/12: camkd (camkd, 3 teachers), seed 1"), said
     assert (gone / "last.pth").is_file()
 
@@ -362,8 +362,10 @@ def test_tiny_experiment_end_to_end_resumes_and_tabulates(tmp_path: Path, one_th
     said.clear()
     fourth = run_experiment(TINY, **kw)
     assert fourth.grid.reused["runs"] == 11 and killed.finished
-    assert [m for m in said if m.startswith("run ")] == [
+    assert [m for m in said if re.match(r"run \d+/\d+: ", m)] == [
         "run 1/12: ce (ce, 0 teachers), seed 0, resnet8 for 1 epochs (resuming)"], said
+    assert said[-2].startswith("run ce seed 0: top-1 ") and said[-2].endswith(" on this process")
+    assert said[-1] == "runs: 12 done, 0 running, 0 queued, 0 failed of 12"
     assert killed.file(RunDir.CHECKPOINT).stat().st_mtime_ns == checkpoint and len(killed.read_metrics()) == 1
 
     # the dry run reads the real size and sees the finished grid
