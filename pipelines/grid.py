@@ -332,10 +332,9 @@ class Tally:
     """Progress of a grid's runs: one line a finished or failed run, and the count of runs done / running /
     queued / failed with the time left (the mean of this session's runs, over the slots running at once)."""
 
-    def __init__(self, total: int, reused: int, slots: int, say: Say,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.total, self.slots, self.say, self.clock = total, max(1, slots), say, clock
-        self.done, self.failed, self.running = reused, 0, 0
+    def __init__(self, total: int, reused: int, slots: int, say: Say, failed: int = 0) -> None:
+        self.total, self.slots, self.say = total, max(1, slots), say
+        self.done, self.failed, self.running = reused, failed, 0
         self.took: list[float] = []
 
     def start(self) -> None:
@@ -393,7 +392,7 @@ def run_grid(spec: GridSpec, device: str | None = None, say: Say | None = None,
 
     t0 = time.perf_counter()
     _precompute_stores(spec, device, say, precompute_progress, result)
-    result.ensemble = _ensemble(spec, result.ids, dataset, device, say)
+    result.ensemble = ensemble_of(spec, result.ids, dataset, device, say)
     result.seconds["precompute"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -412,6 +411,23 @@ def _logged(say: Say, log: Path) -> Say:
     return both
 
 
+def teacher_request(spec: GridSpec, t: GridTeacher, device: str | None, resume: bool) -> TrainTeacherRequest:
+    """How ``t`` is trained (or resumed) in this grid: the set-up's optimiser and schedule, absolute paths."""
+    setup = spec.setup
+    return TrainTeacherRequest(arch=t.arch, dataset=spec.dataset, out=t.checkpoint.resolve(),
+                               data_root=spec.data_root.resolve() if spec.data_root else None, epochs=t.epochs,
+                               batch_size=setup.batch_size, lr=setup.lr_for(t.arch), weight_decay=setup.weight_decay,
+                               milestones=setup.milestones_for(t.epochs), seed=t.seed, device=device, resume=resume,
+                               label_map=dict(t.label_map) if t.label_map else None)
+
+
+def store_request(spec: GridSpec, t: GridTeacher, device: str | None) -> PrecomputeRequest:
+    """``t``'s store in this grid: the grid's plan (views, plan seed) and feature form, in the grid's cache."""
+    return PrecomputeRequest(teacher=t.arch, checkpoint=t.checkpoint, dataset=spec.dataset, data_root=spec.data_root,
+                             cache=spec.cache, views=spec.views, plan_seed=spec.plan_seed, device=device,
+                             features=spec.features)
+
+
 def _train_teachers(spec: GridSpec, device: str | None, say: Say, result: GridResult) -> None:
     setup, k = spec.setup, len(spec.teachers)
     for i, t in enumerate(spec.teachers, 1):
@@ -422,12 +438,7 @@ def _train_teachers(spec: GridSpec, device: str | None, say: Say, result: GridRe
         say(f"teacher {i}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} epochs "
             f"(seed {t.seed}, set-up {setup.name}) into {t.checkpoint}{' (resuming)' if state == 'partial' else ''}")
         t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        train_teacher(TrainTeacherRequest(arch=t.arch, dataset=spec.dataset, out=t.checkpoint,
-                                          data_root=spec.data_root, epochs=t.epochs, batch_size=setup.batch_size,
-                                          lr=setup.lr_for(t.arch), weight_decay=setup.weight_decay,
-                                          milestones=setup.milestones_for(t.epochs), seed=t.seed, device=device,
-                                          resume=state == "partial",
-                                          label_map=dict(t.label_map) if t.label_map else None))
+        train_teacher(teacher_request(spec, t, device, resume=state == "partial"))
 
 
 def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: Progress | None,
@@ -436,10 +447,7 @@ def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: P
     for i, t in enumerate(spec.teachers, 1):
         say(f"teacher {i}/{k}: the {spec.features} store of {t.arch} over {spec.views} views "
             "(precomputed unless complete)")
-        pre = precompute(PrecomputeRequest(teacher=t.arch, checkpoint=t.checkpoint, dataset=spec.dataset,
-                                           data_root=spec.data_root, cache=spec.cache, views=spec.views,
-                                           plan_seed=spec.plan_seed, device=device, features=spec.features),
-                         progress=progress)
+        pre = precompute(store_request(spec, t, device), progress=progress)
         result.reused["stores"] += pre.status == "complete"
         store = cache.open_teacher(pre.teacher_id)
         result.teachers.append({"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint),
@@ -452,8 +460,7 @@ def _distill_runs(spec: GridSpec, ids: list[str], device: str | None, say: Say, 
     planned = plan_runs(spec, ids, device, result)
     todo = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
     result.reused["runs"] += len(planned) - len(todo)
-    tally = Tally(len(planned) + result.n_failed, len(planned) - len(todo), 1, say)
-    tally.failed = result.n_failed
+    tally = Tally(len(planned) + result.n_failed, len(planned) - len(todo), 1, say, failed=result.n_failed)
     for row, seed, req in todo:
         run = RunDir(req.out)
         req.resume = run.started
@@ -500,7 +507,7 @@ def plan_runs(spec: GridSpec, ids: list[str], device: str | None,
     return planned
 
 
-def _ensemble(spec: GridSpec, ids: list[str], dataset: DataSet, device: str | None, say: Say) -> dict[str, float]:
+def ensemble_of(spec: GridSpec, ids: list[str], dataset: DataSet, device: str | None, say: Say) -> dict[str, float]:
     """Test top-1 of the teachers' majority vote and averaged softmax, kept in ``<out>/ensemble.json``."""
     path = spec.out / "ensemble.json"
     if path.is_file():

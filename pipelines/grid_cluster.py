@@ -7,13 +7,14 @@ Read top to bottom (:func:`run_grid_on_cluster`):
    worker processes each, or the existing one at ``--scheduler``), and its dashboard's
    address is said when it has one;
 2. every teacher that is missing or part-trained is trained as a task, side by side;
-3. once every teacher is final, this process prepares each store (the teacher's id,
-   the plan, the writer lock), refuses a finished run of another grid before any
-   student trains, and submits every store's pending chunks as the cluster
-   precompute's own tasks (:mod:`kdcache.pipelines.precompute_cluster`); it evaluates
-   the teachers' ensemble while they run;
-4. a store whose chunks are all written is finished here (test evaluation, marked
-   complete), and every run whose teachers' stores are complete is submitted;
+3. as each teacher is final, this process prepares its store (the teacher's id, the
+   plan, the writer lock) and submits its pending chunks as the cluster precompute's
+   own tasks (:mod:`kdcache.pipelines.precompute_cluster`); a store whose chunks are
+   all written is finished here (test evaluation, marked complete);
+4. once every teacher is final (every id known), it refuses a finished run of another
+   grid before any student trains, evaluates the teachers' ensemble, and submits
+   every run whose teachers' stores are complete, then each other run as its stores
+   complete;
 5. each run (:func:`distill_task`, on whatever worker) resumes its run directory when
    an epoch of it was saved and trains it; its top-1 or its failure's one line is
    recorded as it arrives and the caller's ``on_update`` writes the table.
@@ -38,18 +39,16 @@ from kdcache.data import DataSet
 from kdcache.errors import KdcacheError
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.grid import (
-    GridResult, GridSpec, OnUpdate, Progress, Row, Say, Tally, _ensemble, one_line, plan_runs,
-    teacher_state,
+    GridResult, GridSpec, OnUpdate, Progress, Row, Say, Tally, ensemble_of, one_line, plan_runs, store_request,
+    teacher_request, teacher_state,
 )
-from kdcache.pipelines.precompute import (
-    PrecomputeRequest, TeacherJob, ensure_plan, finish, prepare, warn_lacking_guarantee,
-)
+from kdcache.pipelines.precompute import TeacherJob, ensure_plan, finish, prepare, warn_lacking_guarantee
 from kdcache.pipelines.precompute_cluster import (
     Cluster, ClusterOptions, chunk_tasks, check_cluster_options, dask_client, submit_fill, teacher_spec,
 )
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 from kdcache.runs import RunDir
-from kdcache.store import TeacherStore
+from kdcache.store import Cache, TeacherStore
 
 
 def run_grid_on_cluster(spec: GridSpec, result: GridResult, dataset: DataSet, options: ClusterOptions,
@@ -59,8 +58,20 @@ def run_grid_on_cluster(spec: GridSpec, result: GridResult, dataset: DataSet, op
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(dask_client(options.workers, options.scheduler, device,
                                                   options.runs_per_device, dashboard=True))
+        _check_one_task_a_process(cluster)
         say(_describe(cluster, options))
         _Grid(spec, result, dataset, cluster, device, say, progress, on_update, stack).run()
+
+
+def _check_one_task_a_process(cluster: Cluster) -> None:
+    """Refuse workers that run several tasks at once in one process: a run seeds torch's process-wide generators
+    and sets its threads, so two runs in one process would change each other's numbers."""
+    workers = cluster.client.scheduler_info().get("workers", {})
+    shared = sorted(a for a, w in workers.items() if int(w.get("nthreads", 1)) > 1)
+    if shared:
+        raise KdcacheError(f"dask worker {shared[0]} runs {workers[shared[0]]['nthreads']} tasks at once in one "
+                           "process, where runs would change each other's random numbers; start the workers with "
+                           "--nthreads 1 (one process a run: `dask worker ADDRESS --nthreads 1`)")
 
 
 def _describe(cluster: Cluster, options: ClusterOptions) -> str:
@@ -83,22 +94,21 @@ class _Grid:
         self.spec, self.result, self.dataset, self.cluster, self.device = spec, result, dataset, cluster, device
         self.say, self.progress, self.on_update, self.stack = say, progress, on_update, stack
         self.pending = as_completed()
-        self.what: dict[str, tuple[Any, ...]] = {}       # a future's key -> ("teacher", i) / ("fill", id) / ("run", ...)
+        self.what: dict[str, tuple[Any, ...]] = {}       # a future's key -> ("teacher", i, name) / ("fill", ...) / ...
         self.futures: list[Any] = []
-        self.jobs: list[TeacherJob] = []
+        self.jobs: dict[int, TeacherJob] = {}            # by teacher (0-based), once its checkpoint is final
         self.stores: dict[str, TeacherStore] = {}        # stores being written, by teacher id
         self.fills_left: dict[str, int] = {}
+        self.ticks: dict[str, Any] = {}
         self.complete: set[str] = set()                  # teacher ids whose stores are complete
+        self.plan_ready = False
         self.waiting: list[tuple[Row, int, DistillRequest]] = []
         self.tally: Tally | None = None
-        self.tick: Any = None
         self.t0 = time.perf_counter()
 
     def run(self) -> None:
         try:
             self._train_teachers()
-            if not self.futures:
-                self._start_stores()
             for future in self.pending:
                 self._arrived(future, *self.what.pop(future.key))
         finally:
@@ -127,17 +137,15 @@ class _Grid:
             return
         if kind == "teacher":
             self.say(f"{about[-1]}: trained in {value['seconds']:.1f} s on {value['worker']}")
+            self._start_store(about[0])
             if not any(w[0] == "teacher" for w in self.what.values()):
-                self._start_stores()
+                self._plan_runs()
         elif kind == "fill":
             teacher_id = about[0]
-            if self.tick:
-                self.tick(value)
+            self.ticks[teacher_id](value)
             self.fills_left[teacher_id] -= 1
             if not self.fills_left[teacher_id]:
-                job = next(j for j in self.jobs if j.teacher_id == teacher_id)
-                finish(job, self.stores[teacher_id])
-                self._store_complete(teacher_id)
+                self._finish_store(teacher_id)
         else:
             row, seed, req = about
             record = RunDir(req.out).load()
@@ -149,107 +157,109 @@ class _Grid:
     # -- 2. teachers ----------------------------------------------------------------------------
 
     def _train_teachers(self) -> None:
+        """Submit every teacher that is missing or part-trained; start the stores of the others."""
         spec, setup, k = self.spec, self.spec.setup, len(self.spec.teachers)
-        for i, t in enumerate(spec.teachers, 1):
+        final = []
+        for i, t in enumerate(spec.teachers):
             state = teacher_state(t.checkpoint, t.epochs)
             if state == "done":
                 self.result.reused["teachers"] += 1
+                final.append(i)
                 continue
-            self.say(f"teacher {i}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} "
+            self.say(f"teacher {i + 1}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} "
                      f"epochs (seed {t.seed}, set-up {setup.name}) into {t.checkpoint}"
                      f"{' (resuming)' if state == 'partial' else ''}, as a task")
             t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            req = TrainTeacherRequest(arch=t.arch, dataset=spec.dataset, out=t.checkpoint.resolve(),
-                                      data_root=spec.data_root.resolve() if spec.data_root else None,
-                                      epochs=t.epochs, batch_size=setup.batch_size, lr=setup.lr_for(t.arch),
-                                      weight_decay=setup.weight_decay, milestones=setup.milestones_for(t.epochs),
-                                      seed=t.seed, device=self.device, resume=state == "partial",
-                                      label_map=dict(t.label_map) if t.label_map else None)
+            req = teacher_request(spec, t, self.device, resume=state == "partial")
             self._submit(train_teacher_task, req, self.cluster.torch_threads,
-                         key=f"kdcache-teacher-{i}-{t.checkpoint.name}", what=("teacher", f"teacher {i} ({t.arch})"))
+                         key=f"kdcache-teacher-{i + 1}-{t.checkpoint.name}",
+                         what=("teacher", i, f"teacher {i + 1} ({t.arch})"))
+        for i in final:
+            self._start_store(i)
+        if len(final) == k:
+            self._plan_runs()
 
-    # -- 3. stores, the ensemble, the runs' plan -----------------------------------------------
+    # -- 3. stores, as each teacher is final -----------------------------------------------------
 
-    def _start_stores(self) -> None:
-        spec, result = self.spec, self.result
-        result.seconds["teachers"] = time.perf_counter() - self.t0
-        self.t0 = time.perf_counter()
-        self.jobs = [prepare(PrecomputeRequest(teacher=t.arch, checkpoint=t.checkpoint, dataset=spec.dataset,
-                                               data_root=spec.data_root, cache=spec.cache, views=spec.views,
-                                               plan_seed=spec.plan_seed, device=self.device, features=spec.features),
-                             self.dataset)
-                     for t in spec.teachers]
-        result.teachers = [{"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint), "id": j.teacher_id,
-                            "plan_id": j.plan_id, "features": spec.features, "test_accuracy": None}
-                           for t, j in zip(spec.teachers, self.jobs)]
-        planned = plan_runs(spec, result.ids, self.device, result)  # refuses another grid's runs, before any run
-        self.waiting = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
-        result.reused["runs"] += len(planned) - len(self.waiting)
-        self.tally = Tally(len(planned) + result.n_failed, len(planned) - len(self.waiting), self.cluster.slots,
-                           self.say)
-        self.tally.failed = result.n_failed
-
-        job0 = self.jobs[0]
-        cache = job0.cache
-        warn_lacking_guarantee(cache, self.say)
-        fills = []
-        for job in {j.teacher_id: j for j in self.jobs}.values():
-            if job.is_complete():
-                result.reused["stores"] += 1
-                self.complete.add(job.teacher_id)
-                continue
+    def _start_store(self, i: int) -> None:
+        """Prepare teacher ``i``'s store and submit its pending chunks (nothing when it is complete)."""
+        spec = self.spec
+        job = self.jobs[i] = prepare(store_request(spec, spec.teachers[i], self.device), self.dataset)
+        if any(j.teacher_id == job.teacher_id for n, j in self.jobs.items() if n != i):
+            return  # the same teacher twice: one store
+        if job.is_complete():
+            self.result.reused["stores"] += 1
+            self.complete.add(job.teacher_id)
+            return
+        cache = job.cache
+        if not self.stores:  # the first store written: the cache's checks, and the plan the teachers share
+            warn_lacking_guarantee(cache, self.say)
             cache.ensure_writable()
-            ensure_plan(cache, job0.dataset, job0.recipe, spec.views, spec.plan_seed, job0.plan_id, None)
-            self.stack.enter_context(cache.teacher_lock(job.teacher_id))
-            store = job.open_store()
-            if store.attrs.get("complete"):  # finished by someone else meanwhile
-                self.complete.add(job.teacher_id)
-                continue
-            self.stores[job.teacher_id] = store
-            tasks = chunk_tasks(job, store, teacher_spec(job, self.cluster.torch_threads))
-            fills += tasks
-            self.fills_left[job.teacher_id] = len(tasks)
-            self.say(f"store of {job.req.teacher} ({job.teacher_id[:12]}): {len(tasks)} chunk task(s) "
-                     f"over {spec.views} views")
-        if fills and self.progress:
-            total = sum(j.shape[0] * j.shape[1] for j in self.jobs if j.teacher_id in self.fills_left)
-            self.tick = self.progress(total, total - sum(t.rows for t in fills))
-        for task in fills:
+            ensure_plan(cache, job.dataset, job.recipe, spec.views, spec.plan_seed, job.plan_id, None)
+        self.stack.enter_context(cache.teacher_lock(job.teacher_id))
+        store = self.stores[job.teacher_id] = job.open_store()
+        if store.attrs.get("complete"):  # finished by someone else meanwhile
+            self.complete.add(job.teacher_id)
+            return
+        tasks = chunk_tasks(job, store, teacher_spec(job, self.cluster.torch_threads))
+        self.say(f"store of {job.req.teacher} ({job.teacher_id[:12]}): {len(tasks)} chunk task(s) over "
+                 f"{spec.views} views")
+        total = job.shape[0] * job.shape[1]
+        self.ticks[job.teacher_id] = (self.progress(total, total - sum(t.rows for t in tasks)) if self.progress
+                                      else (lambda _rows: None))
+        self.fills_left[job.teacher_id] = len(tasks)
+        for task in tasks:
             future = submit_fill(self.cluster.client, task, self.cluster.resources)
-            self.what[future.key] = ("fill", task.teacher.teacher_id, f"the store of {task.teacher.arch}")
+            self.what[future.key] = ("fill", job.teacher_id, f"the store of {job.req.teacher}")
             self.futures.append(future)
             self.pending.add(future)
-        for teacher_id in [t for t, n in self.fills_left.items() if n == 0]:  # nothing left to write
-            job = next(j for j in self.jobs if j.teacher_id == teacher_id)
-            finish(job, self.stores[teacher_id])
-            self.complete.add(teacher_id)
-        result.ensemble = _ensemble(spec, result.ids, self.dataset, self.device, self.say)
-        self._submit_ready()
+        if not tasks:  # every chunk was written by a run that stopped before marking the store complete
+            self._finish_store(job.teacher_id)
 
-    def _store_complete(self, teacher_id: str) -> None:
+    def _finish_store(self, teacher_id: str) -> None:
+        """Every chunk written: evaluate the teacher, mark the store complete, start the runs that waited for it."""
+        job = next(j for j in self.jobs.values() if j.teacher_id == teacher_id)
+        finish(job, self.stores[teacher_id])
         self.complete.add(teacher_id)
-        store = self.stores[teacher_id]
-        for t in self.result.teachers:
-            if t["id"] == teacher_id:
-                t["test_accuracy"] = store.attrs.get("test_accuracy")
-        if all(j.teacher_id in self.complete for j in self.jobs):
+        if self.plan_ready and all(j.teacher_id in self.complete for j in self.jobs.values()):
             self.result.seconds["precompute"] = time.perf_counter() - self.t0
         self._submit_ready()
 
-    # -- 4. runs -----------------------------------------------------------------------------------
+    # -- 4. the runs, once every teacher is final -------------------------------------------------
+
+    def _plan_runs(self) -> None:
+        """Every teacher's id is known: refuse another grid's finished runs (before any run), evaluate the
+        ensemble, and submit the runs whose stores are complete."""
+        spec, result = self.spec, self.result
+        result.seconds["teachers"] = time.perf_counter() - self.t0
+        self.t0 = time.perf_counter()
+        jobs = [self.jobs[i] for i in range(len(spec.teachers))]
+        result.teachers = [{"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint), "id": j.teacher_id,
+                            "plan_id": j.plan_id, "features": spec.features, "test_accuracy": None}
+                           for t, j in zip(spec.teachers, jobs)]
+        planned = plan_runs(spec, result.ids, self.device, result)
+        self.waiting = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
+        result.reused["runs"] += len(planned) - len(self.waiting)
+        self.tally = Tally(len(planned) + result.n_failed, len(planned) - len(self.waiting), self.cluster.slots,
+                           self.say, failed=result.n_failed)
+        result.ensemble = ensemble_of(spec, result.ids, self.dataset, self.device, self.say)
+        self.plan_ready = True
+        if all(j.teacher_id in self.complete for j in jobs):
+            result.seconds["precompute"] = time.perf_counter() - self.t0
+        self._submit_ready()
 
     def _submit_ready(self) -> None:
-        if all(j.teacher_id in self.complete for j in self.jobs):
-            for t, j in zip(self.result.teachers, self.jobs):  # complete before this run: read it from the store
-                if t["test_accuracy"] is None:
-                    t["test_accuracy"] = j.open_store().attrs.get("test_accuracy")
+        if not self.plan_ready:
+            return
+        for t in self.result.teachers:
+            if t["test_accuracy"] is None and t["id"] in self.complete:
+                t["test_accuracy"] = Cache.at(self.spec.cache).open_teacher(t["id"]).attrs.get("test_accuracy")
         ready = [(row, seed, req) for row, seed, req in self.waiting if set(req.teachers) <= self.complete]
         self.waiting = [w for w in self.waiting if w not in ready]
         for row, seed, req in ready:
             assert self.tally is not None
             self.tally.start()
-            self._submit(distill_task, req, self.cluster.torch_threads,
-                         key=f"kdcache-run-{row.label}-seed{seed}",
+            self._submit(distill_task, req, self.cluster.torch_threads, key=f"kdcache-run-{row.label}-seed{seed}",
                          what=("run", row, seed, req))
 
 

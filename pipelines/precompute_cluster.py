@@ -267,7 +267,8 @@ def dask_client(workers: int | None, scheduler: str | None, device: str | None, 
         except (OSError, ValueError) as exc:
             raise KdcacheError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
         with client:
-            yield Cluster(client, _has_gpu_workers(client), None, client.dashboard_link if dashboard else None)
+            serves = dashboard and "dashboard" in client.scheduler_info().get("services", {}) and _has_bokeh()
+            yield Cluster(client, _has_gpu_workers(client), None, client.dashboard_link if serves else None)
         return
     assert workers is not None
     gpus = _local_gpu_ids(device)

@@ -197,3 +197,20 @@ def test_refusals_are_one_clear_line(tmp_path: Path, extra: list, message: str) 
     assert result.exit_code == 2 if "Invalid value" in message else result.exit_code == 1
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "d" / "runs").exists()
+
+
+def test_an_existing_cluster_runs_the_grid_and_one_sharing_a_process_is_refused(teachers, tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    rows = (Row("ce", "ce"), Row("aver", "aver"))
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as shared:
+        with pytest.raises(grid.KdcacheError, match=r"runs 2 tasks at once in one process.*--nthreads 1"):
+            grid.run_grid(grid_spec(tmp_path / "a", teachers, rows), "cpu",
+                          cluster=ClusterOptions(scheduler=shared.scheduler_address))
+    assert not (tmp_path / "a" / "runs").exists()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        said: list[str] = []
+        result = grid.run_grid(grid_spec(tmp_path / "b", teachers, rows), "cpu", said.append,
+                               cluster=ClusterOptions(scheduler=cluster.scheduler_address))
+    assert set(result.students) == {"ce", "aver"} and not result.failures
+    assert said[0] == f"grid on the dask cluster at {cluster.scheduler_address}: 2 CPU task slot(s)"
