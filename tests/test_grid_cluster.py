@@ -214,3 +214,21 @@ def test_an_existing_cluster_runs_the_grid_and_one_sharing_a_process_is_refused(
                                cluster=ClusterOptions(scheduler=cluster.scheduler_address))
     assert set(result.students) == {"ce", "aver"} and not result.failures
     assert said[0] == f"grid on the dask cluster at {cluster.scheduler_address}: 2 CPU task slot(s)"
+
+
+def test_experiment_run_on_two_workers_prints_the_serial_runners_table(tmp_path: Path) -> None:
+    """`kdcache experiment run custom ... --workers 2` from the command line: teachers trained as tasks, the same
+    table (and table.md) as the serial runner's at a task's torch threads."""
+    from fakes import write_fake_cifar
+
+    data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=64, n_test=16, seed=0)
+    args = ["experiment", "run", "custom", "--teacher", "resnet8", "--teacher", "resnet8", "--student", "resnet8",
+            "--data-root", data, "--epochs", 1, "--seeds", 1, "--device", "cpu"]
+    with torch_threads(task_threads()):
+        serial = run_cli(*args, "--out", tmp_path / "serial", "--cache", tmp_path / "c1")
+    assert serial.exit_code == 0, serial.output
+    cluster = run_cli(*args, "--out", tmp_path / "cluster", "--cache", tmp_path / "c2", "--workers", WORKERS)
+    assert cluster.exit_code == 0, cluster.output
+    assert sum(": trained in " in line for line in cluster.stderr.splitlines()) == 2  # both teachers as tasks
+    assert cluster.stdout == serial.stdout
+    assert (tmp_path / "cluster" / "table.md").read_text() == serial.stdout
