@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ def check_model(name: str, num_classes: int = 10, batch: int = 2) -> None:
     """Architecture ``name`` builds for ``num_classes``, maps ``x`` to ``(h, z)`` with ``model.head(h) == z``
     (``head`` the final ``nn.Linear``, a property that adds no state_dict keys), and splits its forward pass
     at the global pool: ``pool_map(feature_map(x)) == h``, with a 4-D last-block map whose shape
-    :func:`~kdcache.models.map_shape` predicts. Distill and precompute rely on all of it."""
+    :func:`~kdcache.models.map_shape` predicts; a model with ``student_map`` (the official ``feat[-2]`` before the
+    pool's input) also has ``pool_input(student_map(x)) == feature_map(x)``. Distill and precompute rely on all
+    of it."""
     what = f"architecture {name}"
     info = model_info(name)
     model = build_model(name, num_classes).eval()
@@ -73,6 +75,16 @@ def check_model(name: str, num_classes: int = 10, batch: int = 2) -> None:
                                                              f"{tuple(m.shape)}")
         _require(torch.equal(h2, h) and torch.equal(z2, z), what,
                  "head(pool_map(feature_map(x))) must equal forward(x)")
+        if hasattr(model, "student_map"):  # the official feat[-2] comes before the pool's input
+            _require(callable(getattr(model, "pool_input", None)), what,
+                     "a model with student_map needs pool_input (student map -> the pool's input)")
+            f, h3, z3 = forward_with_map(model, x, as_student=True)
+            _require(f.dim() == 4 and f.shape[0] == batch, what, f"student_map(x) must be (B, C, H, W), got "
+                                                                 f"{tuple(f.shape)}")
+            _require(torch.equal(cast(Any, model).pool_input(f), m) and torch.equal(h3, h) and torch.equal(z3, z), what,
+                     "pool_input(student_map(x)) must equal feature_map(x)")
+            _require(tuple(f.shape[1:]) == map_shape(model, info.input_size, as_student=True), what,
+                     "map_shape(as_student) disagrees with the real student map")
     _require(tuple(m.shape[1:]) == map_shape(model, info.input_size), what,
              "map_shape (a meta-device forward pass) disagrees with the real last-block map")
     _require(getattr(model, "kdcache_arch", None) == name, what, "build_model must tag the model with its name")

@@ -130,7 +130,7 @@ class StudentLoss(torch.nn.Module):
                 teacher_topk: list[TopKLogits | None] | None = None) -> LossTerms:
         """The method's loss terms for the student's outputs on ``x`` (its last-block map as the feature when the
         teachers' stores are spatial, else its pooled vector)."""
-        m, g, s = forward_with_map(self.student, x)
+        m, g, s = forward_with_map(self.student, x, as_student=True)
         return self.method(Batch(s.float(), (m if self.spatial else g).float(), labels, teacher_logits,
                                  teacher_features, epoch, teacher_topk or None))
 
@@ -207,7 +207,7 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
 
     torch.manual_seed(req.seed)
     student = build_model(req.student, dataset.num_classes)
-    student_map = map_shape(student, teachers.view_size)  # a student that cannot take the views fails here
+    student_map = map_shape(student, teachers.view_size, as_student=True)  # a student that cannot take the views fails here
     student = student.to(device)
     spatial = teachers.feature_form == "spatial"
     method = build_method(req.method, num_classes=dataset.num_classes,

@@ -40,7 +40,12 @@ def request(cache: Path, teachers: list[str], out: Path, method: str = "camkd", 
     return DistillRequest(**{**defaults, **kw})
 
 
-@pytest.mark.parametrize("method, student", [("camkd", "resnet8"), ("fitnet-mkd", "resnet8"), ("fitnet", "vgg8")])
+# the channels of each student's official feat[-2], which its aligners take (MobileNetV2's before its conv2 to 1280)
+STUDENT_CHANNELS = {"resnet8": 64, "vgg8": 512, "MobileNetV2": 160}
+
+
+@pytest.mark.parametrize("method, student", [("camkd", "resnet8"), ("fitnet-mkd", "resnet8"), ("fitnet", "vgg8"),
+                                             ("camkd", "MobileNetV2")])
 def test_feature_methods_train_from_spatial_stores(forms, tmp_path: Path, method: str, student: str) -> None:
     cache, ids = forms
     teachers = ids["spatial"][:1] if method == "fitnet" else ids["spatial"]
@@ -61,6 +66,7 @@ def test_feature_methods_train_from_spatial_stores(forms, tmp_path: Path, method
     aligners = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)["method"]
     convs = [v for k, v in aligners.items() if k.endswith("conv.weight")]
     assert len(convs) == len(teachers) and all(w.dim() == 4 and w.shape[-2:] == (1, 1) for w in convs)
+    assert all(w.shape[1] == STUDENT_CHANNELS[student] for w in convs)
 
 
 def test_spatial_cached_and_online_runs_agree_step_by_step(forms, tmp_path: Path) -> None:

@@ -4,9 +4,14 @@ Every registered model maps a batch ``x`` to ``(h, z)``: ``h`` (B, D) is the
 input of the model's final ``nn.Linear`` and ``z`` (B, C) the logits, and
 ``model.head`` is that linear layer (a property, so it adds no state_dict keys),
 so ``model.head(h)`` reproduces ``z``. Every model also exposes its last-block
-map: ``model.feature_map(x)`` (B, C', H, W) is what its global pool receives (the
-official CA-MKD ``feat[-2]``) and ``model.pool_map(m)`` gives ``h`` from it, so
-``forward`` is ``head(pool_map(feature_map(x)))``. The CIFAR family keeps RepDistiller /
+map: ``model.feature_map(x)`` (B, C', H, W) is what its global pool receives and
+``model.pool_map(m)`` gives ``h`` from it, so ``forward`` is
+``head(pool_map(feature_map(x)))``: a teacher's stored map. A student's map, the one
+its aligners take, is the official CA-MKD ``feat[-2]``; for most networks that is the
+same map, and a network where it comes earlier (the MobileNetV2s and torchvision's
+ShuffleNetV2, whose last 1x1 conv comes after it) adds ``model.student_map(x)`` and
+``model.pool_input(f)``, with ``feature_map(x) == pool_input(student_map(x))``
+(:func:`forward_with_map` ``as_student``). The CIFAR family keeps RepDistiller /
 CA-MKD names and keys, the ImageNet family torchvision's. Plug-ins add their own
 architectures with :func:`register_model` (``kdcache.contract.check_model`` tests one).
 """
@@ -115,16 +120,26 @@ def head_of(model: nn.Module) -> nn.Linear:
     return cast(nn.Linear, getattr(model, "head"))
 
 
-def forward_with_map(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m, h, z)`` of one forward pass: the last-block map, the pooled features and the logits."""
-    zoo = cast(Any, model)  # the zoo's interface: feature_map, pool_map and head
+def forward_with_map(model: nn.Module, x: torch.Tensor,
+                     as_student: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, h, z)`` of one forward pass: the map, the pooled features and the logits.
+
+    ``m`` is the map the global pool receives (a teacher's, as stored), or with ``as_student`` the official
+    CA-MKD ``feat[-2]`` (the map a student's aligners take: :meth:`student_map` where a network has one).
+    """
+    zoo = cast(Any, model)  # the zoo's interface: feature_map, pool_map and head (student_map, pool_input)
+    if as_student and hasattr(zoo, "student_map"):
+        f = zoo.student_map(x)
+        h = zoo.pool_map(zoo.pool_input(f))
+        return f, h, zoo.head(h)
     m = zoo.feature_map(x)
     h = zoo.pool_map(m)
     return m, h, zoo.head(h)
 
 
-def map_shape(model: nn.Module, image_size: int) -> tuple[int, int, int]:
-    """``(C', H, W)`` of ``model``'s last-block map for square inputs of side ``image_size``.
+def map_shape(model: nn.Module, image_size: int, as_student: bool = False) -> tuple[int, int, int]:
+    """``(C', H, W)`` of ``model``'s last-block map (with ``as_student``, of its student map: see
+    :func:`forward_with_map`) for square inputs of side ``image_size``.
 
     Runs a copy of the model in eval mode on one blank image on the CPU (the model itself, its mode and
     its batch-norm statistics are untouched), or on the meta device when its weights are there (no memory,
@@ -139,7 +154,7 @@ def map_shape(model: nn.Module, image_size: int) -> tuple[int, int, int]:
     probe = copy.deepcopy(model).to(device).eval()
     try:
         with torch.no_grad():
-            m, h, z = forward_with_map(probe, torch.zeros(1, 3, image_size, image_size, device=device))
+            m, h, z = forward_with_map(probe, torch.zeros(1, 3, image_size, image_size, device=device), as_student)
     except (RuntimeError, ValueError) as exc:
         arch = getattr(model, "kdcache_arch", type(model).__name__)
         raise KdcacheError(f"{arch} cannot take {image_size}x{image_size} images: "

@@ -1,5 +1,6 @@
 """The torchvision classes of kdcache's ImageNet family: each only overrides ``forward`` to return
-``(h, z)`` and adds the ``head`` property, ``feature_map`` and ``pool_map``.
+``(h, z)`` and adds the ``head`` property, ``feature_map`` and ``pool_map`` (and, where the official CA-MKD's
+``feat[-2]`` is not the pool's input, ``student_map`` and ``pool_input``).
 
 Kept apart from :mod:`kdcache.models.imagenet` (the registry's table), so that importing
 torchvision (seconds) waits until a network of this family is built.
@@ -44,10 +45,19 @@ class ShuffleNetV2(tvm.ShuffleNetV2):
         """The final linear classifier ``fc``: ``z = head(h)``."""
         return self.fc
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The map ``conv5`` gives, the input of the global pool."""
+    def student_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map ``stage4`` gives, before ``conv5``: the official CA-MKD ``feat[-2]`` (its ImageNet
+        ShuffleNetV2's last hidden layer), the map a student's aligner takes."""
         x = self.maxpool(self.conv1(x))
-        return self.conv5(self.stage4(self.stage3(self.stage2(x))))
+        return self.stage4(self.stage3(self.stage2(x)))
+
+    def pool_input(self, f: torch.Tensor) -> torch.Tensor:
+        """``conv5`` of :meth:`student_map`: what the global pool receives."""
+        return self.conv5(f)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map ``conv5`` gives, the input of the global pool (a teacher's stored map)."""
+        return self.pool_input(self.student_map(x))
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map (torchvision's own mean)."""
@@ -71,9 +81,22 @@ class MobileNetV2(tvm.MobileNetV2):
         """The final linear classifier ``classifier[1]``: ``z = head(h)``."""
         return self.classifier[1]
 
+    # features[18] is the last ConvBNReLU (320 -> 1280 channels); the official CA-MKD's ImageNet MobileNetV2 takes
+    # its feat[-2] before it, after features[14:18]
+    _POOL_INPUT = 18
+
+    def student_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map of the last inverted-residual block (``features[:18]``, 320 channels): the official CA-MKD
+        ``feat[-2]``, the map a student's aligner takes."""
+        return self.features[:self._POOL_INPUT](x)
+
+    def pool_input(self, f: torch.Tensor) -> torch.Tensor:
+        """``features[18:]`` (the 1x1 ConvBNReLU to 1280 channels) of :meth:`student_map`: what the pool receives."""
+        return self.features[self._POOL_INPUT:](f)
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The map ``features`` gives, the input of the global pool."""
-        return self.features(x)
+        """The map ``features`` gives, the input of the global pool (a teacher's stored map)."""
+        return self.pool_input(self.student_map(x))
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map (pool, then the classifier's dropout)."""

@@ -90,12 +90,21 @@ class MobileNetV2(nn.Module):
         assert isinstance(head, nn.Linear)  # built so in __init__
         return head
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's map (after ``conv2``), the input of the global pool."""
+    def student_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last inverted-residual block's map, before ``conv2``: the official CA-MKD ``feat[-2]`` (``f4``), the
+        map a student's aligner takes (160 x 2 x 2 for mobile_half at 32 px)."""
         out = self.conv1(x)
         for stage in self.blocks:
             out = stage(out)
-        return self.conv2(out)
+        return out
+
+    def pool_input(self, f: torch.Tensor) -> torch.Tensor:
+        """``conv2`` (1x1 conv, BN, ReLU to 1280 channels) of :meth:`student_map`: what the global pool receives."""
+        return self.conv2(f)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The map after ``conv2``, the input of the global pool (a teacher's stored map)."""
+        return self.pool_input(self.student_map(x))
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map."""
