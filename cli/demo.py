@@ -12,6 +12,7 @@ from kdcache.cli.common import cluster_choice, device_option, exit_if_failed, gr
 # (tests/test_demo.py checks they match kdcache.pipelines.demo.FEATURES and the store's forms).
 FEATURE_FORMS = ["spatial", "pooled"]
 FEATURES = "spatial"
+SEEDS = 2
 
 
 @click.command("demo")
@@ -19,7 +20,8 @@ FEATURES = "spatial"
               help="Where the teachers, stores, runs and the table go.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache for the teacher stores [default: OUT/cache].")
-@click.option("--seeds", type=click.IntRange(min=1), default=1, help="Student seeds per method.")
+@click.option("--seeds", type=click.IntRange(min=1), default=SEEDS, show_default=True,
+              help="Student seeds per method (two or more give every method a mean ± std).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10,
               help="Student epochs (and stored views: one fresh view per epoch).")
 @click.option("--features", type=click.Choice(FEATURE_FORMS), default=FEATURES, show_default=True,

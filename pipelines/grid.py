@@ -576,7 +576,7 @@ def format_table(result: GridResult, title: str, about: Sequence[str] = (), refe
     lines = [f"# {title}", ""]
     for paragraph in about:
         lines += [paragraph, ""]
-    lines += [f"Set-up run: **{spec.setup.name}**, {spec.setup.description}.", "",
+    lines += [f"Set-up: **{spec.setup.name}**, {spec.setup.description}. {schedule_run(spec)}", "",
               f"Teacher stores in the **{spec.features}** feature form{_FORM_NOTES.get(spec.features, '.')}", "",
               f"Top-1 test accuracy (%) on the {data} test split: mean ± sample standard deviation over {seeds} of "
               "the best epoch (what the official scripts report) and of the last epoch"
@@ -616,6 +616,23 @@ def format_table(result: GridResult, title: str, about: Sequence[str] = (), refe
     for paragraph in notes:
         lines += ["", paragraph]
     return "\n".join(lines) + "\n"
+
+
+def schedule_run(spec: GridSpec) -> str:
+    """What this grid's runs trained, the set-up's schedule scaled to their epochs: '**Run here: students 10 epochs
+    (lr ×0.1 at 6, 8, 9: the 240-epoch schedule scaled); teachers trained by this grid 15 epochs (lr ×0.1 at 9, 11,
+    13), 2 epochs (lr ×0.1 at 1).**'"""
+    setup = spec.setup
+
+    def schedule(epochs: int, note: str = "") -> str:
+        ms = setup.resolved_milestones(epochs)
+        lr = f"lr ×0.1 at {', '.join(map(str, ms))}" if ms else "constant lr"
+        return f"{epochs} epoch{'s' if epochs != 1 else ''} ({lr}{note})"
+
+    scaled = f": the {setup.epochs}-epoch schedule scaled" if spec.epochs != setup.epochs else ""
+    teachers = ", ".join(schedule(e) for e in sorted({t.epochs for t in spec.teachers}, reverse=True))
+    return (f"**Run here: students {schedule(spec.epochs, scaled)}; teachers trained by this grid {teachers}** "
+            "(a teacher checkpoint from elsewhere is used as it is).")
 
 
 def _md(*cells: str) -> str:

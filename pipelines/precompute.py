@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -109,6 +110,7 @@ class TeacherJob:
     chunk_rows: int
     shard_rows: int                   # a multiple of chunk_rows (equal: one chunk a file)
     forward: str = "float32"          # the forward precision: float32, amp-bfloat16 or amp-float16
+    prepared: float = field(default_factory=time.monotonic)  # when this run took the teacher up
 
     @property
     def path(self) -> Path | str:
@@ -277,7 +279,8 @@ def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
     with _autocast(job.device, autocast_dtype(store.forward)):
         test_top1, test_top5 = evaluate(job.model, job.dataset, job.recipe.name, job.device, job.batch_size)
     view_acc = 100.0 * store.view_accuracy()
-    store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=view_acc)
+    store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=view_acc,
+                        precompute_seconds=round(time.monotonic() - job.prepared, 2))
     return [f"wrote teacher store {job.teacher_id} at {job.path}",
             f"test accuracy {test_top1:.2f}% (top-5 {test_top5:.2f}%), accuracy over the views {view_acc:.2f}%"]
 

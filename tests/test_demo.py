@@ -35,7 +35,7 @@ def test_weight_evidence_is_the_mean_over_the_named_classes() -> None:
 def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = tuple(demo.DemoTeacher(t.name, "resnet8", 1, t.label_map) for t in demo.TEACHERS)
     monkeypatch.setattr(demo, "TEACHERS", tiny)
-    args = ["demo", "--out", tmp_path / "d", "--epochs", 1, "--device", "cpu"]
+    args = ["demo", "--out", tmp_path / "d", "--epochs", 1, "--seeds", 1, "--device", "cpu"]
     first = run_cli(*args)
     assert first.exit_code == 0, first.output
     out = first.stdout
@@ -46,6 +46,22 @@ def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkey
     for method in demo.METHODS:  # each method's student: best and last epoch over the seeds
         assert re.search(rf"^\| `{method}` \(.*, resnet8\) \| \d+\.\d\d \| \d+\.\d\d \| 1 \|$", out, re.M), method
     assert "camkd's mean weight on the corrupted teacher" in out
+    # what the cache buys: camkd seed 0 again with live teachers, both runs' top-1 and seconds, and the grid's cost
+    online = RunDir(tmp_path / "d" / "runs" / "spatial" / "camkd-online" / "seed0")
+    assert online.finished and online.read_config()["args"]["online"] is True
+    pair = re.search(r"^What the cache buys, camkd seed 0 run both ways: from the stores (\d+\.\d\d) % in "
+                     r"(\d+\.\d) s of training; with live teachers \(`--online`, the same seed and views\) "
+                     r"(\d+\.\d\d) % in (\d+\.\d) s\.$", out, re.M)
+    assert pair, out
+    cached_run = RunDir(tmp_path / "d" / "runs" / "spatial" / "camkd" / "seed0").load()
+    assert float(pair[1]) == pytest.approx(cached_run.best_top1, abs=0.005)
+    assert float(pair[3]) == pytest.approx(online.load().best_top1, abs=0.005)
+    assert float(pair[2]) == pytest.approx(sum(m["seconds"] for m in cached_run.metrics), abs=0.05)
+    saving = re.search(r"^5 student runs from these stores \(the table's, each taken at camkd's time\): (\d+) s, the "
+                       r"stores' precompute \((\d+) s\) included; the same runs with live teachers: (\d+) s\.$", out, re.M)
+    assert saving, out
+    assert "docs/EVIDENCE.md says what this demo does and does not show" in out
+    assert "**Run here: students 1 epoch (constant lr: the 240-epoch schedule scaled)" in out
     assert "stores in the **spatial** feature form" in out
     assert out.splitlines()[-1].startswith(f"table in {tmp_path / 'd' / 'demo-spatial.md'}, runs in "
                                            f"{tmp_path / 'd' / 'runs' / 'spatial'}, stores in {tmp_path / 'd' / 'cache'}")
@@ -55,6 +71,11 @@ def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkey
     cache = Cache.at(tmp_path / "d" / "cache")
     assert [cache.open_teacher(t["id"]).feature_form for t in record["teachers"]] == ["spatial"] * 3
     assert 0 < record["camkd_weights_on_corrupted_teacher"]["corrupted_classes"] < 1
+    seconds = [cache_store.attrs["precompute_seconds"] for cache_store in
+               (Cache.at(tmp_path / "d" / "cache").open_teacher(t["id"]) for t in record["teachers"])]
+    assert record["cached_against_online"]["runs"] == 5 and all(s > 0 for s in seconds)
+    assert record["cached_against_online"]["precompute_seconds"] == pytest.approx(sum(seconds))
+    assert int(saving[2]) == round(sum(seconds))
     assert len(list((tmp_path / "d" / "cache" / "teachers").iterdir())) == 3
     assert len(list((tmp_path / "d" / "cache" / "plans").iterdir())) == 1  # one plan shared by the teachers
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.pth")}

@@ -41,6 +41,12 @@ def test_one_table_with_and_without_reference_figures() -> None:
     assert "| `camkd` (2 teachers, resnet8) | not run | | 0 |" in lines
     assert "| CRD | not implemented in kdcache | | |" in lines
     assert lines.index("a line after") > lines.index("| CRD | not implemented in kdcache | | |")
+    # the schedule the runs trained, not only the set-up's 240 epochs: official milestones 150, 180, 210 of 240
+    # scaled to 2 epochs round to 1, 2, 2 (kept below 2: 1); to 1 epoch, to none
+    assert any(line.startswith("Set-up: **official**, the official CA-MKD scripts") and line.endswith(
+        "lr ×0.1 at 150, 180, 210. The paper's text states lr 0.1 (0.05) and weight decay 1e-4 instead (`--setup "
+        "paper`). **Run here: students 2 epochs (lr ×0.1 at 1: the 240-epoch schedule scaled); teachers trained by "
+        "this grid 1 epoch (constant lr)** (a teacher checkpoint from elsewhere is used as it is).") for line in lines)
     assert "Settings: 2 views of 32×32 (crop-flip, plan seed 0), 2 student epochs, 100 training samples. " \
            "Teacher stores: 000000000000, 111111111111." in lines
 
@@ -60,7 +66,7 @@ def test_the_commands_import_no_torch_and_offer_the_pipelines_choices() -> None:
     from kdcache.pipelines import demo
 
     assert experiment_cli.SETUP_NAMES == list(grid.SETUPS)
-    assert demo_cli.FEATURES == demo.FEATURES
+    assert demo_cli.FEATURES == demo.FEATURES and demo_cli.SEEDS == demo.SEEDS
     assert set(demo_cli.FEATURE_FORMS) <= set(FEATURE_FORMS) and set(experiment_cli.FEATURE_FORMS) <= set(FEATURE_FORMS)
     for module in ("kdcache.cli.demo", "kdcache.cli.experiment"):
         probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'zarr', 'dask') if m in sys.modules))"

@@ -149,7 +149,7 @@ def test_the_demo_on_two_workers_reports_a_damaged_run_exits_1_and_a_rerun_retri
     damaged = RunDir(tmp_path / "d" / "runs" / "spatial" / "aver" / "seed0")
     damaged.path.mkdir(parents=True)
     damaged.file(RunDir.CHECKPOINT).write_bytes(b"not a checkpoint")
-    args = ["demo", "--out", tmp_path / "d", "--epochs", 1, "--device", "cpu", "--workers", WORKERS]
+    args = ["demo", "--out", tmp_path / "d", "--epochs", 1, "--seeds", 1, "--device", "cpu", "--workers", WORKERS]
     first = run_cli(*args)
     assert first.exit_code == 1, first.output
     assert re.search(r"^\| `aver` \(3 teachers, resnet8\) \| failed \| \| 0 \(1 failed\) \|$", first.stdout, re.M)
