@@ -104,3 +104,24 @@ def test_forms_that_do_not_fit_are_one_line(forms, tmp_path: Path) -> None:
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("Error: fitnet needs the teachers' features")
     assert not (tmp_path / "a").exists() and not (tmp_path / "cli").exists()
+
+
+def test_an_online_run_with_its_teachers_outputs_rounded_to_float16_is_the_cached_run(
+        forms, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What separates a cached run from its online twin is the float16 the stores keep, and nothing else: with the
+    live teachers' logits and maps rounded to float16, the online run trains the cached run's weights bit for bit."""
+    from kdcache.pipelines import distill as d
+
+    cache, ids = forms
+    distill(request(cache, ids["spatial"], tmp_path / "cached"))
+    live = d._teacher_outputs
+
+    def rounded(batch, teachers, spatial=False):  # type: ignore[no-untyped-def]
+        logits, feats = live(batch, teachers, spatial)
+        return [z.half().float() for z in logits], [f.half().float() for f in feats]
+
+    monkeypatch.setattr(d, "_teacher_outputs", rounded)
+    distill(request(cache, ids["spatial"], tmp_path / "online", online=True))
+    a = torch.load(tmp_path / "cached" / "last.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "online" / "last.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
