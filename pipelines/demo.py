@@ -71,8 +71,8 @@ class CachePair:
         out = ["", f"What the cache buys, camkd seed 0 run both ways: from the stores {self.cached_top1:.2f} % in "
                    f"{self.cached_seconds:.1f} s of training; with live teachers (`--online`, the same seed and views) "
                    f"{self.online_top1:.2f} % in {self.online_seconds:.1f} s. The two see the same batches; the cached "
-                   "run reads the teachers' outputs rounded to float16, and that alone separates them (docs/EVIDENCE.md, "
-                   "\"Cached against online\", measures by how much over ten seeds)."]
+                   "run reads the teachers' outputs rounded to float16, and that alone separates them "
+                   "(docs/EVIDENCE.md, \"Cached against online\", measures by how much over ten seeds)."]
         if self.precompute_seconds is not None:
             cached = self.precompute_seconds + self.runs * self.cached_seconds
             out.append(f"{self.runs} student runs from these stores (the table's, each taken at camkd's time): "

@@ -29,8 +29,10 @@ since the runs need it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,8 +173,7 @@ class _Grid:
                      f"{' (resuming)' if state == 'partial' else ''}, as a task")
             t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             req = teacher_request(spec, t, self.device, resume=state == "partial")
-            self._submit(train_teacher_task, req, self.cluster.torch_threads,
-                         key=f"kdcache-teacher-{i + 1}-{t.checkpoint.name}",
+            self._submit(train_teacher_task, req, self.cluster.torch_threads, key=_key("teacher", req.out),
                          what=("teacher", i, f"teacher {i + 1} ({t.arch})"))
         for i in final:
             self._start_store(i)
@@ -259,8 +260,14 @@ class _Grid:
         for row, seed, req in ready:
             assert self.tally is not None
             self.tally.start()
-            self._submit(distill_task, req, self.cluster.torch_threads, key=f"kdcache-run-{row.label}-seed{seed}",
-                         what=("run", row, seed, req))
+            self._submit(distill_task, req, self.cluster.torch_threads,
+                         key=_key(f"run-{row.label}-seed{seed}", req.out), what=("run", row, seed, req))
+
+
+def _key(what: str, out: Path) -> str:
+    """A task's dask key: what it is and a digest of where it writes, so that two grids on one scheduler never
+    share a key (dask would hand the second the first one's result)."""
+    return f"kdcache-{what}-{hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:12]}"
 
 
 def _reason(exc: BaseException) -> str:
