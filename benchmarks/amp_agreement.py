@@ -40,7 +40,7 @@ from kdcache.losses.base import ce_per_sample
 from kdcache.losses.camkd import confidence_weights
 from kdcache.losses.ebkd import entropy_weights
 from kdcache.models import build_model, load_checkpoint
-from kdcache.pipelines.precompute import forward_batch
+from kdcache.pipelines.precompute_engine import forward_batch
 from kdcache.views import get_recipe, view_drawer
 
 BATCH = 256

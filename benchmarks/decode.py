@@ -42,6 +42,7 @@ from kdcache.data.base import DECODE_WORKERS_ENV, decode_workers
 from kdcache.device import resolve_device
 from kdcache.models import build_model
 from kdcache.pipelines import precompute as pc
+from kdcache.pipelines import precompute_engine as engine
 from kdcache.views import draw_plan
 
 T = TypeVar("T")
@@ -161,7 +162,7 @@ def main() -> None:
             loop_seconds.append(time.perf_counter() - t)
 
         pc.write_chunks = timed
-        original_read_ahead = pc.read_ahead
+        original_read_ahead = engine.read_ahead
         for arch in args.arch:
             model = build_model(arch, data.num_classes)
             ckpt = tmp / f"{arch}.pth"
@@ -180,9 +181,9 @@ def main() -> None:
                 fwd.append(_forward_rate(model, inputs, device))
                 for mode, (workers, ahead) in modes.items():
                     if not ahead:
-                        pc.read_ahead = _sequential
+                        engine.read_ahead = _sequential
                     with_workers(workers, lambda: pc.precompute(replace(req, cache=tmp / f"c-{arch}-{mode}-{r}")))
-                    pc.read_ahead = original_read_ahead
+                    engine.read_ahead = original_read_ahead
                     loops[mode].append(n / loop_seconds.pop())
             f = statistics.median(fwd)
             print(f"{arch}: forward {f:7.1f} img/s (rounds {', '.join(f'{x:.1f}' for x in fwd)}); "

@@ -56,7 +56,7 @@ from common import fake_cifar100, machine, random_checkpoint  # noqa: E402
 from readers import compressed_chunks, decode_bound  # noqa: E402
 
 import kdcache.pipelines.distill as distill_mod  # noqa: E402
-import kdcache.pipelines.precompute as precompute_mod  # noqa: E402
+import kdcache.pipelines.precompute_engine as precompute_mod  # noqa: E402
 from kdcache.data import load_dataset  # noqa: E402
 from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute  # noqa: E402

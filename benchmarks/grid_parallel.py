@@ -56,7 +56,7 @@ def child(args: argparse.Namespace) -> None:
     """One grid in this fresh process; its seconds and every run's top-1 as JSON on stdout."""
     import torch
 
-    from kdcache.pipelines import grid
+    from kdcache.pipelines import grid, grid_runner
     from kdcache.pipelines.precompute_cluster import ClusterOptions
 
     t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     cluster = ClusterOptions(workers=args.workers, runs_per_device=args.runs_per_device[0]) if args.workers else None
     spec = grid_spec(Path(args.root), args.epochs, args.teacher_epochs, args.seeds)
-    result = grid.run_grid(spec, args.device, cluster=cluster)
+    result = grid_runner.run_grid(spec, args.device, cluster=cluster)
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "stages": result.seconds, "failed": result.n_failed,
                       "table": grid.format_table(result, "grid"),

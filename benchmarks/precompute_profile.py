@@ -63,6 +63,7 @@ def timed(owner, name, stage):
     setattr(owner, name, wrapper)
 from kdcache.cli.main import main
 import kdcache.pipelines.precompute as pc
+import kdcache.pipelines.precompute_engine as engine
 import kdcache.batches as batches
 import kdcache.store.format as fmt
 from kdcache.store import TeacherStore
@@ -76,13 +77,14 @@ def prepare(*a, **k):
     finally:
         spent["prepare"] += time.perf_counter() - s
 pc.prepare = prepare
-timed(pc, "load_dataset", "data set")
+timed(pc, "load_dataset", "data set")      # several teachers: once, by the front end
+timed(engine, "load_dataset", "data set")  # one teacher: by prepare
 timed(pc, "ensure_plan", "plan")
-timed(pc, "forward_batch", "forward")
-timed(pc, "view_batch", "views")
+timed(engine, "forward_batch", "forward")
+timed(engine, "view_batch", "views")
 timed(TeacherStore, "write_shard", "writes")
 timed(fmt, "summarise_logits", "summaries")
-timed(pc, "evaluate", "test evaluation")
+timed(engine, "evaluate", "test evaluation")
 timed(TeacherStore, "mark_complete", "mark complete")
 real_result = Future.result
 def result(self, *a, **k):

@@ -41,6 +41,7 @@ from kdcache.data import load_dataset
 from kdcache.device import resolve_device
 from kdcache.models import build_model, forward_with_map
 from kdcache.pipelines import precompute as pc
+from kdcache.pipelines import precompute_engine as engine
 from kdcache.store.format import FEATURE_FORMS
 from kdcache.views import draw_plan
 
@@ -108,8 +109,8 @@ def main() -> None:
         torch.save({"model": model.state_dict()}, ckpt)
         model.eval().to(device)
         n_rows = args.samples * args.views
-        amp = pc.amp_dtype_for(device) if args.amp else None
-        autocast = contextlib.nullcontext() if amp is None else pc._autocast(device, amp)
+        amp = engine.amp_dtype_for(device) if args.amp else None
+        autocast = contextlib.nullcontext() if amp is None else engine._autocast(device, amp)
         batch, sweep = best_batch(model, dataset, args.batch_size, device, autocast)
         reqs = {form: pc.PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="cifar100", data_root=root,
                                            views=args.views, batch_size=batch, device=str(device),

@@ -6,7 +6,9 @@ The library API, imported on first use so that ``import kdcache`` stays light:
 - :func:`register_model`, :func:`register_method`, :func:`register_dataset`: add architectures,
   distillation methods (:class:`Method` subclasses with their own :class:`MethodParam` options)
   and data sets, from your code or from an installed plug-in's ``kdcache.plugins`` entry point
-  (:mod:`kdcache.registry`); :mod:`kdcache.contract` checks an entry against what kdcache expects.
+  (:mod:`kdcache.registry`); :mod:`kdcache.contract` checks an entry against what kdcache expects;
+- :func:`precompute` (:class:`PrecomputeRequest`) and :func:`distill` (:class:`DistillRequest`): a teacher's
+  store and a student run, as ``kdcache precompute`` and ``kdcache distill`` make them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ _LAZY = {
     "Method": "kdcache.losses", "MethodInfo": "kdcache.losses", "MethodOptions": "kdcache.losses",
     "MethodParam": "kdcache.losses", "Batch": "kdcache.losses", "LossTerms": "kdcache.losses",
     "DataSet": "kdcache.data",
+    # the stages that studies and benchmarks call: a teacher's store, a student run (kdcache.pipelines)
+    "precompute": "kdcache.pipelines.precompute", "PrecomputeRequest": "kdcache.pipelines.precompute",
+    "PrecomputeResult": "kdcache.pipelines.precompute",
+    "distill": "kdcache.pipelines.distill", "DistillRequest": "kdcache.pipelines.distill",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -11,7 +11,7 @@ weight on the corrupted teacher over those classes against the others. Then what
 the cache is for, measured: camkd's seed-0 run again with live teachers
 (``--online``), its accuracy and time beside the cached run's, and what the grid's
 runs cost from the stores against with live teachers. The grid is
-:func:`kdcache.pipelines.grid.run_grid`'s, as for ``kdcache experiment run``, so a
+:func:`kdcache.pipelines.grid_runner.run_grid`'s, as for ``kdcache experiment run``, so a
 second run reuses everything: teachers, stores and finished runs.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from kdcache.pipelines import grid
 from kdcache.pipelines.grid import SETUPS, GridSpec, GridTeacher, Row
+from kdcache.pipelines.grid_runner import run_grid
 from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.pipelines.distill import distill
 from kdcache.runs import RunDir, RunRecord, SampleWeights
@@ -129,7 +130,7 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = SEEDS, epochs: i
                           cached_against_online=asdict(pair) if pair else None)
         return DemoResult(found, table, path, weights, pair)
 
-    found = grid.run_grid(spec, device, say, cluster=cluster, on_update=write)
+    found = run_grid(spec, device, say, cluster=cluster, on_update=write)
     pair = cached_against_online(spec, found, device, say) if "camkd" in found.students else None
     return write(found, pair)
 

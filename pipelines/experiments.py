@@ -7,7 +7,7 @@ reads: ``camkd`` as the paper runs it, ``camkd-uniform`` (the Table 4 ablation w
 first two teachers), or a method kdcache does not implement (AT, VID, CRD), which
 is shown with the paper's figure and never run. :func:`run_experiment` builds the
 experiment's grid (:func:`grid_spec`) and runs it with
-:func:`~kdcache.pipelines.grid.run_grid`, the runner ``kdcache demo`` uses too:
+:func:`~kdcache.pipelines.grid_runner.run_grid`, the runner ``kdcache demo`` uses too:
 
 1. each teacher is trained unless its checkpoint exists: ``<teachers_dir>/<arch>-<i>.pth``
    for CIFAR-100 (``i`` counts the teachers of one architecture, so three resnet32x4
@@ -67,6 +67,7 @@ from kdcache.losses import method_info
 from kdcache.models import build_model, feature_dim, map_shape, model_info
 from kdcache.pipelines import grid
 from kdcache.pipelines.grid import SETUPS, GridSpec, GridTeacher, Row, Setup, find_setup
+from kdcache.pipelines.grid_runner import run_grid
 from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.store.format import FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
 from kdcache.text import human_bytes
@@ -743,7 +744,7 @@ def run_experiment(name: str | Experiment, data_root: Path | None, cache: Path |
         (spec.out / "table.md").write_text(result.table)
         grid.write_result(spec.out / "experiment.json", found, experiment=asdict(experiment))
 
-    write(grid.run_grid(spec, device, say, precompute_progress, dataset=dataset, cluster=cluster, on_update=write))
+    write(run_grid(spec, device, say, precompute_progress, dataset=dataset, cluster=cluster, on_update=write))
     return result
 
 

@@ -4,8 +4,9 @@ row × seed → one table.
 A :class:`GridSpec` is everything a grid is: its teachers (architecture, checkpoint,
 how to train one that is missing), the data set, the plan (views, plan seed), the
 stores' feature form, the rows (a method with options on the first n teachers), the
-seeds, the student epochs and the training set-up (:class:`Setup`). :func:`run_grid`
-makes it so, reusing whatever exists:
+seeds, the student epochs and the training set-up (:class:`Setup`).
+:func:`kdcache.pipelines.grid_runner.run_grid` makes it so, by the rules kept here,
+reusing whatever exists:
 
 1. a teacher checkpoint is used when it is finished or not kdcache's own (a
    pretrained one), resumed when a kdcache training run of it stopped early, and
@@ -19,8 +20,8 @@ makes it so, reusing whatever exists:
    resumes; any other starts. A run that fails (a refused option, a NaN stop, a crash)
    is recorded with its one-line reason and the others go on; a re-run retries it.
 
-With :class:`ClusterOptions` the same grid runs on a dask cluster
-(:mod:`kdcache.pipelines.grid_cluster`): teachers side by side, their stores' chunks
+With :class:`~kdcache.pipelines.precompute_cluster.ClusterOptions` the same grid runs on
+a dask cluster (:mod:`kdcache.pipelines.grid_cluster`): teachers side by side, their stores' chunks
 on every worker, and each run as soon as its stores are complete. Either way
 :class:`Tally` says each finished run and what is left.
 
@@ -33,22 +34,20 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from kdcache import training
-from kdcache.data import DataSet, load_dataset
+from kdcache.data import DataSet
 from kdcache.evaluate import ensemble_accuracies
 from kdcache.errors import CheckpointError, KdcacheError, UnknownNameError
 from kdcache.losses import method_info, resolve_options
 from kdcache.losses.base import MethodOptions
 from kdcache.models.checkpoint import read_checkpoint
-from kdcache.pipelines.distill import DistillRequest, distill
-from kdcache.pipelines.precompute import PrecomputeRequest, precompute
-from kdcache.pipelines.precompute_cluster import ClusterOptions
-from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
+from kdcache.pipelines.distill import DistillRequest
+from kdcache.pipelines.precompute_engine import PrecomputeRequest
+from kdcache.pipelines.train_teacher import TrainTeacherRequest
 from kdcache.runs import RunDir, RunRecord, write_json
 from kdcache.text import duration
 from kdcache.store import Cache
@@ -365,52 +364,6 @@ class Tally:
 
 
 
-def run_grid(spec: GridSpec, device: str | None = None, say: Say | None = None,
-             precompute_progress: Progress | None = None, dataset: DataSet | None = None,
-             cluster: ClusterOptions | None = None, on_update: OnUpdate | None = None) -> GridResult:
-    """Run ``spec`` end to end (teachers, stores, ensemble, every row × seed), reusing and resuming what exists.
-
-    ``say`` is told each step (and each line also goes to ``<out>/grid.log``); ``dataset`` is
-    the spec's data set when the caller has loaded it already; ``cluster``: run on dask
-    (:mod:`kdcache.pipelines.grid_cluster`) instead of in this process; ``on_update`` is
-    called with the result as each run finishes or fails (the caller writes its table).
-    A run's failure is recorded in the result (:attr:`GridResult.failures`), not raised.
-    """
-    say = _logged(say or (lambda _msg: None), spec.out / "grid.log")
-    on_update = on_update or (lambda _result: None)
-    dataset = dataset if dataset is not None else load_dataset(spec.dataset, spec.data_root)
-    result = GridResult(spec, len(dataset.train), dataset.num_classes, dataset.image_size, dataset.recipe)
-    if cluster is not None:
-        from kdcache.pipelines.grid_cluster import run_grid_on_cluster
-
-        run_grid_on_cluster(spec, result, dataset, cluster, device, say, precompute_progress, on_update)
-        return result
-
-    t0 = time.perf_counter()
-    _train_teachers(spec, device, say, result)
-    result.seconds["teachers"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    _precompute_stores(spec, device, say, precompute_progress, result)
-    result.ensemble = ensemble_of(spec, result.ids, dataset, device, say)
-    result.seconds["precompute"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    _distill_runs(spec, result.ids, device, say, result, on_update)
-    result.seconds["distill"] = time.perf_counter() - t0
-    return result
-
-
-def _logged(say: Say, log: Path) -> Say:
-    """``say``, each line also appended to ``log`` with the time."""
-    def both(msg: str) -> None:
-        say(msg)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-    return both
-
-
 def teacher_request(spec: GridSpec, t: GridTeacher, device: str | None, resume: bool) -> TrainTeacherRequest:
     """How ``t`` is trained (or resumed) in this grid: the set-up's optimiser and schedule, absolute paths."""
     setup = spec.setup
@@ -426,62 +379,6 @@ def store_request(spec: GridSpec, t: GridTeacher, device: str | None) -> Precomp
     return PrecomputeRequest(teacher=t.arch, checkpoint=t.checkpoint, dataset=spec.dataset, data_root=spec.data_root,
                              cache=spec.cache, views=spec.views, plan_seed=spec.plan_seed, device=device,
                              features=spec.features)
-
-
-def _train_teachers(spec: GridSpec, device: str | None, say: Say, result: GridResult) -> None:
-    setup, k = spec.setup, len(spec.teachers)
-    for i, t in enumerate(spec.teachers, 1):
-        state = teacher_state(t.checkpoint, t.epochs)
-        if state == "done":
-            result.reused["teachers"] += 1
-            continue
-        say(f"teacher {i}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} epochs "
-            f"(seed {t.seed}, set-up {setup.name}) into {t.checkpoint}{' (resuming)' if state == 'partial' else ''}")
-        t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        train_teacher(teacher_request(spec, t, device, resume=state == "partial"))
-
-
-def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: Progress | None,
-                       result: GridResult) -> None:
-    cache, k = Cache.at(spec.cache), len(spec.teachers)
-    for i, t in enumerate(spec.teachers, 1):
-        say(f"teacher {i}/{k}: the {spec.features} store of {t.arch} over {spec.views} views "
-            "(precomputed unless complete)")
-        pre = precompute(store_request(spec, t, device), progress=progress)
-        result.reused["stores"] += pre.status == "complete"
-        store = cache.open_teacher(pre.teacher_id)
-        result.teachers.append({"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint),
-                                "id": pre.teacher_id, "plan_id": pre.plan_id, "features": spec.features,
-                                "test_accuracy": store.attrs.get("test_accuracy")})
-
-
-def _distill_runs(spec: GridSpec, ids: list[str], device: str | None, say: Say, result: GridResult,
-                  on_update: OnUpdate) -> None:
-    planned = plan_runs(spec, ids, device, result)
-    todo = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
-    result.reused["runs"] += len(planned) - len(todo)
-    tally = Tally(len(planned) + result.n_failed, len(planned) - len(todo), 1, say, failed=result.n_failed)
-    for row, seed, req in todo:
-        run = RunDir(req.out)
-        req.resume = run.started
-        n = len(req.teachers) if row.teachers_of(len(ids)) else 0
-        say(f"run {[r[2] for r in planned].index(req) + 1}/{len(planned)}: {row.label} ({row.flags()}, {n} "
-            f"teacher{'s' if n != 1 else ''}), seed {seed}, {spec.student} for {spec.epochs} epochs"
-            f"{' (resuming)' if req.resume else ''}")
-        tally.start()
-        t0 = time.perf_counter()
-        try:
-            distill(req)
-            record = run.load()
-        except Exception as exc:  # noqa: BLE001 - a run's failure is its row's, not the grid's
-            reason = one_line(exc)
-            result.add_failure(row.label, seed, reason)
-            tally.fail(row.label, seed, reason)
-        else:
-            seconds = time.perf_counter() - t0
-            result.add_run(row.label, seed, record, seconds=round(seconds, 1), worker="this process")
-            tally.finish(row.label, seed, record.best_top1, record.final_top1, seconds, "this process")
-        on_update(result)
 
 
 def plan_runs(spec: GridSpec, ids: list[str], device: str | None,

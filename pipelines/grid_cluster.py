@@ -44,7 +44,7 @@ from kdcache.pipelines.grid import (
     GridResult, GridSpec, OnUpdate, Progress, Row, Say, Tally, ensemble_of, one_line, plan_runs, store_request,
     teacher_request, teacher_state,
 )
-from kdcache.pipelines.precompute import TeacherJob, ensure_plan, finish, prepare, warn_lacking_guarantee
+from kdcache.pipelines.precompute_engine import TeacherJob, ensure_plan, finish, prepare, warn_lacking_guarantee
 from kdcache.pipelines.precompute_cluster import (
     Cluster, ClusterOptions, chunk_tasks, check_cluster_options, dask_client, submit_fill, teacher_spec,
 )
@@ -55,7 +55,7 @@ from kdcache.store import Cache, TeacherStore
 
 def run_grid_on_cluster(spec: GridSpec, result: GridResult, dataset: DataSet, options: ClusterOptions,
                         device: str | None, say: Say, progress: Progress | None, on_update: OnUpdate) -> None:
-    """Run ``spec`` on a dask cluster, filling ``result`` as :func:`kdcache.pipelines.grid.run_grid` does."""
+    """Run ``spec`` on a dask cluster, filling ``result`` as :func:`kdcache.pipelines.grid_runner.run_grid` does."""
     check_cluster_options(spec.cache, device)
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(dask_client(options.workers, options.scheduler, device,

@@ -1,162 +1,31 @@
-"""The precompute stage: run teachers over a stored view plan and write their stores.
+"""The precompute stage in this process, and the front door for several teachers.
 
-Read top to bottom: resolve the inputs and ids (:func:`prepare`), say what would be
-written (``dry_run``), find or make the plan, take the writer lock, write the chunks
-that are not written yet (the forward pass of one chunk overlaps the write of the
-previous one, and the next batch's images are decoded while the teacher runs this
-one), then record accuracies and mark the store complete (:func:`finish`).
-:func:`precompute_many` runs several teachers on one plan, one after another here or
-as tasks on a dask cluster (:mod:`kdcache.pipelines.precompute_cluster`).
+Read top to bottom: :func:`precompute` resolves the inputs and ids (the engine's
+:func:`~kdcache.pipelines.precompute_engine.prepare`), says what would be written
+(``dry_run``), finds or draws the plan, takes the writer lock, writes the chunks that
+are not written yet and marks the store complete. :func:`precompute_many` runs several
+teachers on one plan, one after another here or as tasks on a dask cluster
+(:mod:`kdcache.pipelines.precompute_cluster`). Both front ends sit on
+:mod:`kdcache.pipelines.precompute_engine`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import math
-import time
-import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
-from kdcache.batches import read_ahead, view_batch
-from kdcache.defaults import AMP_DTYPES, DEFAULT_LOGITS, DEFAULT_VIEWS, TEMPERATURE
-from kdcache.data import DataSet, load_dataset, with_views
-from kdcache.device import default_batch_size, resolve_device
-from kdcache.errors import CheckpointError, KdcacheError, StoreError
-from kdcache.evaluate import evaluate
-from kdcache.inline import INLINE
-from kdcache.store.chunks import default_threads
-from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
-                            model_info)
-from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
-from kdcache.store.format import (DEFAULT_FEATURE_COMPRESSION, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM,
-                                  FEATURE_COMPRESSIONS, FEATURE_DTYPES, FEATURE_FORMS,
-                                  LOGIT_STATS, STORED_DTYPE, autocast_dtype, data_array_names, default_layout,
-                                  feature_shape, forward_precision,
-                                  files_per_view, index_dtype, logits_row_bytes, n_chunks, parse_logits, row_bytes,
-                                  widest_row_bytes)
+from kdcache.data import DataSet, load_dataset
+from kdcache.errors import KdcacheError
+from kdcache.pipelines.precompute_engine import (
+    PrecomputeRequest, PrecomputeResult, ProgressFactory, TeacherJob, Warn, python_warning, rows_done,
+    ensure_plan, finish, prepare, warn_lacking_guarantee, write_chunks,
+)
+from kdcache.store.format import (LOGIT_STATS, autocast_dtype, data_array_names, files_per_view, index_dtype,
+                                  logits_row_bytes, n_chunks, row_bytes)
 from kdcache.text import human_bytes
-from kdcache.views import Recipe, get_recipe, view_drawer
-MAX_WRITES_IN_FLIGHT = 2
-READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
 
-Progress = Callable[[int], None]
-# progress(total, done) -> the callback told each amount done; rows by default, or
-# progress(total, done, unit="view", what="drawing plan P") for the views of a plan.
-ProgressFactory = Callable[..., Progress]
-Warn = Callable[[str], None]
-
-
-@dataclass
-class PrecomputeRequest:
-    """Everything ``kdcache precompute`` takes for one teacher."""
-
-    teacher: str
-    checkpoint: Path
-    dataset: str
-    data_root: Path | None = None
-    cache: Path | str | None = None  # a directory or an fsspec URL
-    views: int = DEFAULT_VIEWS
-    plan_seed: int = 0
-    recipe: str | None = None        # view recipe (name or name:size); default: the data set's
-    image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
-    batch_size: int | None = None
-    device: str | None = None
-    chunk_rows: int | None = None    # rows a chunk (unit of reading); alone: also a file, as before shards
-    shard_rows: int | None = None    # rows a shard (a file, the unit of writing), a multiple of the chunk rows
-    dry_run: bool = False
-    features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
-    feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
-    feature_compression: str = DEFAULT_FEATURE_COMPRESSION  # "zstd" | "none": the features before their CRC32C
-    logits: str = DEFAULT_LOGITS     # "dense" | "topk:K" (kdcache.store.format.parse_logits)
-    logits_temperature: float = TEMPERATURE  # the T a top-K store serves (ignored when dense)
-    amp: bool = False                # run the teacher under autocast (the precision is part of the teacher id)
-    amp_dtype: str | None = None     # with amp: "bfloat16" | "float16"; default float16 on CUDA, bfloat16 elsewhere
-
-
-@dataclass
-class PrecomputeResult:
-    """What precompute did: the ids, the store's path and a short account for the user."""
-
-    teacher_id: str
-    plan_id: str
-    path: Path | str  # a Path in a local cache, a URL otherwise
-    status: str  # "dry-run", "complete" (found finished), "written"
-    lines: list[str] = field(default_factory=list)
-
-
-@dataclass
-class TeacherJob:
-    """One teacher resolved: its data set, ids, model (on the device, eval mode) and store shape."""
-
-    req: PrecomputeRequest
-    dataset: DataSet
-    recipe: Recipe
-    cache: Cache
-    plan_id: str
-    teacher_id: str
-    checkpoint_sha256: str
-    device: torch.device
-    model: torch.nn.Module
-    shape: tuple[int, int, int, int]  # (V, N, C, D)
-    feature_shape: tuple[int, ...]    # per row: (D,) pooled, (C', H, W) spatial, () none
-    chunk_rows: int
-    shard_rows: int                   # a multiple of chunk_rows (equal: one chunk a file)
-    forward: str = "float32"          # the forward precision: float32, amp-bfloat16 or amp-float16
-    prepared: float = field(default_factory=time.monotonic)  # when this run took the teacher up
-
-    @property
-    def path(self) -> Path | str:
-        return self.cache.teacher_path(self.teacher_id)
-
-    @property
-    def batch_size(self) -> int:
-        return forward_batch_size(self.device, self.req.batch_size)
-
-    @property
-    def topk(self) -> int | None:
-        return parse_logits(self.req.logits)
-
-    def store_attrs(self) -> dict:
-        """The attributes a new store records about its teacher."""
-        _, _, c, d = self.shape
-        return {
-            "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
-            "features": self.req.features, "feature_dtype": self.req.feature_dtype, "logits": self.req.logits,
-            "feature_compression": self.req.feature_compression,
-            "forward": self.forward,
-            **({} if self.topk is None else {"logits_temperature": float(self.req.logits_temperature)}),
-            "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
-            "dataset": self.req.dataset,
-        }
-
-    def open_store(self) -> TeacherStore:
-        """Create the store or reopen it to resume (the caller holds the writer lock)."""
-        return TeacherStore.open_for_writing(self.cache.teacher_location(self.teacher_id), self.teacher_id,
-                                             self.store_attrs(), self.shape, self.chunk_rows, *_head(self.model),
-                                             feature_shape=self.feature_shape, shard_rows=self.shard_rows)
-
-    def is_complete(self) -> bool:
-        return _is_complete(self.cache, self.teacher_id)
-
-    def result(self, status: str, lines: list[str]) -> PrecomputeResult:
-        return PrecomputeResult(self.teacher_id, self.plan_id, self.path, status, lines)
-
-    def complete_result(self) -> PrecomputeResult:
-        lines = [f"teacher store {self.teacher_id} is already complete at {self.path}"]
-        held = TeacherStore.open(self.cache.teacher_location(self.teacher_id), self.teacher_id).feature_compression
-        if self.req.features != "none" and held != self.req.feature_compression:
-            lines.append(f"its features are kept with compression {held} (--feature-compression "
-                         f"{self.req.feature_compression} applies to a new store: the values are the same; "
-                         f"`kdcache cache rm {self.teacher_id}` and precompute again to change it)")
-        return self.result("complete", lines)
+__all__ = ["PrecomputeRequest", "PrecomputeResult", "precompute", "precompute_many"]
 
 
 def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
@@ -181,7 +50,7 @@ def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
         if store.attrs.get("complete"):
             return job.complete_result()
         pending = store.pending()
-        tick = progress(req.views * job.shape[1], _rows_done(store, pending)) if progress else None
+        tick = progress(req.views * job.shape[1], rows_done(store, pending)) if progress else None
         write_chunks(job.model, job.dataset, plan, store, pending, job.device, job.batch_size, tick)
         lines = finish(job, store)
     return job.result("written", lines)
@@ -206,289 +75,12 @@ def precompute_many(reqs: Sequence[PrecomputeRequest], workers: int | None = Non
         def once(msg: str) -> None:  # the teachers share one cache: say what it lacks once
             if msg not in said:
                 said.add(msg)
-                (warn or _python_warning)(msg)
+                (warn or python_warning)(msg)
 
         return [precompute(r, progress, once, dataset) for r in reqs]
     from kdcache.pipelines.precompute_cluster import precompute_on_cluster
 
     return precompute_on_cluster(reqs, workers=workers, scheduler=scheduler, progress=progress, warn=warn)
-
-
-def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJob:
-    """Check the request, load the data set (unless given) and the teacher, and work out the ids and shape."""
-    _check_options(req)
-    dataset = with_views(load_dataset(req.dataset, req.data_root) if dataset is None else dataset,
-                         req.recipe, req.image_size)
-    recipe = get_recipe(dataset.recipe)
-    model_info(req.teacher)  # unknown architecture: fail before hashing anything
-    if not Path(req.checkpoint).is_file():
-        raise CheckpointError(f"checkpoint {req.checkpoint} not found")
-    cache = Cache.at(req.cache)
-
-    pid = plan_id(dataset.fingerprint, recipe.description, req.views, req.plan_seed)
-    ckpt_sha = sha256_file(req.checkpoint)
-    k = parse_logits(req.logits)
-    if k is not None and k > dataset.num_classes:
-        raise KdcacheError(f"--logits {req.logits}: K exceeds the {dataset.num_classes} classes of {dataset.name}; "
-                           f"give K from 1 to {dataset.num_classes} (topk:{dataset.num_classes} keeps every logit)")
-    device = resolve_device(req.device)
-    forward = forward_precision(amp_dtype_for(device, req.amp_dtype) if req.amp else None)
-    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype, req.logits,
-                     req.logits_temperature if k is not None else None, forward)
-    model = build_model(req.teacher, dataset.num_classes)
-    load_checkpoint(model, req.checkpoint)
-    # A model that cannot take the views' size fails here, before any plan or store exists.
-    spatial = map_shape(model, recipe.size)
-    model.eval().to(device)
-    n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
-    fshape = feature_shape(req.features, d, spatial)
-    # About 2 MB in the widest array's chunk and 128 MB in its shard (features counted at float16 whatever
-    # their dtype). --chunk-rows alone keeps the layout it always gave, one chunk a file.
-    widest = widest_row_bytes(c, k, fshape)
-    rows = req.chunk_rows or default_layout(n, widest)[0]
-    if req.shard_rows is not None:
-        rows = min(rows, req.shard_rows) if req.chunk_rows is None else rows
-        if req.shard_rows % rows:
-            raise KdcacheError(f"--shard-rows {req.shard_rows} must be a multiple of the chunk rows ({rows}): a shard "
-                               "holds whole chunks; give --chunk-rows too")
-        shard = min(req.shard_rows, rows * n_chunks(n, rows))  # never more than a view's chunks
-    else:
-        shard = rows if req.chunk_rows else default_layout(n, widest)[1]
-    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
-                      rows, shard, forward)
-
-
-def amp_dtype_for(device: torch.device, requested: str | None = None) -> str:
-    """The autocast dtype of ``--amp`` on ``device``: ``requested`` (``--amp-dtype``) if given, else float16 on
-    CUDA (as distill's --amp: tensor cores, and three more mantissa bits than bfloat16) and bfloat16 elsewhere
-    (the CPU's autocast dtype). One line of error where the device cannot run it."""
-    dtype = requested or ("float16" if device.type == "cuda" else "bfloat16")
-    if dtype not in AMP_DTYPES:
-        raise KdcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)} (got {dtype!r})")
-    if not torch.amp.is_autocast_available(device.type):
-        raise KdcacheError(f"--amp: torch has no autocast on {device.type} devices; drop --amp")
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise KdcacheError(f"--amp-dtype bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
-                           "arithmetic; use --amp-dtype float16 (or drop --amp)")
-    return dtype
-
-
-def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
-    """Evaluate the teacher on the test split (in the store's forward precision), record the accuracies and mark
-    the store complete."""
-    with _autocast(job.device, autocast_dtype(store.forward)):
-        test_top1, test_top5 = evaluate(job.model, job.dataset, job.recipe.name, job.device, job.batch_size)
-    view_acc = 100.0 * store.view_accuracy()
-    store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=view_acc,
-                        precompute_seconds=round(time.monotonic() - job.prepared, 2))
-    return [f"wrote teacher store {job.teacher_id} at {job.path}",
-            f"test accuracy {test_top1:.2f}% (top-5 {test_top5:.2f}%), accuracy over the views {view_acc:.2f}%"]
-
-
-def warn_lacking_guarantee(cache: Cache, warn: Warn | None) -> None:
-    """Say, once and before any work, which guarantee the cache's backend lacks (if any)."""
-    note = cache.lacking_guarantee()
-    if note:
-        (warn or _python_warning)(note)
-
-
-def _python_warning(msg: str) -> None:
-    warnings.warn(msg, stacklevel=4)
-
-
-def ensure_plan(cache: Cache, dataset: DataSet, recipe: Recipe, n_views: int, seed: int, pid: str,
-                progress: ProgressFactory | None = None) -> PlanStore:
-    """The plan with id ``pid``, drawn and written now, view by view, if the cache does not hold it yet."""
-    path = cache.plan_location(pid)
-    try:
-        return PlanStore.open(path, pid)
-    except StoreError:
-        pass
-    sizes = dataset.train.sizes if recipe.needs_sizes else None
-    n = len(dataset.train)
-    attrs = {
-        "dataset": {"name": dataset.name, "n_samples": n, "n_classes": dataset.num_classes,
-                    "fingerprint": dataset.fingerprint},
-        "recipe": recipe.description, "seed": seed,
-    }
-    labels = np.asarray(dataset.train.labels, dtype=np.int32)
-    views = (lambda total, done: progress(total, done, unit="view", what=f"drawing plan {pid}")) if progress else None
-    return PlanStore.create(path, cache.lock_path("plan", pid), pid, attrs, n_views, labels,
-                            view_drawer(recipe.spec, n, seed, sizes), views)
-
-
-class _Group(NamedTuple):
-    """Consecutive shards of one view (chunks, in a store without shards), forwarded together."""
-
-    view: int
-    chunks: list[int]    # the shards
-    rows: slice          # the group's rows of the view
-    indices: np.ndarray  # their sample ids
-
-
-class _Batch(NamedTuple):
-    """One forward batch: its rows' sample ids and view parameters, and the group it completes (if it does)."""
-
-    indices: np.ndarray
-    params: np.ndarray
-    ends: _Group | None
-
-
-def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, store: TeacherStore,
-                 chunks: list[tuple[int, int]], device: torch.device, batch_size: int,
-                 tick: Progress | None = None) -> None:
-    """Forward the teacher over the shards holding the (view, chunk) pairs and write each shard whole.
-
-    A shard is the unit of writing (one chunk in a store without shards): every chunk of it is
-    written, by this writer, then its markers. Consecutive shards of a view are forwarded
-    together, up to ``batch_size`` rows, so that a store of wide rows (a spatial store holds
-    about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. On a GPU the next batch's images are
-    decoded and replayed on a background thread while the teacher runs the current one (``READ_AHEAD_BATCHES``
-    ahead, so memory stays bounded), and one writer thread writes beside the forward pass; on the CPU both run in
-    turn with it (:func:`overlaps_forward`). Either way a shard's chunks are compressed on a pool of every core. The teacher runs in the store's forward
-    precision (attribute ``forward``: float32, or autocast in bfloat16 or float16), whoever writes it.
-    """
-    plan_labels = plan.labels
-    labels = torch.as_tensor(plan_labels)
-    amp = autocast_dtype(store.forward)
-    source = dataset.train.to(device) if dataset.train.resident else dataset.train
-
-    def views(batch: _Batch) -> tuple[_Batch, torch.Tensor]:
-        return batch, view_batch(dataset, source, plan.recipe, batch.indices, batch.params, device)
-
-    in_flight: deque[Future[None]] = deque()
-    outputs: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    batches = forward_batches(plan, store, chunks, batch_size)
-    overlap = overlaps_forward(device)
-    with (ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdcache-writer") if overlap
-          else contextlib.nullcontext(INLINE)) as writer, \
-            ThreadPoolExecutor(default_threads(), thread_name_prefix="kdcache-encode") as encoder:
-        for batch, x in read_ahead(views, batches, READ_AHEAD_BATCHES) if overlap else map(views, batches):
-            outputs.append(forward_batch(model, x, store.feature_form, amp))
-            if batch.ends is None:
-                continue
-            group, rows = batch.ends, batch.ends.rows
-            logits = torch.cat([z for z, _ in outputs])
-            features = None if store.feature_form == "none" else torch.cat([h for _, h in outputs if h is not None])
-            outputs = []
-            _refuse_non_finite(logits, features, store.id, group.view, rows, store.forward)
-            correct = logits.float().argmax(1) == labels[group.indices]
-            for s in group.chunks:
-                part = slice(store.shard_rows_of(s).start - rows.start, store.shard_rows_of(s).stop - rows.start)
-                counts = [int(correct[store.rows(c).start - rows.start:store.rows(c).stop - rows.start].sum())
-                          for c in store.shard_chunks(s)]
-                while len(in_flight) >= MAX_WRITES_IN_FLIGHT:
-                    in_flight.popleft().result()
-                in_flight.append(writer.submit(store.write_shard, group.view, s, logits[part].numpy(),
-                                               None if features is None else features[part].numpy(),
-                                               counts, plan_labels[group.indices[part]], encoder))
-                if tick:
-                    in_flight[-1].add_done_callback(functools.partial(_tick_rows, tick, part.stop - part.start))
-        while in_flight:
-            in_flight.popleft().result()
-
-
-def overlaps_forward(device: torch.device) -> bool:
-    """Whether the next batch's views and the last shard's writes run on threads beside the teacher's forward
-    pass: on a GPU, whose forward leaves the host's cores free; not on the CPU, where the forward already uses
-    every core and work beside it only stalls its threads (3 digits teachers over 10 views: 25.7 s overlapped,
-    20.7 s in turn, the forward itself 20.5 s against 14.6 s; benchmarks/RESULTS.md), so there they run in turn."""
-    return device.type != "cpu"
-
-
-def forward_batches(plan: PlanStore, store: TeacherStore, chunks: Sequence[tuple[int, int]],
-                    batch_size: int) -> Iterator[_Batch]:
-    """The teacher's forward batches over the shards holding the (view, chunk) pairs, in order: each group of
-    consecutive shards (:func:`chunk_groups`) split into batches of at most ``batch_size`` rows; a group's last
-    batch names it (its ``chunks`` are shards; in a store without shards, one chunk each)."""
-    view_cache: tuple[int, np.ndarray, np.ndarray] | None = None
-    shards = sorted({(v, store.shard_of(c)) for v, c in chunks})
-    for v, shard_ids in chunk_groups(shards, max(1, batch_size // store.shard_rows)):
-        if view_cache is None or view_cache[0] != v:
-            view_cache = (v, *plan.view(v))
-        rows = slice(store.shard_rows_of(shard_ids[0]).start, store.shard_rows_of(shard_ids[-1]).stop)
-        indices, params = view_cache[1][rows], view_cache[2][rows]
-        for start in range(0, len(indices), batch_size):
-            stop = start + batch_size
-            yield _Batch(indices[start:stop], params[start:stop],
-                         _Group(v, shard_ids, rows, indices) if stop >= len(indices) else None)
-
-
-def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple[int, list[int]]]:
-    """``(view, [chunk, ...])``: runs of at most ``size`` consecutive chunks of one view, in the given order."""
-    group: list[int] = []
-    view = -1
-    for v, c in chunks:
-        if group and (v != view or c != group[-1] + 1 or len(group) >= size):
-            yield view, group
-            group = []
-        view = v
-        group.append(c)
-    if group:
-        yield view, group
-
-
-@torch.inference_mode()
-def forward_batch(model: torch.nn.Module, x: torch.Tensor, features: str = DEFAULT_FEATURE_FORM,
-                  amp: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher's float16 logits and features in the form ``features`` (None for none), on the CPU,
-    for one batch of views; run under autocast in ``amp`` (``bfloat16``, ``float16``) when given."""
-    with _autocast(x.device, amp):
-        m, h, z = forward_with_map(model, x)
-    return z.to(torch.float16).cpu(), (None if features == "none" else
-                                       (m if features == "spatial" else h).to(torch.float16).cpu())
-
-
-def _autocast(device: torch.device, amp: str | None) -> torch.autocast:
-    """Autocast on ``device`` in ``amp`` (``bfloat16``, ``float16``); a context that changes nothing for None."""
-    return torch.autocast(device.type, dtype=getattr(torch, amp or "bfloat16"), enabled=amp is not None)
-
-
-def forward_batch_size(device: torch.device, requested: int | None) -> int:
-    """The teacher's forward batch: ``--batch-size`` if given, else 2048 on a GPU and 64 on a CPU (where larger
-    batches run slower a row: resnet32x4 at 89 img/s at 64 against 49 at 256, benchmarks/RESULTS.md)."""
-    return requested or default_batch_size(device, cpu=64, gpu=2048)
-
-
-def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid: str, v: int, rows: slice,
-                       forward: str = "float32") -> None:
-    # A sum is finite exactly when every value is (float16 values summed in float32 cannot overflow): one pass
-    # and no mask in the common case; the rows are found only when something is not finite.
-    if all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (logits, features) if t is not None):
-        return
-    bad = ~torch.isfinite(logits).all(1)
-    if features is not None:
-        bad |= ~torch.isfinite(features).flatten(1).all(1)
-    if bad.any():
-        where = (torch.nonzero(bad).flatten()[:5] + rows.start).tolist()
-        raise KdcacheError(
-            f"teacher {tid} produced NaN or inf (after float16 conversion) at view {v}, rows {where}"
-            f"{' ...' if int(bad.sum()) > 5 else ''}; nothing was written for that chunk: check the checkpoint"
-            + {"float32": "", "amp-float16": " (it ran under --amp in float16: try --amp-dtype bfloat16, whose range "
-                                             "is float32's, or drop --amp)",
-               }.get(forward, f" (it ran under --amp in {autocast_dtype(forward)}: try without --amp)")
-        )
-
-
-def _tick_rows(tick: Callable[[int], None], rows: int, _done: object) -> None:
-    tick(rows)
-
-
-def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    head = head_of(model)
-    return head.weight.detach(), head.bias.detach()
-
-
-def _rows_done(store: TeacherStore, pending: list[tuple[int, int]]) -> int:
-    return store.n_views * store.n_samples - store.rows_in(c for _, c in pending)
-
-
-def _is_complete(cache: Cache, tid: str) -> bool:
-    try:
-        TeacherStore.open(cache.teacher_location(tid), tid)
-        return True
-    except StoreError:
-        return False
 
 
 def _check_one_plan(reqs: Sequence[PrecomputeRequest]) -> None:
@@ -497,37 +89,6 @@ def _check_one_plan(reqs: Sequence[PrecomputeRequest]) -> None:
     for r in reqs[1:]:
         if {k: v for k, v in vars(r).items() if k not in ("teacher", "checkpoint")} != first:
             raise KdcacheError("teachers precomputed together must share the data set, plan and options")
-
-
-def _check_options(req: PrecomputeRequest) -> None:
-    if req.views < 1:
-        raise KdcacheError(f"--views must be at least 1 (got {req.views})")
-    if req.batch_size is not None and req.batch_size < 1:
-        raise KdcacheError(f"--batch-size must be at least 1 (got {req.batch_size})")
-    if req.chunk_rows is not None and req.chunk_rows < 1:
-        raise KdcacheError(f"--chunk-rows must be at least 1 (got {req.chunk_rows})")
-    if req.shard_rows is not None and req.shard_rows < 1:
-        raise KdcacheError(f"--shard-rows must be at least 1 (got {req.shard_rows})")
-    if req.features not in FEATURE_FORMS:
-        raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
-    if req.feature_compression not in FEATURE_COMPRESSIONS:
-        raise KdcacheError(f"--feature-compression must be one of {', '.join(FEATURE_COMPRESSIONS)} "
-                           f"(got {req.feature_compression!r})")
-    if req.feature_dtype not in FEATURE_DTYPES:
-        raise KdcacheError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)} (got {req.feature_dtype!r})")
-    try:
-        parse_logits(req.logits)
-    except ValueError as exc:
-        raise KdcacheError(f"--logits: {exc}") from None
-    if not (math.isfinite(req.logits_temperature) and req.logits_temperature > 0):
-        raise KdcacheError(f"--logits-temperature must be a positive number (got {req.logits_temperature})")
-    if req.amp_dtype is not None and not req.amp:
-        raise KdcacheError(f"--amp-dtype {req.amp_dtype} needs --amp: give --amp too, or drop --amp-dtype")
-    if req.amp_dtype is not None and req.amp_dtype not in AMP_DTYPES:
-        raise KdcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)} (got {req.amp_dtype!r})")
-    if req.feature_dtype != DEFAULT_FEATURE_DTYPE and req.features == "none":
-        raise KdcacheError(f"--feature-dtype {req.feature_dtype} needs features to store: give --features pooled "
-                           "or spatial, or drop --feature-dtype")
 
 
 def _dry_run_lines(job: TeacherJob) -> list[str]:

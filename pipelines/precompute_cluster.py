@@ -39,7 +39,7 @@ from kdcache.data import DataSet, load_dataset
 from kdcache.device import resolve_device
 from kdcache.errors import CheckpointError, DatasetError, KdcacheError
 from kdcache.models import build_model, load_checkpoint
-from kdcache.pipelines.precompute import (
+from kdcache.pipelines.precompute_engine import (
     PrecomputeRequest, PrecomputeResult, Progress, ProgressFactory, TeacherJob, Warn, ensure_plan, finish,
     forward_batch_size, prepare, warn_lacking_guarantee, write_chunks,
 )

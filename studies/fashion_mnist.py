@@ -46,10 +46,12 @@ from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 
+from fashion_mnist_report import write_report  # the study's own modules, beside it
+from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, best_teacher
+
 DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
-CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
-ROTATED = {1: 3, 3: 8, 8: 1}  # the biased teacher learns Trouser as Dress, Dress as Bag, Bag as Trouser
+
 PARTS = ("A", "beta", "B", "abl", "views", "online")
 METHODS = ("ce", "kd", "aver", "ebkd", "aekd", "fitnet-mkd", "camkd")
 
@@ -98,7 +100,6 @@ class Teacher:
 
 
 TEACHERS = (Teacher("t0", 0), Teacher("t1", 1), Teacher("t2", 2), Teacher("t2-rotated", 2, ROTATED))
-SETTINGS = {"A": ("t0", "t1", "t2"), "B": ("t0", "t1", "t2-rotated")}
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -259,10 +260,6 @@ def teacher_facts(out: Path, cfg: Config, ckpts: dict[str, Path]) -> dict:
     return facts
 
 
-def best_teacher(facts: dict, setting: str) -> str:
-    return max(SETTINGS[setting], key=lambda n: facts["teachers"][n]["test"])
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
@@ -316,7 +313,6 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     else:
         ckpts = {t.name: out / "teachers" / f"{t.name}-{cfg.teacher}.pth" for t in TEACHERS}
         ids = store_ids(out, cfg, ckpts, [], say)
-    from fashion_mnist_report import write_report
     write_report(out, cfg, ids, plan_runs(cfg), json.loads((out / "teachers.json").read_text()), timing)
     say(f"wrote {out / 'tables.md'}")
     return 0

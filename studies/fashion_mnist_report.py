@@ -16,6 +16,8 @@ import numpy as np
 from kdcache.errors import KdcacheError
 from kdcache.runs import load_run
 
+from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, best_teacher  # beside it
+
 
 def _final(out: Path, key: str) -> float | None:
     path = out / "runs" / key
@@ -50,8 +52,6 @@ def _disk(path: str) -> int:
 
 def write_report(out: Path, cfg, ids: dict, runs: list, facts: dict, timing: dict) -> dict:
     """Write tables.md, results.json and the figures under ``out``; return what results.json holds."""
-    from fashion_mnist import CLASSES, ROTATED, SETTINGS, best_teacher  # noqa: PLC0415 (the study's own module)
-
     seeds = range(cfg.seeds)
     results: dict = {"config": asdict(cfg), "teachers": facts, "timing": timing}
     acc = {r.key: _final(out, r.key) for r in runs}

@@ -19,7 +19,7 @@ import torch
 
 from conftest import error_lines, run_cli
 from kdcache.errors import KdcacheError, StoreError
-from kdcache.pipelines import precompute as pc
+from kdcache.pipelines import precompute_engine as pc
 from kdcache.pipelines import precompute_cluster as pcc
 from kdcache.store import Cache, TeacherStore
 from kdcache.store.format import teacher_id

@@ -76,7 +76,8 @@ def test_two_local_workers_write_stores_bit_identical_to_a_serial_run(serial, tm
         raise AssertionError("the coordinator wrote chunks itself")
 
     monkeypatch.setattr(pcc, "run_tasks", recording)
-    monkeypatch.setattr(pc, "write_chunks", not_here)  # the coordinator's copy; workers import their own
+    monkeypatch.setattr(pc, "write_chunks", not_here)   # the serial front end's
+    monkeypatch.setattr(pcc, "write_chunks", not_here)  # the cluster's, in this process (workers import their own)
     environ = dict(os.environ)
     result = run_cli(*precompute_args(pairs, tmp_path / "c", "--workers", 2))
     assert result.exit_code == 0, result.output

@@ -19,6 +19,7 @@ from kdcache.data import base
 from kdcache.errors import DatasetError
 from kdcache.models import build_model
 from kdcache.pipelines import precompute as pc
+from kdcache.pipelines import precompute_engine as engine
 from kdcache.store import Cache
 
 SIZES = ((24, 32), (40, 28), (33, 33), (17, 50), (64, 48), (375, 500))
@@ -187,7 +188,7 @@ def test_precompute_decodes_at_most_the_read_ahead_batches_ahead_of_the_teacher(
     teacher on the CPU they are made in turn with it, none ahead."""
     built: list[int] = []
     lead: list[int] = []
-    real_view_batch, real_forward = pc.view_batch, pc.forward_batch
+    real_view_batch, real_forward = engine.view_batch, engine.forward_batch
 
     def counting_view_batch(*args, **kwargs) -> torch.Tensor:
         built.append(1)
@@ -199,12 +200,12 @@ def test_precompute_decodes_at_most_the_read_ahead_batches_ahead_of_the_teacher(
         lead.append(len(built) - (len(lead) + 1))  # batches built beyond the one now forwarded
         return out
 
-    monkeypatch.setattr(pc, "view_batch", counting_view_batch)
-    monkeypatch.setattr(pc, "forward_batch", slow_forward)
-    monkeypatch.setattr(pc, "overlaps_forward", lambda device: overlap)
+    monkeypatch.setattr(engine, "view_batch", counting_view_batch)
+    monkeypatch.setattr(engine, "forward_batch", slow_forward)
+    monkeypatch.setattr(engine, "overlaps_forward", lambda device: overlap)
     store = zarr.open_group(_precompute(tree, tmp_path / "cache", teacher), mode="r")
     assert len(lead) == len(built) == 2 * (4 * 3 + 1)  # per view: chunks of 7, 7, 7, 7, 2 rows in batches of 3
-    assert max(lead) == (pc.READ_AHEAD_BATCHES if overlap else 0)
+    assert max(lead) == (engine.READ_AHEAD_BATCHES if overlap else 0)
     assert store.attrs["complete"] is True
 
 

@@ -157,7 +157,7 @@ def test_consecutive_chunks_are_forwarded_as_whole_batches(digits_teacher: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A spatial store's chunks hold few rows; precompute still feeds the teacher --batch-size rows at a time,
     and the bytes are those of one forward per chunk."""
-    from kdcache.pipelines import precompute as pc
+    from kdcache.pipelines import precompute_engine as pc
 
     assert list(pc.chunk_groups([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 3), (1, 4)], 2)) == [
         (0, [0, 1]), (0, [2]), (1, [0, 1]), (1, [3, 4])]

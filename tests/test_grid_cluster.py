@@ -15,7 +15,7 @@ import torch
 
 from conftest import run_cli
 from kdcache.models import build_model
-from kdcache.pipelines import demo, grid, grid_cluster
+from kdcache.pipelines import demo, grid, grid_cluster, grid_runner
 from kdcache.pipelines import precompute_cluster as pcc
 from kdcache.pipelines.grid import GridSpec, GridTeacher, Row, Tally
 from kdcache.pipelines.precompute_cluster import ClusterOptions
@@ -64,7 +64,7 @@ def serial(tmp_path_factory: pytest.TempPathFactory, teachers: tuple[GridTeacher
     """The grid run by the serial runner, at a cluster task's torch threads: the reference spec and table."""
     spec = grid_spec(tmp_path_factory.mktemp("serial"), teachers)
     with torch_threads(task_threads()):
-        result = grid.run_grid(spec, "cpu")
+        result = grid_runner.run_grid(spec, "cpu")
     assert result.n_failed == 0 and len(result.students) == len(ROWS)
     return spec, grid.format_table(result, "t")
 
@@ -90,7 +90,7 @@ def test_a_worker_killed_mid_run_ends_in_the_serial_runners_table_and_weights(
     monkeypatch.setattr(grid_cluster, "dask_client", with_a_killer)
     said: list[str] = []
     spec = grid_spec(tmp_path / "cluster", teachers)
-    result = grid.run_grid(spec, "cpu", said.append, cluster=ClusterOptions(workers=WORKERS))
+    result = grid_runner.run_grid(spec, "cpu", said.append, cluster=ClusterOptions(workers=WORKERS))
 
     events = log.read_text().splitlines()
     kills = [e for e in events if e.startswith("kill ")]
@@ -122,7 +122,7 @@ def test_failed_runs_are_reported_and_the_others_go_on(teachers, tmp_path: Path)
             Row("aver", "aver"))
     spec = grid_spec(tmp_path, teachers, rows)
     said: list[str] = []
-    result = grid.run_grid(spec, "cpu", said.append, cluster=ClusterOptions(workers=WORKERS))
+    result = grid_runner.run_grid(spec, "cpu", said.append, cluster=ClusterOptions(workers=WORKERS))
     assert set(result.students) == {"ce", "aver"}
     reasons = {label: [f["reason"] for f in fs] for label, fs in result.failures.items()}
     assert reasons["bad"] == ["row 'bad': camkd has no option --nope (it takes --camkd-weights, --camkd-feature-weights)"]
@@ -137,7 +137,7 @@ def test_failed_runs_are_reported_and_the_others_go_on(teachers, tmp_path: Path)
     assert json.loads((tmp_path / "experiment.json").read_text())["failures"]["nan"][0]["reason"] == reasons["nan"][0]
 
     again: list[str] = []  # the serial runner: the same containment; finished runs reused, the failed retried
-    second = grid.run_grid(spec, "cpu", again.append)
+    second = grid_runner.run_grid(spec, "cpu", again.append)
     assert second.reused["runs"] == 2 and set(second.failures) == {"nan", "bad"}
     assert any(line.startswith("run 2/3: nan (camkd --beta 1e+38, 3 teachers), seed 0") for line in again), again
 
@@ -205,12 +205,12 @@ def test_an_existing_cluster_runs_the_grid_and_one_sharing_a_process_is_refused(
     rows = (Row("ce", "ce"), Row("aver", "aver"))
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0") as shared:
         with pytest.raises(grid.KdcacheError, match=r"runs 2 tasks at once in one process.*--nthreads 1"):
-            grid.run_grid(grid_spec(tmp_path / "a", teachers, rows), "cpu",
+            grid_runner.run_grid(grid_spec(tmp_path / "a", teachers, rows), "cpu",
                           cluster=ClusterOptions(scheduler=shared.scheduler_address))
     assert not (tmp_path / "a" / "runs").exists()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         said: list[str] = []
-        result = grid.run_grid(grid_spec(tmp_path / "b", teachers, rows), "cpu", said.append,
+        result = grid_runner.run_grid(grid_spec(tmp_path / "b", teachers, rows), "cpu", said.append,
                                cluster=ClusterOptions(scheduler=cluster.scheduler_address))
     assert set(result.students) == {"ce", "aver"} and not result.failures
     assert said[0] == f"grid on the dask cluster at {cluster.scheduler_address}: 2 CPU task slot(s)"
