@@ -25,7 +25,6 @@ prints both tables in markdown (RESULTS.md, "Files a view").
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import tempfile
 import time

@@ -132,7 +132,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                                "give one --checkpoint per --teacher, in the same order")
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
-                              chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, features=features, image_size=image_size,
+                              chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, features=features,
+                              image_size=image_size,
                               feature_dtype=feature_dtype, feature_compression=feature_compression, logits=logits,
                               logits_temperature=logits_temperature,
                               amp=amp, amp_dtype=amp_dtype)

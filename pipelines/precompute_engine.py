@@ -39,11 +39,9 @@ from kdcache.models import (build_model, feature_dim, forward_with_map, head_of,
 from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
 from kdcache.store.format import (DEFAULT_FEATURE_COMPRESSION, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM,
                                   FEATURE_COMPRESSIONS, FEATURE_DTYPES, FEATURE_FORMS,
-                                  LOGIT_STATS, STORED_DTYPE, autocast_dtype, data_array_names, default_layout,
+                                  STORED_DTYPE, autocast_dtype, default_layout,
                                   feature_shape, forward_precision,
-                                  files_per_view, index_dtype, logits_row_bytes, n_chunks, parse_logits, row_bytes,
-                                  widest_row_bytes)
-from kdcache.text import human_bytes
+                                  n_chunks, parse_logits, widest_row_bytes)
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
 READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
@@ -292,8 +290,9 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     about 60 resnet32x4 rows a chunk) still feeds the teacher whole batches. On a GPU the next batch's images are
     decoded and replayed on a background thread while the teacher runs the current one (``READ_AHEAD_BATCHES``
     ahead, so memory stays bounded), and one writer thread writes beside the forward pass; on the CPU both run in
-    turn with it (:func:`overlaps_forward`). Either way a shard's chunks are compressed on a pool of every core. The teacher runs in the store's forward
-    precision (attribute ``forward``: float32, or autocast in bfloat16 or float16), whoever writes it.
+    turn with it (:func:`overlaps_forward`). Either way a shard's chunks are compressed on a pool of every core. The
+    teacher runs in the store's forward precision (attribute ``forward``: float32, or autocast in bfloat16 or float16),
+    whoever writes it.
     """
     plan_labels = plan.labels
     labels = torch.as_tensor(plan_labels)

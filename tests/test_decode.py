@@ -20,7 +20,6 @@ from kdcache.errors import DatasetError
 from kdcache.models import build_model
 from kdcache.pipelines import precompute as pc
 from kdcache.pipelines import precompute_engine as engine
-from kdcache.store import Cache
 
 SIZES = ((24, 32), (40, 28), (33, 33), (17, 50), (64, 48), (375, 500))
 

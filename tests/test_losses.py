@@ -321,7 +321,8 @@ def autograd_of(slot: tuple, batch: Batch, method) -> float:
 
 GRAD_CASES = [(n, CUSTOM[n], 2) for n in DEFAULTS] + [
     ("camkd", MethodOptions(), 2), ("camkd", MethodOptions(), 1),
-    ("camkd", MethodOptions(params={"camkd_feature_weights": "w"}), 2), ("camkd", MethodOptions(params={"camkd_weights": "uniform"}), 2),
+    ("camkd", MethodOptions(params={"camkd_feature_weights": "w"}), 2),
+    ("camkd", MethodOptions(params={"camkd_weights": "uniform"}), 2),
     ("fitnet-mkd", MethodOptions(), 2), ("aekd", MethodOptions(temperature=1.5), 2)]
 
 
@@ -336,7 +337,8 @@ def test_gradients_match_finite_differences_of_reference(name, options, epoch):
     gamma, alpha, beta = resolved(name, options)
 
     def total(d):
-        terms, _ = ref_terms(name, d, options.temperature, options.params.get("camkd_weights", "confidence"), options.params.get("camkd_feature_weights", "v"), lam)
+        terms, _ = ref_terms(name, d, options.temperature, options.params.get("camkd_weights", "confidence"),
+                             options.params.get("camkd_feature_weights", "v"), lam)
         return ref_total(name, terms, gamma, alpha, beta, epoch)
 
     step = 1e-6

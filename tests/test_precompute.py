@@ -274,7 +274,9 @@ def test_uncompressed_features_hold_the_same_values_under_the_same_id(digits_tea
         za, ha = a.read_rows(v, 0, 1437)
         zb, hb = b.read_rows(v, 0, 1437)
         assert np.array_equal(za, zb) and np.array_equal(ha, hb)
-    size = lambda c: sum(f.stat().st_size for f in (c / "teachers" / raw / "features").rglob("*") if f.is_file())
+    def size(c: Path) -> int:
+        return sum(f.stat().st_size for f in (c / "teachers" / raw / "features").rglob("*") if f.is_file())
+
     assert size(tmp_path / "r") > 1.5 * size(tmp_path / "z")  # the maps compress about 1.9x
     again = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", digits_teacher, "--dataset", "digits",
                     "--cache", tmp_path / "r", "--views", 3, "--chunk-rows", ROWS, "--batch-size", 256, "--device",

@@ -182,7 +182,8 @@ def test_fitnet_hint_on_maps_and_the_epoch_one_rule() -> None:
     assert float(out.total.detach()) == pytest.approx(float((out.terms["ce"] + 100.0 * out.terms["feat"]).detach()), rel=1e-12)
     first = make_case("fitnet", seed=4, teachers=[TEACHERS[0]], epoch=1)
     out1 = first[0](first[1])
-    assert float(out1.total.detach()) == pytest.approx(float(out1.terms["ce"].detach()), rel=1e-12)  # α = 0, and no hint in epoch 1
+    # α = 0, and no hint in epoch 1
+    assert float(out1.total.detach()) == pytest.approx(float(out1.terms["ce"].detach()), rel=1e-12)
 
 
 def test_vectors_and_maps_do_not_mix() -> None:

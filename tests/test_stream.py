@@ -29,7 +29,8 @@ def make_plan(cache: Cache, pid: str = "plan000000000000", dataset: str = "x", f
                             lambda v: (order[v], params[v]))
 
 
-def make_teacher(cache: Cache, tid: str, plan: PlanStore, dim: int, rows: int, seed: int) -> tuple[TeacherStore, np.ndarray, np.ndarray]:
+def make_teacher(cache: Cache, tid: str, plan: PlanStore, dim: int, rows: int,
+                 seed: int) -> tuple[TeacherStore, np.ndarray, np.ndarray]:
     attrs = {"plan_id": plan.id, "arch": "resnet8", "num_classes": C, "feature_dim": dim,
              "checkpoint": {"path": "/x", "sha256": "0"}, "dataset": "x"}
     store = TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (plan.n_views, plan.n_samples, C, dim),

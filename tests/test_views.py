@@ -74,12 +74,12 @@ def test_crop_flip_replay_equals_torchvision_random_params():
 
 def test_crop_flip_replay_extreme_offsets_and_both_flips():
     imgs = _images(1, seed=3).expand(32, -1, -1, -1)
-    combos = [(t, l, f) for t in (0, 8) for l in (0, 8) for f in (0, 1)]
+    combos = [(t, left, f) for t in (0, 8) for left in (0, 8) for f in (0, 1)]
     combos += [(4, 4, 0), (4, 4, 1), (0, 4, 1), (8, 4, 0)]
     params = torch.tensor(combos, dtype=torch.int16)
     out = replay("crop-flip", imgs[: len(combos)], params)
-    for k, (t, l, f) in enumerate(combos):
-        assert torch.equal(out[k], _tv_crop_flip(imgs[k], t, l, f)), (t, l, f)
+    for k, (t, left, f) in enumerate(combos):
+        assert torch.equal(out[k], _tv_crop_flip(imgs[k], t, left, f)), (t, left, f)
     # No offset and no flip is the image itself; the extreme corners show padding.
     assert torch.equal(out[combos.index((4, 4, 0))], imgs[0])
     assert torch.equal(out[combos.index((4, 4, 1))], imgs[0].flip(-1))

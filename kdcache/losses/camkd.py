@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdcache.errors import KdcacheError
-from kdcache.losses.base import (Batch, FeatureShape, LossTerms, Method, MethodInfo, MethodOptions, MethodParam, as_float, ce_per_sample, feature_distance,
+from kdcache.losses.base import (Batch, FeatureShape, LossTerms, Method, MethodInfo, MethodOptions, MethodParam, as_float,
+                                 ce_per_sample, feature_distance,
                                  kl_per_sample, make_aligner, pool_feature, pooled_width, stack_teachers,
                                  teachers_ce)
 

@@ -401,7 +401,6 @@ class TeacherStore:
         so re-running the same precompute redoes the shard. The chunks are compressed as tasks on ``pool``
         (:meth:`kdcache.store.chunks.ArrayChunks.write`; default: in turn, on this thread).
         """
-        rows = self.shard_rows_of(s)
         chunks = self.shard_chunks(s)
         if len(n_correct) != len(chunks):
             raise ValueError(f"shard {s} holds {len(chunks)} chunks, got {len(n_correct)} counts")

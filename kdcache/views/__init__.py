@@ -9,4 +9,5 @@ into the augmented uint8 batch, `eval_view` gives the test-time view and
 from kdcache.views.recipes import Recipe, draw_plan, draw_view, get_recipe, recipe_names, recipe_spec, view_drawer
 from kdcache.views.replay import eval_view, normalize, replay
 
-__all__ = ["Recipe", "draw_plan", "draw_view", "eval_view", "get_recipe", "normalize", "recipe_names", "recipe_spec", "replay", "view_drawer"]
+__all__ = ["Recipe", "draw_plan", "draw_view", "eval_view", "get_recipe", "normalize", "recipe_names", "recipe_spec", "replay",
+           "view_drawer"]
