@@ -295,11 +295,6 @@ def check_experiment(experiment: Experiment) -> Experiment:
     return experiment
 
 
-def unregister_experiment(name: str) -> None:
-    """Remove an experiment (for tests that register a tiny one)."""
-    _REGISTRY.pop(name, None)
-
-
 def experiment_names() -> list[str]:
     """Registered experiment names, in registration order (the paper's order: Tables 1-4, Figure 4, appendix)."""
     return list(_REGISTRY)
@@ -610,12 +605,6 @@ def meta_shapes(arch: str, num_classes: int, image_size: int) -> tuple[int, tupl
     with torch.device("meta"):
         model = build_model(arch, num_classes)
     return feature_dim(model), map_shape(model, image_size)
-
-
-def meta_feature_dim(arch: str, num_classes: int) -> int:
-    """Width of ``arch``'s penultimate features, from a model built on the meta device (no memory, no weights)."""
-    with torch.device("meta"):
-        return feature_dim(build_model(arch, num_classes))
 
 
 def store_form(experiment: Experiment, features: str | None = None) -> str:
