@@ -336,6 +336,12 @@ class Tally:
         self.done, self.failed, self.running = reused, failed, 0
         self.took: list[float] = []
 
+    @classmethod
+    def after_planning(cls, result: GridResult, todo: int, slots: int, say: Say) -> Tally:
+        """The tally of a grid whose runs :func:`plan_runs` has planned: those reused and refused, and ``todo``."""
+        reused = result.reused["runs"]
+        return cls(reused + todo + result.n_failed, reused, slots, say, failed=result.n_failed)
+
     def start(self) -> None:
         self.running += 1
 
@@ -346,8 +352,8 @@ class Tally:
         self.say(f"run {label} seed {seed}: top-1 {best:.2f}% (last epoch {last:.2f}%) in {seconds:.1f} s on {worker}")
         self.say(self.counts())
 
-    def fail(self, label: str, seed: int, reason: str, started: bool = True) -> None:
-        self.running -= started
+    def fail(self, label: str, seed: int, reason: str) -> None:
+        self.running -= 1
         self.failed += 1
         self.say(f"run {label} seed {seed} FAILED: {reason}")
         self.say(self.counts())
@@ -362,6 +368,20 @@ class Tally:
             text += f"; about {duration(statistics.mean(self.took) * left / min(self.slots, left))} left"
         return text
 
+
+def training_line(spec: GridSpec, i: int, state: str) -> str:
+    """What is said when teacher ``i`` (0-based) is trained, or resumed when ``state`` is 'partial'."""
+    t = spec.teachers[i]
+    return (f"teacher {i + 1}/{len(spec.teachers)}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for "
+            f"{t.epochs} epochs (seed {t.seed}, set-up {spec.setup.name}) into {t.checkpoint}"
+            f"{' (resuming)' if state == 'partial' else ''}")
+
+
+def teacher_entry(spec: GridSpec, t: GridTeacher, teacher_id: str, plan_id: str,
+                  test_accuracy: float | None) -> dict[str, Any]:
+    """Teacher ``t``'s entry in :attr:`GridResult.teachers` (and the JSON record)."""
+    return {"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint), "id": teacher_id, "plan_id": plan_id,
+            "features": spec.features, "test_accuracy": test_accuracy}
 
 
 def teacher_request(spec: GridSpec, t: GridTeacher, device: str | None, resume: bool) -> TrainTeacherRequest:
@@ -384,7 +404,8 @@ def store_request(spec: GridSpec, t: GridTeacher, device: str | None) -> Precomp
 def plan_runs(spec: GridSpec, ids: list[str], device: str | None,
               result: GridResult) -> list[tuple[Row, int, DistillRequest]]:
     """Every (row, seed) with its request, refusing (one line) a finished run of another grid before any training;
-    the runs of a row whose options are refused are recorded as failed in ``result`` and left out."""
+    the runs of a row whose options are refused are recorded as failed in ``result`` and left out, the finished
+    ones as reused."""
     planned = []
     for row, seed in spec.runs_in_order():
         try:
@@ -401,6 +422,7 @@ def plan_runs(spec: GridSpec, ids: list[str], device: str | None,
         run = RunDir(req.out)
         if run.finished:
             result.add_run(row.label, seed, run.load())
+            result.reused["runs"] += 1
     return planned
 
 

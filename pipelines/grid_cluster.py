@@ -42,7 +42,7 @@ from kdcache.errors import KdcacheError
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.grid import (
     GridResult, GridSpec, OnUpdate, Progress, Row, Say, Tally, ensemble_of, one_line, plan_runs, store_request,
-    teacher_request, teacher_state,
+    teacher_entry, teacher_request, teacher_state, training_line,
 )
 from kdcache.pipelines.precompute_engine import TeacherJob, ensure_plan, finish, prepare, warn_lacking_guarantee
 from kdcache.pipelines.precompute_cluster import (
@@ -132,9 +132,10 @@ class _Grid:
             if kind != "run":
                 raise KdcacheError(f"{about[-1]} failed: {_reason(exc)}") from None
             row, seed, _ = about
-            self.result.add_failure(row.label, seed, _reason(exc))
+            reason = _reason(exc)
+            self.result.add_failure(row.label, seed, reason)
             assert self.tally is not None
-            self.tally.fail(row.label, seed, _reason(exc))
+            self.tally.fail(row.label, seed, reason)
             self.on_update(self.result)
             return
         if kind == "teacher":
@@ -160,7 +161,7 @@ class _Grid:
 
     def _train_teachers(self) -> None:
         """Submit every teacher that is missing or part-trained; start the stores of the others."""
-        spec, setup, k = self.spec, self.spec.setup, len(self.spec.teachers)
+        spec = self.spec
         final = []
         for i, t in enumerate(spec.teachers):
             state = teacher_state(t.checkpoint, t.epochs)
@@ -168,16 +169,14 @@ class _Grid:
                 self.result.reused["teachers"] += 1
                 final.append(i)
                 continue
-            self.say(f"teacher {i + 1}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} "
-                     f"epochs (seed {t.seed}, set-up {setup.name}) into {t.checkpoint}"
-                     f"{' (resuming)' if state == 'partial' else ''}, as a task")
+            self.say(training_line(spec, i, state) + ", as a task")
             t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             req = teacher_request(spec, t, self.device, resume=state == "partial")
             self._submit(train_teacher_task, req, self.cluster.torch_threads, key=_key("teacher", req.out),
                          what=("teacher", i, f"teacher {i + 1} ({t.arch})"))
         for i in final:
             self._start_store(i)
-        if len(final) == k:
+        if len(final) == len(spec.teachers):
             self._plan_runs()
 
     # -- 3. stores, as each teacher is final -----------------------------------------------------
@@ -235,14 +234,10 @@ class _Grid:
         result.seconds["teachers"] = time.perf_counter() - self.t0
         self.t0 = time.perf_counter()
         jobs = [self.jobs[i] for i in range(len(spec.teachers))]
-        result.teachers = [{"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint), "id": j.teacher_id,
-                            "plan_id": j.plan_id, "features": spec.features, "test_accuracy": None}
-                           for t, j in zip(spec.teachers, jobs)]
+        result.teachers = [teacher_entry(spec, t, j.teacher_id, j.plan_id, None) for t, j in zip(spec.teachers, jobs)]
         planned = plan_runs(spec, result.ids, self.device, result)
         self.waiting = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
-        result.reused["runs"] += len(planned) - len(self.waiting)
-        self.tally = Tally(len(planned) + result.n_failed, len(planned) - len(self.waiting), self.cluster.slots,
-                           self.say, failed=result.n_failed)
+        self.tally = Tally.after_planning(result, len(self.waiting), self.cluster.slots, self.say)
         result.ensemble = ensemble_of(spec, result.ids, self.dataset, self.device, self.say)
         self.plan_ready = True
         if all(j.teacher_id in self.complete for j in jobs):

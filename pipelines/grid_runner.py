@@ -16,7 +16,7 @@ from kdcache.data import DataSet, load_dataset
 from kdcache.pipelines.distill import distill
 from kdcache.pipelines.grid import (
     GridResult, GridSpec, OnUpdate, Progress, Say, Tally, ensemble_of, one_line, plan_runs, store_request,
-    teacher_request, teacher_state,
+    teacher_entry, teacher_request, teacher_state, training_line,
 )
 from kdcache.pipelines.precompute import precompute
 from kdcache.pipelines.precompute_cluster import ClusterOptions
@@ -72,14 +72,12 @@ def _logged(say: Say, log: Path) -> Say:
 
 
 def _train_teachers(spec: GridSpec, device: str | None, say: Say, result: GridResult) -> None:
-    setup, k = spec.setup, len(spec.teachers)
-    for i, t in enumerate(spec.teachers, 1):
+    for i, t in enumerate(spec.teachers):
         state = teacher_state(t.checkpoint, t.epochs)
         if state == "done":
             result.reused["teachers"] += 1
             continue
-        say(f"teacher {i}/{k}: training {t.arch}{' (' + t.name + ')' if t.name else ''} for {t.epochs} epochs "
-            f"(seed {t.seed}, set-up {setup.name}) into {t.checkpoint}{' (resuming)' if state == 'partial' else ''}")
+        say(training_line(spec, i, state))
         t.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         train_teacher(teacher_request(spec, t, device, resume=state == "partial"))
 
@@ -92,23 +90,20 @@ def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: P
             "(precomputed unless complete)")
         pre = precompute(store_request(spec, t, device), progress=progress)
         result.reused["stores"] += pre.status == "complete"
-        store = cache.open_teacher(pre.teacher_id)
-        result.teachers.append({"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint),
-                                "id": pre.teacher_id, "plan_id": pre.plan_id, "features": spec.features,
-                                "test_accuracy": store.attrs.get("test_accuracy")})
+        accuracy = cache.open_teacher(pre.teacher_id).attrs.get("test_accuracy")
+        result.teachers.append(teacher_entry(spec, t, pre.teacher_id, pre.plan_id, accuracy))
 
 
 def _distill_runs(spec: GridSpec, ids: list[str], device: str | None, say: Say, result: GridResult,
                   on_update: OnUpdate) -> None:
     planned = plan_runs(spec, ids, device, result)
-    todo = [(row, seed, req) for row, seed, req in planned if not RunDir(req.out).finished]
-    result.reused["runs"] += len(planned) - len(todo)
-    tally = Tally(len(planned) + result.n_failed, len(planned) - len(todo), 1, say, failed=result.n_failed)
-    for row, seed, req in todo:
+    todo = [(n, row, seed, req) for n, (row, seed, req) in enumerate(planned, 1) if not RunDir(req.out).finished]
+    tally = Tally.after_planning(result, len(todo), 1, say)
+    for place, row, seed, req in todo:
         run = RunDir(req.out)
         req.resume = run.started
         n = len(req.teachers) if row.teachers_of(len(ids)) else 0
-        say(f"run {[r[2] for r in planned].index(req) + 1}/{len(planned)}: {row.label} ({row.flags()}, {n} "
+        say(f"run {place}/{len(planned)}: {row.label} ({row.flags()}, {n} "
             f"teacher{'s' if n != 1 else ''}), seed {seed}, {spec.student} for {spec.epochs} epochs"
             f"{' (resuming)' if req.resume else ''}")
         tally.start()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import spy_on_format_table
+from conftest import spy_on_format_table, torch_threads
 from fakes import write_fake_cifar, write_fake_imagefolder
 from kdcache.cli.experiment import COMMANDS, experiment as experiment_group
 from kdcache.errors import KdcacheError, UnknownNameError
@@ -267,10 +267,8 @@ def test_custom_experiment_runs_any_setting_given_on_the_command_line(tmp_path: 
 @pytest.fixture
 def one_thread():
     """Tiny models on a busy 2-core machine run much faster on one intra-op thread (no spinning at barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _mtimes(root: Path, pattern: str) -> dict[Path, int]:

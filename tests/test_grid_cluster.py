@@ -8,12 +8,11 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, torch_threads
 from kdcache.models import build_model
 from kdcache.pipelines import demo, grid, grid_cluster, grid_runner
 from kdcache.pipelines import precompute_cluster as pcc
@@ -23,16 +22,6 @@ from kdcache.runs import RunDir
 
 WORKERS = 2
 ROWS = (Row("ce", "ce"), Row("aver", "aver"), Row("camkd", "camkd"), Row("fitnet-mkd", "fitnet-mkd"))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def task_threads() -> int:
@@ -175,7 +164,7 @@ def test_progress_counts_the_runs_and_the_time_left() -> None:
     tally.finish("camkd", 0, 91.234, 90.5, 30.0, "worker 1")
     assert said == ["run camkd seed 0: top-1 91.23% (last epoch 90.50%) in 30.0 s on worker 1",
                     "runs: 2 done, 2 running, 1 queued, 0 failed of 5; about 45 s left"]  # 30 s x 3 left / 2 slots
-    tally.fail("aver", 1, "NaN", started=True)
+    tally.fail("aver", 1, "NaN")
     assert said[-2:] == ["run aver seed 1 FAILED: NaN", "runs: 2 done, 1 running, 1 queued, 1 failed of 5; about 30 s left"]
 
 
