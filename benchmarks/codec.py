@@ -26,19 +26,22 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 import zarr
 import zarr.codecs as zc
+from zarr.abc.codec import BytesBytesCodec
 
 from common import machine
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 from kdcache.store import Cache, TeacherStore
+from kdcache.store import format as fmt
 from kdcache.store.format import COMPRESSION, SPATIAL_COMPRESSION
 
-CANDIDATES = {
+CANDIDATES: dict[str, list[BytesBytesCodec]] = {
     "none": [],
     "zstd-1 (plain)": [zc.ZstdCodec(level=1)],
     "zstd-3 (plain)": [zc.ZstdCodec(level=3)],
@@ -57,7 +60,7 @@ CURRENT_SPATIAL = (f"blosc {SPATIAL_COMPRESSION['cname']}-{SPATIAL_COMPRESSION['
                    f"{SPATIAL_COMPRESSION['shuffle']}")  # spatial maps
 
 
-def measure(data: np.ndarray, chunk_rows: int, codecs: list, where: Path) -> tuple[int, float, float]:
+def measure(data: np.ndarray, chunk_rows: int, codecs: list[BytesBytesCodec], where: Path) -> tuple[int, float, float]:
     """(bytes on disk, write seconds, read seconds) of ``data`` (V, N, ...) stored with ``codecs`` + CRC32C,
     in chunks of one view by ``chunk_rows`` rows, whole rows."""
     arr = zarr.create_array(where, shape=data.shape, chunks=(1, chunk_rows, *data.shape[2:]), dtype=data.dtype,
@@ -95,7 +98,7 @@ def fresh_teacher(args: argparse.Namespace, tmp: Path, cache: Cache) -> tuple[st
 def compare_codecs(store: TeacherStore, tmp: Path) -> None:
     """Bytes per row, ratio and speeds of every candidate on the store's own logits and features."""
     rows = store.chunk_rows
-    arrays = [store.group[name][...] for name in store.data_arrays]
+    arrays = [fmt.read(store.group, name) for name in store.data_arrays]
     n_rows = store.n_views * store.n_samples
     raw_row = sum(a.nbytes for a in arrays) / n_rows
     mb = sum(a.nbytes for a in arrays) / 1e6
@@ -119,8 +122,8 @@ def compare_codecs(store: TeacherStore, tmp: Path) -> None:
 
 def keep_or_derive(store: TeacherStore, tmp: Path, pooled: TeacherStore | None) -> None:
     """Keep the pooled vector in a spatial store, or derive it from the map on read: bytes and time."""
-    maps = store.group["features"]
-    derived = [torch.from_numpy(maps[v, store.rows(c)]).float().mean((2, 3)).to(torch.float16).numpy()
+    maps = fmt.array(store.group, "features")
+    derived = [torch.from_numpy(cast(np.ndarray, maps[v, store.rows(c)])).float().mean((2, 3)).to(torch.float16).numpy()
                for v in range(store.n_views) for c in range(store.chunks_per_view)]
     kept = np.stack([np.concatenate(derived[v * store.chunks_per_view:(v + 1) * store.chunks_per_view])
                      for v in range(store.n_views)])
@@ -133,7 +136,7 @@ def keep_or_derive(store: TeacherStore, tmp: Path, pooled: TeacherStore | None) 
     print(f"(a) a kept pooled array {kept.shape[2:]} adds {extra:.1f} B a row (compressed, {CURRENT}) to a "
           f"spatial row of {row:.1f} B: {extra / row:.2%} more")
     if pooled is not None:
-        true = pooled.group["features"][...].astype(np.float32)
+        true = fmt.read(pooled.group, "features").astype(np.float32)
         diff = np.abs(kept.astype(np.float32) - true)
         ulp = np.abs(np.spacing(true.astype(np.float16))).astype(np.float32)
         print(f"    derived vs the teacher's own pooled vector (float16): max |diff| {diff.max():.3g}, "
@@ -148,7 +151,7 @@ def keep_or_derive(store: TeacherStore, tmp: Path, pooled: TeacherStore | None) 
             t0 = time.perf_counter()
             block = maps[v, rows]
             t1 = time.perf_counter()
-            torch.from_numpy(block).float().mean((2, 3))
+            torch.from_numpy(cast(np.ndarray, block)).float().mean((2, 3))
             t2 = time.perf_counter()
             kept_arr[v, rows]
             t3 = time.perf_counter()
@@ -174,8 +177,8 @@ def main() -> None:
     ap.add_argument("--features", choices=("pooled", "spatial", "none"), default="pooled",
                     help="Feature form of the fresh teacher's store (an existing --store has its own).")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         cache = Cache.at(args.cache or tmp / "cache")
         tid, pooled_id = (args.store, None) if args.store else fresh_teacher(args, tmp, cache)
         store = cache.open_teacher(tid)

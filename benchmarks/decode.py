@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from PIL import Image
 from common import machine
 from kdcache.batches import view_batch
 from kdcache.data import load_dataset
-from kdcache.data.base import DECODE_WORKERS_ENV, decode_workers
+from kdcache.data.base import DECODE_WORKERS_ENV, FileSource, decode_workers
 from kdcache.device import resolve_device
 from kdcache.models import build_model
 from kdcache.pipelines import precompute as pc
@@ -46,6 +46,7 @@ from kdcache.pipelines import precompute_engine as engine
 from kdcache.views import draw_plan
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def write_jpeg_tree(root: Path, n_train: int, n_classes: int = 4, n_val: int = 1, size: tuple[int, int] = (500, 375),
@@ -99,7 +100,7 @@ def with_workers(workers: int | None, fn: Callable[[], T]) -> T:
             os.environ[DECODE_WORKERS_ENV] = saved
 
 
-def _sequential(make, items, ahead=1):
+def _sequential(make: Callable[[T], U], items: Iterable[T], ahead: int = 1) -> Iterator[U]:
     """precompute's loop as it was before: each batch made when the teacher asks for it."""
     return map(make, items)
 
@@ -123,11 +124,12 @@ def main() -> None:
     device = resolve_device(args.device)
     b = args.batch_size
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         t0 = time.perf_counter()
         root = write_jpeg_tree(tmp / "data", args.images)
         data = load_dataset("imagefolder", root)
+        assert isinstance(data.train, FileSource)  # an ImageFolder's training split: files
         n = len(data.train)
         kb = sum(os.path.getsize(p) for p in data.train.paths) / n / 1e3
         print(f"machine: {machine()}, device {device}, load average {os.getloadavg()[0]:.2f}")
@@ -155,7 +157,7 @@ def main() -> None:
         loop_seconds: list[float] = []
         original = pc.write_chunks
 
-        def timed(*a, **kw):
+        def timed(*a: Any, **kw: Any) -> None:
             t = time.perf_counter()
             original(*a, **kw)
             _sync(device)

@@ -30,10 +30,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
 WARMUP = 3
+
+
+class RankResult(TypedDict):
+    """One rank of a configuration: its intra-op threads and median step time (seconds)."""
+    threads: int
+    step: float
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -58,7 +65,7 @@ def step_time(stamps: list[tuple[int, float]]) -> float:
     return statistics.median(gaps)
 
 
-def launch(tmp: Path, name: str, ranks: int, threads: int | None, common: list[str]) -> list[dict]:
+def launch(tmp: Path, name: str, ranks: int, threads: int | None, common: list[str]) -> list[RankResult]:
     """Run the workers of one configuration as a torchrun job; each rank's threads and step time."""
     record = tmp / f"record-{name}"
     record.mkdir()
@@ -102,8 +109,8 @@ def main() -> None:
     from distill_step import make_teachers
 
     print(f"machine: {machine()}, {os.cpu_count()} cores")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         root = fake_cifar100(tmp / "data", args.samples)
         ids = make_teachers(tmp, root, args.teacher, args.teachers, views=1, dataset="cifar100", cache=tmp / "cache")
         common = ["--student", args.student, "--method", args.method, "--batch-size", str(args.batch_size),
@@ -117,7 +124,7 @@ def main() -> None:
         print(f"{args.teachers} x {args.teacher} -> {args.student} {args.method}, global batch {args.batch_size}, "
               f"{args.samples} CIFAR-shaped samples, {args.epochs} epochs of {args.samples // args.batch_size} "
               f"steps ({WARMUP} warm-up steps dropped per epoch), {args.rounds} rounds")
-        runs: dict[str, list[list[dict]]] = {name: [] for name, _, _ in configs}
+        runs: dict[str, list[list[RankResult]]] = {name: [] for name, _, _ in configs}
         for r in range(args.rounds):
             for name, n, threads in configs:
                 per_rank = launch(tmp, f"{r}-{name.replace(' ', '').replace(',', '-')}", n, threads, common)

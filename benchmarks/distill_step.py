@@ -78,7 +78,8 @@ def random_teacher_outputs(seed: int = 0) -> Iterator[None]:
     shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
     gen = torch.Generator().manual_seed(seed)
 
-    def fake(model: torch.nn.Module, x: torch.Tensor, features: str = "pooled", amp: str | None = None):
+    def fake(model: torch.nn.Module, x: torch.Tensor, features: str = "pooled",
+             amp: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if id(model) not in shapes:
             z, h = real(model, x[:1], features, amp)
             shapes[id(model)] = (tuple(z.shape[1:]), () if h is None else tuple(h.shape[1:]))
@@ -121,8 +122,9 @@ def resident(held: Chunks) -> Iterator[None]:
 
     def submit_rows(self: TeacherStore, v: int, start: int, stop: int, pool: Any = None) -> Any:
         first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-        parts = [held.get((self.id, v, c)) for c in range(first, last + 1)]
-        if any(p is None for p in parts):
+        found = [held.get((self.id, v, c)) for c in range(first, last + 1)]
+        parts = [p for p in found if p is not None]
+        if len(parts) < len(found):
             return real(self, v, start, stop, pool) if pool is not None else real(self, v, start, stop)
         keep = slice(start - first * self.chunk_rows, stop - first * self.chunk_rows)
         z = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]

@@ -91,7 +91,7 @@ def run_mode(name: str, root: Path, args: argparse.Namespace, extra: list[str]) 
            "--teacher-epochs", str(args.teacher_epochs), "--seeds", str(args.seeds), "--device", args.device, *extra]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    found = json.loads(out.stdout.strip().splitlines()[-1])
+    found: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     found["wall"] = time.perf_counter() - t0
     print(f"  {name:<14} {found['wall']:7.1f} s  (stages: "
           + ", ".join(f"{k} {v:.1f}" for k, v in found["stages"].items()) + ")", flush=True)

@@ -115,7 +115,7 @@ def run_once(args: list[str], inline: bool) -> dict[str, float]:
     line = next((x for x in done.stdout.splitlines() if x.startswith("PROBE ")), None)
     if done.returncode != 0 or line is None:
         raise SystemExit(f"precompute failed:\n{done.stderr[-3000:]}")
-    spent = json.loads(line[len("PROBE "):])
+    spent: dict[str, float] = json.loads(line[len("PROBE "):])
     on_path = CRITICAL + (("views", "writes") if inline else ())
     spent["other"] = spent["total"] - sum(spent.get(s, 0.0) for s in on_path)
     return spent

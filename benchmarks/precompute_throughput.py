@@ -30,7 +30,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ import torch
 from common import fake_cifar100, machine
 from kdcache.batches import view_batch
 from kdcache.data import load_dataset
+from kdcache.data.base import DataSet
 from kdcache.device import resolve_device
 from kdcache.models import build_model, forward_with_map
 from kdcache.pipelines import precompute as pc
@@ -58,7 +59,7 @@ def bare_forward(forward: Callable[[torch.Tensor], object], inputs: list[torch.T
     return sum(len(x) for x in inputs) / (time.perf_counter() - t0)
 
 
-def real_inputs(dataset, n_rows: int, batch: int, device: torch.device) -> list[torch.Tensor]:
+def real_inputs(dataset: DataSet, n_rows: int, batch: int, device: torch.device) -> list[torch.Tensor]:
     """The teacher's actual inputs (replayed views of the training images), built before any timing."""
     order, params = draw_plan(dataset.recipe, 1, len(dataset.train), seed=0)
     idx = np.resize(order[0], n_rows)
@@ -67,8 +68,8 @@ def real_inputs(dataset, n_rows: int, batch: int, device: torch.device) -> list[
             for i in range(0, n_rows, batch)]
 
 
-def best_batch(model: torch.nn.Module, dataset, sizes: list[int], device: torch.device,
-               autocast: contextlib.AbstractContextManager) -> tuple[int, dict[int, float]]:
+def best_batch(model: torch.nn.Module, dataset: DataSet, sizes: list[int], device: torch.device,
+               autocast: contextlib.AbstractContextManager[object]) -> tuple[int, dict[int, float]]:
     """The batch of ``sizes`` at which the bare forward runs fastest (one pass over 4 batches of each), and every rate."""
     if len(sizes) == 1:
         return sizes[0], {}
@@ -100,8 +101,8 @@ def main() -> None:
     args = ap.parse_args()
     device = resolve_device(args.device)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         root = fake_cifar100(tmp / "data", args.samples)
         dataset = load_dataset("cifar100", root)
         model = build_model(args.arch, 100)
@@ -116,7 +117,8 @@ def main() -> None:
                                            views=args.views, batch_size=batch, device=str(device),
                                            features=form, amp=args.amp) for form in args.features}
         chunk_rows = {form: pc.prepare(req, dataset).chunk_rows for form, req in reqs.items()}
-        bounds = {"model(x)": model, "forward_with_map": lambda x: forward_with_map(model, x)}
+        bounds: dict[str, Callable[[torch.Tensor], object]] = {
+            "model(x)": model, "forward_with_map": lambda x: forward_with_map(model, x)}
         inputs = real_inputs(dataset, n_rows, batch, device)
 
         # Time the chunk loop alone (the per-row cost) and the whole call, alternating with the bounds
@@ -124,7 +126,7 @@ def main() -> None:
         loop_seconds: list[float] = []
         original = pc.write_chunks
 
-        def timed(*a, **kw):
+        def timed(*a: Any, **kw: Any) -> None:
             t = time.perf_counter()
             original(*a, **kw)
             _sync(device)

@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -95,8 +96,8 @@ def main() -> None:
 
     phase: list[float] = []
 
-    def timed(original):  # type: ignore[no-untyped-def]
-        def run(*a, **kw):  # type: ignore[no-untyped-def]
+    def timed(original: Callable[..., None]) -> Callable[..., None]:
+        def run(*a: Any, **kw: Any) -> None:
             t0 = time.perf_counter()
             original(*a, **kw)
             phase.append(time.perf_counter() - t0)
@@ -105,8 +106,8 @@ def main() -> None:
     pc.write_chunks = timed(pc.write_chunks)   # the serial chunk loop (workers import their own, untimed)
     pcc.run_tasks = timed(pcc.run_tasks)       # submit to last task done
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         root = fake_cifar100(tmp / "data", args.samples)
         ckpt = tmp / "teacher.pth"
         torch.save({"model": build_model(args.arch, 100).state_dict()}, ckpt)
@@ -122,10 +123,10 @@ def main() -> None:
                                            batch_size=args.batch_size, device=args.device)
                 phase.clear()
                 t0 = time.perf_counter()
-                [result] = pc.precompute_many([req], workers=workers)
+                [done] = pc.precompute_many([req], workers=workers)
                 total_rate[mode].append(rows / (time.perf_counter() - t0))
                 chunk_rate[mode].append(rows / phase[0])
-                ids.add(result.teacher_id)
+                ids.add(done.teacher_id)
         assert len(ids) == 1
         print(f"machine: {machine()}, {pcc._cpu_count()} CPUs")
         print(f"teacher {args.arch}, {args.views} views x {args.samples} samples = {rows} rows, batch {args.batch_size}, "

@@ -176,12 +176,15 @@ def read_kdcache(paths: list[Path], threads: int, block: int) -> Callable[[], No
 def compressed_chunks(paths: list[Path]) -> list[tuple[Any, int, bytes]]:
     """Every chunk of view 0 of every store's logits and features: (its reader, chunk, compressed bytes)."""
     stores = [TeacherStore.open(p, f"t{i}") for i, p in enumerate(paths)]
-    held = []
+    held: list[tuple[Any, int, bytes]] = []
     for s in stores:
         for reader in s.chunk_readers().values():
             for c in range(s.chunks_per_view):
                 key, offset, length = reader.locate(0, c)
-                held.append((reader, c, reader.fetch(key, offset, length)))
+                data = reader.fetch(key, offset, length)
+                if data is None:
+                    raise ValueError(f"{s.path}: no file for chunk {c} of view 0 of {reader.name}")
+                held.append((reader, c, data))
     return held
 
 

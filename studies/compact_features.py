@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ def feature_error(cache: Cache, dense: list[str], int8: list[str]) -> dict[str, 
         for v in range(a.n_views):
             _, ha = a.read_rows(v, 0, a.n_samples)
             _, hb = b.read_rows(v, 0, b.n_samples)
+            assert ha is not None and hb is not None  # stores of a feature form
             ha32 = ha.astype(np.float32).reshape(len(ha), -1)
             diff = np.abs(hb.reshape(len(hb), -1) - ha32)
             peak = np.maximum(np.abs(ha32).max(1), 1e-12)
@@ -91,7 +93,7 @@ def main() -> int:
     args = ap.parse_args()
     out, cfg = args.out, study.Config()
     cache = Cache.at(out / "cache")
-    result: dict = {"forms": {}}
+    result: dict[str, Any] = {"forms": {}}
     tasks = []
     for form in FORMS:
         dense, int8 = stores(out, cfg, "float16", form), stores(out, cfg, "int8", form)
@@ -110,13 +112,14 @@ def main() -> int:
     rows = ["| camkd (setting A, V = 8) | float16 features | int8 features | per seed (int8 − float16) |",
             "|---|---|---|---|"]
     for form in FORMS:
-        dense = [load_run(out / "runs" / "A" / f"camkd-{form}" / f"seed{s}").final_top1 for s in range(cfg.seeds)]
-        int8 = [load_run(out / "compact" / "runs" / f"camkd-{form}-int8" / f"seed{s}").final_top1
-                for s in range(cfg.seeds)]
-        result["forms"][form].update(float16_top1=dense, int8_top1=int8)
-        rows.append(f"| {form} | {statistics.mean(dense):.2f} ± {statistics.stdev(dense):.2f} | "
-                    f"{statistics.mean(int8):.2f} ± {statistics.stdev(int8):.2f} | "
-                    f"{', '.join(f'{b - a:+.2f}' for a, b in zip(dense, int8))} |")
+        dense_top1 = [load_run(out / "runs" / "A" / f"camkd-{form}" / f"seed{s}").final_top1
+                      for s in range(cfg.seeds)]
+        int8_top1 = [load_run(out / "compact" / "runs" / f"camkd-{form}-int8" / f"seed{s}").final_top1
+                     for s in range(cfg.seeds)]
+        result["forms"][form].update(float16_top1=dense_top1, int8_top1=int8_top1)
+        rows.append(f"| {form} | {statistics.mean(dense_top1):.2f} ± {statistics.stdev(dense_top1):.2f} | "
+                    f"{statistics.mean(int8_top1):.2f} ± {statistics.stdev(int8_top1):.2f} | "
+                    f"{', '.join(f'{b - a:+.2f}' for a, b in zip(dense_top1, int8_top1))} |")
     (out / "compact").mkdir(exist_ok=True)
     (out / "compact" / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(rows))

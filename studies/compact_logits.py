@@ -28,6 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,11 +128,12 @@ def main() -> int:
     t0 = time.perf_counter()
     dense = stores(out, cfg, "dense", "float16")
     ids = {key: stores(out, cfg, logits, dtype) for key, logits, dtype in FORMS}
-    result: dict = {"dense_ids": dense, "ids": ids, "temperature": T, "precompute_seconds": time.perf_counter() - t0,
-                    "approximation": {f"top{k}": approximation(out, cfg, dense, ids[f"top{k}"]) for k in KS},
-                    "row_bytes": {"dense": row_bytes(10, (64,)),
-                                  **{key: row_bytes(10, (64,), feature_dtype=dtype, topk=int(logits.split(":")[1]))
-                                     for key, logits, dtype in FORMS}}}
+    result: dict[str, Any] = {"dense_ids": dense, "ids": ids, "temperature": T,
+                              "precompute_seconds": time.perf_counter() - t0,
+                              "approximation": {f"top{k}": approximation(out, cfg, dense, ids[f"top{k}"]) for k in KS},
+                              "row_bytes": {"dense": row_bytes(10, (64,)),
+                                            **{key: row_bytes(10, (64,), feature_dtype=dtype, topk=int(logits.split(":")[1]))
+                                               for key, logits, dtype in FORMS}}}
     tasks = [(out, f"{method}-{key}", method, ids[key], cfg, seed)
              for key, _, _ in FORMS for method in ("aver", "camkd")
              if not (method == "aver" and key.endswith("int8")) for seed in range(cfg.seeds)]

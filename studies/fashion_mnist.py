@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -47,30 +48,13 @@ from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 
 from fashion_mnist_report import write_report  # the study's own modules, beside it
-from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, best_teacher
+from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, Config, StoreIds, best_teacher
 
 DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
 PARTS = ("A", "beta", "B", "abl", "views", "online")
 METHODS = ("ce", "kd", "aver", "ebkd", "aekd", "fitnet-mkd", "camkd")
-
-
-@dataclass(frozen=True)
-class Config:
-    """The sizes of the study; the defaults fit about two hours on a 2-core CPU (docs/EVIDENCE.md says why)."""
-
-    per_class: int = 250          # training images per class, drawn from the 60,000 (seed 0)
-    test_per_class: int = 500     # test images per class, drawn from the 10,000 (seed 0)
-    teacher: str = "resnet20"
-    teacher_epochs: int = 15
-    student: str = "resnet8"
-    epochs: int = 8
-    batch_size: int = 64          # the official scripts'
-    views: int = 8
-    seeds: int = 3
-    betas: tuple[int, ...] = (0, 5, 15, 50)
-    view_counts: tuple[int, ...] = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -84,7 +68,7 @@ class Run:
     form: str                     # store form the run reads
     views: int
     seed: int
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     online: bool = False
 
     @property
@@ -96,7 +80,7 @@ class Run:
 class Teacher:
     name: str
     seed: int
-    label_map: dict | None = None
+    label_map: dict[int, int] | None = None
 
 
 TEACHERS = (Teacher("t0", 0), Teacher("t1", 1), Teacher("t2", 2), Teacher("t2-rotated", 2, ROTATED))
@@ -174,7 +158,7 @@ def plan_runs(cfg: Config) -> list[Run]:
     return sorted(runs.values(), key=run_order)
 
 
-def run_order(run: Run) -> tuple:
+def run_order(run: Run) -> tuple[bool, int, int, int, str]:
     """A, beta and B part by part; then the other parts seed by seed, so a study cut short still has every
     part at the first seeds."""
     first = run.part in PARTS[:3]
@@ -203,12 +187,13 @@ def _distill_one(out: Path, run: Run, ids: list[str], cfg: Config, threads: int)
 
 # ----------------------------------------------------------------------------------------------- stages
 
-def train_teachers(out: Path, cfg: Config, say) -> dict[str, Path]:
+def train_teachers(out: Path, cfg: Config, say: Callable[[str], None]) -> dict[str, Path]:
     ckpts = {}
     for t in TEACHERS:
         ckpt = out / "teachers" / f"{t.name}-{cfg.teacher}.pth"
         ckpts[t.name] = ckpt
-        if ckpt.is_file() and int(read_checkpoint(ckpt).get("epoch", 0)) >= cfg.teacher_epochs:
+        # the study's own train-teacher checkpoints: dicts
+        if ckpt.is_file() and int(cast("dict[str, Any]", read_checkpoint(ckpt)).get("epoch", 0)) >= cfg.teacher_epochs:
             continue
         say(f"training teacher {t.name} ({cfg.teacher}, seed {t.seed}, {cfg.teacher_epochs} epochs"
             f"{', rotated labels ' + str(t.label_map) if t.label_map else ''})")
@@ -219,11 +204,11 @@ def train_teachers(out: Path, cfg: Config, say) -> dict[str, Path]:
     return ckpts
 
 
-def store_ids(out: Path, cfg: Config, ckpts: dict[str, Path], runs: list[Run], say) -> dict[tuple, str]:
+def store_ids(out: Path, cfg: Config, ckpts: dict[str, Path], runs: list[Run], say: Callable[[str], None]) -> StoreIds:
     """Precompute every (teacher, form, V) store the runs read, plus t0's pooled stores at each V (for disk)."""
     wanted = {(t, r.form, r.views) for r in runs for t in r.teachers if t != "best"}
     wanted |= {("t0", form, v) for form in ("pooled", "spatial", "none") for v in cfg.view_counts}
-    ids = {}
+    ids: StoreIds = {}
     for name, form, views in sorted(wanted, key=lambda k: (k[2] != cfg.views, k)):
         pre = precompute(PrecomputeRequest(teacher=cfg.teacher, checkpoint=ckpts[name], dataset=DATASET,
                                            data_root=out / "data", cache=out / "cache", views=views,
@@ -235,20 +220,20 @@ def store_ids(out: Path, cfg: Config, ckpts: dict[str, Path], runs: list[Run], s
     return ids
 
 
-def teacher_facts(out: Path, cfg: Config, ckpts: dict[str, Path]) -> dict:
+def teacher_facts(out: Path, cfg: Config, ckpts: dict[str, Path]) -> dict[str, Any]:
     """Each teacher's test accuracy (overall and on the rotated classes) and each setting's ensemble."""
     dataset = load_dataset(DATASET, out / "data")
     dev = resolve_device("cpu")
-    facts: dict = {"teachers": {}, "ensemble": {}}
+    facts: dict[str, Any] = {"teachers": {}, "ensemble": {}}
     for t in TEACHERS:
         model = build_model(cfg.teacher, dataset.num_classes)
         load_checkpoint(model, ckpts[t.name])
         model.eval()
         preds, labels = [], []
         with torch.inference_mode():
-            for x, y in test_batches(dataset, dataset.recipe, dev, 256):
+            for x, yb in test_batches(dataset, dataset.recipe, dev, 256):
                 preds.append(model(x)[1].argmax(1))
-                labels.append(y)
+                labels.append(yb)
         p, y = torch.cat(preds).numpy(), torch.cat(labels).numpy()
         rotated = np.isin(y, list(ROTATED))
         facts["teachers"][t.name] = {"seed": t.seed, "label_map": t.label_map, "test": 100 * float((p == y).mean()),
@@ -318,7 +303,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     return 0
 
 
-def _ids_for(run: Run, ids: dict, facts: dict, cfg: Config) -> list[str]:
+def _ids_for(run: Run, ids: StoreIds, facts: dict[str, Any], cfg: Config) -> list[str]:
     names = (best_teacher(facts, run.part if run.part in SETTINGS else "A"),) if run.teachers == ("best",) \
         else run.teachers
     return [ids[(n, run.form, run.views)] for n in names]

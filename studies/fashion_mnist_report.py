@@ -8,15 +8,32 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from kdcache.errors import KdcacheError
 from kdcache.runs import load_run
 
-from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, best_teacher  # beside it
+from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, Config, StoreIds, best_teacher  # beside it
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+OverSeeds = list[float | None]  # a run's final top-1 at each seed, None where it has not finished
+Points = list[tuple[float, tuple[float, float] | None]]  # (x, (mean, std) over seeds, or None: no runs)
+
+
+class Keyed(Protocol):
+    """A run of the study (fashion_mnist.Run), as far as the report reads it: its key, part/name/seed<s>."""
+
+    @property
+    def key(self) -> str: ...
 
 
 def _final(out: Path, key: str) -> float | None:
@@ -50,10 +67,11 @@ def _disk(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def write_report(out: Path, cfg, ids: dict, runs: list, facts: dict, timing: dict) -> dict:
+def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], facts: dict[str, Any],
+                 timing: dict[str, float]) -> dict[str, Any]:
     """Write tables.md, results.json and the figures under ``out``; return what results.json holds."""
     seeds = range(cfg.seeds)
-    results: dict = {"config": asdict(cfg), "teachers": facts, "timing": timing}
+    results: dict[str, Any] = {"config": asdict(cfg), "teachers": facts, "timing": timing}
     acc = {r.key: _final(out, r.key) for r in runs}
     results["runs"] = acc
     lines = [f"# Fashion-MNIST study: tables ({sum(v is not None for v in acc.values())} of {len(acc)} runs "
@@ -78,23 +96,23 @@ def write_report(out: Path, cfg, ids: dict, runs: list, facts: dict, timing: dic
     # main table
     lines += ["## Student accuracy by method (final-epoch test top-1 %, mean ± std over seeds, each seed in brackets)",
               "", "| method | A: three good teachers | B: one teacher rotated on three classes |", "|---|---|---|"]
-    names = [("ce", "ce"), ("kd", "kd (best teacher: A {}, B {})".format(best_teacher(facts, "A"),
-                                                                       best_teacher(facts, "B"))),
-             ("aver", "aver"), ("ebkd", "ebkd"), ("aekd", "aekd"), ("fitnet-mkd", "fitnet-mkd (spatial)"),
-             ("camkd-pooled", "camkd, pooled form, β = 50"), ("camkd-spatial", "camkd, spatial form, β = 50")]
-    main = {}
-    for name, label in names:
-        a = over_seeds("A", name)
-        b = over_seeds("A", name) if name == "ce" else over_seeds("B", name)
-        main[name] = {"A": a, "B": b}
-        lines.append(f"| {label} | {_cell(a)} | {_cell(b)} |")
+    methods = [("ce", "ce"), ("kd", "kd (best teacher: A {}, B {})".format(best_teacher(facts, "A"),
+                                                                         best_teacher(facts, "B"))),
+               ("aver", "aver"), ("ebkd", "ebkd"), ("aekd", "aekd"), ("fitnet-mkd", "fitnet-mkd (spatial)"),
+               ("camkd-pooled", "camkd, pooled form, β = 50"), ("camkd-spatial", "camkd, spatial form, β = 50")]
+    main: dict[str, dict[str, OverSeeds]] = {}
+    for name, label in methods:
+        in_a = over_seeds("A", name)
+        in_b = over_seeds("A", name) if name == "ce" else over_seeds("B", name)
+        main[name] = {"A": in_a, "B": in_b}
+        lines.append(f"| {label} | {_cell(in_a)} | {_cell(in_b)} |")
     lines.append("")
 
     # beta
     lines += ["## camkd against β (setting A)", "", "| β | pooled form | spatial form |", "|---|---|---|"]
-    beta = {}
+    beta: dict[int, dict[str, OverSeeds]] = {}
     for b in cfg.betas:
-        row = {}
+        row: dict[str, OverSeeds] = {}
         for form in ("pooled", "spatial"):
             row[form] = over_seeds("A", f"camkd-{form}") if b == 50 else over_seeds("beta", f"camkd-{form}-beta{b}")
         beta[b] = row
@@ -103,10 +121,11 @@ def write_report(out: Path, cfg, ids: dict, runs: list, facts: dict, timing: dic
 
     # ablations
     lines += ["## The paper's Table 4 ablations (setting A, spatial form)", "", "| variant | top-1 % |", "|---|---|"]
-    abl = {"camkd (confidence weights, β = 50, feature term weighted by v)": over_seeds("A", "camkd-spatial"),
-           "uniform weights w = v = 1/K (`--camkd-weights uniform`)": over_seeds("abl", "camkd-spatial-uniform"),
-           "no feature term (`--beta 0`)": beta[0]["spatial"] if 0 in beta else [None],
-           "feature term weighted by w (`--camkd-feature-weights w`)": over_seeds("abl", "camkd-spatial-feature-by-w")}
+    abl: dict[str, OverSeeds] = {
+        "camkd (confidence weights, β = 50, feature term weighted by v)": over_seeds("A", "camkd-spatial"),
+        "uniform weights w = v = 1/K (`--camkd-weights uniform`)": over_seeds("abl", "camkd-spatial-uniform"),
+        "no feature term (`--beta 0`)": beta[0]["spatial"] if 0 in beta else [None],
+        "feature term weighted by w (`--camkd-feature-weights w`)": over_seeds("abl", "camkd-spatial-feature-by-w")}
     for label, values in abl.items():
         lines.append(f"| {label} | {_cell(values)} |")
     lines.append("")
@@ -116,20 +135,21 @@ def write_report(out: Path, cfg, ids: dict, runs: list, facts: dict, timing: dic
               f"{cfg.epochs} epochs: epoch e reads view σ(e) mod V)", "",
               "| V | aver | camkd (spatial) | disk per teacher: logits only | pooled | spatial |",
               "|---|---|---|---|---|---|"]
-    views = {}
+    views: dict[int, dict[str, Any]] = {}  # V -> aver, camkd: accuracies over seeds; disk: bytes by form
     for v in cfg.view_counts:
-        row = {}
+        view_row: dict[str, Any] = {}
         for method in ("aver", "camkd"):
             if v == cfg.views:  # part A's runs
-                row[method] = over_seeds("A", "camkd-spatial" if method == "camkd" else method)
+                view_row[method] = over_seeds("A", "camkd-spatial" if method == "camkd" else method)
             else:
-                row[method] = over_seeds("views", f"{method}-spatial-V{v}")
-        row["disk"] = {form: (_disk(ids[("t0", form, v, "path")]) if ("t0", form, v, "path") in ids else None)
-                       for form in ("none", "pooled", "spatial")}
-        views[v] = row
+                view_row[method] = over_seeds("views", f"{method}-spatial-V{v}")
+        view_row["disk"] = {form: (_disk(ids[("t0", form, v, "path")]) if ("t0", form, v, "path") in ids else None)
+                            for form in ("none", "pooled", "spatial")}
+        views[v] = view_row
         rows = v * cfg.per_class * len(CLASSES)
-        disk = " | ".join(f"{d / 2**20:.2f} MiB ({d / rows:,.0f} B/row)" if d else "—" for d in row["disk"].values())
-        lines.append(f"| {v} | {_cell(row['aver'])} | {_cell(row['camkd'])} | {disk} |")
+        disk = " | ".join(f"{d / 2**20:.2f} MiB ({d / rows:,.0f} B/row)" if d else "—"
+                          for d in view_row["disk"].values())
+        lines.append(f"| {v} | {_cell(view_row['aver'])} | {_cell(view_row['camkd'])} | {disk} |")
     lines += ["", f"(V = {cfg.views}'s aver runs read the pooled stores of part A, the others spatial stores; aver "
               "reads only logits, which are identical in both forms. Disk: t0's whole store directory as written, "
               "final classifier and metadata included.)", ""]
@@ -163,9 +183,10 @@ def write_report(out: Path, cfg, ids: dict, runs: list, facts: dict, timing: dic
     return results
 
 
-def _rotated_teacher_weights(out: Path, cfg, rotated: list[int], classes) -> dict:
+def _rotated_teacher_weights(out: Path, cfg: Config, rotated: list[int],
+                             classes: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Mean KD weight of each teacher inside and outside the rotated classes, and per class, per form."""
-    found = {}
+    found: dict[str, dict[str, Any]] = {}
     for form in ("pooled", "spatial"):
         saved = []
         for s in range(cfg.seeds):
@@ -184,23 +205,24 @@ def _rotated_teacher_weights(out: Path, cfg, rotated: list[int], classes) -> dic
     return found
 
 
-def _figures(out: Path, cfg, beta: dict, views: dict, weights: dict, classes, teachers) -> None:
+def _figures(out: Path, cfg: Config, beta: dict[int, dict[str, OverSeeds]], views: dict[int, dict[str, Any]],
+             weights: dict[str, dict[str, Any]], classes: Sequence[str], teachers: Sequence[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    beta_lines = {f"camkd, {form} form": [(k + (i - 0.5) * 0.08, _mean_std(v[form]))
-                                          for k, v in enumerate(beta.values())]
-                  for i, form in enumerate(("pooled", "spatial"))}
+    beta_lines: dict[str, Points] = {f"camkd, {form} form": [(k + (i - 0.5) * 0.08, _mean_std(v[form]))
+                                                             for k, v in enumerate(beta.values())]
+                                     for i, form in enumerate(("pooled", "spatial"))}
     fig, ax = _accuracy_figure(plt, beta_lines, "β (weight of the feature term)",
                                "Fashion-MNIST, setting A: camkd against β (3 seeds)")
     ax.set_xticks(range(len(beta)), [str(b) for b in beta])
     fig.savefig(out / "fmnist-beta.png", dpi=120)
     plt.close(fig)
 
-    view_lines = {method + (" (spatial)" if method == "camkd" else ""): [(v, _mean_std(row[method]))
-                                                                          for v, row in views.items()]
-                  for method in ("aver", "camkd")}
+    view_lines: dict[str, Points] = {method + (" (spatial)" if method == "camkd" else ""):
+                                     [(v, _mean_std(row[method])) for v, row in views.items()]
+                                     for method in ("aver", "camkd")}
     fig, ax = _accuracy_figure(plt, view_lines, f"stored views V ({cfg.epochs} epochs)",
                                "Fashion-MNIST, setting A: accuracy against stored views")
     ax.set_xscale("log", base=2)
@@ -222,11 +244,11 @@ def _figures(out: Path, cfg, beta: dict, views: dict, weights: dict, classes, te
         plt.close(fig)
 
 
-def _accuracy_figure(plt, lines: dict, xlabel: str, title: str):
+def _accuracy_figure(plt: ModuleType, lines: dict[str, Points], xlabel: str, title: str) -> tuple[Figure, Axes]:
     """Student accuracy (mean ± std over seeds) as one error-bar line per label; points without runs left out."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="constrained")
-    for label, pts in lines.items():
-        pts = [(x, m) for x, m in pts if m is not None]
+    for label, points in lines.items():
+        pts = [(x, m) for x, m in points if m is not None]
         if pts:
             ax.errorbar([x for x, _ in pts], [m[0] for _, m in pts], [m[1] for _, m in pts], marker="o", capsize=3,
                         label=label)
