@@ -17,8 +17,10 @@ from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE
 @click.option("--arch", required=True, help="Architecture from `kdcache models`.")
 @click.option("--dataset", required=True, help="Data set from `kdcache datasets`.")
 @data_root_option
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Checkpoint to write after every epoch: {'model','optimizer','epoch','best_acc','arch',...}.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run directory (config.json, metrics.jsonl, checkpoint.pth, best.pth, last.pth), or a .pth file: "
+                   "the trained teacher's weights for precompute --checkpoint, written after the last epoch, with "
+                   "the run directory beside it (t1.pth: t1/). The weights' path is printed.")
 @click.option("--epochs", type=int, default=defaults.EPOCHS, help="Training epochs (official: 240).")
 @click.option("--batch-size", type=int, default=defaults.BATCH_SIZE, help="Batch size (official: 64).")
 @click.option("--lr", type=float, default=None,
@@ -30,29 +32,31 @@ from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE
 @recipe_option
 @image_size_option
 @device_option
-@click.option("--resume", is_flag=True, help="Continue the run saved in --out (--epochs may grow).")
-@click.option("--force", is_flag=True, help="Replace an existing --out (without it, an existing file is refused).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth (--epochs may grow).")
+@click.option("--force", is_flag=True, help="Replace an existing --out (without it, an existing run is refused).")
 @tensorboard_option
 def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path, epochs: int, batch_size: int,
                       lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                       seed: int, recipe: str | None, image_size: int | None, device: str | None,
                       resume: bool, force: bool, tensorboard: Path | None) -> None:
     """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
-    from kdcache.pipelines.train_teacher import EpochRecord, TrainTeacherRequest, train_teacher
+    from kdcache.loop import EpochMetrics
+    from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 
     req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                               milestones=lr_milestones, seed=seed, device=device, resume=resume, force=force,
                               recipe=recipe, image_size=image_size, tensorboard=tensorboard)
 
-    def report(r: "EpochRecord") -> None:
-        click.echo(f"epoch {r.epoch:>3}/{epochs}  loss {r.loss:.4f}  train {r.train_acc:6.2f}%  "
-                   f"test top-1 {r.test_top1:6.2f}%  top-5 {r.test_top5:6.2f}%  lr {r.lr:.4g}  {r.seconds:.1f}s",
+    def report(m: EpochMetrics) -> None:
+        click.echo(f"epoch {m.epoch:>3}/{epochs}  loss {m.train['loss']:.4f}  train {m.train['accuracy']:6.2f}%  "
+                   f"test top-1 {m.test_top1:6.2f}%  top-5 {m.test_top5:6.2f}%  lr {m.lr:.4g}  {m.seconds:.1f}s",
                    err=True)
 
     result = train_teacher(req, on_epoch=report)
-    click.echo(f"best test top-1 {result.best_acc:.2f}%; checkpoint at {result.out}", err=True)
-    click.echo(str(result.out))
+    click.echo(f"best test top-1 {result.best_top1:.2f}%; run in {result.out}, weights in {result.checkpoint}",
+               err=True)
+    click.echo(str(result.checkpoint))
 
 
 @click.command("precompute")

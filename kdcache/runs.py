@@ -1,12 +1,15 @@
-"""A run directory of ``kdcache distill``: :class:`RunDir` writes it and reads it back.
+"""A run directory of ``kdcache distill`` or ``kdcache train-teacher``: :class:`RunDir` writes it and reads it back.
 
-Its files: config.json (the run's arguments, teachers and versions), metrics.jsonl (one
-record per finished epoch), checkpoint.pth (everything to resume), best.pth and
-last.pth (the student's weights; last.pth is written once, after the last epoch, so
-its presence is the one rule for "finished"), and sample_weights.npz (camkd's and
-ebkd's per-sample teacher weights of the latest epoch). One class for the writer
-(distill) and every reader (report, demo, experiments), so a damaged or foreign
-directory is the same one-line error everywhere.
+Its files: config.json (the run's kind, "teacher" or "distill"; its arguments, those its
+result depends on under "args" and those saying how it ran under "how"; its data or
+teachers; versions), metrics.jsonl (one record per finished epoch), checkpoint.pth
+(everything to resume), best.pth and last.pth (the trained network's weights as
+``{'model': state_dict, 'epoch', 'arch', 'test_top1', ...}``, which ``load_checkpoint``
+reads; last.pth is written once, after the last epoch, so its presence is the one rule
+for "finished"), and sample_weights.npz (camkd's and ebkd's per-sample teacher weights
+of the latest epoch). One class for the writer (:mod:`kdcache.loop`, which both
+commands train through) and every reader (report, demo, experiments, the grid's
+teacher rule), so a damaged or foreign directory is the same one-line error everywhere.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, cast
 
 import numpy as np
 
 from kdcache.errors import CheckpointError, KdcacheError
+from kdcache.request import differing
 
 
 @dataclass
@@ -45,11 +49,11 @@ class RunRecord:
 
     @property
     def method(self) -> str | None:
-        return self.config.get("args", {}).get("method")
+        return cast("str | None", self.config.get("args", {}).get("method"))
 
     @property
     def seed(self) -> int | None:
-        return self.config.get("args", {}).get("seed")
+        return cast("int | None", self.config.get("args", {}).get("seed"))
 
     @property
     def label(self) -> str:
@@ -85,7 +89,7 @@ def load_run(path: Path | str, name: str | None = None) -> RunRecord:
 
 
 class RunDir:
-    """One run directory, written by distill and read by everything that looks back at runs."""
+    """One run directory, written by distill and train-teacher and read by everything that looks back at runs."""
 
     CONFIG = "config.json"
     METRICS = "metrics.jsonl"
@@ -125,12 +129,10 @@ class RunDir:
             raise KdcacheError(f"{self.path} already holds a run; pass --resume to continue it or choose "
                                "another --out")
 
-    def differing_args(self, want: dict[str, Any], free: Iterable[str] = ()) -> list[str]:
-        """The names of ``want``'s arguments (config.json's "args") this run recorded with another value,
-        leaving out ``free``; an argument the run did not record does not count."""
-        args = self.read_config()["args"]
-        skip = set(free)
-        return sorted(k for k, v in want.items() if k not in skip and k in args and args[k] != v)
+    def differing_args(self, want: dict[str, Any]) -> list[str]:
+        """The names of ``want``'s arguments (result arguments, as config.json's "args" holds them) this run recorded
+        with another value; an argument the run did not record does not count (:func:`kdcache.request.differing`)."""
+        return differing(self.read_config()["args"], want)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -154,6 +156,11 @@ class RunDir:
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
         path.write_text("".join(line + "\n" for line in kept))
+
+    def clear(self) -> None:
+        """Remove the files of a run here (train-teacher --force), leaving the folder and anything else in it."""
+        for name in (self.CONFIG, self.METRICS, self.CHECKPOINT, self.BEST, self.LAST, self.SAMPLE_WEIGHTS):
+            self.file(name).unlink(missing_ok=True)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """checkpoint.pth: everything ``--resume`` needs, replaced atomically."""
@@ -190,15 +197,19 @@ class RunDir:
     def read_sample_weights(self, n_teachers: int = 0) -> SampleWeights:
         return _read_sample_weights(self.file(self.SAMPLE_WEIGHTS), n_teachers)
 
-    def read_checkpoint(self) -> dict[str, Any]:
-        """checkpoint.pth, refused with one line unless it is a distill checkpoint."""
+    def read_checkpoint(self, kind: str = "distill", parts: tuple[str, ...] = ("method",)) -> dict[str, Any]:
+        """checkpoint.pth, refused with one line unless it is a checkpoint of a ``kind`` run ("distill" or
+        "teacher") holding the state of ``parts`` beside the model's (a distill run's method)."""
         from kdcache.models.checkpoint import read_checkpoint
 
         path = self.file(self.CHECKPOINT)
         ckpt = read_checkpoint(path)
-        if not isinstance(ckpt, dict) or not {"model", "method", "optimizer", "lr_scheduler", "epoch",
+        if not isinstance(ckpt, dict) or not {"model", *parts, "optimizer", "lr_scheduler", "epoch",
                                               "args"} <= set(ckpt):
-            raise CheckpointError(f"--resume: {path} is not a kdcache distill checkpoint")
+            raise CheckpointError(f"--resume: {path} is not a kdcache {kind} checkpoint")
+        held = ckpt.get("kind", "distill")  # distill checkpoints of earlier versions name no kind
+        if held != kind:
+            raise CheckpointError(f"--resume: {path} holds a {held} run, not a {kind} run")
         return ckpt
 
     def load(self, name: str | None = None) -> RunRecord:

@@ -11,11 +11,12 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from kdcache.errors import KdcacheError
+from kdcache.request import differing, result_args
 
 from kdcache.defaults import (BATCH_SIZE, EPOCHS, LR, LR_DECAY, LR_SMALL_NETS, MILESTONES, MOMENTUM,  # noqa: F401
                               SMALL_NETS, WEIGHT_DECAY)
@@ -52,10 +53,45 @@ def build_sgd(params: Iterable[torch.nn.Parameter], arch: str, epochs: int, lr: 
 
     Returns them with the learning rate and milestones actually used, for the run's record.
     """
-    lr = lr if lr is not None else official_lr(arch)
-    milestones = milestones if milestones is not None else milestones_for(epochs)
+    lr, milestones = resolve_schedule(arch, epochs, lr, milestones)
     optimizer = make_optimizer(params, lr, momentum, weight_decay)
     return optimizer, make_scheduler(optimizer, milestones), lr, milestones
+
+
+def resolve_schedule(arch: str, epochs: int, lr: float | None,
+                     milestones: list[int] | None) -> tuple[float, list[int]]:
+    """The learning rate and milestones a run of ``arch`` for ``epochs`` uses: those given, else the official ones."""
+    return (lr if lr is not None else official_lr(arch),
+            list(milestones) if milestones is not None else milestones_for(epochs))
+
+
+def recorded_args(req: Any, arch: str) -> dict[str, Any]:
+    """What a training run records of its request ``req`` and compares (config.json's "args"): its result
+    arguments (:func:`kdcache.request.result_args`), with ``lr`` and ``milestones`` as resolved for ``arch`` and
+    its epochs, and the milestones as given (None: scaled to ``epochs``) kept under ``lr_milestones``.
+
+    ``req`` has the fields every training request has: ``epochs``, ``lr`` and ``milestones`` among them.
+    """
+    args = result_args(req)
+    lr, milestones = resolve_schedule(arch, req.epochs, req.lr, req.milestones)
+    args.update(lr=lr, milestones=milestones, lr_milestones=args["milestones"])
+    return args
+
+
+def resume_changes(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """The result arguments (:func:`recorded_args`) a ``--resume`` with ``now`` would change from the run that
+    recorded ``recorded``, sorted: a resumed run must compute what the recorded one did.
+
+    ``epochs`` alone may change: it may grow (the caller refuses fewer epochs than were trained). The schedule is
+    the same when the milestones resolved now equal the recorded ones, or when neither run gave
+    ``--lr-milestones``: the milestones scaled to ``--epochs`` then follow it (:func:`reschedule`).
+    """
+    schedule = ("epochs", "milestones", "lr_milestones")
+    changed = differing(recorded, {k: v for k, v in now.items() if k not in schedule})
+    follows = recorded.get("lr_milestones") is None and now.get("lr_milestones") is None
+    if "milestones" in recorded and recorded["milestones"] != now.get("milestones") and not follows:
+        changed.append("lr_milestones")
+    return sorted(changed)
 
 
 def reschedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,

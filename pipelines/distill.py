@@ -4,8 +4,10 @@ Read top to bottom: open the stores and their plan, load the data set they were
 computed on, build the student and the method, restore a checkpoint if resuming,
 then train epoch by epoch: stream batches (teacher rows read ahead on background
 threads), replay the same views for the student, compute the method's loss, step;
-evaluate, log and checkpoint after every epoch. The cached path never builds a
-teacher network: model construction is forbidden once the student exists.
+evaluate, log and checkpoint after every epoch (the epochs, the run directory and
+``--resume`` are :class:`kdcache.loop.Loop`'s, which train-teacher shares). The cached
+path never builds a teacher network: model construction is forbidden once the student
+exists.
 
 Under torchrun the same function runs on every rank as data-parallel training
 (``kdcache.distributed``): the global batch is ``--batch-size``, as for a single
@@ -23,16 +25,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import subprocess
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from kdcache import __version__, distributed, tblog, training
+from kdcache import distributed, tblog, training
 from kdcache.defaults import VIEW_SHARE
 from kdcache.data import DataSet
 from kdcache.device import resolve_device
@@ -44,6 +44,8 @@ from kdcache.losses import (Batch, LossTerms, Method, MethodInfo, MethodOptions,
 from kdcache.models import (build_model, feature_dim, forbid_construction, forward_with_map, load_checkpoint,
                             map_shape, model_info)
 from kdcache.cached import CachedBatch, CachedTeachers
+from kdcache.loop import EpochMetrics, Loop, Trained, Trainee, versions
+from kdcache.request import how, how_args, jsonable
 from kdcache.runs import RunDir
 from kdcache.store import PlanStore, TeacherStore, sha256_file
 from kdcache.topk import TopKLogits
@@ -51,45 +53,35 @@ from kdcache.topk import TopKLogits
 
 @dataclass
 class DistillRequest:
-    """Everything ``kdcache distill`` takes; None means the official default."""
+    """Everything ``kdcache distill`` takes; None means the official default. Fields declared with
+    :func:`~kdcache.request.how` say how the run goes (where, on what, with how many threads: the batches are
+    the same bit for bit either way); every other one is what the run computes from (recorded in config.json,
+    compared on ``--resume`` and by a grid's :func:`~kdcache.pipelines.grid.check_same_grid`, through
+    :func:`run_args`)."""
 
     student: str
     teachers: list[str]
     method: str
-    out: Path
-    cache: Path | None = None
+    out: Path = how()
+    cache: Path | None = how(None)
     dataset: str | None = None        # default: the data set the plan was drawn on
-    data_root: Path | None = None
-    epochs: int = training.EPOCHS
+    data_root: Path | None = how(None)
+    epochs: int = training.EPOCHS     # may grow on --resume
     batch_size: int = training.BATCH_SIZE
     lr: float | None = None
     momentum: float = training.MOMENTUM
     weight_decay: float = training.WEIGHT_DECAY
     milestones: list[int] | None = None
     seed: int = 0
-    device: str | None = None
-    resume: bool = False
+    device: str | None = how(None)
+    resume: bool = how(False)
     online: bool = False
     amp: bool = False
-    prefetch: int = 2
-    read_threads: int | None = None   # threads decoding the stores' chunks (default: the cores available)
-    resident_share: float = VIEW_SHARE  # views whole on the device when they fit in this share of it (0: stream)
+    prefetch: int = how(2)
+    read_threads: int | None = how(None)  # threads decoding the stores' chunks (default: the cores available)
+    resident_share: float = how(VIEW_SHARE)  # views whole on the device when they fit in this share of it (0: stream)
     options: MethodOptions = field(default_factory=MethodOptions)
-    tensorboard: Path | None = None   # also write the per-epoch scalars there (the tensorboard extra)
-
-
-@dataclass
-class EpochMetrics:
-    """One line of metrics.jsonl."""
-
-    epoch: int
-    view: int
-    train: dict[str, float]
-    teacher_weights: list[float] | None
-    test_top1: float
-    test_top5: float
-    lr: float
-    seconds: float
+    tensorboard: Path | None = how(None)  # also write the per-epoch scalars there (the tensorboard extra)
 
 
 @dataclass
@@ -215,58 +207,39 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
                           teacher_dims=[s.feature_shape if spatial else s.feature_dim for s in stores],
                           teacher_heads=[s.head() for s in stores] if info.uses_heads else None,
                           options=req.options).to(device)
-    optimizer, scheduler, lr, milestones = training.build_sgd(
+    optimizer, scheduler, _, _ = training.build_sgd(
         [*student.parameters(), *method.parameters()], req.student, req.epochs, req.lr, req.momentum,
         req.weight_decay, req.milestones)
-    config = _config(req, lr, milestones, stores, plan, dataset)
-    start, best = 1, 0.0
-    if req.resume:
-        start, best = _resume(run, config, student, method, optimizer, scheduler, ctx)
-        if ctx.is_main:
-            run.write_config(config)
-    elif ctx.is_main:
-        run.start(config)
+    loop = Loop(run, "distill", _config(req, stores, plan, dataset),
+                Trainee(req.student, student, optimizer, scheduler, {"method": method}), req.epochs,
+                about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed}, ctx=ctx)
+    loop.begin(req.resume)
     # The method's parameters (aligners) go unused where its feature term is off (camkd's first epoch, beta 0).
     model = ctx.wrap(StudentLoss(student, method, spatial),
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
     step = _Stepper(model, optimizer, torch.amp.GradScaler(device.type, enabled=req.amp and device.type == "cuda"),
-                    training.NonFiniteWatch(device, lambda e: _kept(run, e), _any_rank(ctx)), req.amp, spatial)
+                    loop.watch, req.amp, spatial)
 
-    result = DistillResult(run.path, best, [], student, ctx.is_main)
+    def one_epoch(epoch: int, live: list[torch.nn.Module] | None) -> Trained:
+        """Every batch of the epoch's stored view, one step each; the terms and weights averaged over the ranks."""
+        sums = train_epoch(step, teachers, epoch, live, on_step)
+        if sums.steps == 0:
+            raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
+        sums = sums.over_ranks(ctx)
+
+        def save_sample_weights(run: RunDir) -> None:
+            indices, weights = sums.sample_weights()
+            run.save_sample_weights(epoch, indices, plan.labels[indices], weights)
+
+        return Trained(sums.mean_terms(), teachers.stream.schedule.view(epoch), sums.mean_weights(),
+                       save_sample_weights if sums.per_sample else None)
+
     with _teacher_guard(req.online and info.n_teachers != "0", stores, device) as live_teachers:
-        for epoch in range(start, req.epochs + 1):
-            t0 = time.perf_counter()
-            sums = train_epoch(step, teachers, epoch, live_teachers, on_step)
-            if sums.steps == 0:
-                raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {plan.n_samples} training samples")
-            step.watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
-            lr_now = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            sums = sums.over_ranks(ctx)
-            # Rank 0's batch-norm running statistics are the ones DDP hands to every rank, so it evaluates.
-            top1, top5 = ctx.on_main(lambda: evaluate(student, dataset, plan.recipe, device))
-            metrics = EpochMetrics(epoch, teachers.stream.schedule.view(epoch), sums.mean_terms(),
-                                   sums.mean_weights(), top1, top5, lr_now, time.perf_counter() - t0)
-            result.history.append(metrics)
-            is_best = metrics.test_top1 > result.best_top1 or epoch == 1
-            result.best_top1 = max(result.best_top1, metrics.test_top1)
-            if ctx.is_main:
-                if sums.per_sample:
-                    indices, weights = sums.sample_weights()
-                    run.save_sample_weights(epoch, indices, plan.labels[indices], weights)
-                _save_epoch(run, req, config, epoch, student, method, optimizer, scheduler, metrics, is_best,
-                            result.best_top1)
-                if board is not None:
-                    board.epoch(epoch, metrics.train, metrics.test_top1, metrics.test_top5, metrics.lr,
-                                metrics.teacher_weights)
-                if on_epoch:
-                    on_epoch(metrics)
-    if board is not None:
-        board.close()
-    if ctx.is_main:
-        run.save_last({"model": student.state_dict(), "epoch": req.epochs, "arch": req.student,
-                       "test_top1": result.history[-1].test_top1 if result.history else None})
-    return result
+        # Rank 0's batch-norm running statistics are the ones DDP hands to every rank, so it evaluates.
+        loop.run(lambda epoch: one_epoch(epoch, live_teachers), lambda: evaluate(student, dataset, plan.recipe, device),
+                 on_epoch, board)
+    loop.finish()
+    return DistillResult(run.path, loop.best_top1, loop.history, student, ctx.is_main)
 
 
 @dataclass
@@ -363,21 +336,6 @@ def train_epoch(step: _Stepper, teachers: CachedTeachers, epoch: int, live: list
     return sums
 
 
-def _kept(run: RunDir, epoch: int) -> str:
-    """What a run stopped in ``epoch`` keeps, for the message: the last good checkpoint, if any."""
-    if epoch == 1:
-        return "no checkpoint was written"
-    return (f"{run.file(run.CHECKPOINT)} and best.pth keep epoch {epoch - 1}, the last good one "
-            f"(start again in a new --out with a lower --lr)")
-
-
-def _any_rank(ctx: DistContext) -> Callable[[bool], bool] | None:
-    """Under torchrun: whether any rank's flag is set (every rank calls it at the same step)."""
-    if not ctx.distributed:
-        return None
-    return lambda flag: bool(ctx.all_reduce_mean(torch.tensor(float(flag), device=ctx.device)) > 0)
-
-
 # -- opening --------------------------------------------------------------------------------
 
 
@@ -425,82 +383,21 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
 # -- the run directory ----------------------------------------------------------------------
 
 
-def _config(req: DistillRequest, lr: float, milestones: list[int], stores: list[TeacherStore], plan: PlanStore,
-            dataset: DataSet) -> dict[str, Any]:
-    args = asdict(req)
-    args.update(out=str(req.out), cache=str(req.cache) if req.cache else None,
-                tensorboard=str(req.tensorboard) if req.tensorboard else None,
-                data_root=str(req.data_root) if req.data_root else None, lr=lr, milestones=milestones,
-                lr_milestones=req.milestones,  # as given (None: scaled to --epochs), compared on --resume
-                teachers=[s.id for s in stores], dataset=dataset.name)
-    args.pop("resume")
-    return {"args": args, "plan_id": plan.id,
+def run_args(req: DistillRequest, teachers: list[str] | None = None, dataset: str | None = None) -> dict[str, Any]:
+    """What a distill run of ``req`` records and compares (config.json's "args"): its result arguments
+    (:func:`kdcache.training.recorded_args`), the method's options with every default filled in, the teachers'
+    full ids and the data set's name (default: as ``req`` gives them). The run itself, ``--resume`` and a
+    grid's :func:`~kdcache.pipelines.grid.check_same_grid` all take them from here."""
+    args = training.recorded_args(req, req.student)
+    args.update(options=jsonable(resolve_options(req.method, req.options)),
+                teachers=list(teachers if teachers is not None else req.teachers),
+                dataset=dataset if dataset is not None else req.dataset)
+    return args
+
+
+def _config(req: DistillRequest, stores: list[TeacherStore], plan: PlanStore, dataset: DataSet) -> dict[str, Any]:
+    return {"kind": "distill", "args": run_args(req, [s.id for s in stores], dataset.name), "how": how_args(req),
+            "plan_id": plan.id,
             "teachers": [{"id": s.id, "arch": s.attrs["arch"], "test_accuracy": s.attrs.get("test_accuracy")}
                          for s in stores],
-            "kdcache_version": __version__, "git_sha": _git_sha(), "torch_version": torch.__version__}
-
-
-# Options that may change on --resume without changing what the run computes. --epochs may grow: the
-# milestones the user gave are compared, the ones resolved from --epochs follow it (training.reschedule).
-_FREE_ON_RESUME = {"epochs", "milestones", "device", "prefetch", "read_threads", "resident_share", "out", "cache",
-                   "data_root", "tensorboard"}
-
-
-def _resume(run: RunDir, config: dict[str, Any], student: torch.nn.Module, method: Method,
-            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.MultiStepLR,
-            ctx: DistContext) -> tuple[int, float]:
-    """Restore the run in ``run``: rank 0 reads and checks checkpoint.pth and hands it to every rank, so the
-    other ranks need no view of the run directory and a refusal stops them all."""
-    ckpt = ctx.on_main(lambda: _read_checkpoint(run, config))
-    try:
-        student.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"--resume: {run.file(run.CHECKPOINT)} does not fit this run: "
-                              f"{str(exc).splitlines()[0]}") from None
-    training.reschedule(optimizer, scheduler, config["args"]["milestones"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    epoch = int(ckpt["epoch"])
-    if ctx.is_main:
-        run.keep_metrics_through(epoch)
-    return epoch + 1, float(ckpt.get("best_top1", 0.0))
-
-
-def _read_checkpoint(run: RunDir, config: dict[str, Any]) -> dict[str, Any]:
-    """checkpoint.pth of ``run``, refused unless it is a distill checkpoint of the same options."""
-    ckpt = run.read_checkpoint()
-    before = {k: v for k, v in ckpt["args"].items() if k not in _FREE_ON_RESUME}
-    now = {k: v for k, v in config["args"].items() if k not in _FREE_ON_RESUME}
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if int(ckpt["epoch"]) > int(config["args"]["epochs"]):
-        raise KdcacheError(f"--resume: the run in {run.path} has trained {ckpt['epoch']} epochs already, more than "
-                           f"--epochs {config['args']['epochs']}; give --epochs {ckpt['epoch']} or more")
-    if changed:
-        raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {run.path}; "
-                           "resume with the same options or start a new --out")
-    return ckpt
-
-
-def _save_epoch(run: RunDir, req: DistillRequest, config: dict[str, Any], epoch: int, student: torch.nn.Module,
-                method: Method, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                metrics: EpochMetrics, is_best: bool, best_top1: float) -> None:
-    run.append_metrics(asdict(metrics))
-    if is_best:
-        run.save_best({"model": student.state_dict(), "epoch": epoch, "arch": req.student,
-                       "test_top1": metrics.test_top1})
-    run.save_checkpoint({
-        "model": student.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
-        "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "args": config["args"],
-        "best_top1": best_top1, "rng": {"torch": torch.get_rng_state()}, "arch": req.student,
-    })
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+            **versions()}

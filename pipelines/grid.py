@@ -44,10 +44,9 @@ from kdcache.evaluate import ensemble_accuracies
 from kdcache.errors import CheckpointError, KdcacheError, UnknownNameError
 from kdcache.losses import method_info, resolve_options
 from kdcache.losses.base import MethodOptions
-from kdcache.models.checkpoint import read_checkpoint
-from kdcache.pipelines.distill import DistillRequest
+from kdcache.pipelines.distill import DistillRequest, run_args
 from kdcache.pipelines.precompute_engine import PrecomputeRequest
-from kdcache.pipelines.train_teacher import TrainTeacherRequest
+from kdcache.pipelines.train_teacher import TrainTeacherRequest, legacy_state, teacher_run
 from kdcache.runs import RunDir, RunRecord, write_json
 from kdcache.text import duration
 from kdcache.store import Cache
@@ -226,7 +225,8 @@ def distill_request(spec: GridSpec, row: Row, ids: Sequence[str], seed: int,
     k = row.teachers_of(len(ids))
     s = spec.setup
     return DistillRequest(student=spec.student, teachers=list(ids[:k] if k else ids), method=row.method,
-                          out=spec.run_dir(row.label, seed).path, cache=spec.cache, data_root=spec.data_root,
+                          out=spec.run_dir(row.label, seed).path, cache=spec.cache, dataset=spec.dataset,
+                          data_root=spec.data_root,
                           epochs=spec.epochs, batch_size=s.batch_size, lr=s.lr_for(spec.student),
                           weight_decay=s.weight_decay, milestones=s.milestones_for(spec.epochs), seed=seed,
                           device=device, options=row.method_options())
@@ -236,33 +236,35 @@ def distill_request(spec: GridSpec, row: Row, ids: Sequence[str], seed: int,
 
 
 def teacher_state(ckpt: Path, epochs: int) -> str:
-    """'missing', 'partial' (a kdcache training run that stopped before ``epochs``: resumed) or 'done'
-    (finished, or a checkpoint from elsewhere: used as it is); one line when it cannot be read."""
-    if not ckpt.is_file():
+    """'missing', 'partial' (a train-teacher run that stopped before ``epochs``, or finished with fewer: resumed)
+    or 'done' (finished with ``epochs`` or more, or a checkpoint from elsewhere: used as it is), read from the run
+    directory of ``ckpt`` (:func:`~kdcache.pipelines.train_teacher.teacher_run`: beside it, named without .pth);
+    one line when it cannot be read, or when ``ckpt`` is a part-trained teacher of an earlier kdcache's one-file
+    format, which cannot be resumed."""
+    run, weights = teacher_run(ckpt)
+    if run.started:
+        trained = run.read_config()["args"].get("epochs", 0) if run.finished else 0
+        return "done" if weights.is_file() and int(trained) >= epochs else "partial"
+    if not weights.is_file():
         return "missing"
     try:
-        state = read_checkpoint(ckpt)
+        state = legacy_state(weights)
     except CheckpointError:
         raise CheckpointError(f"teacher checkpoint {ckpt} cannot be read; delete it to train the teacher "
                               "again, or put a valid checkpoint there") from None
-    if not (isinstance(state, dict) and {"lr_scheduler", "arch", "epoch"} <= set(state)):
-        return "done"  # not written by train-teacher: a pretrained checkpoint, used as it is
-    return "partial" if int(state["epoch"]) < epochs else "done"
-
-
-# What a finished run may differ in and still be this grid's: where it ran and how, not what it computed.
-_FREE = ("out", "cache", "data_root", "dataset", "device", "prefetch", "read_threads", "resident_share", "tensorboard",
-         "resume")
+    if state is not None and int(state["epoch"]) < epochs:
+        raise CheckpointError(f"teacher checkpoint {ckpt} was trained {state['epoch']} of {epochs} epochs by an "
+                              "earlier kdcache, whose runs cannot be resumed; delete it to train the teacher again, "
+                              "or put a finished checkpoint there")
+    return "done"  # finished, or not written by train-teacher (a pretrained checkpoint): used as it is
 
 
 def check_same_grid(run: RunDir, req: DistillRequest) -> None:
-    """Refuse, with one line, a finished run in ``run`` that recorded other arguments than ``req`` (method,
-    options, teachers, epochs, seed, optimiser): it belongs to another grid and would be reported as this one's."""
-    want: dict[str, Any] = asdict(req)  # as distill records it: options resolved, lr and milestones filled in
-    want.update(options=asdict(resolve_options(req.method, req.options)),
-                lr=req.lr if req.lr is not None else training.official_lr(req.student),
-                milestones=req.milestones if req.milestones is not None else training.milestones_for(req.epochs))
-    differ = run.differing_args(want, free=_FREE)
+    """Refuse, with one line, a finished run in ``run`` that recorded other result arguments than ``req``'s
+    (:func:`~kdcache.pipelines.distill.run_args`: method, options, teachers, data set, epochs, seed, optimiser):
+    it belongs to another grid and would be reported as this one's. How it ran (device, paths, threads) does not
+    count."""
+    differ = run.differing_args(run_args(req))
     if differ:
         args = run.read_config()["args"]
         raise KdcacheError(f"{run.path} holds a finished run of another grid ({', '.join(differ)} differ: "

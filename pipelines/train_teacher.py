@@ -2,82 +2,102 @@
 
 Pretrained CIFAR teachers can no longer be downloaded, so users start here. Each
 epoch draws fresh augmentation parameters and replays them on the device, the
-same replay precompute and distill use.
+same replay precompute and distill use; the loss is plain cross-entropy. The
+epochs run through the loop distill uses (:class:`kdcache.loop.Loop`), into the
+same run directory format (:class:`kdcache.runs.RunDir`): config.json,
+metrics.jsonl, checkpoint.pth (to resume), best.pth and last.pth.
+
+``--out`` names the run directory, or a ``.pth`` file: then the run directory is
+beside it, named without the ``.pth`` (``t1.pth`` -> ``t1/``), and the file itself
+is written after the last epoch with the trained teacher's weights (the same
+``{'model': state_dict, ...}`` as last.pth), for ``precompute --checkpoint``.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdcache import tblog, training
 from kdcache.batches import view_batch
 from kdcache.data import load_dataset
 from kdcache.device import resolve_device
 from kdcache.errors import CheckpointError, KdcacheError
 from kdcache.evaluate import evaluate
+from kdcache.loop import EpochMetrics, Loop, Trained, Trainee, versions
 from kdcache.models import build_model, map_shape, model_info
 from kdcache.models.checkpoint import read_checkpoint
-from kdcache import tblog, training
+from kdcache.request import how, how_args
+from kdcache.runs import RunDir
 from kdcache.views import draw_plan, get_recipe
 
 
 @dataclass
 class TrainTeacherRequest:
-    """Everything ``kdcache train-teacher`` takes; None means the official default."""
+    """Everything ``kdcache train-teacher`` takes; None means the official default. Fields declared with
+    :func:`~kdcache.request.how` say how the run goes; every other one is what the trained teacher depends on
+    (recorded in config.json, compared on ``--resume``)."""
 
     arch: str
     dataset: str
-    out: Path
-    data_root: Path | None = None
-    epochs: int = training.EPOCHS
+    out: Path = how()                # the run directory, or a .pth file with the run directory beside it
+    data_root: Path | None = how(None)
+    epochs: int = training.EPOCHS    # may grow on --resume
     batch_size: int = training.BATCH_SIZE
     lr: float | None = None
     momentum: float = training.MOMENTUM
     weight_decay: float = training.WEIGHT_DECAY
     milestones: list[int] | None = None
     seed: int = 0
-    device: str | None = None
-    resume: bool = False
-    force: bool = False              # replace an existing ``out`` (without it, an existing file is refused)
+    device: str | None = how(None)
+    resume: bool = how(False)
+    force: bool = how(False)         # replace an existing ``out`` (without it, an existing run is refused)
     recipe: str | None = None        # view recipe (name or name:size); default: the data set's
     image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     label_map: dict[int, int] | None = None  # train on corrupted labels: class a is taught as label_map[a]
-    tensorboard: Path | None = None  # also write the per-epoch scalars there (the tensorboard extra)
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    loss: float
-    train_acc: float
-    test_top1: float
-    test_top5: float
-    lr: float
-    seconds: float
+    tensorboard: Path | None = how(None)  # also write the per-epoch scalars there (the tensorboard extra)
 
 
 @dataclass
 class TrainTeacherResult:
-    out: Path
-    best_acc: float
-    history: list[EpochRecord] = field(default_factory=list)
+    out: Path                        # the run directory
+    checkpoint: Path                 # the trained teacher's weights, for precompute --checkpoint
+    best_top1: float
+    history: list[EpochMetrics] = field(default_factory=list)
+
+
+def teacher_run(out: Path) -> tuple[RunDir, Path]:
+    """The run directory of train-teacher's ``--out`` and the file the trained teacher's weights are read from:
+    ``out`` itself when it names a ``.pth`` file (the run directory beside it, named without ``.pth``), else the
+    run directory's last.pth."""
+    out = Path(out)
+    if out.suffix == ".pth":
+        return RunDir(out.with_suffix("")), out
+    return RunDir(out), out / RunDir.LAST
+
+
+def legacy_state(path: Path) -> dict[str, Any] | None:
+    """The training state in ``path`` when an earlier kdcache's train-teacher wrote it (one file holding the
+    optimiser, schedule and epoch beside the weights), else None. Its weights load as any checkpoint's; its
+    training cannot be resumed."""
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and {"optimizer", "lr_scheduler", "epoch", "arch"} <= set(state):
+        return state
+    return None
 
 
 def train_teacher(req: TrainTeacherRequest,
-                  on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainTeacherResult:
-    """Train ``req.arch`` on ``req.dataset`` and keep the latest state in ``req.out`` after every epoch."""
+                  on_epoch: Callable[[EpochMetrics], None] | None = None) -> TrainTeacherResult:
+    """Train ``req.arch`` on ``req.dataset`` into the run directory of ``req.out`` (checkpointed after every epoch);
+    the trained weights end in :attr:`TrainTeacherResult.checkpoint`."""
     training.check_hyperparameters(req.epochs, req.batch_size, req.lr, req.weight_decay, req.momentum, req.seed)
-    if req.resume and req.force:
-        raise KdcacheError("--resume continues the run in --out and --force replaces it: give one of them")
-    if not req.resume and not req.force and Path(req.out).exists():
-        raise KdcacheError(f"{req.out} already exists; pass --resume to continue its training, --force to replace "
-                           "it, or choose another --out")
+    run, weights = teacher_run(req.out)
+    _check_can_start(req, run, weights)
     model_info(req.arch)
     if req.tensorboard is not None:
         tblog.check_available()
@@ -88,13 +108,8 @@ def train_teacher(req: TrainTeacherRequest,
     model = build_model(req.arch, dataset.num_classes)
     map_shape(model, dataset.image_size)  # a model that cannot take the views: one line, before any epoch
     model = model.to(device)
-    optimizer, scheduler, _, milestones = training.build_sgd(model.parameters(), req.arch, req.epochs, req.lr,
-                                                             req.momentum, req.weight_decay, req.milestones)
-    start, best_acc = 1, 0.0
-    if req.resume:
-        start, best_acc = _resume(req, model, optimizer, scheduler)
-        training.reschedule(optimizer, scheduler, milestones)
-
+    optimizer, scheduler, _, _ = training.build_sgd(model.parameters(), req.arch, req.epochs, req.lr, req.momentum,
+                                                    req.weight_decay, req.milestones)
     train = dataset.train
     if getattr(train, "resident", False):
         train = train.to(device)
@@ -103,12 +118,23 @@ def train_teacher(req: TrainTeacherRequest,
     if n < req.batch_size:
         raise KdcacheError(f"--batch-size {req.batch_size} exceeds the {n} training samples")
     sizes = train.sizes if get_recipe(dataset.recipe).needs_sizes else None
-    result = TrainTeacherResult(Path(req.out), best_acc)
+
+    # The data's content is what the teacher depends on, wherever --data-root finds it: compared on --resume too.
+    args = {**training.recorded_args(req, req.arch), "data_fingerprint": dataset.fingerprint}
+    config = {"kind": "teacher", "args": args, "how": how_args(req),
+              "dataset": {"name": dataset.name, "num_classes": dataset.num_classes, "recipe": dataset.recipe},
+              **versions()}
+    loop = Loop(run, "teacher", config, Trainee(req.arch, model, optimizer, scheduler), req.epochs,
+                about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed})
+    # Opened before the run directory is written, so a log directory that cannot be made leaves no run behind.
     board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None else None
-    watch = training.NonFiniteWatch(device, lambda e: f"{req.out} keeps epoch {e - 1}, the last good one" if e > 1
-                                    else f"{req.out} was not written")
-    for epoch in range(start, req.epochs + 1):
-        t0 = time.perf_counter()
+    if req.force:
+        run.clear()
+        weights.unlink(missing_ok=True)
+    loop.begin(req.resume)
+
+    def one_epoch(epoch: int) -> Trained:
+        """Every full batch of a fresh draw of views, one SGD step of cross-entropy each."""
         model.train()
         order, params = draw_plan(dataset.recipe, 1, n, training.epoch_seed(req.seed, epoch), sizes)
         loss_sum = torch.zeros((), device=device)
@@ -121,34 +147,39 @@ def train_teacher(req: TrainTeacherRequest,
             y = labels[torch.as_tensor(idx, device=device)]
             _, logits = model(x)
             loss = F.cross_entropy(logits, y)
-            watch.observe(epoch, b, {"ce": loss})
+            loop.watch.observe(epoch, b, {"ce": loss})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(y)  # summed on the device: no host sync per step
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-        watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
-        lr_now = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        top1, top5 = evaluate(model, dataset, dataset.recipe, device)
-        result.best_acc = max(result.best_acc, top1)
-        record = EpochRecord(epoch, float(loss_sum) / seen, 100.0 * int(correct) / seen, top1, top5, lr_now,
-                             time.perf_counter() - t0)
-        result.history.append(record)
-        training.save_atomic({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": result.best_acc,
-            "arch": req.arch, "num_classes": dataset.num_classes, "dataset": dataset.name,
-            "test_top1": top1, "seed": req.seed,
-        }, req.out)
-        if board is not None:
-            board.epoch(epoch, {"loss": record.loss, "accuracy": record.train_acc}, top1, top5, lr_now)
-        if on_epoch:
-            on_epoch(record)
-    if board is not None:
-        board.close()
-    return result
+        return Trained({"loss": float(loss_sum) / seen, "accuracy": 100.0 * int(correct) / seen})
+
+    loop.run(one_epoch, lambda: evaluate(model, dataset, dataset.recipe, device), on_epoch, board)
+    loop.finish(also=weights if weights != run.file(run.LAST) else None)
+    return TrainTeacherResult(run.path, weights, loop.best_top1, loop.history)
+
+
+def _check_can_start(req: TrainTeacherRequest, run: RunDir, weights: Path) -> None:
+    """Refuse, with one line, to replace a trained or started teacher without ``--force``, to resume none, or to
+    resume a checkpoint of an earlier kdcache's one-file format."""
+    if req.resume and req.force:
+        raise KdcacheError("--resume continues the run in --out and --force replaces it: give one of them")
+    if req.force:
+        return
+    if not req.resume:
+        if weights.exists() or run.started:
+            raise KdcacheError(f"{req.out} already exists; pass --resume to continue its training, --force to "
+                               "replace it, or choose another --out")
+        return
+    if not run.started and weights.is_file():
+        state = legacy_state(weights)
+        if state is not None:
+            raise CheckpointError(f"--resume: {weights} was written by an earlier kdcache (one file, epoch "
+                                  f"{state['epoch']}), whose training cannot be continued; its weights load as they "
+                                  "are (precompute --checkpoint), or train the teacher again with --force")
+    run.check_can_start(resume=True)
 
 
 def _relabel(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
@@ -158,26 +189,4 @@ def _relabel(labels: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray
     table = np.arange(int(labels.max()) + 1)
     for src, dst in label_map.items():
         table[src] = dst
-    return table[labels]
-
-
-def _resume(req: TrainTeacherRequest, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, float]:
-    """Restore a run from ``req.out``; returns the next epoch and the best accuracy so far."""
-    if not Path(req.out).is_file():
-        raise CheckpointError(f"--resume: {req.out} does not exist; drop --resume to start a new run")
-    ckpt = read_checkpoint(req.out)
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"--resume: {req.out} is not a train-teacher checkpoint (not a dict)")
-    missing = [k for k in ("model", "optimizer", "lr_scheduler", "epoch") if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"--resume: {req.out} is not a train-teacher checkpoint (no {', '.join(missing)})")
-    if ckpt.get("arch") not in (None, req.arch):
-        raise CheckpointError(f"--resume: {req.out} holds a {ckpt['arch']} run, not {req.arch}")
-    try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"--resume: {req.out} does not fit this run: {str(exc).splitlines()[0]}") from None
-    return int(ckpt["epoch"]) + 1, float(ckpt.get("best_acc", 0.0))
+    return cast(np.ndarray, table[labels])

@@ -21,6 +21,7 @@ from kdcache import training
 from kdcache.cli.main import main
 from kdcache.data import dataset_names
 from kdcache.models import build_model, model_names
+from kdcache.runs import RunDir
 from kdcache.store import Cache
 
 
@@ -54,27 +55,73 @@ def test_official_training_defaults() -> None:
 
 
 def test_train_teacher_checkpoint_and_resume(tmp_path: Path) -> None:
-    out = tmp_path / "t.pth"
+    """--out t.pth: the run directory t/ (distill's format) beside it, and t.pth the trained weights."""
+    out, run = tmp_path / "t.pth", RunDir(tmp_path / "t")
     first = run_cli("train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", out, "--epochs", 4,
                     "--lr-milestones", "3", "--device", "cpu")
     assert first.exit_code == 0, first.output
     assert first.stdout.strip() == str(out)
-    ckpt = torch.load(out, weights_only=False)
-    assert {"model", "optimizer", "epoch", "best_acc", "arch"} <= set(ckpt)
-    assert ckpt["epoch"] == 4 and ckpt["arch"] == "resnet8" and ckpt["best_acc"] >= ckpt["test_top1"]
+    weights = torch.load(out, weights_only=False)
+    assert {"model", "epoch", "arch", "test_top1", "num_classes", "dataset", "seed"} <= set(weights)
+    assert all(torch.equal(weights["model"][k], v)
+               for k, v in torch.load(run.file(RunDir.LAST), weights_only=False)["model"].items())
+    ckpt = torch.load(run.file(RunDir.CHECKPOINT), weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "best_top1", "arch", "args", "rng"} <= set(ckpt)
+    assert ckpt["kind"] == "teacher" and ckpt["args"] == run.read_config()["args"]
+    assert ckpt["epoch"] == weights["epoch"] == 4 and ckpt["arch"] == weights["arch"] == "resnet8"
+    assert ckpt["best_top1"] >= weights["test_top1"]
+    assert ckpt["best_top1"] == max(r["test_top1"] for r in run.read_metrics()) == run.load().best_top1
+    assert torch.load(run.file(RunDir.BEST), weights_only=False)["test_top1"] == ckpt["best_top1"]
     group = ckpt["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.9, 5e-4, True)
     assert group["lr"] == pytest.approx(0.005)  # 0.05 divided by 10 at epoch 3
-    assert ckpt["best_acc"] > 20.0  # it learns: 10 classes, chance is 10%
+    assert ckpt["best_top1"] > 20.0  # it learns: 10 classes, chance is 10%
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3, 4] and run.finished
 
     resumed = run_cli("train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", out, "--epochs", 5,
                       "--lr-milestones", "3", "--device", "cpu", "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert resumed.output.count("epoch ") == 1 and "epoch   5/5" in resumed.output
     assert torch.load(out, weights_only=False)["epoch"] == 5
+    assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3, 4, 5]
 
     model = build_model("resnet8", 10)
     model.load_state_dict(torch.load(out, weights_only=False)["model"])  # loads into the zoo model unchanged
+
+
+def test_train_teacher_into_a_run_directory_prints_its_weights_for_precompute(tmp_path: Path) -> None:
+    """--out DIR: the run directory itself; the path printed (DIR/last.pth) is what precompute --checkpoint takes."""
+    out = tmp_path / "teacher"
+    trained = run_cli("train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", out, "--epochs", 1,
+                      "--batch-size", 256, "--device", "cpu")
+    assert trained.exit_code == 0, trained.output
+    weights = Path(trained.stdout.strip().splitlines()[-1])
+    assert weights == out / RunDir.LAST and RunDir(out).finished
+    stored = run_cli(*precompute_args(weights, tmp_path / "c"))
+    assert stored.exit_code == 0, stored.output
+    again = run_cli("train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", out, "--epochs", 1,
+                    "--device", "cpu")
+    assert again.exit_code == 1 and "already exists; pass --resume" in again.output
+
+
+def test_a_legacy_teacher_checkpoint_loads_but_does_not_resume(tmp_path: Path) -> None:
+    """A teacher an earlier kdcache wrote (one file with its optimiser and epoch): precompute takes it, --resume
+    says why it cannot continue it, --force trains afresh in its place."""
+    model = build_model("resnet8", 10)
+    old = tmp_path / "old.pth"
+    optimizer = training.make_optimizer(model.parameters(), 0.05)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": training.make_scheduler(optimizer, [1]).state_dict(), "epoch": 1, "best_acc": 10.0,
+                "arch": "resnet8", "num_classes": 10, "dataset": "digits", "test_top1": 10.0, "seed": 0}, old)
+    assert run_cli(*precompute_args(old, tmp_path / "c")).exit_code == 0
+    args = ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out", old, "--epochs", 1,
+            "--batch-size", 256, "--device", "cpu"]
+    refused = run_cli(*args, "--resume")
+    assert refused.exit_code == 1
+    assert "was written by an earlier kdcache (one file, epoch 1), whose training cannot be continued" in \
+        refused.output
+    assert run_cli(*args, "--force").exit_code == 0 and RunDir(tmp_path / "old").finished
+    assert "optimizer" not in torch.load(old, weights_only=False)
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
@@ -204,8 +251,16 @@ def _resume_corrupt_run(tmp_path: Path, digits_teacher: Path) -> list:
 
 
 def _resume_corrupt_teacher(tmp_path: Path, digits_teacher: Path) -> list:
-    """train-teacher --resume of a checkpoint cut short."""
+    """train-teacher --resume of a checkpoint cut short (an earlier kdcache's one file, read to say why not)."""
     (tmp_path / "x.pth").write_bytes(digits_teacher.read_bytes()[:3000])
+    return train_args(tmp_path, "--resume")
+
+
+def _resume_corrupt_teacher_run(tmp_path: Path, digits_teacher: Path) -> list:
+    """train-teacher --resume of a run directory whose checkpoint.pth was cut short."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "checkpoint.pth").write_bytes(digits_teacher.read_bytes()[:3000])
+    (tmp_path / "x" / "metrics.jsonl").write_text("")
     return train_args(tmp_path, "--resume")
 
 
@@ -281,6 +336,8 @@ BAD_INPUT = [
      "run/checkpoint.pth: it is truncated or not a PyTorch file"),
     ("train: resume from a corrupt checkpoint", _resume_corrupt_teacher,
      "x.pth: it is truncated or not a PyTorch file"),
+    ("train: resume from a corrupt run checkpoint", _resume_corrupt_teacher_run,
+     "x/checkpoint.pth: it is truncated or not a PyTorch file"),
     # out-of-range options
     ("zero chunk rows", lambda t, c: [*precompute_args(c, t / "c"), "--chunk-rows", "0"],
      "--chunk-rows must be at least 1"),

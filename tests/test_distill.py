@@ -3,6 +3,7 @@ cached against online, and the refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,10 +15,11 @@ import zarr
 
 from conftest import run_cli
 from kdcache.errors import KdcacheError
-from kdcache.losses import method_names
+from kdcache.losses import MethodOptions, method_names
 from kdcache.models import build_model
 from kdcache.pipelines.distill import DistillRequest, StepRecord, distill
 from kdcache.pipelines.evaluate import evaluate_checkpoint
+from kdcache.request import is_how, result_fields
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +161,35 @@ def test_resume_may_grow_epochs(two_teachers, tmp_path: Path) -> None:
             assert not same
     with pytest.raises(KdcacheError, match="has trained 4 epochs already, more than --epochs 3"):
         distill(request(cache, out=tmp_path / "given-split", epochs=3, milestones=[3], resume=True, **quick))
+
+
+def test_resume_compares_what_the_result_depends_on_not_how_it_runs(two_teachers, tmp_path: Path) -> None:
+    """DistillRequest declares its split once (kdcache.request.how): the result arguments are what config.json
+    records under "args" and what --resume compares; a changed one is refused by name, while every how-it-runs
+    field may change and the resumed run still ends with the weights of a run never interrupted."""
+    cache, ids, _ = two_teachers
+    assert set(result_fields(DistillRequest)) == {
+        "student", "teachers", "method", "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+        "milestones", "seed", "online", "amp", "options"}
+    quick = dict(method="camkd", teachers=ids, batch_size=512, milestones=None)
+    distill(request(cache, out=tmp_path / "straight", epochs=3, **quick))
+    split = tmp_path / "split"
+    distill(request(cache, out=split, epochs=1, **quick))
+    config = json.loads((split / "config.json").read_text())
+    assert set(config["args"]) == {*result_fields(DistillRequest), "lr_milestones"} and config["kind"] == "distill"
+    assert set(config["how"]) == {f.name for f in dataclasses.fields(DistillRequest) if is_how(f)}
+    for change, named in ((dict(seed=1), "seed"), (dict(lr=0.1), "lr"), (dict(milestones=[3]), "lr_milestones"),
+                          (dict(options=MethodOptions(beta=1.0)), "options")):
+        with pytest.raises(KdcacheError, match=rf"^--resume: {named} differ from the run in "):
+            distill(request(cache, out=split, epochs=3, resume=True, **{**quick, **change}))
+    elsewhere = tmp_path / "cache-link"
+    elsewhere.symlink_to(cache)
+    how_else = dict(device=None, prefetch=1, read_threads=1, resident_share=0.0, data_root=tmp_path,
+                    tensorboard=tmp_path / "tb")
+    distill(request(elsewhere, out=split, epochs=3, resume=True, **{**quick, **how_else}))
+    assert json.loads((split / "config.json").read_text())["how"]["read_threads"] == 1
+    a, b = (torch.load(p / "last.pth", weights_only=False)["model"] for p in (tmp_path / "straight", split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(

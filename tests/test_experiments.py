@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 from conftest import spy_on_format_table, torch_threads
 from fakes import write_fake_cifar, write_fake_imagefolder
 from kdcache.cli.experiment import COMMANDS, experiment as experiment_group
-from kdcache.errors import KdcacheError, UnknownNameError
+from kdcache.errors import CheckpointError, KdcacheError, UnknownNameError
 from kdcache.models import build_model
 from kdcache.pipelines import experiments, grid
 from kdcache.pipelines.experiments import Experiment, plan_experiment, run_experiment
@@ -376,13 +377,28 @@ def test_tiny_experiment_end_to_end_resumes_and_tabulates(tmp_path: Path, one_th
 
 
 def test_teacher_checkpoint_states_and_foreign_runs(tmp_path: Path) -> None:
-    ckpt = tmp_path / "resnet8-0.pth"
+    ckpt, run = tmp_path / "resnet8-0.pth", RunDir(tmp_path / "resnet8-0")  # train-teacher's run beside its weights
     assert grid.teacher_state(ckpt, 5) == "missing"
-    torch.save({"model": {}, "optimizer": {}, "lr_scheduler": {}, "epoch": 3, "arch": "resnet8"}, ckpt)
-    assert grid.teacher_state(ckpt, 5) == "partial"  # kdcache's own run, stopped early: resumed
-    assert grid.teacher_state(ckpt, 3) == "done"
+    run.start({"kind": "teacher", "args": {"epochs": 3}})
+    assert grid.teacher_state(ckpt, 5) == "missing"  # begun, no epoch saved: trained afresh
+    torch.save({"epoch": 1}, run.file(RunDir.CHECKPOINT))
+    assert grid.teacher_state(ckpt, 3) == "partial"  # kdcache's own run, stopped early: resumed
+    torch.save({"model": {}, "epoch": 3}, ckpt)
+    torch.save({"model": {}, "epoch": 3}, run.file(RunDir.LAST))
+    assert grid.teacher_state(ckpt, 3) == grid.teacher_state(ckpt, 2) == "done"
+    assert grid.teacher_state(ckpt, 5) == "partial"  # finished with fewer epochs: resumed to 5
+    ckpt.unlink()
+    assert grid.teacher_state(ckpt, 3) == "partial"  # finished, its weights file gone: written again
+    shutil.rmtree(run.path)
     torch.save({"model": {}, "epoch": 3}, ckpt)  # a pretrained checkpoint from elsewhere: used as it is
     assert grid.teacher_state(ckpt, 240) == "done"
+    # an earlier kdcache's one-file teacher: finished, used as it is; part-trained, refused (it cannot resume)
+    torch.save({"model": {}, "optimizer": {}, "lr_scheduler": {}, "epoch": 3, "arch": "resnet8"}, ckpt)
+    assert grid.teacher_state(ckpt, 3) == "done"
+    with pytest.raises(CheckpointError, match="was trained 3 of 5 epochs by an earlier kdcache, whose runs cannot be "
+                                              "resumed; delete it to train the teacher again"):
+        grid.teacher_state(ckpt, 5)
+    ckpt.unlink()
     assert [(a, p.name, s) for a, p, s in experiments.teacher_checkpoints(
         experiments.find_experiment("t3-resnet8x4-resnet20x4-resnet32x4-vgg8"), tmp_path)] == [
         ("resnet8x4", "resnet8x4-0.pth", 0), ("resnet20x4", "resnet20x4-0.pth", 0), ("resnet32x4", "resnet32x4-0.pth", 0)]

@@ -12,7 +12,7 @@ process (``python -c HOOK ARGS``) after patching one function, as $KDCACHE_FAULT
   of it written to zarr's temporary file; or half of it written then ``OSError(ENOSPC)`` raised, as a
   full disk does (patches zarr's local-store ``_put``);
 - ``pause``: the writer that reaches its first chunk holds there until the file ``go`` appears;
-- ``kill-step``: SIGKILL at distill's ``step``-th training batch (counted over epochs);
+- ``kill-step``: SIGKILL at distill's or train-teacher's ``step``-th training batch (counted over epochs);
 - ``kill-in-save``: SIGKILL with half of the ``nth`` ``checkpoint.pth`` written (inside ``torch.save``);
 - ``barrier``: a distill run waits at its first batch until ``n`` runs are there.
 
@@ -112,6 +112,7 @@ if action in ("kill", "kill-partial", "enospc", "pause"):
 
 if action in ("kill-step", "barrier"):
     import kdcache.cached as cached  # where distill's batches are made
+    import kdcache.pipelines.train_teacher as teacher  # and train-teacher's
 
     real_view_batch, calls = cached.view_batch, [0]
 
@@ -125,7 +126,7 @@ if action in ("kill-step", "barrier"):
             (signals / f"met-{os.getpid()}").touch()
         return real_view_batch(*args, **kwargs)
 
-    cached.view_batch = view_batch
+    cached.view_batch = teacher.view_batch = view_batch
 
 if action == "kill-in-save":
     from kdcache import training
@@ -680,3 +681,36 @@ def test_distill_killed_mid_epoch_or_mid_save_resumes_to_the_same_weights(shared
         result = run_cli(*shared.distill_args(run), "--resume")
         assert result.exit_code == 0, result.output
         assert_same_run(run, alone)
+
+
+def test_train_teacher_killed_mid_epoch_or_mid_save_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """Teacher training runs through distill's loop, so it keeps distill's guarantee: two teachers killed in
+    epoch 2, one at its third batch, one half-way through writing epoch 2's checkpoint.pth. Each keeps epoch 1's
+    checkpoint intact and no weights file, and ``--resume`` ends with the weights of a teacher never interrupted."""
+    args = ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--epochs", 3, "--batch-size", 256,
+            "--device", "cpu"]
+    alone = tmp_path / "alone.pth"
+    assert run_cli(*args, "--out", alone).exit_code == 0
+    mid_epoch, mid_save = tmp_path / "mid-epoch.pth", tmp_path / "mid-save.pth"
+    procs = [start(*args, "--out", mid_epoch, fault={"action": "kill-step", "step": 1437 // 256 + 3}),
+             start(*args, "--out", mid_save, fault={"action": "kill-in-save", "nth": 2})]
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == -signal.SIGKILL, err
+    for out in (mid_epoch, mid_save):
+        assert torch.load(out.with_suffix("") / "checkpoint.pth", weights_only=False)["epoch"] == 1
+        assert not out.exists()
+    (partial,) = mid_save.with_suffix("").glob(".checkpoint.pth.*.tmp")
+    with pytest.raises(Exception):
+        torch.load(partial, weights_only=False)
+    for out in (mid_epoch, mid_save):
+        result = run_cli(*args, "--out", out, "--resume")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == str(out)
+        for name in ("checkpoint.pth", "last.pth"):
+            a, b = (torch.load(p.with_suffix("") / name, weights_only=False)["model"] for p in (alone, out))
+            assert all(torch.equal(a[k], b[k]) for k in a), name
+        a, b = (torch.load(p, weights_only=False)["model"] for p in (alone, out))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        lines = (out.with_suffix("") / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]

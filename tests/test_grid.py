@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
+from kdcache.errors import KdcacheError
 from kdcache.pipelines import grid
+from kdcache.pipelines.distill import run_args
 from kdcache.pipelines.grid import GridResult, GridSpec, GridTeacher, Reference, Row
+from kdcache.request import how_args
 from kdcache.store.format import FEATURE_FORMS
 
 
@@ -72,3 +78,25 @@ def test_the_commands_import_no_torch_and_offer_the_pipelines_choices() -> None:
         probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'zarr', 'dask') if m in sys.modules))"
         loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
         assert loaded.strip() == "[]", (module, loaded)
+
+
+def test_a_finished_run_is_this_grids_however_it_ran(tmp_path: Path) -> None:
+    """check_same_grid compares the result arguments (distill.run_args, from DistillRequest's one declaration)
+    and nothing else: a run that ran elsewhere or otherwise (device, cache, data root, threads, out; the
+    how-arguments an earlier kdcache recorded among its args) is this grid's; one of another data set, epochs,
+    schedule, seed or teachers' mode is another grid's."""
+    spec = GridSpec(name="t", dataset="digits", teachers=(GridTeacher("resnet8", tmp_path / "t.pth", 1),),
+                    student="resnet8", rows=(Row("kd", "kd"),), out=tmp_path, runs=tmp_path / "runs", views=2, epochs=2)
+    req = grid.distill_request(spec, spec.rows[0], ["a" * 16], 0, device="cpu")
+    assert req.dataset == "digits"  # the grid states its data set, so that it is compared as recorded
+    run = spec.run_dir("kd", 0)
+    run.start({"kind": "distill", "args": run_args(req), "how": how_args(req)})
+    grid.check_same_grid(run, req)
+    earlier = {**run_args(req), "out": "/elsewhere", "cache": "/c", "data_root": "/d", "device": "cuda:3",
+               "prefetch": 8, "read_threads": 1, "resident_share": 0.0, "tensorboard": "/tb", "resume": True}
+    run.write_config({"args": earlier})
+    grid.check_same_grid(run, replace(req, device=None, read_threads=4, cache=tmp_path))
+    for key, other in (("dataset", "cifar10"), ("epochs", 3), ("milestones", [2]), ("seed", 1), ("online", True)):
+        run.write_config({"args": {**earlier, key: other}})
+        with pytest.raises(KdcacheError, match=rf"holds a finished run of another grid \({key} differ"):
+            grid.check_same_grid(run, req)

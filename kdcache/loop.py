@@ -1,0 +1,229 @@
+"""One training loop for teachers and students, in one run directory format (:class:`kdcache.runs.RunDir`).
+
+``kdcache train-teacher`` (a teacher is cross-entropy over fresh augmented views) and
+``kdcache distill`` (a student, a method's loss over stored views) each build their
+network, optimiser and schedule, then hand the epochs to :class:`Loop`, which does
+the rest the same way for both: start the run directory or restore the run in it
+(``--resume``: the result arguments compared, :func:`kdcache.training.resume_changes`;
+model, optimiser, schedule and torch's RNG restored), and after each epoch's training
+(the caller's function) stop on a non-finite loss, step the schedule, evaluate, and
+write metrics.jsonl, best.pth and checkpoint.pth (atomically,
+:func:`kdcache.training.save_atomic`); after the last epoch, last.pth. Under torchrun
+rank 0 alone reads and writes the run directory and evaluates.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kdcache import __version__, training
+from kdcache.distributed import DistContext
+from kdcache.errors import CheckpointError, KdcacheError
+from kdcache.runs import RunDir
+from kdcache.tblog import TensorBoardLog
+
+
+@dataclass
+class EpochMetrics:
+    """One line of metrics.jsonl."""
+
+    epoch: int
+    view: int | None                 # the stored view the epoch read (distill); None for fresh views (teachers)
+    train: dict[str, float]          # the epoch's mean training numbers: each loss term (and a teacher's accuracy)
+    teacher_weights: list[float] | None
+    test_top1: float
+    test_top5: float
+    lr: float
+    seconds: float
+
+
+@dataclass
+class Trained:
+    """What one epoch's training gives the loop to record."""
+
+    train: dict[str, float]
+    view: int | None = None
+    teacher_weights: list[float] | None = None
+    files: Callable[[RunDir], None] | None = None   # the epoch's own files (sample weights), written before its checkpoint
+
+
+@dataclass
+class Trainee:
+    """What a run trains and checkpoints: its network (``arch``), the other trained modules (saved beside the
+    model's state under their names: a distill method's aligners as "method"), the optimiser and the schedule."""
+
+    arch: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    parts: dict[str, torch.nn.Module] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str | None]:
+    """What made a run, for its config.json: kdcache's version, its git commit when known, torch's version."""
+    return {"kdcache_version": __version__, "git_sha": _git_sha(), "torch_version": torch.__version__}
+
+
+class Loop:
+    """The epochs of one run of ``kind`` ("teacher" or "distill") in the run directory ``run``.
+
+    ``config`` is what config.json holds (its "args" from :func:`kdcache.training.recorded_args`);
+    ``epochs`` how many the run trains in all; ``about`` is added to every weights file
+    (best.pth, last.pth: its data set, classes, seed); ``ctx`` places this process in a
+    torchrun job (default: a single process on the model's device). :attr:`watch` is the
+    non-finite loss watch the caller's steps report to. Use: :meth:`begin`, then
+    :meth:`run`, then :meth:`finish`.
+    """
+
+    def __init__(self, run: RunDir, kind: str, config: dict[str, Any], trainee: Trainee, epochs: int,
+                 about: dict[str, Any] | None = None, ctx: DistContext | None = None) -> None:
+        self.run_dir, self.kind, self.config, self.trainee, self.epochs = run, kind, config, trainee, epochs
+        self.about = about or {}
+        device = next(trainee.model.parameters()).device
+        self.ctx = ctx if ctx is not None else DistContext(device=device)
+        self.watch = training.NonFiniteWatch(device, self._kept, _any_rank(self.ctx))
+        self.start, self.best_top1 = 1, 0.0
+        self.history: list[EpochMetrics] = []
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    def begin(self, resume: bool) -> None:
+        """Start a new run directory (config.json, an empty metrics.jsonl), or restore the run in it (``resume``):
+        rank 0 reads and checks checkpoint.pth and hands it to every rank."""
+        run, ctx = self.run_dir, self.ctx
+        if not resume:
+            if ctx.is_main:
+                run.start(self.config)
+            return
+        ckpt = ctx.on_main(self._read_checkpoint)
+        t = self.trainee
+        try:
+            t.model.load_state_dict(ckpt["model"])
+            for name, part in t.parts.items():
+                part.load_state_dict(ckpt[name])
+            t.optimizer.load_state_dict(ckpt["optimizer"])
+            t.scheduler.load_state_dict(ckpt["lr_scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"--resume: {run.file(run.CHECKPOINT)} does not fit this run: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        training.reschedule(t.optimizer, t.scheduler, self.config["args"]["milestones"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        epoch = int(ckpt["epoch"])
+        self.start, self.best_top1 = epoch + 1, float(ckpt.get("best_top1", 0.0))
+        if ctx.is_main:
+            run.keep_metrics_through(epoch)
+            if epoch < self.epochs:  # it trains again: not finished until its new last epoch
+                run.file(run.LAST).unlink(missing_ok=True)
+            run.write_config(self.config)
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """checkpoint.pth, refused unless it is this kind's, with these parts, of the same result arguments."""
+        run, args = self.run_dir, self.config["args"]
+        ckpt = run.read_checkpoint(self.kind, tuple(self.trainee.parts))
+        if int(ckpt["epoch"]) > self.epochs:
+            raise KdcacheError(f"--resume: the run in {run.path} has trained {ckpt['epoch']} epochs already, more "
+                               f"than --epochs {self.epochs}; give --epochs {ckpt['epoch']} or more")
+        changed = training.resume_changes(ckpt["args"], args)
+        if changed:
+            raise KdcacheError(f"--resume: {', '.join(changed)} differ from the run in {run.path}; "
+                               "resume with the same options or start a new --out")
+        return ckpt
+
+    # -- the epochs -------------------------------------------------------------------------------
+
+    def run(self, train: Callable[[int], Trained], evaluate: Callable[[], tuple[float, float]],
+            on_epoch: Callable[[EpochMetrics], None] | None = None, board: TensorBoardLog | None = None) -> None:
+        """Train the epochs left: ``train(epoch)`` runs one epoch's steps (reporting each step's loss terms to
+        :attr:`watch`); then, unless a loss was not finite, the schedule steps, ``evaluate()`` (rank 0) gives test
+        top-1 and top-5, and rank 0 records the epoch (metrics.jsonl, best.pth, checkpoint.pth, ``board``) and calls
+        ``on_epoch``. ``board`` is closed at the end."""
+        t, ctx = self.trainee, self.ctx
+        for epoch in range(self.start, self.epochs + 1):
+            t0 = time.perf_counter()
+            trained = train(epoch)
+            self.watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
+            lr_now = t.optimizer.param_groups[0]["lr"]
+            t.scheduler.step()
+            top1, top5 = ctx.on_main(evaluate)
+            metrics = EpochMetrics(epoch, trained.view, trained.train, trained.teacher_weights, top1, top5, lr_now,
+                                   time.perf_counter() - t0)
+            self.history.append(metrics)
+            is_best = metrics.test_top1 > self.best_top1 or epoch == 1
+            self.best_top1 = max(self.best_top1, metrics.test_top1)
+            if ctx.is_main:
+                if trained.files is not None:
+                    trained.files(self.run_dir)
+                self._save_epoch(metrics, is_best)
+                if board is not None:
+                    board.epoch(epoch, metrics.train, metrics.test_top1, metrics.test_top5, metrics.lr,
+                                metrics.teacher_weights)
+                if on_epoch:
+                    on_epoch(metrics)
+        if board is not None:
+            board.close()
+
+    def _save_epoch(self, metrics: EpochMetrics, is_best: bool) -> None:
+        run, t = self.run_dir, self.trainee
+        run.append_metrics(asdict(metrics))
+        if is_best:
+            run.save_best(self._weights(metrics.epoch, metrics.test_top1))
+        run.save_checkpoint({
+            "kind": self.kind, "model": t.model.state_dict(),
+            **{name: part.state_dict() for name, part in t.parts.items()},
+            "optimizer": t.optimizer.state_dict(), "lr_scheduler": t.scheduler.state_dict(), "epoch": metrics.epoch,
+            "args": self.config["args"], "best_top1": self.best_top1, "rng": {"torch": torch.get_rng_state()},
+            "arch": t.arch,
+        })
+
+    def _weights(self, epoch: int, test_top1: float | None) -> dict[str, Any]:
+        """A weights file (best.pth, last.pth): what ``load_checkpoint`` reads, and what it was."""
+        return {"model": self.trainee.model.state_dict(), "epoch": epoch, "arch": self.trainee.arch,
+                "test_top1": test_top1, **self.about}
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def finish(self, also: Path | None = None) -> None:
+        """Write last.pth (rank 0), which marks the run finished; ``also``: the same weights there too, written
+        first (train-teacher's ``--out X.pth``)."""
+        if not self.ctx.is_main:
+            return
+        run = self.run_dir
+        if self.history:
+            test_top1: float | None = self.history[-1].test_top1
+        else:  # resumed after its last epoch: nothing trained now
+            recorded = run.read_metrics()
+            test_top1 = float(recorded[-1]["test_top1"]) if recorded else None
+        weights = self._weights(self.epochs, test_top1)
+        if also is not None:
+            training.save_atomic(weights, also)
+        run.save_last(weights)
+
+    def _kept(self, epoch: int) -> str:
+        """What a run stopped in ``epoch`` keeps, for the message: the last good checkpoint, if any."""
+        if epoch == 1:
+            return "no checkpoint was written"
+        run = self.run_dir
+        return (f"{run.file(run.CHECKPOINT)} and best.pth keep epoch {epoch - 1}, the last good one "
+                f"(start again in a new --out with a lower --lr)")
+
+
+def _any_rank(ctx: DistContext) -> Callable[[bool], bool] | None:
+    """Under torchrun: whether any rank's flag is set (every rank calls it at the same step)."""
+    if not ctx.distributed:
+        return None
+    return lambda flag: bool(ctx.all_reduce_mean(torch.tensor(float(flag), device=ctx.device)) > 0)
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
