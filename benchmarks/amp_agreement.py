@@ -41,6 +41,7 @@ from kdcache.losses.camkd import confidence_weights
 from kdcache.losses.ebkd import entropy_weights
 from kdcache.models import build_model, load_checkpoint
 from kdcache.pipelines.precompute_engine import forward_batch
+from kdcache.store.form import FeatureForm
 from kdcache.views import get_recipe, view_drawer
 
 BATCH = 256
@@ -59,9 +60,9 @@ def one_view(dataset: DataSet, rows: int, device: torch.device, seed: int = 0) -
 
 def run(model: torch.nn.Module, x: torch.Tensor, amp: str | None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Float32 copies of the float16 logits and pooled features precompute would store, and seconds a pass."""
-    forward_batch(model, x[:BATCH], "pooled", amp)  # warm-up
+    forward_batch(model, x[:BATCH], FeatureForm.POOLED, amp)  # warm-up
     start = time.perf_counter()
-    out = [forward_batch(model, x[i:i + BATCH], "pooled", amp) for i in range(0, len(x), BATCH)]
+    out = [forward_batch(model, x[i:i + BATCH], FeatureForm.POOLED, amp) for i in range(0, len(x), BATCH)]
     if x.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from kdcache.store import Cache, PlanStore, TeacherStore
-from kdcache.store import format as fmt
+from kdcache.store import layout as fmt
+from kdcache.store.form import StoreForm
 from kdcache.stream import TeacherStream
 from kdcache.text import human_bytes
 
@@ -93,10 +94,11 @@ def files(n: int, chunk: int, shard: int, marker: int, data_arrays: int) -> int:
 
 
 STORES = {  # name -> (logits row bytes, features row bytes, data arrays, widest row bytes)
-    "pooled float16": (fmt.logits_row_bytes(C_IMAGENET), fmt.feature_row_bytes((2048,)), 2),
-    "spatial float16": (fmt.logits_row_bytes(C_IMAGENET), fmt.feature_row_bytes((2048, 7, 7)), 2),
-    "topk:10, pooled float16": (fmt.logits_row_bytes(C_IMAGENET, 10), fmt.feature_row_bytes((2048,)), 4),
-    "topk:10, no features": (fmt.logits_row_bytes(C_IMAGENET, 10), 0, 3),
+    "pooled float16": (StoreForm().logits_row_bytes(C_IMAGENET), StoreForm().feature_row_bytes((2048,)), 2),
+    "spatial float16": (StoreForm().logits_row_bytes(C_IMAGENET), StoreForm().feature_row_bytes((2048, 7, 7)), 2),
+    "topk:10, pooled float16": (StoreForm("topk:10").logits_row_bytes(C_IMAGENET), StoreForm().feature_row_bytes((2048,)),
+                                4),
+    "topk:10, no features": (StoreForm("topk:10").logits_row_bytes(C_IMAGENET), 0, 3),
 }
 
 
@@ -121,9 +123,9 @@ def check_against_format() -> None:
     for logits, features, arrays in STORES.values():
         widest = max(logits, features)
         chunk, shard, _ = rows_of(LAYOUTS[7], N_IMAGENET, widest)
-        assert chunk == fmt.chunk_rows_for(N_IMAGENET, widest, itemsize=1)
-        assert shard == fmt.shard_rows_for(N_IMAGENET, chunk, widest, itemsize=1), (shard, widest)
-        assert files(N_IMAGENET, chunk, shard, shard, arrays) == fmt.files_per_view(N_IMAGENET, shard, arrays)
+        assert chunk == fmt.chunk_rows_for(N_IMAGENET, widest)
+        assert shard == fmt.shard_rows_for(N_IMAGENET, chunk, widest), (shard, widest)
+        assert files(N_IMAGENET, chunk, shard, shard, arrays) == fmt.Layout(chunk, shard).files_per_view(N_IMAGENET, arrays)
 
 
 # -- 2. measured on a small store ------------------------------------------------------------------------------
@@ -147,10 +149,9 @@ def write_store(cache: Cache, tid: str, plan: PlanStore, layout: Layout, logits:
                 feats: np.ndarray) -> tuple[TeacherStore, float]:
     n = plan.n_samples
     chunk, shard, _ = rows_of(layout, n, 2 * D)
-    attrs = {"plan_id": plan.id, "arch": "resnet8", "num_classes": C, "feature_dim": D,
-             "checkpoint": {"path": "/x", "sha256": "0"}, "dataset": "x"}
-    store = TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (1, n, C, D), chunk,
-                                          torch.zeros(C, D), torch.zeros(C), shard_rows=shard)
+    attrs = {"plan_id": plan.id, "arch": "resnet8", "checkpoint": {"path": "/x", "sha256": "0"}, "dataset": "x"}
+    store = TeacherStore.create(cache.teacher_path(tid), tid, StoreForm(), fmt.StoreShape(1, n, C, D), attrs,
+                                torch.zeros(C, D), torch.zeros(C), chunk_rows=chunk, shard_rows=shard)
     t0 = time.perf_counter()
     for s in range(store.shards_per_view):
         r = store.shard_rows_of(s)
@@ -191,7 +192,7 @@ def measured_table(n: int, repeat: int) -> list[str]:
         for i, layout in enumerate(MEASURED):
             store, took = write_store(cache, f"teacher{i:09d}", plan, layout, logits, feats)
             found = sum(len(store.location.files(f"{a}/c")) for a in (*store.data_arrays, "done"))
-            formula = fmt.files_per_view(n, store.shard_rows, len(store.data_arrays))
+            formula = fmt.Layout(store.chunk_rows, store.shard_rows).files_per_view(n, len(store.data_arrays))
             assert found == formula, (layout, found, formula)
             one, peak = epoch_rate(plan, store, repeat)
             two, _ = epoch_rate(plan, store, repeat, world=2)

@@ -39,7 +39,8 @@ from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
 from kdcache.store import Cache, TeacherStore
 from kdcache.store import format as fmt
-from kdcache.store.format import COMPRESSION, SPATIAL_COMPRESSION
+from kdcache.store.codecs import COMPRESSION, SPATIAL_COMPRESSION
+from kdcache.store.form import FeatureForm, StoreForm
 
 CANDIDATES: dict[str, list[BytesBytesCodec]] = {
     "none": [],
@@ -90,7 +91,7 @@ def fresh_teacher(args: argparse.Namespace, tmp: Path, cache: Cache) -> tuple[st
                                           device="cpu"))
     ids = {form: precompute(PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="digits",
                                               cache=cache.root, views=args.views, device="cpu",
-                                              features=form)).teacher_id
+                                              form=StoreForm(features=form))).teacher_id
            for form in dict.fromkeys([args.features, "pooled"] if args.features == "spatial" else [args.features])}
     return ids[args.features], ids.get("pooled") if args.features == "spatial" else None
 
@@ -102,9 +103,9 @@ def compare_codecs(store: TeacherStore, tmp: Path) -> None:
     n_rows = store.n_views * store.n_samples
     raw_row = sum(a.nbytes for a in arrays) / n_rows
     mb = sum(a.nbytes for a in arrays) / 1e6
-    if store.feature_form != "none":
+    if store.form.has_features:
         feats = arrays[1]
-        print(f"features {store.feature_form} {feats.shape[2:]}: {np.count_nonzero(feats == 0) / feats.size:.1%} "
+        print(f"features {store.form.features.value} {feats.shape[2:]}: {np.count_nonzero(feats == 0) / feats.size:.1%} "
               f"exact zeros; rows whose features are all zero: {np.mean(~feats.reshape(n_rows, -1).any(1)):.1%}")
     print(f"{'codec':<26} {'B/row':>9} {'ratio':>6} {'write MB/s':>11} {'read MB/s':>10}")
     for name, codecs in CANDIDATES.items():
@@ -113,7 +114,7 @@ def compare_codecs(store: TeacherStore, tmp: Path) -> None:
             s, w, r = measure(a, rows, codecs, tmp / f"a{i}")
             size, t_write, t_read = size + s, t_write + w, t_read + r
         per_row = size / n_rows
-        current = CURRENT_SPATIAL if store.feature_form == "spatial" else CURRENT
+        current = CURRENT_SPATIAL if store.form.spatial else CURRENT
         mark = "  <- the store's codec for features" if name == current else ""
         print(f"{name:<26} {per_row:9.1f} {raw_row / per_row:6.2f} {mb / t_write:11.0f} {mb / t_read:10.0f}{mark}")
     print(f"raw float16: {raw_row:.0f} B/row; chunks of {rows} rows; as stored (each array its own codec): "
@@ -183,11 +184,11 @@ def main() -> None:
         tid, pooled_id = (args.store, None) if args.store else fresh_teacher(args, tmp, cache)
         store = cache.open_teacher(tid)
         print(f"machine: {machine()}")
-        print(f"store {store.id}: {store.attrs['arch']} on {store.attrs['dataset']}, {store.feature_form} features "
+        print(f"store {store.id}: {store.attrs['arch']} on {store.attrs['dataset']}, {store.form.features.value} features "
               f"{store.feature_shape}, {store.n_views}x{store.n_samples} rows, C={store.num_classes}, "
               f"chunk rows {store.chunk_rows}, test accuracy {store.attrs.get('test_accuracy', float('nan')):.1f}%")
         compare_codecs(store, tmp)
-        if store.feature_form == "spatial":
+        if store.form.features is FeatureForm.SPATIAL:
             keep_or_derive(store, tmp, cache.open_teacher(pooled_id) if pooled_id else None)
 
 

@@ -60,7 +60,9 @@ import kdcache.pipelines.precompute_engine as precompute_mod  # noqa: E402
 from kdcache.data import load_dataset  # noqa: E402
 from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, ensure_plan, precompute  # noqa: E402
-from kdcache.store import Cache, TeacherStore, chunk_rows_for, plan_id, teacher_id  # noqa: E402
+from kdcache.store import Cache, TeacherStore, plan_id, teacher_id  # noqa: E402
+from kdcache.store.form import FeatureCompression, FeatureForm, StoreForm  # noqa: E402
+from kdcache.store.layout import StoreShape, chunk_rows_for  # noqa: E402
 from kdcache.stream import TeacherStream  # noqa: E402
 from kdcache.views import get_recipe  # noqa: E402
 
@@ -78,14 +80,14 @@ def random_teacher_outputs(seed: int = 0) -> Iterator[None]:
     shapes: dict[int, tuple[tuple[int, ...], ...]] = {}
     gen = torch.Generator().manual_seed(seed)
 
-    def fake(model: torch.nn.Module, x: torch.Tensor, features: str = "pooled",
+    def fake(model: torch.nn.Module, x: torch.Tensor, features: FeatureForm = FeatureForm.POOLED,
              amp: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if id(model) not in shapes:
             z, h = real(model, x[:1], features, amp)
             shapes[id(model)] = (tuple(z.shape[1:]), () if h is None else tuple(h.shape[1:]))
         zs, hs = shapes[id(model)]
         z = (3 * torch.randn(len(x), *zs, generator=gen)).to(torch.float16)
-        h = None if features == "none" else torch.randn(len(x), *hs, generator=gen).clamp_min(0).to(torch.float16)
+        h = None if features is FeatureForm.NONE else torch.randn(len(x), *hs, generator=gen).clamp_min(0).to(torch.float16)
         return z, h
 
     precompute_mod.forward_batch = fake
@@ -186,9 +188,10 @@ def make_teachers(tmp: Path, root: Path, arch: str, k: int, views: int, dataset:
                 random_checkpoint(ckpt, arch, 100 if dataset == "cifar100" else 10, seed)
             ids.append(precompute(PrecomputeRequest(teacher=arch, checkpoint=ckpt, dataset=dataset, data_root=root,
                                                     cache=cache or tmp / f"cache-{features}", views=views,
-                                                    features=features.split("-")[0], device="cpu",
-                                                    feature_compression="none" if features.endswith("-raw")
-                                                    else "zstd")).teacher_id)
+                                                    form=StoreForm(features=features.split("-")[0]), device="cpu",
+                                                    feature_compression=FeatureCompression.NONE
+                                                    if features.endswith("-raw") else FeatureCompression.ZSTD)
+                                 ).teacher_id)
     return ids
 
 
@@ -404,11 +407,11 @@ def synthetic_stores(cache_root: Path, n_views: int, k: int, dim: int) -> list[s
     ids = []
     for t in range(k):
         tid = teacher_id(pid, "synthetic", f"{t:064x}")
-        attrs = {"plan_id": pid, "arch": "synthetic", "num_classes": c, "feature_dim": dim, "dataset": "digits",
+        attrs = {"plan_id": pid, "arch": "synthetic", "dataset": "digits",
                  "checkpoint": {"path": "-", "sha256": f"{t:064x}"}}
-        rows = chunk_rows_for(n, dim)
-        store = TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (n_views, n, c, dim), rows,
-                                              torch.randn(c, dim) / dim ** 0.5, torch.zeros(c))
+        rows = chunk_rows_for(n, 2 * dim)
+        store = TeacherStore.create(cache.teacher_path(tid), tid, StoreForm(), StoreShape(n_views, n, c, dim), attrs,
+                                    torch.randn(c, dim) / dim ** 0.5, torch.zeros(c), chunk_rows=rows)
         for v, ch in store.pending():
             r = store.rows(ch)
             store.write_chunk(v, ch, rng.standard_normal((r.stop - r.start, c)).astype(np.float16),

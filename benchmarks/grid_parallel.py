@@ -44,12 +44,13 @@ METHODS = ("ce", "aver", "fitnet-mkd", "camkd")
 
 def grid_spec(root: Path, epochs: int, teacher_epochs: int, seeds: int) -> Any:
     from kdcache.pipelines.grid import GridSpec, GridTeacher, Row
+    from kdcache.store.form import FeatureForm
 
     teachers = tuple(GridTeacher("resnet8", root / "teachers" / f"resnet8-{i}.pth", teacher_epochs, seed=i)
                      for i in range(3))
     return GridSpec(name="grid-parallel", dataset="digits", teachers=teachers, student="resnet8",
                     rows=tuple(Row(m, m) for m in METHODS), out=root, runs=root / "runs", views=epochs,
-                    epochs=epochs, seeds=seeds, features="spatial", cache=root / "cache")
+                    epochs=epochs, seeds=seeds, features=FeatureForm.SPATIAL, cache=root / "cache")
 
 
 def child(args: argparse.Namespace) -> None:

@@ -43,7 +43,7 @@ from kdcache.device import resolve_device
 from kdcache.models import build_model, forward_with_map
 from kdcache.pipelines import precompute as pc
 from kdcache.pipelines import precompute_engine as engine
-from kdcache.store.format import FEATURE_FORMS
+from kdcache.store.form import FeatureForm, Forward, StoreForm
 from kdcache.views import draw_plan
 
 
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="Also write the result here.")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the GPU when present).")
     ap.add_argument("--rounds", type=int, default=3, help="Rounds of (bounds, then each form's precompute).")
-    ap.add_argument("--features", nargs="+", choices=FEATURE_FORMS, default=["pooled"],
+    ap.add_argument("--features", nargs="+", choices=[f.value for f in FeatureForm], default=["pooled"],
                     help="Feature forms to precompute, each round in turn (default: pooled).")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -110,13 +110,14 @@ def main() -> None:
         torch.save({"model": model.state_dict()}, ckpt)
         model.eval().to(device)
         n_rows = args.samples * args.views
-        amp = engine.amp_dtype_for(device) if args.amp else None
+        precision = (Forward.AMP if args.amp else Forward.FLOAT32).on(device.type)
+        amp = precision.autocast_dtype
         autocast = contextlib.nullcontext() if amp is None else engine._autocast(device, amp)
         batch, sweep = best_batch(model, dataset, args.batch_size, device, autocast)
         reqs = {form: pc.PrecomputeRequest(teacher=args.arch, checkpoint=ckpt, dataset="cifar100", data_root=root,
                                            views=args.views, batch_size=batch, device=str(device),
-                                           features=form, amp=args.amp) for form in args.features}
-        chunk_rows = {form: pc.prepare(req, dataset).chunk_rows for form, req in reqs.items()}
+                                           form=StoreForm(features=form, forward=precision)) for form in args.features}
+        chunk_rows = {form: pc.prepare(req, dataset).layout.chunk_rows for form, req in reqs.items()}
         bounds: dict[str, Callable[[torch.Tensor], object]] = {
             "model(x)": model, "forward_with_map": lambda x: forward_with_map(model, x)}
         inputs = real_inputs(dataset, n_rows, batch, device)

@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from kdcache.store import TeacherStore  # noqa: E402
-from kdcache.store import format as fmt  # noqa: E402
+from kdcache.store.form import FeatureCompression, StoreForm  # noqa: E402
+from kdcache.store.layout import StoreShape  # noqa: E402
 from kdcache.store.chunks import intact  # noqa: E402
 
 CANDIDATES = ("zarr-chunks", "zarr", "zarrs", "tensorstore", "kdcache", "bound")
@@ -70,7 +71,8 @@ def feature_row(form: str) -> tuple[int, ...]:
 def build_stores(root: Path, form: str, teachers: int, samples: int) -> list[Path]:
     """``teachers`` complete stores of random rows in precompute's layout (one view), made once under ``root``."""
     row = feature_row(form)
-    chunk, shard = fmt.default_layout(samples, fmt.widest_row_bytes(CLASSES, None, row))
+    store_form = StoreForm(features=form.split("-")[0])
+    shape = StoreShape(1, samples, CLASSES, CHANNELS, row)
     rng = np.random.default_rng(0)
     paths = []
     for t in range(teachers):
@@ -78,12 +80,10 @@ def build_stores(root: Path, form: str, teachers: int, samples: int) -> list[Pat
         paths.append(path)
         if (path / "zarr.json").exists() and json.loads((path / "zarr.json").read_text())["attributes"].get("complete"):
             continue
-        attrs = {"plan_id": "b" * 16, "arch": "resnet32x4", "num_classes": CLASSES, "feature_dim": CHANNELS,
-                 "features": form.split("-")[0], "checkpoint": {"path": "-", "sha256": f"{t:064x}"},
-                 "feature_compression": "none" if form.endswith("-raw") else "zstd"}
-        store = TeacherStore.open_for_writing(path, f"t{t}", attrs, (1, samples, CLASSES, CHANNELS), chunk,
-                                              torch.randn(CLASSES, CHANNELS), torch.zeros(CLASSES),
-                                              feature_shape=row, shard_rows=shard)
+        attrs = {"plan_id": "b" * 16, "arch": "resnet32x4", "checkpoint": {"path": "-", "sha256": f"{t:064x}"}}
+        store = TeacherStore.create(path, f"t{t}", store_form, shape, attrs, torch.randn(CLASSES, CHANNELS),
+                                    torch.zeros(CLASSES), compression=FeatureCompression.NONE if form.endswith("-raw")
+                                    else FeatureCompression.ZSTD)
         for v, s in store.pending_shards():
             rows = store.shard_rows_of(s)
             n = rows.stop - rows.start

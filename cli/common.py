@@ -2,15 +2,108 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import sys
 import time
+from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import click
 
+from kdcache.defaults import AMP_DTYPES, TEMPERATURE
+from kdcache.store.form import FeatureDtype, FeatureForm, FormError, Forward, StoreForm, parse_logits
 from kdcache.text import duration
+
+
+class EnumChoice(click.Choice[str]):
+    """One of an Enum's members, given by its value (``--features spatial``): the option's value is the member,
+    parsed once here."""
+
+    def __init__(self, members: Sequence[Enum]) -> None:
+        super().__init__([str(m.value) for m in members])
+        self.members = {str(m.value): m for m in members}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Enum):
+            return value
+        return self.members[str(super().convert(value, param, ctx))]
+
+
+class LogitsType(click.ParamType[str]):
+    """``--logits``: ``dense`` or ``topk:K``, checked as it is parsed (one line, status 1, as every refused form)."""
+
+    name = "dense|topk:K"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            parse_logits(str(value))
+        except FormError as exc:
+            raise click.ClickException(f"--logits: {exc}") from None
+        return str(value)
+
+
+def store_form_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--features, --feature-dtype, --logits, --logits-temperature, --amp and --amp-dtype, given to the command as
+    one ``form`` (a :class:`~kdcache.store.form.StoreForm`), or one line of usage error for a form no store can have."""
+    @functools.wraps(command)  # keeps the options given below this decorator (click's __click_params__)
+    def with_form(*args: Any, features: FeatureForm, feature_dtype: FeatureDtype, logits: str,
+                  logits_temperature: float, amp: bool, amp_dtype: str | None, **kwargs: Any) -> None:
+        if not (math.isfinite(logits_temperature) and logits_temperature > 0):  # refused even where dense ignores it
+            raise click.ClickException(_FORM_ERRORS["temperature"].format(temperature=logits_temperature))
+        if amp_dtype is not None and not amp:
+            raise click.ClickException(f"--amp-dtype {amp_dtype} needs --amp: give --amp too, or drop --amp-dtype")
+        try:
+            form = StoreForm(logits, features, feature_dtype,
+                             Forward.autocast(amp_dtype) if amp else Forward.FLOAT32,
+                             None if parse_logits(logits) is None else logits_temperature)
+        except FormError as exc:
+            raise click.ClickException(_FORM_ERRORS.get(exc.option, "{exc}").format(
+                exc=exc, dtype=feature_dtype.value, temperature=logits_temperature)) from None
+        command(*args, form=form, **kwargs)
+
+    options = [
+        click.option("--features", type=EnumChoice(list(FeatureForm)), default=FeatureForm.POOLED.value,
+                     show_default=True,
+                     help="What to store besides the logits: pooled, the penultimate vector (D values a row); spatial, "
+                          "the last-block map the official CA-MKD code matches (C'xHxW a row, e.g. 46x the bytes for "
+                          "resnet32x4); none, logits only (ce, kd, aver, ebkd, aekd). The form is part of the "
+                          "teacher id."),
+        click.option("--feature-dtype", type=EnumChoice(list(FeatureDtype)), default=FeatureDtype.FLOAT16.value,
+                     show_default=True,
+                     help="How features are stored: float16, or int8 with a float32 scale a row (about half the "
+                          "bytes; each value within half a scale step of its float16). Part of the teacher id."),
+        click.option("--logits", "logits", type=LogitsType(), default="dense", show_default=True, metavar="dense|topk:K",
+                     help="Which logits to store: every class's (dense), or the K largest with their classes and five "
+                          "scalars that keep the teachers' cross-entropy and entropy exact (topk:K, e.g. topk:10 for "
+                          "1000 classes: 60 B a row instead of 2,000). Part of the teacher id."),
+        click.option("--logits-temperature", type=float, default=TEMPERATURE, show_default=True,
+                     help="The KD temperature a top-K store serves: distill's --temperature must equal it. Dense "
+                          "stores serve every temperature."),
+        click.option("--amp", is_flag=True,
+                     help="Run the teachers under autocast (mixed precision), for GPUs with tensor cores. bfloat16 on "
+                          "a CPU: stored logits off float32's by about 0.5% of their magnitude on average, at most "
+                          "1.4% of the largest (benchmarks/RESULTS.md, \"AMP for precompute\"). Part of the teacher "
+                          "id; the test accuracy is measured the same way."),
+        click.option("--amp-dtype", type=click.Choice(AMP_DTYPES), default=None,
+                     help="The autocast dtype of --amp [default: float16 on CUDA, as distill's --amp; bfloat16 on "
+                          "CPU, where autocast is usually slower than float32]. bfloat16 keeps float32's range where "
+                          "float16 could overflow."),
+    ]
+    for option in reversed(options):
+        with_form = option(with_form)
+    return with_form
+
+
+# How the options name a form no store can have, by the part at fault (FormError.option).
+_FORM_ERRORS = {
+    "feature_dtype": "--feature-dtype {dtype} needs features to store: give --features pooled or spatial, or drop "
+                     "--feature-dtype",
+    "temperature": "--logits-temperature must be a positive number (got {temperature})",
+}
+
 
 cache_option = click.option(
     "--cache", type=str, default=None, metavar="DIR|URL",
@@ -100,7 +193,8 @@ def row_progress(description: str, log_interval: float | None = None) -> Callabl
 
             bar = tqdm(total=total, initial=done, desc=label, unit=unit, unit_scale=True, file=sys.stderr,
                        dynamic_ncols=True)
-            return bar.update
+            update: Callable[[int], None] = bar.update  # tqdm has no type information
+            return update
         interval = log_interval if log_interval is not None else float(
             os.environ.get("KDCACHE_PROGRESS_INTERVAL", LOG_INTERVAL_S))
         return LogProgress(label, total, done, unit, interval).update

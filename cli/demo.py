@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli.common import cluster_choice, device_option, exit_if_failed, grid_cluster_options
+from kdcache.cli.common import EnumChoice, cluster_choice, device_option, exit_if_failed, grid_cluster_options
+from kdcache.store.form import FeatureForm
 
 # The choices and default of --features, kept here so that importing the command imports no torch
-# (tests/test_demo.py checks they match kdcache.pipelines.demo.FEATURES and the store's forms).
-FEATURE_FORMS = ["spatial", "pooled"]
-FEATURES = "spatial"
+# (tests/test_demo.py checks they match kdcache.pipelines.demo.FEATURES).
+FEATURE_FORMS = [FeatureForm.SPATIAL, FeatureForm.POOLED]
+FEATURES = FeatureForm.SPATIAL
 SEEDS = 2
 
 
@@ -24,12 +25,12 @@ SEEDS = 2
               help="Student seeds per method (two or more give every method a mean ± std).")
 @click.option("--epochs", type=click.IntRange(min=1), default=10,
               help="Student epochs (and stored views: one fresh view per epoch).")
-@click.option("--features", type=click.Choice(FEATURE_FORMS), default=FEATURES, show_default=True,
+@click.option("--features", type=EnumChoice(FEATURE_FORMS), default=FEATURES.value, show_default=True,
               help="Feature form of the stores: the teachers' last-block maps (the official CA-MKD) or their pooled "
                    "vectors (kdcache's compact form).")
 @device_option
 @grid_cluster_options
-def demo(out: Path, cache: Path | None, seeds: int, epochs: int, features: str, device: str | None,
+def demo(out: Path, cache: Path | None, seeds: int, epochs: int, features: FeatureForm, device: str | None,
          workers: int | None, scheduler: str | None, runs_per_device: int) -> None:
     """Train three digits teachers of different quality, cache them, and compare six methods on one student.
 

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from kdcache.cli.common import (cache_option, cluster_choice, device_option, exit_if_failed, grid_cluster_options,
-                                row_progress)
+from kdcache.cli.common import (EnumChoice, cache_option, cluster_choice, device_option, exit_if_failed,
+                                grid_cluster_options, row_progress)
+from kdcache.store.form import FeatureForm
 
 if TYPE_CHECKING:
     from kdcache.pipelines.experiments import Experiment
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 # The choices of --setup and --features, kept here so that importing the command imports no torch
 # (tests/test_experiments.py checks they match kdcache.pipelines.grid.SETUPS and the store's forms).
 SETUP_NAMES = ["official", "paper", "cs-kd"]
-FEATURE_FORMS = ["spatial", "pooled"]
+FEATURE_FORMS = [FeatureForm.SPATIAL, FeatureForm.POOLED]
 
 
 @click.group("experiment")
@@ -57,7 +58,7 @@ def list_cmd() -> None:
 @click.option("--teachers-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Teacher checkpoints <arch>-<i>.pth (<data>/<arch>-<i>.pth off CIFAR-100): used when present, "
                    "trained there otherwise [default: OUT/teachers].")
-@click.option("--features", type=click.Choice(FEATURE_FORMS), default=None,
+@click.option("--features", type=EnumChoice(FEATURE_FORMS), default=None,
               help="Feature form of the stores: spatial (the official code's last-block map, the paper's numbers) "
                    "or pooled (about 46x less disk; beta does not carry over) [default: the experiment's, spatial].")
 @click.option("--setup", type=click.Choice(SETUP_NAMES), default=None,
@@ -75,7 +76,8 @@ def list_cmd() -> None:
               help="Print each store's shape and disk in both forms, and the teacher forward passes saved; "
                    "write nothing.")
 def run_cmd(name: str, teachers: tuple[str, ...], student: str | None, dataset: str | None, data_root: Path,
-            cache: Path | None, out: Path, teachers_dir: Path | None, features: str | None, setup: str | None,
+            cache: Path | None, out: Path, teachers_dir: Path | None, features: FeatureForm | None,
+            setup: str | None,
             seeds: int | None, epochs: int | None, views: int | None, teacher_epochs: int | None,
             device: str | None, workers: int | None, scheduler: str | None, runs_per_device: int,
             dry_run: bool) -> None:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
-                                recipe_option, row_progress, tensorboard_option)
 from kdcache import defaults
-from kdcache.defaults import (AMP_DTYPES, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM, DEFAULT_VIEWS, FEATURE_DTYPES,
-                              FEATURE_FORMS)
+from kdcache.cli.common import (EnumChoice, cache_option, data_root_option, device_option, image_size_option,
+                                milestones_option, recipe_option, row_progress, store_form_options, tensorboard_option)
+from kdcache.defaults import DEFAULT_VIEWS
+from kdcache.store.form import FeatureCompression, StoreForm
 
 
 @click.command("train-teacher")
@@ -87,43 +87,19 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache "
                    "and see the cache, checkpoints and data at the same paths.")
-@click.option("--features", type=click.Choice(FEATURE_FORMS), default=DEFAULT_FEATURE_FORM, show_default=True,
-              help="What to store besides the logits: pooled, the penultimate vector (D values a row); spatial, the "
-                   "last-block map the official CA-MKD code matches (C'xHxW a row, e.g. 46x the bytes for "
-                   "resnet32x4); none, logits only (ce, kd, aver, ebkd, aekd). The form is part of the teacher id.")
-@click.option("--feature-dtype", type=click.Choice(FEATURE_DTYPES), default=DEFAULT_FEATURE_DTYPE, show_default=True,
-              help="How features are stored: float16, or int8 with a float32 scale a row (about half the bytes; each "
-                   "value within half a scale step of its float16). Part of the teacher id.")
-@click.option("--feature-compression", type=click.Choice(defaults.FEATURE_COMPRESSIONS),
-              default=defaults.DEFAULT_FEATURE_COMPRESSION, show_default=True,
+@store_form_options
+@click.option("--feature-compression", type=EnumChoice(list(FeatureCompression)),
+              default=FeatureCompression.ZSTD.value, show_default=True,
               help="How the features are compressed before their checksum: zstd (Blosc, level 1), or none, which "
                    "keeps spatial maps in about 1.9x the disk but writes and reads them at a fraction of the CPU "
                    "time (benchmarks/RESULTS.md). Not part of the teacher id: the values are the same.")
-@click.option("--logits", "logits", default=defaults.DEFAULT_LOGITS, show_default=True, metavar="dense|topk:K",
-              help="Which logits to store: every class's (dense), or the K largest with their classes and five "
-                   "scalars that keep the teachers' cross-entropy and entropy exact (topk:K, e.g. topk:10 for "
-                   "1000 classes: 60 B a row instead of 2,000). Part of the teacher id.")
-@click.option("--logits-temperature", type=float, default=defaults.TEMPERATURE, show_default=True,
-              help="The KD temperature a top-K store serves: distill's --temperature must equal it. Dense stores "
-                   "serve every temperature.")
-@click.option("--amp", is_flag=True,
-              help="Run the teachers under autocast (mixed precision), for GPUs with tensor cores. bfloat16 on a "
-                   "CPU: stored logits off float32's by about 0.5% of their magnitude on average, at most 1.4% of "
-                   "the largest (benchmarks/RESULTS.md, \"AMP for precompute\"). Part of the teacher id; the test "
-                   "accuracy is measured the same way.")
-@click.option("--amp-dtype", type=click.Choice(AMP_DTYPES), default=None,
-              help="The autocast dtype of --amp [default: float16 on CUDA, as distill's --amp; bfloat16 on CPU, "
-                   "where autocast is usually slower than float32]. bfloat16 keeps float32's range where float16 "
-                   "could overflow.")
 @click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
                    batch_size: int | None,
                    device: str | None, chunk_rows: int | None, shard_rows: int | None, workers: int | None,
                    scheduler: str | None,
-                   features: str, feature_dtype: str, feature_compression: str, logits: str,
-                   logits_temperature: float, amp: bool,
-                   amp_dtype: str | None, dry_run: bool) -> None:
+                   form: StoreForm, feature_compression: FeatureCompression, dry_run: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
@@ -136,11 +112,8 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
                                "give one --checkpoint per --teacher, in the same order")
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
-                              chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, features=features,
-                              image_size=image_size,
-                              feature_dtype=feature_dtype, feature_compression=feature_compression, logits=logits,
-                              logits_temperature=logits_temperature,
-                              amp=amp, amp_dtype=amp_dtype)
+                              chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, image_size=image_size,
+                              form=form, feature_compression=feature_compression)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

@@ -43,6 +43,7 @@ from kdcache.distributed import split_batch
 from kdcache.errors import KdcacheError, StoreError
 from kdcache.resident import VIEW_SHARE, ResidentView, ResidentViews, views_fit
 from kdcache.store import Cache, PlanStore, TeacherStore
+from kdcache.store.form import FeatureForm
 from kdcache.store.location import Where
 from kdcache.staging import Staged, Staging, fits_on_device
 from kdcache.stream import StreamBatch, TeacherStream, check_compatible
@@ -221,7 +222,7 @@ class CachedTeachers:
         else:
             logits = [t[f"logits{k}"] for k in range(len(batch.teacher_logits))]
             features = [t[f"features{k}"] for k in range(len(batch.teacher_features))]
-        topk = [None if s.logits_temperature is None else TopKLogits.unpack(z, s.num_classes, s.logits_temperature)
+        topk = [None if s.form.temperature is None else TopKLogits.unpack(z, s.num_classes, s.form.temperature)
                 for s, z in zip(self.stores, logits)]
         return CachedBatch(epoch, step, view, views, t["labels"],
                            [z.float() if k is None else k.dense() for k, z in zip(topk, logits)],
@@ -233,7 +234,7 @@ class CachedTeachers:
         return CachedTeacherDataset(self, epochs, start)
 
 
-class CachedTeacherDataset(torch.utils.data.IterableDataset):
+class CachedTeacherDataset(torch.utils.data.IterableDataset[CachedBatch]):
     """The batches of :class:`CachedTeachers` over a range of epochs, as a DataLoader source.
 
     Use ``num_workers=0``: the batches are made on the device, with reading already on background threads.
@@ -280,11 +281,11 @@ def dataset_of(plan: PlanStore, name: str | None = None, data_root: Path | None 
     return dataset
 
 
-def feature_form(stores: list[TeacherStore]) -> str:
+def feature_form(stores: list[TeacherStore]) -> FeatureForm:
     """The feature form every store shares (pooled, spatial or none); refused when they differ."""
-    forms = {s.feature_form for s in stores}
+    forms = {s.form.features for s in stores}
     if len(forms) > 1:
-        listing = ", ".join(f"{s.id} {s.feature_form}" for s in stores)
+        listing = ", ".join(f"{s.id} {s.form.features.value}" for s in stores)
         raise StoreError(f"the teachers were precomputed in different feature forms ({listing}); "
                          "precompute them with the same --features")
     return forms.pop()
@@ -293,9 +294,9 @@ def feature_form(stores: list[TeacherStore]) -> str:
 def logits_temperature(stores: list[TeacherStore]) -> float | None:
     """The one temperature of the top-K stores among ``stores`` (None when all are dense); top-K stores of
     different temperatures are refused, since a run distils at one T."""
-    temps = {s.logits_temperature for s in stores if s.topk is not None}
+    temps = {s.form.temperature for s in stores if s.form.topk is not None}
     if len(temps) > 1:
-        listing = ", ".join(f"{s.id} T={s.logits_temperature:g}" for s in stores if s.topk is not None)
+        listing = ", ".join(f"{s.id} T={s.form.temperature:g}" for s in stores if s.form.topk is not None)
         raise StoreError(f"the top-K teacher stores were precomputed at different temperatures ({listing}); "
                          "precompute them with the same --logits-temperature")
     return temps.pop() if temps else None

@@ -20,6 +20,7 @@ from torch import nn
 from kdcache.errors import KdcacheError
 from kdcache.losses import Batch, LossTerms, MethodOptions, build_method, method_class
 from kdcache.models import build_model, forward_with_map, map_shape, model_info
+from kdcache.store.form import FeatureForm
 from kdcache.topk import TopKLogits
 
 
@@ -101,25 +102,27 @@ def check_method(name: str, options: MethodOptions = MethodOptions(), num_classe
     cls = method_class(name)
     info = cls.info
     counts = {"0": [2], "1": [1], "K": [1, 3]}[info.n_teachers]
-    forms = ["pooled", "spatial"] if info.uses_features else ["pooled"]
+    forms = [FeatureForm.POOLED, FeatureForm.SPATIAL] if info.uses_features else [FeatureForm.POOLED]
     for k in counts:
         for form in forms:
-            what = f"method {name} ({k} teacher{'s' if k > 1 else ''}, {form} features)"
+            what = f"method {name} ({k} teacher{'s' if k > 1 else ''}, {form.value} features)"
             _check_method_case(name, options, num_classes, batch, k, form, what)
 
 
-def _check_method_case(name: str, options: MethodOptions, num_classes: int, batch: int, k: int, form: str,
+def _check_method_case(name: str, options: MethodOptions, num_classes: int, batch: int, k: int, form: FeatureForm,
                        what: str) -> None:
     cls = method_class(name)
     torch.manual_seed(0)
-    if form == "pooled":
+    if form is FeatureForm.POOLED:
         student_dim: int | tuple[int, int, int] = 6
-        dims: list = [4 + 2 * j for j in range(k)]
-        feats = [torch.randn(batch, d) for d in dims]
+        pooled_dims = [4 + 2 * j for j in range(k)]
+        dims: list[int | tuple[int, int, int]] = list(pooled_dims)
+        feats = [torch.randn(batch, d) for d in pooled_dims]
         student_feature = torch.randn(batch, 6)
     else:
-        student_dim, dims = (6, 4, 4), [(4 + 2 * j, 2 + 2 * (j % 2), 2 + 2 * (j % 2)) for j in range(k)]
-        feats = [torch.relu(torch.randn(batch, *d)) for d in dims]
+        map_dims = [(4 + 2 * j, 2 + 2 * (j % 2), 2 + 2 * (j % 2)) for j in range(k)]
+        student_dim, dims = (6, 4, 4), list(map_dims)
+        feats = [torch.relu(torch.randn(batch, *d)) for d in map_dims]
         student_feature = torch.randn(batch, 6, 4, 4)
     widths = [d if isinstance(d, int) else d[0] for d in dims]
     heads = [(torch.randn(num_classes, w), torch.randn(num_classes)) for w in widths]
@@ -167,7 +170,7 @@ def _check_method_case(name: str, options: MethodOptions, num_classes: int, batc
 # -- data sets ----------------------------------------------------------------------------------
 
 
-def check_dataset(name: str, root: str | os.PathLike | None = None) -> None:
+def check_dataset(name: str, root: str | os.PathLike[str] | None = None) -> None:
     """Data set ``name`` loads from ``root`` into a :class:`~kdcache.data.DataSet` whose splits hold labels in
     ``[0, C)``, uint8 RGB images of the sizes they report, a view recipe that replays to batches of the
     data set's side, and a fingerprint that is the same on a second load (stores are keyed by it)."""

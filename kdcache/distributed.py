@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -95,7 +95,8 @@ class DistContext:
         status, value = box[0]
         if status == "error":
             raise value
-        return value
+        # rank 0's fn() result, pickled across the group: the type fn declares
+        return cast(T, value)
 
     def wrap(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """``module`` in :class:`DistributedDataParallel` (gradients averaged over ranks); itself for one process.

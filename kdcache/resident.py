@@ -18,28 +18,27 @@ after that, so no event crosses streams.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from kdcache.defaults import VIEW_SHARE
 from kdcache.store import TeacherStore
-from kdcache.store import format as fmt
+from kdcache.store.form import LOGIT_STATS
 from kdcache.store.chunks import default_threads
 
 
 def served_row_bytes(store: TeacherStore) -> int:
     """Bytes one row of ``store`` takes as the stream serves it: float16 logits (a top-K store's packed float32
     row of 2K + 5 values) and float16 features (int8 ones scaled back to float32)."""
-    k = store.topk
-    logits = 2 * store.num_classes if k is None else 4 * (2 * k + len(fmt.LOGIT_STATS))
-    per_value = 4 if store.feature_dtype == "int8" else 2
-    values = int(np.prod(store.feature_shape)) if store.feature_form != "none" else 0
-    return logits + per_value * values
+    form = store.form
+    logits = 2 * store.num_classes if form.topk is None else 4 * (2 * form.topk + len(LOGIT_STATS))
+    per_value = 4 if form.int8 else 2
+    return logits + (per_value * math.prod(store.feature_shape) if form.has_features else 0)
 
 
 def view_bytes(stores: Sequence[TeacherStore]) -> int:

@@ -83,6 +83,10 @@ class StreamBatch:
     # scaled back); empty in the form none
 
 
+# What the reading thread hands the training thread: a batch, the error that stopped it, or None at the epoch's end.
+_Queued = StreamBatch | BaseException | None
+
+
 @dataclass
 class _Block:
     rows: np.ndarray
@@ -147,7 +151,7 @@ class TeacherStream:
         order, params = self.plan.view(v)
         # Batches are cut and made on the reading thread; as many wait here as ``prefetch`` blocks hold.
         per_block = max(1, self.schedule.chunk_rows // local)
-        batches: queue.Queue[StreamBatch | BaseException | None] = queue.Queue(maxsize=self.prefetch * per_block)
+        batches: queue.Queue[_Queued] = queue.Queue(maxsize=self.prefetch * per_block)
         stop = threading.Event()
         reader = threading.Thread(target=self._read, args=(epoch, v, batch_size, order, params, batches, stop),
                                   daemon=True, name="kdcache-stream")
@@ -168,7 +172,7 @@ class TeacherStream:
                 except queue.Empty:
                     reader.join(0.01)
 
-    def _read(self, epoch: int, v: int, batch_size: int, order: np.ndarray, params: np.ndarray, out: queue.Queue,
+    def _read(self, epoch: int, v: int, batch_size: int, order: np.ndarray, params: np.ndarray, out: queue.Queue[_Queued],
               stop: threading.Event) -> None:
         """The epoch's batches, in order, onto ``out``: every chunk of every teacher and array one task on a pool
         of ``read_threads``, ``ahead`` blocks submitted before the oldest is waited for, so the pool decodes
@@ -201,7 +205,7 @@ class TeacherStream:
             pool.shutdown(wait=True, cancel_futures=True)  # chunks started finish; none queued starts
 
     def _cut(self, carry: _Block | None, block: _Block, n: int, v: int, order: np.ndarray, params: np.ndarray,
-             out: queue.Queue) -> _Block:
+             out: queue.Queue[_Queued]) -> _Block:
         """``block``, after the rows ``carry`` left of the last one, cut into batches of ``n`` rows onto ``out``;
         what is left over. Only a batch that straddles two blocks is copied; the others are views of a block."""
         if carry is not None and len(carry.rows):
@@ -219,7 +223,8 @@ class TeacherStream:
         """Which epoch positions fall in this rank's slice of a complete global batch."""
         share = batch_size // self.world
         complete = positions < self.schedule.steps(batch_size) * batch_size
-        return complete & (positions % batch_size // share == self.rank)
+        mine: np.ndarray = complete & (positions % batch_size // share == self.rank)
+        return mine
 
     def _batch(self, v: int, block: _Block, order: np.ndarray, params: np.ndarray) -> StreamBatch:
         indices = order[block.rows]

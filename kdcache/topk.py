@@ -1,7 +1,7 @@
 """A top-K teacher store's rows on the device: exact per-sample scalars, and the distribution they approximate.
 
 A top-K store keeps, per row, the K largest logits ``z_j`` (j in S, the top-K classes), and
-scalars computed from all C logits (``kdcache.store.format.LOGIT_STATS``): the log-sum-exp at
+scalars computed from all C logits (``kdcache.store.form.LOGIT_STATS``): the log-sum-exp at
 T = 1 and the label's logit, so that each teacher's cross-entropy is exact (camkd's weights);
 the entropy at T = 1 (ebkd's weights); the log-sum-exp ``L_T`` at the store's temperature T and
 the mass ``m`` outside S at T. At T the top-K probabilities are exact, ``p_j = exp(z_j/T − L_T)``;
@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from kdcache.store.format import LOGIT_STATS, pack_topk, summarise_logits
+from kdcache.store.form import LOGIT_STATS, index_itemsize
+
+# Rows summarised at a time: a shard of 2^16 rows of 1,000 classes then needs tens of MB of float64, not GBs.
+SUMMARY_BLOCK_ROWS = 4096
 
 _LSE, _LABEL, _ENTROPY, _LSE_T, _REST_T = (LOGIT_STATS.index(n) for n in
                                            ("lse", "label_logit", "entropy", "lse_t", "rest_t"))
@@ -36,13 +40,13 @@ class TopKLogits:
 
     values: Tensor       # (B, K) the K largest logits, largest first
     indices: Tensor      # (B, K) int64, their classes
-    stats: Tensor        # (B, 5) the scalars of format.LOGIT_STATS
+    stats: Tensor        # (B, 5) the scalars of LOGIT_STATS
     num_classes: int     # C
     temperature: float   # T of the store: the temperature of lse_t and rest_t
 
     @classmethod
     def unpack(cls, packed: Tensor, num_classes: int, temperature: float) -> "TopKLogits":
-        """From a store's packed rows ``(B, 2K + 5)`` (``format.pack_topk``), on their device."""
+        """From a store's packed rows ``(B, 2K + 5)`` (:func:`pack_topk`), on their device."""
         k = (packed.shape[1] - len(LOGIT_STATS)) // 2
         packed = packed.float()
         return cls(packed[:, :k], packed[:, k:2 * k].long(), packed[:, 2 * k:], int(num_classes), float(temperature))
@@ -102,3 +106,57 @@ def kl_error_bound(student_logits: Tensor, teacher: TopKLogits) -> Tensor:
     top = torch.where(outside, s, torch.full_like(s, -math.inf)).amax(1)
     low = torch.where(outside, s, torch.full_like(s, math.inf)).amin(1)
     return t * t * teacher.rest_mass() * (math.log(c - k) + (top - low) / t)
+
+
+# -- what a top-K store holds, from float16 logits (numpy: the writer runs it on its rows) --------------------
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The class-index dtype of a top-K store (:func:`kdcache.store.form.index_itemsize`)."""
+    return np.dtype(f"uint{8 * index_itemsize(num_classes)}")
+
+
+def summarise_logits(logits: np.ndarray, labels: np.ndarray, k: int,
+                     temperature: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A top-K store's rows of float16 logits ``(R, C)``: the K largest (float16, largest first; ties by class),
+    their classes, and the float32 scalars of :data:`LOGIT_STATS`, computed in float64 from the float16 values
+    (what a dense store holds), so that a weight from them equals the dense store's. Done in blocks of
+    SUMMARY_BLOCK_ROWS rows, so a shard of 2^16 rows of 1,000 classes needs tens of MB of float64, not GBs."""
+    if len(logits) > SUMMARY_BLOCK_ROWS:
+        parts = [summarise_logits(logits[i:i + SUMMARY_BLOCK_ROWS], labels[i:i + SUMMARY_BLOCK_ROWS], k, temperature)
+                 for i in range(0, len(logits), SUMMARY_BLOCK_ROWS)]
+        values, indices, stats = (np.concatenate(p) for p in zip(*parts))
+        return values, indices, stats
+    z16 = np.asarray(logits, dtype=np.float16)
+    z = z16.astype(np.float64)
+    order, chosen = _top_k(z, k)
+    values = np.take_along_axis(z16, order, axis=1)
+    top = z.max(1, keepdims=True)
+    e = np.exp(z - top)
+    total = e.sum(1)
+    lse = top[:, 0] + np.log(total)
+    entropy = lse - (e * z).sum(1) / total
+    label_logit = np.take_along_axis(z, np.asarray(labels, dtype=np.int64)[:, None], axis=1)[:, 0]
+    e_t = np.exp((z - top) / float(temperature))
+    total_t = e_t.sum(1)
+    lse_t = top[:, 0] / float(temperature) + np.log(total_t)
+    rest_t = np.where(chosen, 0.0, e_t).sum(1) / total_t    # summed outside the K, not 1 - (inside)
+    stats = np.stack([lse, label_logit, entropy, lse_t, rest_t], axis=1).astype(np.float32)
+    return values, order.astype(index_dtype(z.shape[1])), stats
+
+
+def _top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The classes of each row's K largest values, largest first and equal values by class (what a stable
+    descending sort gives, at a partition's cost), and the (R, C) mask of them."""
+    kth = -np.partition(-z, k - 1, axis=1)[:, k - 1:k]       # each row's K-th largest value
+    greater, equal = z > kth, z == kth
+    need = k - greater.sum(1, keepdims=True)                  # how many of the values equal to it are in
+    chosen = greater | (equal & (np.cumsum(equal, axis=1) <= need))
+    classes = np.nonzero(chosen)[1].reshape(len(z), k)        # ascending class
+    by_value = np.argsort(-np.take_along_axis(z, classes, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(classes, by_value, axis=1), chosen
+
+
+def pack_topk(values: np.ndarray, indices: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """A top-K store's rows as one float32 array ``(R, 2K + 5)`` for the way to the device: values, classes
+    (exact in float32 below 2^24), scalars. :class:`kdcache.topk.TopKLogits` unpacks it."""
+    return np.concatenate([values.astype(np.float32), indices.astype(np.float32), stats.astype(np.float32)], axis=1)

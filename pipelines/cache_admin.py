@@ -36,6 +36,7 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
         path = cache.teacher_location(tid)
         try:
             store = TeacherStore.open(path, tid, require_complete=False)
+            form = store.form
         except StoreError as exc:
             state = ("cut short while being created (run its precompute again)"
                      if isinstance(exc, UnfinishedCreationError) else f"unreadable: {exc}")
@@ -45,10 +46,7 @@ def list_stores(cache: Cache) -> list[StoreSummary]:
         state = "complete" if a.get("complete") else f"partial ({store.done_count()}/{store.total_chunks} chunks)"
         out.append(StoreSummary(tid, store.plan_id, a.get("arch", "?"), a.get("dataset", "?"), store.n_views,
                                 store.n_samples, size_on_disk(path), a.get("test_accuracy"), state,
-                                store.feature_form + (":" + store.feature_dtype if store.feature_dtype != "float16"
-                                                      else ""),
-                                store.logits_form + ("" if store.topk is None else f"@T{store.logits_temperature:g}"),
-                                store.forward))
+                                form.label(), form.logits_label(), form.forward.value))
     return out
 
 

@@ -29,6 +29,7 @@ from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.pipelines.distill import distill
 from kdcache.runs import RunDir, RunRecord, SampleWeights
 from kdcache.store import Cache
+from kdcache.store.form import FeatureForm
 
 CORRUPTED_CLASSES = {3: 5, 5: 8, 8: 3}
 
@@ -51,7 +52,7 @@ STUDENT = "resnet8"
 SEEDS = 2  # the fewest that give every method a mean ± std
 # Chosen on Fashion-MNIST (docs/EVIDENCE.md: camkd at β = 50, spatial 80.97 ± 0.51 % against pooled
 # 80.09 ± 0.23 %, three seeds) and shown on digits there; pooled was the demo's form until then.
-FEATURES = "spatial"
+FEATURES = FeatureForm.SPATIAL
 
 
 @dataclass(frozen=True)
@@ -95,26 +96,26 @@ class DemoResult:
 
 
 def demo_spec(out: Path, cache: Path | None = None, seeds: int = SEEDS, epochs: int = 10,
-              features: str = FEATURES) -> GridSpec:
+              features: FeatureForm = FEATURES) -> GridSpec:
     """The demo as a grid: the three teachers under ``<out>/teachers``, one view per student epoch, every method
     on all three teachers, the runs of each feature form in their own folder ``<out>/runs/<form>``."""
     out = Path(out)
     teachers = tuple(GridTeacher(t.arch, out / "teachers" / f"{t.name}-{t.arch}.pth", t.epochs, seed=i,
                                  name=_describe(t), label_map=t.label_map)
                      for i, t in enumerate(TEACHERS, 1))
-    return GridSpec(name=f"demo-{features}", dataset="digits", teachers=teachers, student=STUDENT,
-                    rows=tuple(Row(m, m) for m in METHODS), out=out, runs=out / "runs" / features, views=epochs,
+    return GridSpec(name=f"demo-{features.value}", dataset="digits", teachers=teachers, student=STUDENT,
+                    rows=tuple(Row(m, m) for m in METHODS), out=out, runs=out / "runs" / features.value, views=epochs,
                     epochs=epochs, seeds=seeds, features=features, setup=SETUPS["official"],
                     cache=Path(cache) if cache is not None else out / "cache")
 
 
 def run_demo(out: Path, cache: Path | None = None, seeds: int = SEEDS, epochs: int = 10, device: str | None = None,
-             say: grid.Say = print, features: str = FEATURES, cluster: ClusterOptions | None = None) -> DemoResult:
+             say: grid.Say = print, features: FeatureForm = FEATURES, cluster: ClusterOptions | None = None) -> DemoResult:
     """Train the three teachers, precompute their stores in the ``features`` form, distil every method for
     ``seeds`` seeds (on dask with ``cluster``); write the table to ``<out>/demo-<form>.md`` and the record to
     ``<out>/demo-<form>.json`` as each run finishes or fails, and at the end."""
     spec = demo_spec(out, cache, seeds, epochs, features)
-    path = spec.out / f"demo-{features}.md"
+    path = spec.out / f"demo-{features.value}.md"
 
     def write(found: grid.GridResult, pair: CachePair | None = None) -> DemoResult:
         corrupted = next(i for i, t in enumerate(TEACHERS) if t.label_map)
@@ -126,7 +127,7 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = SEEDS, epochs: i
                                                                                                else []),
                                   notes=[_EVIDENCE])
         path.write_text(table)
-        grid.write_result(spec.out / f"demo-{features}.json", found, camkd_weights_on_corrupted_teacher=weights,
+        grid.write_result(spec.out / f"demo-{features.value}.json", found, camkd_weights_on_corrupted_teacher=weights,
                           cached_against_online=asdict(pair) if pair else None)
         return DemoResult(found, table, path, weights, pair)
 

@@ -48,6 +48,7 @@ from kdcache.loop import EpochMetrics, Loop, Trained, Trainee, versions
 from kdcache.request import how, how_args, jsonable
 from kdcache.runs import RunDir
 from kdcache.store import PlanStore, TeacherStore, sha256_file
+from kdcache.store.form import FeatureForm
 from kdcache.topk import TopKLogits
 
 
@@ -152,7 +153,7 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
                                   rank=ctx.rank, world=ctx.world,
                                   read_teachers=info.n_teachers != "0" and not req.online,
                                   read_threads=req.read_threads, resident_share=req.resident_share)
-        if info.uses_features and teachers.feature_form == "none":
+        if info.uses_features and teachers.feature_form is FeatureForm.NONE:
             raise StoreError(f"{info.name} needs the teachers' features but store {teachers.stores[0].id} holds "
                              "logits only (precomputed with --features none); precompute with --features pooled "
                              "or spatial")
@@ -170,18 +171,19 @@ def check_compact_stores(stores: list[TeacherStore], info: MethodInfo, temperatu
     (``MethodInfo.dense_logits``); an int8 store under a method that needs float16 features
     (``MethodInfo.float_features``)."""
     for s in stores:
-        if s.topk is not None:
+        form = s.form
+        if form.topk is not None:
             if online:
-                raise StoreError(f"--online runs the teachers live, but store {s.id} keeps top-{s.topk} logits: "
+                raise StoreError(f"--online runs the teachers live, but store {s.id} keeps top-{form.topk} logits: "
                                  "give --online a dense store (precomputed with --logits dense), or drop --online")
             if info.dense_logits:
                 raise StoreError(f"{info.name} needs every class's logit, but store {s.id} keeps the top "
-                                 f"{s.topk} only: precompute the teacher with --logits dense")
-            if not math.isclose(float(s.logits_temperature or 0.0), float(temperature), rel_tol=1e-9):
-                raise StoreError(f"store {s.id} keeps top-{s.topk} logits at T={s.logits_temperature:g}, which serve "
-                                 f"that temperature only: distil with --temperature {s.logits_temperature:g}, or "
+                                 f"{form.topk} only: precompute the teacher with --logits dense")
+            if not math.isclose(float(form.temperature or 0.0), float(temperature), rel_tol=1e-9):
+                raise StoreError(f"store {s.id} keeps top-{form.topk} logits at T={form.temperature:g}, which serve "
+                                 f"that temperature only: distil with --temperature {form.temperature:g}, or "
                                  f"precompute the teacher with --logits-temperature {temperature:g}")
-        if s.feature_dtype == "int8" and info.float_features and info.uses_features:
+        if form.int8 and info.float_features and info.uses_features:
             raise StoreError(f"{info.name} needs float16 features, but store {s.id} keeps them as int8: precompute "
                              "the teacher with --feature-dtype float16")
 
@@ -201,7 +203,7 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     student = build_model(req.student, dataset.num_classes)
     student_map = map_shape(student, teachers.view_size, as_student=True)  # a student that cannot take the views fails here
     student = student.to(device)
-    spatial = teachers.feature_form == "spatial"
+    spatial = teachers.feature_form is FeatureForm.SPATIAL
     method = build_method(req.method, num_classes=dataset.num_classes,
                           student_dim=student_map if spatial else feature_dim(student),
                           teacher_dims=[s.feature_shape if spatial else s.feature_dim for s in stores],
@@ -262,7 +264,7 @@ class _Stepper:
         t_logits, t_feats = _teacher_outputs(batch, live, self.spatial)
         device = batch.views.device
         with torch.autocast(device.type, dtype=_amp_dtype(device), enabled=self.amp):
-            loss = self.model(batch.views, batch.labels, t_logits, t_feats, epoch,
+            loss: LossTerms = self.model(batch.views, batch.labels, t_logits, t_feats, epoch,
                               batch.teacher_topk if live is None else None)
         self.watch.observe(epoch, batch.step, {**loss.terms, "total": loss.total})
         self.optimizer.zero_grad(set_to_none=True)

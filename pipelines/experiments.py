@@ -69,7 +69,8 @@ from kdcache.pipelines import grid
 from kdcache.pipelines.grid import SETUPS, GridSpec, GridTeacher, Row, Setup, find_setup
 from kdcache.pipelines.grid_runner import run_grid
 from kdcache.pipelines.precompute_cluster import ClusterOptions
-from kdcache.store.format import FEATURE_FORMS, STORED_DTYPE, feature_shape, row_bytes
+from kdcache.store.form import FeatureForm, StoreForm
+from kdcache.store.format import STORED_DTYPE
 from kdcache.text import human_bytes
 from kdcache.views import get_recipe as get_view_recipe
 
@@ -79,9 +80,7 @@ __all__ = ["SETUPS", "Experiment", "ExperimentPlan", "ExperimentResult", "Setup"
 
 # Stored bytes / compressed bytes of teacher logits + features in each form (benchmarks/RESULTS.md, "Bytes on
 # disk per stored row" and "Feature forms"): measured on one digits teacher each, so an estimate here.
-COMPRESSION_RATIO = {"pooled": 1.27, "spatial": 1.86, "none": 1.27}
-
-_ITEMSIZE = {"float16": 2, "float32": 4}[STORED_DTYPE]
+COMPRESSION_RATIO = {FeatureForm.POOLED: 1.27, FeatureForm.SPATIAL: 1.86, FeatureForm.NONE: 1.27}
 
 Say = Callable[[str], None]
 
@@ -203,7 +202,7 @@ class Experiment:
     variants: tuple[Variant, ...] = MULTI_TEACHER
     data: str = ""
     setup: str = "official"
-    features: str = "spatial"
+    features: FeatureForm = FeatureForm.SPATIAL
     seeds: int = 3
     epochs: int | None = None
     views: int | None = None         # default: one fresh view per student epoch
@@ -271,8 +270,9 @@ def check_experiment(experiment: Experiment) -> Experiment:
         raise UnknownNameError(f"experiment {name!r}: unknown data set {experiment.dataset!r}; "
                                f"known: {', '.join(dataset_names())}")
     find_setup(experiment.setup)
-    if experiment.features not in FEATURE_FORMS:
-        raise KdcacheError(f"experiment {name!r}: feature form must be one of {', '.join(FEATURE_FORMS)}")
+    if not isinstance(experiment.features, FeatureForm):
+        raise KdcacheError(f"experiment {name!r}: its feature form must be a FeatureForm "
+                           f"({', '.join(f.value for f in FeatureForm)})")
     labels = [v.label for v in experiment.variants]
     if len(set(labels)) != len(labels) or not labels:
         raise KdcacheError(f"experiment {name!r}: its rows need distinct labels (got {', '.join(labels) or 'none'})")
@@ -448,13 +448,13 @@ class StorePlan:
     feature_dim: int                 # D of the pooled form
     map_shape: tuple[int, int, int]  # (C', H, W) of the spatial form
 
-    def features_shape(self, form: str) -> tuple[int, ...]:
+    def features_shape(self, form: FeatureForm) -> tuple[int, ...]:
         """The per-row shape of ``features`` in ``form``: (D,), (C', H, W) or ()."""
-        return feature_shape(form, self.feature_dim, self.map_shape)
+        return StoreForm(features=form).feature_shape(self.feature_dim, self.map_shape)
 
-    def row_bytes(self, form: str) -> int:
+    def row_bytes(self, form: FeatureForm) -> int:
         """Logits plus features of one row, float16."""
-        return row_bytes(self.num_classes, self.features_shape(form), _ITEMSIZE)
+        return StoreForm(features=form).row_bytes(self.num_classes, self.features_shape(form))
 
     @property
     def rows(self) -> int:
@@ -462,9 +462,9 @@ class StorePlan:
 
     @property
     def logits_bytes(self) -> int:
-        return self.rows * self.num_classes * _ITEMSIZE
+        return self.rows * StoreForm().logits_row_bytes(self.num_classes)
 
-    def arrays_bytes(self, form: str) -> int:
+    def arrays_bytes(self, form: FeatureForm) -> int:
         """Logits + features: ``V · N · row bytes``."""
         return self.rows * self.row_bytes(form)
 
@@ -473,10 +473,10 @@ class StorePlan:
         """The classifier, float32: ``(C · D + C) · 4``."""
         return (self.num_classes * self.feature_dim + self.num_classes) * 4
 
-    def raw_bytes(self, form: str) -> int:
+    def raw_bytes(self, form: FeatureForm) -> int:
         return self.arrays_bytes(form) + self.head_bytes
 
-    def estimated_bytes(self, form: str) -> int:
+    def estimated_bytes(self, form: FeatureForm) -> int:
         """On disk after compression: an estimate from the ratio measured in benchmarks/RESULTS.md."""
         return round(self.arrays_bytes(form) / COMPRESSION_RATIO[form]) + self.head_bytes
 
@@ -494,14 +494,14 @@ class ExperimentPlan:
     seeds: int
     epochs: int
     setup: Setup
-    features: str                    # the form this run stores
+    features: FeatureForm            # the form this run stores
     stores: list[StorePlan]
     plan_bytes: int                  # the shared plan: order (V, N) int32, params (V, N, P) int16, labels (N,) int32
 
-    def total_raw_bytes(self, form: str | None = None) -> int:
+    def total_raw_bytes(self, form: FeatureForm | None = None) -> int:
         return sum(s.raw_bytes(form or self.features) for s in self.stores) + self.plan_bytes
 
-    def total_estimated_bytes(self, form: str | None = None) -> int:
+    def total_estimated_bytes(self, form: FeatureForm | None = None) -> int:
         return sum(s.estimated_bytes(form or self.features) for s in self.stores) + self.plan_bytes
 
     @property
@@ -542,21 +542,21 @@ class ExperimentPlan:
         for i, s in enumerate(self.stores, 1):
             out.append(f"store {i}    {s.arch}: logits ({v}, {n}, {c}) {STORED_DTYPE} {_bytes(s.logits_bytes)}, "
                        f"head {_bytes(s.head_bytes)}, and features in either form:")
-            for form in ("pooled", "spatial"):
-                mark = "  <- this run" if form == self.features else ""
-                out.append(f"  {form:<8} features {_shape((v, n, *s.features_shape(form)))} {STORED_DTYPE}: "
+            for form in (FeatureForm.POOLED, FeatureForm.SPATIAL):
+                mark = "  <- this run" if form is self.features else ""
+                out.append(f"  {form.value:<8} features {_shape((v, n, *s.features_shape(form)))} {STORED_DTYPE}: "
                            f"{s.row_bytes(form):,} B a row × {s.rows:,} rows = {_bytes(s.arrays_bytes(form))} "
                            f"raw, about {human_bytes(s.estimated_bytes(form))} on disk{mark}")
         out.append(f"plan       shared by the {k} stores: order ({v}, {n}) int32, params, labels: "
                    f"{_bytes(self.plan_bytes)}")
-        for form in ("pooled", "spatial"):
-            which = "this run" if form == self.features else "the other form"
-            out.append(f"disk       {form:<8} {_bytes(self.total_raw_bytes(form))} raw, about "
+        for form in (FeatureForm.POOLED, FeatureForm.SPATIAL):
+            which = "this run" if form is self.features else "the other form"
+            out.append(f"disk       {form.value:<8} {_bytes(self.total_raw_bytes(form))} raw, about "
                        f"{human_bytes(self.total_estimated_bytes(form))} after compression ({which})")
-        if self.features not in ("pooled", "spatial"):
-            out.append(f"disk       {self.features:<8} {_bytes(self.total_raw_bytes())} raw (this run)")
+        if self.features is FeatureForm.NONE:
+            out.append(f"disk       {self.features.value:<8} {_bytes(self.total_raw_bytes())} raw (this run)")
         out += ["           compression estimated with the ratios measured on digits teachers (benchmarks/RESULTS.md): "
-                f"{COMPRESSION_RATIO['pooled']} pooled, {COMPRESSION_RATIO['spatial']} spatial (post-ReLU maps hold "
+                f"{COMPRESSION_RATIO[FeatureForm.POOLED]} pooled, {COMPRESSION_RATIO[FeatureForm.SPATIAL]} spatial (post-ReLU maps hold "
                 "about half zeros); real maps may compress differently. The paper's β = 50 was set for the spatial "
                 "form; at the same β the pooled form pushes the student about 3× harder.",
                 f"forward    online: Σ over the rows of seeds × epochs × samples × the row's teachers = "
@@ -569,7 +569,7 @@ class ExperimentPlan:
 
 def plan_experiment(experiment: Experiment | str, seeds: int | None = None, epochs: int | None = None,
                     views: int | None = None, n_samples: int | None = None, num_classes: int | None = None,
-                    image_size: int | None = None, view_recipe: str | None = None, features: str | None = None,
+                    image_size: int | None = None, view_recipe: str | None = None, features: FeatureForm | None = None,
                     setup: str | None = None) -> ExperimentPlan:
     """The dry-run numbers of ``experiment``, computed without data, weights or disk.
 
@@ -607,14 +607,17 @@ def meta_shapes(arch: str, num_classes: int, image_size: int) -> tuple[int, tupl
     return feature_dim(model), map_shape(model, image_size)
 
 
-def store_form(experiment: Experiment, features: str | None = None) -> str:
+def store_form(experiment: Experiment, features: FeatureForm | None = None) -> FeatureForm:
     """The form the experiment's stores take: ``features`` or the experiment's, ``none`` when no row reads features."""
-    form = features or experiment.features
-    if form not in FEATURE_FORMS:
-        raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {form!r})")
+    if features is not None and not isinstance(features, FeatureForm):  # a caller's text: parsed here, once
+        try:
+            features = FeatureForm(features)
+        except ValueError:
+            raise KdcacheError(f"--features must be one of {', '.join(f.value for f in FeatureForm)} "
+                               f"(got {features!r})") from None
     if not any(method_info(v.method).uses_features for v in experiment.runs):
-        return "none"
-    return form
+        return FeatureForm.NONE
+    return features or experiment.features
 
 
 def resolve_schedule(experiment: Experiment, seeds: int | None, epochs: int | None, views: int | None,
@@ -681,7 +684,7 @@ def teacher_checkpoints(experiment: Experiment, teachers_dir: Path) -> list[tupl
 
 def grid_spec(experiment: Experiment, data_root: Path | None, cache: Path | None, out: Path,
               teachers_dir: Path | None = None, seeds: int | None = None, epochs: int | None = None,
-              views: int | None = None, teacher_epochs: int | None = None, features: str | None = None,
+              views: int | None = None, teacher_epochs: int | None = None, features: FeatureForm | None = None,
               setup: str | None = None) -> GridSpec:
     """The experiment as a grid: its teachers in ``teachers_dir`` (default ``<out>/teachers``), trained for
     ``teacher_epochs`` (default the student epochs) when missing, its runs under ``out``; seeds, epochs,
@@ -705,7 +708,7 @@ def grid_spec(experiment: Experiment, data_root: Path | None, cache: Path | None
 def run_experiment(name: str | Experiment, data_root: Path | None, cache: Path | None, out: Path,
                    teachers_dir: Path | None = None, seeds: int | None = None, epochs: int | None = None,
                    views: int | None = None, device: str | None = None, dry_run: bool = False,
-                   teacher_epochs: int | None = None, features: str | None = None, setup: str | None = None,
+                   teacher_epochs: int | None = None, features: FeatureForm | None = None, setup: str | None = None,
                    say: Say | None = None, precompute_progress: grid.Progress | None = None,
                    cluster: ClusterOptions | None = None) -> ExperimentResult:
     """Run an experiment end to end (teachers, stores, every row × seed, the table), resuming what exists.

@@ -48,8 +48,9 @@ from kdcache.pipelines.distill import DistillRequest, run_args
 from kdcache.pipelines.precompute_engine import PrecomputeRequest
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, legacy_state, teacher_run
 from kdcache.runs import RunDir, RunRecord, write_json
-from kdcache.text import duration
 from kdcache.store import Cache
+from kdcache.store.form import FeatureForm, StoreForm
+from kdcache.text import duration
 
 Say = Callable[[str], None]
 Progress = Callable[[int, int], Callable[[int], None]]
@@ -199,7 +200,7 @@ class GridSpec:
     views: int
     epochs: int
     seeds: int = 1
-    features: str = "spatial"
+    features: FeatureForm = FeatureForm.SPATIAL
     plan_seed: int = 0
     setup: Setup = SETUPS["official"]
     cache: Path | None = None
@@ -383,7 +384,7 @@ def teacher_entry(spec: GridSpec, t: GridTeacher, teacher_id: str, plan_id: str,
                   test_accuracy: float | None) -> dict[str, Any]:
     """Teacher ``t``'s entry in :attr:`GridResult.teachers` (and the JSON record)."""
     return {"name": t.name, "arch": t.arch, "checkpoint": str(t.checkpoint), "id": teacher_id, "plan_id": plan_id,
-            "features": spec.features, "test_accuracy": test_accuracy}
+            "features": spec.features.value, "test_accuracy": test_accuracy}
 
 
 def teacher_request(spec: GridSpec, t: GridTeacher, device: str | None, resume: bool) -> TrainTeacherRequest:
@@ -400,7 +401,7 @@ def store_request(spec: GridSpec, t: GridTeacher, device: str | None) -> Precomp
     """``t``'s store in this grid: the grid's plan (views, plan seed) and feature form, in the grid's cache."""
     return PrecomputeRequest(teacher=t.arch, checkpoint=t.checkpoint, dataset=spec.dataset, data_root=spec.data_root,
                              cache=spec.cache, views=spec.views, plan_seed=spec.plan_seed, device=device,
-                             features=spec.features)
+                             form=StoreForm(features=spec.features))
 
 
 def plan_runs(spec: GridSpec, ids: list[str], device: str | None,
@@ -462,10 +463,10 @@ class Reference:
 
 
 _FORM_NOTES = {
-    "spatial": " (the last-block map, as the official code; the paper's β = 50 was set for it).",
-    "pooled": " (the pooled vector: at the paper's β = 50 it pushes the student about 3× harder than the official "
-              "spatial form, so feature-term rows may differ from the paper for that reason).",
-    "none": " (logits only; no row reads features).",
+    FeatureForm.SPATIAL: " (the last-block map, as the official code; the paper's β = 50 was set for it).",
+    FeatureForm.POOLED: " (the pooled vector: at the paper's β = 50 it pushes the student about 3× harder than the "
+                        "official spatial form, so feature-term rows may differ from the paper for that reason).",
+    FeatureForm.NONE: " (logits only; no row reads features).",
 }
 
 
@@ -498,7 +499,7 @@ def format_table(result: GridResult, title: str, about: Sequence[str] = (), refe
     for paragraph in about:
         lines += [paragraph, ""]
     lines += [f"Set-up: **{spec.setup.name}**, {spec.setup.description}. {schedule_run(spec)}", "",
-              f"Teacher stores in the **{spec.features}** feature form{_FORM_NOTES.get(spec.features, '.')}", "",
+              f"Teacher stores in the **{spec.features.value}** feature form{_FORM_NOTES[spec.features]}", "",
               f"Top-1 test accuracy (%) on the {data} test split: mean ± sample standard deviation over {seeds} of "
               "the best epoch (what the official scripts report) and of the last epoch"
               + (f"; {reference.note}" if reference is not None else "") + ".", "",
@@ -578,7 +579,7 @@ def write_result(path: Path, result: GridResult, **extra: Any) -> None:
     """The grid's JSON record at ``path``: its settings, teachers, ensemble, every run's top-1, what was
     reused and how long each stage took, with ``extra`` (the caller's own findings) added."""
     spec = result.spec
-    record = {"grid": spec.name, "dataset": spec.dataset, "student": spec.student, "features": spec.features,
+    record = {"grid": spec.name, "dataset": spec.dataset, "student": spec.student, "features": spec.features.value,
               "setup": asdict(spec.setup), "seeds": spec.seeds, "epochs": spec.epochs, "views": spec.views,
               "plan_seed": spec.plan_seed, "rows": [asdict(r) for r in spec.rows],
               "teacher_epochs": [t.epochs for t in spec.teachers], "teachers": result.teachers,

@@ -204,7 +204,7 @@ class _Grid:
         tasks = chunk_tasks(job, store, teacher_spec(job, self.cluster.torch_threads))
         self.say(f"store of {job.req.teacher} ({job.teacher_id[:12]}): {len(tasks)} chunk task(s) over "
                  f"{spec.views} views")
-        total = job.shape[0] * job.shape[1]
+        total = job.shape.views * job.shape.samples
         self.ticks[job.teacher_id] = (self.progress(total, total - sum(t.rows for t in tasks)) if self.progress
                                       else (lambda _rows: None))
         self.fills_left[job.teacher_id] = len(tasks)

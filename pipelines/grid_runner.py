@@ -86,7 +86,7 @@ def _precompute_stores(spec: GridSpec, device: str | None, say: Say, progress: P
                        result: GridResult) -> None:
     cache, k = Cache.at(spec.cache), len(spec.teachers)
     for i, t in enumerate(spec.teachers, 1):
-        say(f"teacher {i}/{k}: the {spec.features} store of {t.arch} over {spec.views} views "
+        say(f"teacher {i}/{k}: the {spec.features.value} store of {t.arch} over {spec.views} views "
             "(precomputed unless complete)")
         pre = precompute(store_request(spec, t, device), progress=progress)
         result.reused["stores"] += pre.status == "complete"

@@ -21,9 +21,11 @@ from kdcache.pipelines.precompute_engine import (
     PrecomputeRequest, PrecomputeResult, ProgressFactory, TeacherJob, Warn, python_warning, rows_done,
     ensure_plan, finish, prepare, warn_lacking_guarantee, write_chunks,
 )
-from kdcache.store.format import (LOGIT_STATS, autocast_dtype, data_array_names, files_per_view, index_dtype,
-                                  logits_row_bytes, n_chunks, row_bytes)
+from kdcache.store.form import LOGIT_STATS, FeatureCompression, Forward
+from kdcache.store.layout import n_chunks
+from kdcache.store.sizes import StoreSize
 from kdcache.text import human_bytes
+from kdcache.topk import index_dtype
 
 __all__ = ["PrecomputeRequest", "PrecomputeResult", "precompute", "precompute_many"]
 
@@ -50,7 +52,7 @@ def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
         if store.attrs.get("complete"):
             return job.complete_result()
         pending = store.pending()
-        tick = progress(req.views * job.shape[1], rows_done(store, pending)) if progress else None
+        tick = progress(job.shape.views * job.shape.samples, rows_done(store, pending)) if progress else None
         write_chunks(job.model, job.dataset, plan, store, pending, job.device, job.batch_size, tick)
         lines = finish(job, store)
     return job.result("written", lines)
@@ -92,63 +94,63 @@ def _check_one_plan(reqs: Sequence[PrecomputeRequest]) -> None:
 
 
 def _dry_run_lines(job: TeacherJob) -> list[str]:
-    req, dataset, cache, pid, tid = job.req, job.dataset, job.cache, job.plan_id, job.teacher_id
-    v, n, c, d = job.shape
-    rows, fshape, shard = job.chunk_rows, job.feature_shape, job.shard_rows
+    """What precompute would write: the ids, the arrays and their bytes, the files (the size calculator's figures,
+    :func:`kdcache.store.sizes.store_size`, as ``kdcache sizes`` states them)."""
+    req, dataset, cache, pid, tid, form = job.req, job.dataset, job.cache, job.plan_id, job.teacher_id, job.form
+    size, shape, layout = job.size, job.shape, job.layout
+    v, n, c = shape.views, shape.samples, shape.classes
+    rows, shard, fshape = layout.chunk_rows, layout.shard_rows, shape.feature_shape(form)
     sharded = f" in shards of {shard} rows" if shard != rows else ""
     total_rows = v * n
-    int8 = req.feature_dtype == "int8"
-    k = job.topk
-    per_row = row_bytes(c, fshape, feature_dtype=req.feature_dtype, topk=k)
-    logits_row = logits_row_bytes(c, k)
-    logits_b, features_b = total_rows * logits_row, total_rows * (per_row - logits_row)
+    logits_b, features_b = total_rows * size.logits_row_bytes, total_rows * size.feature_row_bytes
     logits_line = (f"logits     ({v}, {n}, {c}) float16, chunks (1, {rows}, {c}){sharded}: {human_bytes(logits_b)}"
-                   if k is None
-                   else f"logits     top-{k} of {c} at T={req.logits_temperature:g}: values ({v}, {n}, {k}) float16, "
-                        f"classes {index_dtype(c).name}, {len(LOGIT_STATS)} float32 scalars a row, chunks "
+                   if form.topk is None
+                   else f"logits     top-{form.topk} of {c} at T={form.temperature:g}: values ({v}, {n}, {form.topk}) "
+                        f"float16, classes {index_dtype(c).name}, {len(LOGIT_STATS)} float32 scalars a row, chunks "
                         f"(1, {rows}, ·){sharded}: {human_bytes(logits_b)}")
-    kind = ("int8 (+ a float32 scale a row)" if int8 else "float16") + (
-        ", uncompressed (CRC32C only)" if req.feature_compression == "none" else "")
-    features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not fshape else
-                     f"features   {req.features} {_shape((v, n, *fshape))} {kind}, chunks {_shape((1, rows, *fshape))}"
-                     f"{sharded}: {human_bytes(features_b)}")
+    kind = ("int8 (+ a float32 scale a row)" if form.int8 else "float16") + (
+        ", uncompressed (CRC32C only)" if req.feature_compression is FeatureCompression.NONE else "")
+    features_line = ("features   none (logits only: ce, kd, aver, ebkd, aekd)" if not form.has_features else
+                     f"features   {form.features.value} {_shape((v, n, *fshape))} {kind}, chunks "
+                     f"{_shape((1, rows, *fshape))}{sharded}: {human_bytes(features_b)}")
     plan_state = "exists" if cache.plan_location(pid).exists("zarr.json") else "to be drawn"
     store_state = "complete" if job.is_complete() else (
         "partial, would resume" if cache.teacher_location(tid).exists("zarr.json") else "new")
     return [
         f"teacher    {req.teacher} from {req.checkpoint}",
-        f"forward    {_forward_text(job.forward, job.device)}",
+        f"forward    {_forward_text(form.forward, job.device)}",
         f"data set   {dataset.name}: {n} training samples, {dataset.num_classes} classes, recipe {job.recipe.name}",
         f"plan       {pid} ({plan_state}): {v} views x {n} samples = {total_rows} rows (seed {req.plan_seed})",
         f"store      {tid} ({store_state}) under {cache.root}",
         logits_line,
         features_line,
-        f"per view   {human_bytes(n * per_row)} ({per_row} B a row: logits {logits_row} B + features "
-        f"{per_row - logits_row} B)",
-        _files_line(v, n, rows, shard, bool(fshape), int8, k is not None),
-        f"total      {human_bytes(logits_b + features_b)} before compression, "
+        f"per view   {human_bytes(size.view_bytes)} ({size.row_bytes} B a row: logits {size.logits_row_bytes} B + "
+        f"features {size.feature_row_bytes} B)",
+        _files_line(size),
+        f"total      {human_bytes(size.store_bytes)} before compression, "
         f"{total_rows} teacher forward passes",
     ]
 
 
-def _files_line(views: int, n: int, chunk_rows: int, shard_rows: int, features: bool, scales: bool = False,
-                topk: bool = False) -> str:
+def _files_line(size: StoreSize) -> str:
     """How many files the store's data arrays and completion markers come to: one a shard of each (one a chunk
     in a store without shards)."""
-    arrays = [*data_array_names(1 if topk else None, features, scales), "done"]
-    per_view = files_per_view(n, shard_rows, len(arrays) - 1)
-    files = n_chunks(n, shard_rows)
-    if shard_rows == chunk_rows:
+    views, n, layout = size.shape.views, size.shape.samples, size.layout
+    arrays = [*size.form.data_arrays(), "done"]
+    per_view = size.files_per_view
+    files = n_chunks(n, layout.shard_rows)
+    if layout.chunks_per_shard == 1:
         return (f"files      {views * per_view:,} chunk files: {per_view:,} a view ({files:,} chunks of each of "
                 f"{', '.join(arrays)})")
     return (f"files      {views * per_view:,} files: {per_view:,} a view ({files:,} shards of each of "
-            f"{', '.join(arrays)}; {n_chunks(n, chunk_rows):,} chunks a view, {shard_rows // chunk_rows:,} a shard)")
+            f"{', '.join(arrays)}; {n_chunks(n, layout.chunk_rows):,} chunks a view, {layout.chunks_per_shard:,} "
+            "a shard)")
 
 
-def _forward_text(forward: str, device: torch.device) -> str:
-    amp = autocast_dtype(forward)
+def _forward_text(forward: Forward, device: torch.device) -> str:
+    amp = forward.autocast_dtype
     return (f"float32 on {device.type}" if amp is None else
-            f"autocast {amp} on {device.type} (--amp; {forward} is part of the teacher id)")
+            f"autocast {amp} on {device.type} (--amp; {forward.value} is part of the teacher id)")
 
 
 def _shape(shape: tuple[int, ...]) -> str:

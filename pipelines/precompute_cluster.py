@@ -114,7 +114,7 @@ def _run(jobs: list[TeacherJob], workers: int | None, scheduler: str | None, pro
         jobs = [j for j in jobs if j.teacher_id not in results]
         tasks = [t for job in jobs for t in chunk_tasks(job, stores[job.teacher_id],
                                                         teacher_spec(job, cluster.torch_threads))]
-        total = sum(job.shape[0] * job.shape[1] for job in jobs)
+        total = sum(job.shape.views * job.shape.samples for job in jobs)
         tick = progress(total, total - sum(t.rows for t in tasks)) if progress else None
         run_tasks(cluster.client, tasks, cluster.resources, tick)
         for job in jobs:
@@ -375,7 +375,9 @@ def _cpu_count() -> int:
 
 # -- the task (runs on a worker) ----------------------------------------------------------------
 
-_loaded: dict[tuple, Any] = {}  # per worker process: data sets and teachers, loaded once
+# per worker process: data sets and teachers, loaded once
+_datasets: dict[tuple[str, str | None], DataSet] = {}  # by (name, data root)
+_models: dict[tuple[str, str, int, str], torch.nn.Module] = {}  # by (arch, checkpoint sha256, classes, device)
 _loading = threading.Lock()
 
 
@@ -400,11 +402,11 @@ def fill_chunks(task: ChunkTask) -> int:
 
 
 def _worker_dataset(spec: TeacherSpec) -> DataSet:
-    key = ("dataset", spec.dataset, spec.data_root)
+    key = (spec.dataset, spec.data_root)
     with _loading:
-        if key not in _loaded:
-            _loaded[key] = load_dataset(spec.dataset, spec.data_root)
-    dataset = _loaded[key]
+        if key not in _datasets:
+            _datasets[key] = load_dataset(spec.dataset, spec.data_root)
+    dataset = _datasets[key]
     if dataset.fingerprint != spec.fingerprint:
         raise DatasetError(f"the {spec.dataset} data at {spec.data_root} on worker {os.uname().nodename} differs "
                            "from the coordinator's; every worker must see the same data set")
@@ -412,9 +414,9 @@ def _worker_dataset(spec: TeacherSpec) -> DataSet:
 
 
 def _worker_model(spec: TeacherSpec, num_classes: int, device: torch.device) -> torch.nn.Module:
-    key = ("model", spec.arch, spec.checkpoint_sha256, num_classes, str(device))
+    key = (spec.arch, spec.checkpoint_sha256, num_classes, str(device))
     with _loading:
-        if key not in _loaded:
+        if key not in _models:
             if not Path(spec.checkpoint).is_file():
                 raise CheckpointError(f"checkpoint {spec.checkpoint} not found on worker {os.uname().nodename}; "
                                       "every worker must see the checkpoints at the same path")
@@ -423,5 +425,5 @@ def _worker_model(spec: TeacherSpec, num_classes: int, device: torch.device) -> 
                                       "the coordinator's (sha256); every worker must see the same file")
             model = build_model(spec.arch, num_classes)
             load_checkpoint(model, spec.checkpoint)
-            _loaded[key] = model.eval().to(device)
-    return _loaded[key]
+            _models[key] = model.eval().to(device)
+    return _models[key]

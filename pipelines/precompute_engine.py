@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import time
 import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from kdcache.batches import read_ahead, view_batch
-from kdcache.defaults import AMP_DTYPES, DEFAULT_LOGITS, DEFAULT_VIEWS, TEMPERATURE
+from kdcache.defaults import DEFAULT_VIEWS
 from kdcache.data import DataSet, load_dataset, with_views
 from kdcache.device import default_batch_size, resolve_device
 from kdcache.errors import CheckpointError, KdcacheError, StoreError
@@ -36,12 +35,11 @@ from kdcache.inline import INLINE
 from kdcache.store.chunks import default_threads
 from kdcache.models import (build_model, feature_dim, forward_with_map, head_of, load_checkpoint, map_shape,
                             model_info)
-from kdcache.store import Cache, PlanStore, TeacherStore, plan_id, sha256_file, teacher_id
-from kdcache.store.format import (DEFAULT_FEATURE_COMPRESSION, DEFAULT_FEATURE_DTYPE, DEFAULT_FEATURE_FORM,
-                                  FEATURE_COMPRESSIONS, FEATURE_DTYPES, FEATURE_FORMS,
-                                  STORED_DTYPE, autocast_dtype, default_layout,
-                                  feature_shape, forward_precision,
-                                  n_chunks, parse_logits, widest_row_bytes)
+from kdcache.store import Cache, PlanStore, TeacherStore
+from kdcache.store.form import FeatureCompression, FeatureForm, Forward, StoreForm
+from kdcache.store.ids import plan_id, sha256_file, teacher_id
+from kdcache.store.layout import Layout, LayoutError, StoreShape
+from kdcache.store.sizes import StoreSize, store_size
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
 READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
@@ -71,13 +69,10 @@ class PrecomputeRequest:
     chunk_rows: int | None = None    # rows a chunk (unit of reading); alone: also a file, as before shards
     shard_rows: int | None = None    # rows a shard (a file, the unit of writing), a multiple of the chunk rows
     dry_run: bool = False
-    features: str = DEFAULT_FEATURE_FORM  # "pooled" | "spatial" | "none" (kdcache.store.format.FEATURE_FORMS)
-    feature_dtype: str = DEFAULT_FEATURE_DTYPE  # "float16" | "int8" (a float32 scale a row)
-    feature_compression: str = DEFAULT_FEATURE_COMPRESSION  # "zstd" | "none": the features before their CRC32C
-    logits: str = DEFAULT_LOGITS     # "dense" | "topk:K" (kdcache.store.format.parse_logits)
-    logits_temperature: float = TEMPERATURE  # the T a top-K store serves (ignored when dense)
-    amp: bool = False                # run the teacher under autocast (the precision is part of the teacher id)
-    amp_dtype: str | None = None     # with amp: "bfloat16" | "float16"; default float16 on CUDA, bfloat16 elsewhere
+    # What the store holds and how the teacher runs (logits, features, their dtype, the forward's precision: part
+    # of the teacher id); Forward.AMP is resolved on the device.
+    form: StoreForm = StoreForm()
+    feature_compression: FeatureCompression = FeatureCompression.ZSTD  # the features before their CRC32C
 
 
 @dataclass
@@ -93,7 +88,8 @@ class PrecomputeResult:
 
 @dataclass
 class TeacherJob:
-    """One teacher resolved: its data set, ids, model (on the device, eval mode) and store shape."""
+    """One teacher resolved: its data set, ids, model (on the device, eval mode), and its store's form (the forward
+    resolved on the device), shape and layout."""
 
     req: PrecomputeRequest
     dataset: DataSet
@@ -104,11 +100,9 @@ class TeacherJob:
     checkpoint_sha256: str
     device: torch.device
     model: torch.nn.Module
-    shape: tuple[int, int, int, int]  # (V, N, C, D)
-    feature_shape: tuple[int, ...]    # per row: (D,) pooled, (C', H, W) spatial, () none
-    chunk_rows: int
-    shard_rows: int                   # a multiple of chunk_rows (equal: one chunk a file)
-    forward: str = "float32"          # the forward precision: float32, amp-bfloat16 or amp-float16
+    form: StoreForm
+    shape: StoreShape
+    layout: Layout
     prepared: float = field(default_factory=time.monotonic)  # when this run took the teacher up
 
     @property
@@ -120,27 +114,22 @@ class TeacherJob:
         return forward_batch_size(self.device, self.req.batch_size)
 
     @property
-    def topk(self) -> int | None:
-        return parse_logits(self.req.logits)
+    def size(self) -> StoreSize:
+        """The store's bytes and files (the size calculator's figures, as the dry run states them)."""
+        return store_size(self.form, self.shape, self.layout)
 
-    def store_attrs(self) -> dict:
-        """The attributes a new store records about its teacher."""
-        _, _, c, d = self.shape
-        return {
-            "plan_id": self.plan_id, "arch": self.req.teacher, "num_classes": c, "feature_dim": d,
-            "features": self.req.features, "feature_dtype": self.req.feature_dtype, "logits": self.req.logits,
-            "feature_compression": self.req.feature_compression,
-            "forward": self.forward,
-            **({} if self.topk is None else {"logits_temperature": float(self.req.logits_temperature)}),
-            "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
-            "dataset": self.req.dataset,
-        }
+    def teacher_attrs(self) -> dict[str, Any]:
+        """What a new store records about its teacher (its form and shape it records itself)."""
+        return {"plan_id": self.plan_id, "arch": self.req.teacher,
+                "checkpoint": {"path": str(Path(self.req.checkpoint).resolve()), "sha256": self.checkpoint_sha256},
+                "dataset": self.req.dataset}
 
     def open_store(self) -> TeacherStore:
         """Create the store or reopen it to resume (the caller holds the writer lock)."""
-        return TeacherStore.open_for_writing(self.cache.teacher_location(self.teacher_id), self.teacher_id,
-                                             self.store_attrs(), self.shape, self.chunk_rows, *_head(self.model),
-                                             feature_shape=self.feature_shape, shard_rows=self.shard_rows)
+        return TeacherStore.create(self.cache.teacher_location(self.teacher_id), self.teacher_id, self.form,
+                                   self.shape, self.teacher_attrs(), *_head(self.model),
+                                   compression=self.req.feature_compression, chunk_rows=self.layout.chunk_rows,
+                                   shard_rows=self.layout.shard_rows)
 
     def is_complete(self) -> bool:
         return _is_complete(self.cache, self.teacher_id)
@@ -151,15 +140,16 @@ class TeacherJob:
     def complete_result(self) -> PrecomputeResult:
         lines = [f"teacher store {self.teacher_id} is already complete at {self.path}"]
         held = TeacherStore.open(self.cache.teacher_location(self.teacher_id), self.teacher_id).feature_compression
-        if self.req.features != "none" and held != self.req.feature_compression:
-            lines.append(f"its features are kept with compression {held} (--feature-compression "
-                         f"{self.req.feature_compression} applies to a new store: the values are the same; "
+        if self.form.has_features and held != self.req.feature_compression:
+            lines.append(f"its features are kept with compression {held.value} (--feature-compression "
+                         f"{self.req.feature_compression.value} applies to a new store: the values are the same; "
                          f"`kdcache cache rm {self.teacher_id}` and precompute again to change it)")
         return self.result("complete", lines)
 
 
 def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJob:
-    """Check the request, load the data set (unless given) and the teacher, and work out the ids and shape."""
+    """Check the request, load the data set (unless given) and the teacher, and work out the ids, form, shape and
+    layout of its store."""
     _check_options(req)
     dataset = with_views(load_dataset(req.dataset, req.data_root) if dataset is None else dataset,
                          req.recipe, req.image_size)
@@ -171,56 +161,45 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
 
     pid = plan_id(dataset.fingerprint, recipe.description, req.views, req.plan_seed)
     ckpt_sha = sha256_file(req.checkpoint)
-    k = parse_logits(req.logits)
+    k = req.form.topk
     if k is not None and k > dataset.num_classes:
-        raise KdcacheError(f"--logits {req.logits}: K exceeds the {dataset.num_classes} classes of {dataset.name}; "
+        raise KdcacheError(f"--logits {req.form.logits}: K exceeds the {dataset.num_classes} classes of {dataset.name}; "
                            f"give K from 1 to {dataset.num_classes} (topk:{dataset.num_classes} keeps every logit)")
     device = resolve_device(req.device)
-    forward = forward_precision(amp_dtype_for(device, req.amp_dtype) if req.amp else None)
-    tid = teacher_id(pid, req.teacher, ckpt_sha, STORED_DTYPE, req.features, req.feature_dtype, req.logits,
-                     req.logits_temperature if k is not None else None, forward)
+    form = req.form.on(device.type)
+    check_autocast(device, form.forward)
+    tid = teacher_id(pid, req.teacher, ckpt_sha, form)
     model = build_model(req.teacher, dataset.num_classes)
     load_checkpoint(model, req.checkpoint)
     # A model that cannot take the views' size fails here, before any plan or store exists.
     spatial = map_shape(model, recipe.size)
     model.eval().to(device)
-    n, c, d = len(dataset.train), dataset.num_classes, feature_dim(model)
-    fshape = feature_shape(req.features, d, spatial)
-    # About 2 MB in the widest array's chunk and 128 MB in its shard (features counted at float16 whatever
-    # their dtype). --chunk-rows alone keeps the layout it always gave, one chunk a file.
-    widest = widest_row_bytes(c, k, fshape)
-    rows = req.chunk_rows or default_layout(n, widest)[0]
-    if req.shard_rows is not None:
-        rows = min(rows, req.shard_rows) if req.chunk_rows is None else rows
-        if req.shard_rows % rows:
-            raise KdcacheError(f"--shard-rows {req.shard_rows} must be a multiple of the chunk rows ({rows}): a shard "
-                               "holds whole chunks; give --chunk-rows too")
-        shard = min(req.shard_rows, rows * n_chunks(n, rows))  # never more than a view's chunks
-    else:
-        shard = rows if req.chunk_rows else default_layout(n, widest)[1]
-    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, (req.views, n, c, d), fshape,
-                      rows, shard, forward)
+    shape = StoreShape(req.views, len(dataset.train), dataset.num_classes, feature_dim(model), spatial)
+    try:
+        layout = Layout.choose(form, shape, req.chunk_rows, req.shard_rows)
+    except LayoutError as exc:
+        raise KdcacheError(f"--shard-rows {req.shard_rows} must be a multiple of the chunk rows ({exc.chunk_rows}): a "
+                           "shard holds whole chunks" + ("" if req.chunk_rows else "; give --chunk-rows too")) from None
+    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, form, shape, layout)
 
 
-def amp_dtype_for(device: torch.device, requested: str | None = None) -> str:
-    """The autocast dtype of ``--amp`` on ``device``: ``requested`` (``--amp-dtype``) if given, else float16 on
-    CUDA (as distill's --amp: tensor cores, and three more mantissa bits than bfloat16) and bfloat16 elsewhere
-    (the CPU's autocast dtype). One line of error where the device cannot run it."""
-    dtype = requested or ("float16" if device.type == "cuda" else "bfloat16")
-    if dtype not in AMP_DTYPES:
-        raise KdcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)} (got {dtype!r})")
+def check_autocast(device: torch.device, forward: Forward) -> None:
+    """Refuse, in one line, a forward precision ``device`` cannot run: autocast where torch has none for the
+    device type, bfloat16 on a GPU without bfloat16 arithmetic."""
+    amp = forward.autocast_dtype
+    if amp is None:
+        return
     if not torch.amp.is_autocast_available(device.type):
         raise KdcacheError(f"--amp: torch has no autocast on {device.type} devices; drop --amp")
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if amp == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise KdcacheError(f"--amp-dtype bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
                            "arithmetic; use --amp-dtype float16 (or drop --amp)")
-    return dtype
 
 
 def finish(job: TeacherJob, store: TeacherStore) -> list[str]:
     """Evaluate the teacher on the test split (in the store's forward precision), record the accuracies and mark
     the store complete."""
-    with _autocast(job.device, autocast_dtype(store.forward)):
+    with _autocast(job.device, store.form.forward.autocast_dtype):
         test_top1, test_top5 = evaluate(job.model, job.dataset, job.recipe.name, job.device, job.batch_size)
     view_acc = 100.0 * store.view_accuracy()
     store.mark_complete(test_accuracy=test_top1, test_top5=test_top5, view_accuracy=view_acc,
@@ -296,7 +275,8 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
     """
     plan_labels = plan.labels
     labels = torch.as_tensor(plan_labels)
-    amp = autocast_dtype(store.forward)
+    form = store.form
+    amp = form.forward.autocast_dtype
     source = dataset.train.to(device) if dataset.train.resident else dataset.train
 
     def views(batch: _Batch) -> tuple[_Batch, torch.Tensor]:
@@ -310,14 +290,14 @@ def write_chunks(model: torch.nn.Module, dataset: DataSet, plan: PlanStore, stor
           else contextlib.nullcontext(INLINE)) as writer, \
             ThreadPoolExecutor(default_threads(), thread_name_prefix="kdcache-encode") as encoder:
         for batch, x in read_ahead(views, batches, READ_AHEAD_BATCHES) if overlap else map(views, batches):
-            outputs.append(forward_batch(model, x, store.feature_form, amp))
+            outputs.append(forward_batch(model, x, form.features, amp))
             if batch.ends is None:
                 continue
             group, rows = batch.ends, batch.ends.rows
             logits = torch.cat([z for z, _ in outputs])
-            features = None if store.feature_form == "none" else torch.cat([h for _, h in outputs if h is not None])
+            features = torch.cat([h for _, h in outputs if h is not None]) if form.has_features else None
             outputs = []
-            _refuse_non_finite(logits, features, store.id, group.view, rows, store.forward)
+            _refuse_non_finite(logits, features, store.id, group.view, rows, form.forward)
             correct = logits.float().argmax(1) == labels[group.indices]
             for s in group.chunks:
                 part = slice(store.shard_rows_of(s).start - rows.start, store.shard_rows_of(s).stop - rows.start)
@@ -375,14 +355,14 @@ def chunk_groups(chunks: Sequence[tuple[int, int]], size: int) -> Iterator[tuple
 
 
 @torch.inference_mode()
-def forward_batch(model: torch.nn.Module, x: torch.Tensor, features: str = DEFAULT_FEATURE_FORM,
+def forward_batch(model: torch.nn.Module, x: torch.Tensor, features: FeatureForm = FeatureForm.POOLED,
                   amp: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The teacher's float16 logits and features in the form ``features`` (None for none), on the CPU,
     for one batch of views; run under autocast in ``amp`` (``bfloat16``, ``float16``) when given."""
     with _autocast(x.device, amp):
         m, h, z = forward_with_map(model, x)
-    return z.to(torch.float16).cpu(), (None if features == "none" else
-                                       (m if features == "spatial" else h).to(torch.float16).cpu())
+    kept = {FeatureForm.POOLED: h, FeatureForm.SPATIAL: m, FeatureForm.NONE: None}[features]
+    return z.to(torch.float16).cpu(), None if kept is None else kept.to(torch.float16).cpu()
 
 
 def _autocast(device: torch.device, amp: str | None) -> torch.autocast:
@@ -397,7 +377,7 @@ def forward_batch_size(device: torch.device, requested: int | None) -> int:
 
 
 def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid: str, v: int, rows: slice,
-                       forward: str = "float32") -> None:
+                       forward: Forward = Forward.FLOAT32) -> None:
     # A sum is finite exactly when every value is (float16 values summed in float32 cannot overflow): one pass
     # and no mask in the common case; the rows are found only when something is not finite.
     if all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in (logits, features) if t is not None):
@@ -410,9 +390,9 @@ def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid:
         raise KdcacheError(
             f"teacher {tid} produced NaN or inf (after float16 conversion) at view {v}, rows {where}"
             f"{' ...' if int(bad.sum()) > 5 else ''}; nothing was written for that chunk: check the checkpoint"
-            + {"float32": "", "amp-float16": " (it ran under --amp in float16: try --amp-dtype bfloat16, whose range "
-                                             "is float32's, or drop --amp)",
-               }.get(forward, f" (it ran under --amp in {autocast_dtype(forward)}: try without --amp)")
+            + {Forward.FLOAT32: "", Forward.AMP_FLOAT16: " (it ran under --amp in float16: try --amp-dtype bfloat16, "
+                                                         "whose range is float32's, or drop --amp)",
+               }.get(forward, f" (it ran under --amp in {forward.autocast_dtype}: try without --amp)")
         )
 
 
@@ -447,23 +427,3 @@ def _check_options(req: PrecomputeRequest) -> None:
         raise KdcacheError(f"--chunk-rows must be at least 1 (got {req.chunk_rows})")
     if req.shard_rows is not None and req.shard_rows < 1:
         raise KdcacheError(f"--shard-rows must be at least 1 (got {req.shard_rows})")
-    if req.features not in FEATURE_FORMS:
-        raise KdcacheError(f"--features must be one of {', '.join(FEATURE_FORMS)} (got {req.features!r})")
-    if req.feature_compression not in FEATURE_COMPRESSIONS:
-        raise KdcacheError(f"--feature-compression must be one of {', '.join(FEATURE_COMPRESSIONS)} "
-                           f"(got {req.feature_compression!r})")
-    if req.feature_dtype not in FEATURE_DTYPES:
-        raise KdcacheError(f"--feature-dtype must be one of {', '.join(FEATURE_DTYPES)} (got {req.feature_dtype!r})")
-    try:
-        parse_logits(req.logits)
-    except ValueError as exc:
-        raise KdcacheError(f"--logits: {exc}") from None
-    if not (math.isfinite(req.logits_temperature) and req.logits_temperature > 0):
-        raise KdcacheError(f"--logits-temperature must be a positive number (got {req.logits_temperature})")
-    if req.amp_dtype is not None and not req.amp:
-        raise KdcacheError(f"--amp-dtype {req.amp_dtype} needs --amp: give --amp too, or drop --amp-dtype")
-    if req.amp_dtype is not None and req.amp_dtype not in AMP_DTYPES:
-        raise KdcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)} (got {req.amp_dtype!r})")
-    if req.feature_dtype != DEFAULT_FEATURE_DTYPE and req.features == "none":
-        raise KdcacheError(f"--feature-dtype {req.feature_dtype} needs features to store: give --features pooled "
-                           "or spatial, or drop --feature-dtype")

@@ -39,7 +39,7 @@ from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute  # noqa: E402
 from kdcache.runs import load_run  # noqa: E402
 from kdcache.store import Cache  # noqa: E402
-from kdcache.store.format import row_bytes  # noqa: E402
+from kdcache.store.form import StoreForm  # noqa: E402
 
 FORMS = ("pooled", "spatial")
 
@@ -49,7 +49,8 @@ def stores(out: Path, cfg: study.Config, dtype: str, form: str) -> list[str]:
     for name in study.SETTINGS["A"]:
         pre = precompute(PrecomputeRequest(teacher=cfg.teacher, checkpoint=out / "teachers" / f"{name}-{cfg.teacher}.pth",
                                            dataset=study.DATASET, data_root=out / "data", cache=out / "cache",
-                                           views=cfg.views, device="cpu", features=form, feature_dtype=dtype))
+                                           views=cfg.views, device="cpu",
+                                           form=StoreForm(features=form, feature_dtype=dtype)))
         ids.append(pre.teacher_id)
     return ids
 
@@ -101,7 +102,8 @@ def main() -> int:
         fshape = store.feature_shape
         result["forms"][form] = {
             "dense_ids": dense, "int8_ids": int8, "error": feature_error(cache, dense, int8),
-            "row_bytes": {"float16": row_bytes(10, fshape), "int8": row_bytes(10, fshape, feature_dtype="int8")}}
+            "row_bytes": {"float16": StoreForm().row_bytes(10, fshape),
+                          "int8": StoreForm(feature_dtype="int8").row_bytes(10, fshape)}}
         tasks += [(out, f"camkd-{form}-int8", int8, cfg, seed) for seed in range(cfg.seeds)]
     threads = max(1, torch.get_num_threads() // args.jobs)
     t0 = time.perf_counter()

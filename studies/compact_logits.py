@@ -42,7 +42,7 @@ from kdcache.models import build_model, load_checkpoint  # noqa: E402
 from kdcache.pipelines.distill import DistillRequest, distill  # noqa: E402
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute  # noqa: E402
 from kdcache.runs import load_run  # noqa: E402
-from kdcache.store.format import row_bytes  # noqa: E402
+from kdcache.store.form import StoreForm  # noqa: E402
 from kdcache.topk import kl_error_bound  # noqa: E402
 
 KS = (1, 2, 3)
@@ -56,8 +56,8 @@ def stores(out: Path, cfg: study.Config, logits: str, dtype: str) -> list[str]:
     for name in study.SETTINGS["A"]:
         pre = precompute(PrecomputeRequest(teacher=cfg.teacher, checkpoint=out / "teachers" / f"{name}-{cfg.teacher}.pth",
                                            dataset=study.DATASET, data_root=out / "data", cache=out / "cache",
-                                           views=cfg.views, device="cpu", logits=logits, feature_dtype=dtype,
-                                           logits_temperature=T))
+                                           views=cfg.views, device="cpu",
+                                           form=StoreForm(logits, feature_dtype=dtype, temperature=T)))
         ids.append(pre.teacher_id)
     return ids
 
@@ -131,8 +131,8 @@ def main() -> int:
     result: dict[str, Any] = {"dense_ids": dense, "ids": ids, "temperature": T,
                               "precompute_seconds": time.perf_counter() - t0,
                               "approximation": {f"top{k}": approximation(out, cfg, dense, ids[f"top{k}"]) for k in KS},
-                              "row_bytes": {"dense": row_bytes(10, (64,)),
-                                            **{key: row_bytes(10, (64,), feature_dtype=dtype, topk=int(logits.split(":")[1]))
+                              "row_bytes": {"dense": StoreForm().row_bytes(10, (64,)),
+                                            **{key: StoreForm(logits, feature_dtype=dtype, temperature=T).row_bytes(10, (64,))
                                                for key, logits, dtype in FORMS}}}
     tasks = [(out, f"{method}-{key}", method, ids[key], cfg, seed)
              for key, _, _ in FORMS for method in ("aver", "camkd")
@@ -161,7 +161,7 @@ def main() -> int:
         for method in ("aver", "camkd"):
             acc = top1[method].get(key)
             cells.append("–" if acc is None else f"{statistics.mean(acc):.2f} ± {statistics.stdev(acc):.2f}")
-        size = result["row_bytes"].get(key, row_bytes(10, (64,), feature_dtype="int8"))
+        size = result["row_bytes"].get(key, StoreForm(feature_dtype="int8").row_bytes(10, (64,)))
         rows.append(f"| {key} | {size} B | {cells[0]} | {cells[1]} |")
     rows += ["", "| K | mean mass outside the K (max) | KL error / KL | mean bound / mean KL | "
              "gradient error / gradient (L1; worst row) |", "|---|---|---|---|---|"]

@@ -45,7 +45,8 @@ from kdcache.batches import test_batches
 from kdcache.device import resolve_device
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
-from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
+from kdcache.store.form import StoreForm
+from kdcache.pipelines.train_teacher import TrainTeacherRequest, teacher_run, train_teacher
 
 from fashion_mnist_report import write_report  # the study's own modules, beside it
 from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, Config, StoreIds, best_teacher
@@ -200,7 +201,7 @@ def train_teachers(out: Path, cfg: Config, say: Callable[[str], None]) -> dict[s
         train_teacher(TrainTeacherRequest(arch=cfg.teacher, dataset=DATASET, data_root=out / "data", out=ckpt,
                                           epochs=cfg.teacher_epochs, batch_size=cfg.batch_size, seed=t.seed,
                                           device="cpu",
-                                          label_map=t.label_map, resume=ckpt.is_file()))
+                                          label_map=t.label_map, resume=teacher_run(ckpt)[0].started))
     return ckpts
 
 
@@ -212,7 +213,7 @@ def store_ids(out: Path, cfg: Config, ckpts: dict[str, Path], runs: list[Run], s
     for name, form, views in sorted(wanted, key=lambda k: (k[2] != cfg.views, k)):
         pre = precompute(PrecomputeRequest(teacher=cfg.teacher, checkpoint=ckpts[name], dataset=DATASET,
                                            data_root=out / "data", cache=out / "cache", views=views,
-                                           device="cpu", features=form))
+                                           device="cpu", form=StoreForm(features=form)))
         if pre.status != "complete":
             say(f"precomputed {name} {form} V={views}: {pre.teacher_id}")
         ids[(name, form, views)] = pre.teacher_id

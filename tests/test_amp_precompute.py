@@ -22,7 +22,8 @@ from kdcache.errors import KdcacheError, StoreError
 from kdcache.pipelines import precompute_engine as pc
 from kdcache.pipelines import precompute_cluster as pcc
 from kdcache.store import Cache, TeacherStore
-from kdcache.store.format import teacher_id
+from kdcache.store.form import Forward, StoreForm
+from kdcache.store.ids import teacher_id
 
 ROWS = 256      # 1437 digits rows: 6 chunks a view
 MAX_REL = 0.03  # largest |amp - float32| over the largest |float32 logit|
@@ -49,9 +50,9 @@ def stores(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 def test_the_precision_is_part_of_the_id_and_only_when_amp() -> None:
     args = ("p" * 16, "resnet8", "0" * 64)
-    assert teacher_id(*args) == teacher_id(*args, forward="float32")  # float32 stores keep the ids they had
-    assert len({teacher_id(*args), teacher_id(*args, forward="amp-bfloat16"),
-                teacher_id(*args, forward="amp-float16")}) == 3
+    assert teacher_id(*args) == teacher_id(*args, StoreForm(forward="float32"))  # float32 stores keep the ids they had
+    assert len({teacher_id(*args), teacher_id(*args, StoreForm(forward="amp-bfloat16")),
+                teacher_id(*args, StoreForm(forward="amp-float16"))}) == 3
 
 
 def test_dry_run_names_the_precision_and_its_id(digits_teacher: Path, tmp_path: Path,
@@ -69,7 +70,7 @@ def test_dry_run_names_the_precision_and_its_id(digits_teacher: Path, tmp_path: 
 def test_the_store_records_the_precision_and_cache_ls_and_info_show_it(stores: tuple[Path, str, str]) -> None:
     cache, f32, amp = stores
     a, b = (Cache.at(cache).open_teacher(t) for t in (f32, amp))
-    assert (a.forward, b.forward) == ("float32", "amp-bfloat16")
+    assert (a.form.forward.value, b.form.forward.value) == ("float32", "amp-bfloat16")
     listing = run_cli("cache", "ls", "--cache", cache).stdout.splitlines()
     assert listing[0].split()[-2:] == ["forward", "state"]
     rows = {line.split()[0]: line.split() for line in listing[1:]}
@@ -122,9 +123,9 @@ def test_a_different_amp_never_resumes_the_other_store(digits_teacher: Path, tmp
     got, want = (Cache.at(c).open_teacher(amp).read_rows(0, 0, 1437) for c in (cache, ref_cache))
     assert all(np.array_equal(g, w) for g, w in zip(got, want))
     with pytest.raises(StoreError, match="holds forward='float32', expected 'amp-bfloat16'"):
-        TeacherStore.open_for_writing(cache / "teachers" / job.teacher_id, job.teacher_id,
-                                      {**job.store_attrs(), "forward": "amp-bfloat16"}, job.shape, job.chunk_rows,
-                                      *pc._head(job.model), shard_rows=job.shard_rows)
+        TeacherStore.create(cache / "teachers" / job.teacher_id, job.teacher_id, StoreForm(forward="amp-bfloat16"),
+                            job.shape, job.teacher_attrs(), *pc._head(job.model), chunk_rows=job.layout.chunk_rows,
+                            shard_rows=job.layout.shard_rows)
 
 
 def test_cluster_tasks_run_in_the_stores_precision(digits_teacher: Path, tmp_path: Path,
@@ -132,10 +133,11 @@ def test_cluster_tasks_run_in_the_stores_precision(digits_teacher: Path, tmp_pat
     """A dask worker's task (run here, in-process) reads the precision from the store it fills: its chunks equal
     the serial --amp run's."""
     req = pc.PrecomputeRequest(teacher="resnet8", checkpoint=digits_teacher, dataset="digits",
-                               cache=tmp_path / "c", views=1, chunk_rows=ROWS, batch_size=512, device="cpu", amp=True)
+                               cache=tmp_path / "c", views=1, chunk_rows=ROWS, batch_size=512, device="cpu",
+                               form=StoreForm(forward=Forward.AMP))
     job = pc.prepare(req)
     ref_cache, _, ref_amp = stores
-    assert job.teacher_id == ref_amp and job.forward == "amp-bfloat16"
+    assert job.teacher_id == ref_amp and job.form.forward.value == "amp-bfloat16"
     pc.ensure_plan(job.cache, job.dataset, job.recipe, 1, 0, job.plan_id)
     with job.cache.teacher_lock(job.teacher_id):
         store = job.open_store()
@@ -147,9 +149,12 @@ def test_cluster_tasks_run_in_the_stores_precision(digits_teacher: Path, tmp_pat
 
 
 def test_the_dtype_rule() -> None:
-    assert pc.amp_dtype_for(torch.device("cpu")) == "bfloat16"
-    assert pc.amp_dtype_for(torch.device("cpu"), "float16") == "float16"
-    assert pc.amp_dtype_for(torch.device("cuda")) == "float16"  # as distill's --amp; needs no GPU to say so
+    amp, fp16 = StoreForm(forward=Forward.AMP), StoreForm(forward=Forward.autocast("float16"))
+    assert amp.on("cpu").forward.autocast_dtype == "bfloat16"
+    assert fp16.on("cpu").forward.autocast_dtype == "float16"
+    assert amp.on("cuda").forward.autocast_dtype == "float16"  # as distill's --amp; needs no GPU to say so
+    for device, form in (("cpu", amp), ("cpu", fp16), ("cuda", amp)):  # and each device can run its dtype
+        pc.check_autocast(torch.device(device), form.on(device).forward)
 
 
 def test_bfloat16_on_a_gpu_without_it_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,7 +162,7 @@ def test_bfloat16_on_a_gpu_without_it_is_one_line(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     with pytest.raises(KdcacheError, match=r"^--amp-dtype bfloat16: GPU Tesla T4 has no bfloat16 arithmetic; use "
                                            r"--amp-dtype float16 \(or drop --amp\)$"):
-        pc.amp_dtype_for(torch.device("cuda"), "bfloat16")
+        pc.check_autocast(torch.device("cuda"), StoreForm(forward=Forward.autocast("bfloat16")).on("cuda").forward)
 
 
 @pytest.mark.parametrize("extra, code, message", [

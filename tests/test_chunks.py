@@ -18,21 +18,26 @@ from kdcache.errors import StoreError
 from kdcache.store import Cache, TeacherStore
 from kdcache.store import format as fmt
 from kdcache.store.chunks import ArrayChunks, ChunkDamaged, ChunkLayout
+from kdcache.store.form import TOPK_ARRAYS, FeatureCompression, FeatureDtype, FeatureForm, StoreForm
+from kdcache.store.int8 import dequantize_rows
+from kdcache.store.layout import StoreShape
+from kdcache.topk import pack_topk
 
 V, N, C, D = 2, 11, 5, 3   # 11 rows: chunks of 4 rows are 0-3, 4-7, 8-10 (the last one short)
 R, S = 4, 8                # a shard of two chunks: shard 0 holds chunks 0, 1; shard 1 chunk 2
 
 
 def make(where: Path | str, tid: str, shards: bool, **form: object) -> tuple[TeacherStore, dict[str, np.ndarray]]:
-    """A complete store of random rows in ``form`` (features, feature_dtype, logits): its arrays as written."""
-    features = str(form.get("features", "pooled"))
-    fshape = {"pooled": (D,), "spatial": (D, 2, 2), "none": ()}[features]
-    attrs = {"plan_id": "p" * 16, "arch": "resnet8", "num_classes": C, "feature_dim": D,
-             "checkpoint": {"path": "-", "sha256": "0" * 64}, **form}
-    if str(form.get("logits", "dense")).startswith("topk"):
-        attrs["logits_temperature"] = 4.0
-    store = TeacherStore.open_for_writing(where, tid, attrs, (V, N, C, D), R, torch.zeros(C, D), torch.zeros(C),
-                                          feature_shape=fshape, shard_rows=S if shards else None)
+    """A complete store of random rows in ``form`` (features, feature_dtype, logits; and feature_compression): its
+    arrays as written."""
+    form = dict(form)
+    compression = FeatureCompression(form.pop("feature_compression", "zstd"))
+    store_form = StoreForm(**form)  # a top-K form serves T = 4
+    shape = StoreShape(V, N, C, D, map_shape=(D, 2, 2))
+    fshape = shape.feature_shape(store_form)
+    teacher = {"plan_id": "p" * 16, "arch": "resnet8", "checkpoint": {"path": "-", "sha256": "0" * 64}}
+    store = TeacherStore.create(where, tid, store_form, shape, teacher, torch.zeros(C, D), torch.zeros(C),
+                                compression=compression, chunk_rows=R, shard_rows=S if shards else None)
     rng = np.random.default_rng(1)
     logits = (3 * rng.standard_normal((V, N, C))).astype(np.float16)
     feats = np.maximum(rng.standard_normal((V, N, *fshape)), 0).astype(np.float16) if fshape else None
@@ -57,7 +62,7 @@ def test_every_chunk_of_every_array_decodes_as_zarr_reads_it(tmp_path: Path, sha
     store, arrays = make(tmp_path / "s", "t" * 16, shards, **form)
     readers = store.chunk_readers()
     assert all(r.layout is not None for r in readers.values())  # nothing falls back to zarr
-    assert readers["logits" if store.topk is None else "logit_stats"].layout.compressed
+    assert readers["logits" if store.form.topk is None else "logit_stats"].layout.compressed
     if "features" in readers:
         assert readers["features"].layout.compressed == (form.get("feature_compression") != "none")
     assert {r.layout.per_shard for r in readers.values()} == {2 if shards else 1}
@@ -78,14 +83,14 @@ def test_every_chunk_of_every_array_decodes_as_zarr_reads_it(tmp_path: Path, sha
         shuffled = store.submit_selected(0, perm, pool).result()  # rows of three chunks, each put in its place
     for v in range(V):
         z, h = inline[v]
-        if store.topk is None:
+        if store.form.topk is None:
             assert np.array_equal(z, arrays["logits"][v])
         else:
-            assert np.array_equal(z, fmt.pack_topk(*(arrays[n][v] for n in fmt.TOPK_ARRAYS)))
-        if store.feature_form == "none":
+            assert np.array_equal(z, pack_topk(*(arrays[n][v] for n in TOPK_ARRAYS)))
+        if store.form.features is FeatureForm.NONE:
             assert h is None and pooled[v][1] is None
-        elif store.feature_dtype == "int8":
-            assert np.array_equal(h, fmt.dequantize_rows(arrays["features"][v], arrays["feature_scale"][v]))
+        elif store.form.feature_dtype is FeatureDtype.INT8:
+            assert np.array_equal(h, dequantize_rows(arrays["features"][v], arrays["feature_scale"][v]))
         else:
             assert np.array_equal(h, arrays["features"][v])
         assert np.array_equal(pooled[v][0], z[1:])

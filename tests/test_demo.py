@@ -69,7 +69,7 @@ def test_demo_end_to_end_and_second_run_reuses_everything(tmp_path: Path, monkey
     record = json.loads((tmp_path / "d" / "demo-spatial.json").read_text())
     assert set(record["students"]) == set(demo.METHODS)
     cache = Cache.at(tmp_path / "d" / "cache")
-    assert [cache.open_teacher(t["id"]).feature_form for t in record["teachers"]] == ["spatial"] * 3
+    assert [cache.open_teacher(t["id"]).form.features.value for t in record["teachers"]] == ["spatial"] * 3
     assert 0 < record["camkd_weights_on_corrupted_teacher"]["corrupted_classes"] < 1
     seconds = [cache_store.attrs["precompute_seconds"] for cache_store in
                (Cache.at(tmp_path / "d" / "cache").open_teacher(t["id"]) for t in record["teachers"])]

@@ -22,6 +22,7 @@ from kdcache.models import build_model
 from kdcache.pipelines import experiments, grid
 from kdcache.pipelines.experiments import Experiment, plan_experiment, run_experiment
 from kdcache.runs import RunDir
+from kdcache.store.form import FeatureForm
 
 TINY = Experiment(name="test-tiny", table="Table 1", dataset="cifar100", teachers=("resnet8",) * 3, student="resnet8",
               seeds=2, epochs=1, views=1, source="test only")
@@ -49,7 +50,7 @@ def test_registry_holds_every_setting_of_the_paper() -> None:
     for table, names in PAPER_SETTINGS.items():
         for name in names:
             r = experiments.find_experiment(name)
-            assert r.table == table and r.source and r.features == "spatial" and r.seeds == 3
+            assert r.table == table and r.source and r.features is FeatureForm.SPATIAL and r.seeds == 3
     # Table 1: seven columns, each figure as printed in the paper
     t1 = experiments.find_experiment("t1-resnet32x4-vgg8")
     assert t1.teachers == ("resnet32x4",) * 3 and t1.student == "vgg8" and t1.dataset == "cifar100"
@@ -150,21 +151,22 @@ def test_dry_run_numbers_match_a_hand_calculation(name: str, k: int, n: int, c: 
     plan = plan_experiment(name)
     seeds, epochs = 3, v  # every experiment: three seeds, one stored view per student epoch
     assert (plan.views, plan.n_samples, plan.num_classes, plan.seeds, plan.epochs) == (v, n, c, seeds, epochs)
-    assert plan.features == "spatial" and len(plan.stores) == k
+    assert plan.features is FeatureForm.SPATIAL and len(plan.stores) == k
     pooled_row = (c + d) * 2
     spatial_row = (c + spatial[0] * spatial[1] * spatial[2]) * 2
+    pooled, maps, none = FeatureForm.POOLED, FeatureForm.SPATIAL, FeatureForm.NONE
     for s in plan.stores:
         assert (s.feature_dim, s.map_shape) == (d, spatial)
-        assert (s.row_bytes("pooled"), s.row_bytes("spatial"), s.row_bytes("none")) == (pooled_row, spatial_row, c * 2)
-        assert s.arrays_bytes("spatial") == v * n * spatial_row and s.arrays_bytes("pooled") == v * n * pooled_row
+        assert (s.row_bytes(pooled), s.row_bytes(maps), s.row_bytes(none)) == (pooled_row, spatial_row, c * 2)
+        assert s.arrays_bytes(maps) == v * n * spatial_row and s.arrays_bytes(pooled) == v * n * pooled_row
         assert s.head_bytes == (c * d + c) * 4
         # after compression: the ratios measured on digits teachers (benchmarks/RESULTS.md)
-        assert s.estimated_bytes("spatial") == round(v * n * spatial_row / 1.86) + (c * d + c) * 4
-        assert s.estimated_bytes("pooled") == round(v * n * pooled_row / 1.27) + (c * d + c) * 4
+        assert s.estimated_bytes(maps) == round(v * n * spatial_row / 1.86) + (c * d + c) * 4
+        assert s.estimated_bytes(pooled) == round(v * n * pooled_row / 1.27) + (c * d + c) * 4
     params = {"crop-flip": 3, "resized-crop-flip": 5}[plan.view_recipe]  # (top, left, flip), (+ height, width)
     plan_bytes = v * n * 4 + v * n * params * 2 + n * 4  # order int32, params int16, labels int32
     assert plan.plan_bytes == plan_bytes
-    assert plan.total_raw_bytes("spatial") == k * (v * n * spatial_row + (c * d + c) * 4) + plan_bytes
+    assert plan.total_raw_bytes(FeatureForm.SPATIAL) == k * (v * n * spatial_row + (c * d + c) * 4) + plan_bytes
     assert plan.online_forward_passes == seeds * epochs * n * teacher_rows
     assert plan.cached_forward_passes == v * n * k
     assert plan.saved_forward_passes == seeds * epochs * n * teacher_rows - v * n * k
@@ -173,13 +175,14 @@ def test_dry_run_numbers_match_a_hand_calculation(name: str, k: int, n: int, c: 
 def test_the_paper_setting_in_numbers() -> None:
     """The figures the issue and the README quote for resnet32x4 over 240 CIFAR-100 views, by hand."""
     store = plan_experiment("t1-resnet32x4-vgg8").stores[0]
-    assert store.row_bytes("spatial") == (100 + 256 * 8 * 8) * 2 == 32_968
-    assert store.arrays_bytes("spatial") == 240 * 50000 * 32_968 == 395_616_000_000  # about 390 GB per teacher
-    assert store.row_bytes("pooled") == 712 and store.arrays_bytes("pooled") == 8_544_000_000
+    pooled, maps = FeatureForm.POOLED, FeatureForm.SPATIAL
+    assert store.row_bytes(maps) == (100 + 256 * 8 * 8) * 2 == 32_968
+    assert store.arrays_bytes(maps) == 240 * 50000 * 32_968 == 395_616_000_000  # about 390 GB per teacher
+    assert store.row_bytes(pooled) == 712 and store.arrays_bytes(pooled) == 8_544_000_000
     plan = plan_experiment("t1-resnet32x4-vgg8", epochs=30)
     assert plan.views == 30  # a shorter run stores only the views it uses
-    assert plan_experiment("t1-resnet32x4-vgg8", features="pooled").features == "pooled"
-    assert plan_experiment("t4-vgg13-MobileNetV2", features="pooled").features == "pooled"
+    assert plan_experiment("t1-resnet32x4-vgg8", features=FeatureForm.POOLED).features is FeatureForm.POOLED
+    assert plan_experiment("t4-vgg13-MobileNetV2", features=FeatureForm.POOLED).features is FeatureForm.POOLED
     with pytest.raises(KdcacheError, match="--features"):
         plan_experiment("t1-resnet32x4-vgg8", features="maps")
 
@@ -370,7 +373,7 @@ def test_tiny_experiment_end_to_end_resumes_and_tabulates(tmp_path: Path, one_th
     # the dry run reads the real size and sees the finished grid
     dry = run_experiment(TINY, **{**kw, "say": None}, dry_run=True)
     assert dry.plan.n_samples == 64 and dry.plan.num_classes == 100
-    assert dry.plan.stores[0].arrays_bytes("spatial") == 1 * 64 * (100 + 64 * 8 * 8) * 2
+    assert dry.plan.stores[0].arrays_bytes(FeatureForm.SPATIAL) == 1 * 64 * (100 + 64 * 8 * 8) * 2
     assert dry.plan.online_forward_passes == 5 * 2 * 1 * 64 * 3
     assert any("12 student runs" in line and "12 already finished" in line for line in dry.lines)
     assert any("resnet8-0.pth: found, used as it is" in line for line in dry.lines)
@@ -430,7 +433,7 @@ def test_rows_with_options_teacher_counts_and_unimplemented_methods_run_as_liste
     rows = (experiments.KD, experiments.CAMKD_UNIFORM, experiments.CAMKD_BETA0,
             *experiments.teacher_sweep((experiments.AVER,), (1, 2)), experiments.AT)
     tiny = Experiment(name="test-rows", table="Table 4", dataset="cifar100", teachers=("resnet8",) * 2,
-                      student="resnet8", variants=rows, seeds=1, epochs=1, views=1, features="pooled",
+                      student="resnet8", variants=rows, seeds=1, epochs=1, views=1, features=FeatureForm.POOLED,
                       paper={"at": "12.34 ± 0.56"}, source="test only")
     out = tmp_path / "out"
     result = run_experiment(tiny, data, tmp_path / "cache", out, device="cpu")

@@ -10,7 +10,8 @@ import pytest
 
 from kdcache.errors import StoreError
 from kdcache.store import Cache
-from kdcache.store.format import dequantize_rows, quantize_rows
+from kdcache.store.form import FeatureDtype
+from kdcache.store.int8 import dequantize_rows, quantize_rows
 
 from conftest import error_lines, run_cli
 
@@ -57,7 +58,7 @@ def test_an_int8_store_holds_its_teacher_within_half_a_step(digits_teacher: Path
     assert sum(1 for a in ("logits", "features", "feature_scale", "done")
                for f in (store / a / "c").rglob("*") if f.is_file()) == 48
     a, b = (Cache.at(cache).open_teacher(t) for t in (half, int8))
-    assert b.feature_dtype == "int8" and a.feature_dtype == "float16"
+    assert b.form.feature_dtype is FeatureDtype.INT8 and a.form.feature_dtype is FeatureDtype.FLOAT16
     for v in range(2):
         za, ha = a.read_rows(v, 0, 1437)
         zb, hb = b.read_rows(v, 0, 1437)

@@ -17,7 +17,8 @@ from fakes import completion_markers, flip_byte, kill_after_markers
 from kdcache.data import load_dataset
 from kdcache.models import build_model, forward_with_map, load_checkpoint
 from kdcache.store import Cache
-from kdcache.store import format as fmt
+from kdcache.store.form import FeatureForm, StoreForm
+from kdcache.store.ids import content_id, teacher_id
 from test_precompute import torchvision_view
 
 ROWS = 256  # 1437 digits rows -> 6 chunks a view
@@ -41,7 +42,7 @@ def test_spatial_rows_are_the_teachers_last_block_maps(digits_teacher: Path, tmp
     model = build_model("resnet8", 10)
     load_checkpoint(model, digits_teacher)
     model.eval()
-    assert store.feature_form == "spatial" and store.feature_shape == (64, 8, 8)
+    assert store.form.features is FeatureForm.SPATIAL and store.feature_shape == (64, 8, 8)
     assert store.group["features"].shape == (2, 1437, 64, 8, 8)
     assert store.group["features"].chunks == (1, ROWS, 64, 8, 8)
     for v, c in [(0, 0), (1, 5)]:
@@ -83,10 +84,11 @@ def test_pooling_a_stored_map_gives_the_pooled_store_and_logits_agree(digits_tea
 
 def test_the_form_is_part_of_the_id_and_pooled_ids_are_unchanged() -> None:
     plan, sha = "p" * 16, "a" * 64
-    legacy = fmt.content_id({"format": 1, "kind": "teacher", "plan_id": plan, "arch": "resnet8",
-                             "checkpoint_sha256": sha, "dtype": "float16"})
-    assert fmt.teacher_id(plan, "resnet8", sha) == legacy == fmt.teacher_id(plan, "resnet8", sha, "float16", "pooled")
-    ids = {fmt.teacher_id(plan, "resnet8", sha, "float16", form) for form in fmt.FEATURE_FORMS}
+    legacy = content_id({"format": 1, "kind": "teacher", "plan_id": plan, "arch": "resnet8",
+                         "checkpoint_sha256": sha, "dtype": "float16"})
+    assert teacher_id(plan, "resnet8", sha) == legacy == teacher_id(plan, "resnet8", sha, StoreForm(features="pooled"),
+                                                                    "float16")
+    ids = {teacher_id(plan, "resnet8", sha, StoreForm(features=form), "float16") for form in FeatureForm}
     assert len(ids) == 3
 
 

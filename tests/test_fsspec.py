@@ -19,7 +19,8 @@ from conftest import run_cli
 from kdcache.pipelines.cache_admin import list_stores, remove_store, verify_stores
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
-from kdcache.store import Cache, Location, TeacherStore
+from kdcache.store import Cache, Location, StoreForm, TeacherStore
+from kdcache.store.layout import StoreShape
 
 ROWS = 256
 VIEWS = 2
@@ -56,14 +57,14 @@ def test_file_url_cache_goes_through_fsspec_and_matches_a_plain_directory(
     folder = tmp_path / "url-cache"
     url = folder.as_uri()  # file:///...
     written: list[object] = []
-    original = TeacherStore.open_for_writing.__func__
+    original = TeacherStore.create.__func__
 
     def recording(cls, *a, **kw):  # type: ignore[no-untyped-def]
         store = original(cls, *a, **kw)
         written.append(store.group.store)
         return store
 
-    monkeypatch.setattr(TeacherStore, "open_for_writing", classmethod(recording))
+    monkeypatch.setattr(TeacherStore, "create", classmethod(recording))
     result = run_cli(*precompute_args(digits_teacher, url))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == tid
@@ -133,8 +134,9 @@ def test_memory_url_cache_works_and_says_it_has_no_writer_lock(plain, digits_tea
 def test_a_torn_marker_counts_as_not_written(tmp_path: Path) -> None:
     """fsspec's local writes are not renamed into place: a marker torn by a crash must not count."""
     url = (tmp_path / "c").as_uri() + "/teachers/t1"
-    attrs = {"plan_id": "p", "arch": "resnet8", "num_classes": 3, "feature_dim": 4, "checkpoint": {}}
-    store = TeacherStore.open_for_writing(url, "t1", attrs, (2, 8, 3, 4), 4, torch.zeros(3, 4), torch.zeros(3))
+    teacher = {"plan_id": "p", "arch": "resnet8", "checkpoint": {}}
+    store = TeacherStore.create(url, "t1", StoreForm(), StoreShape(2, 8, 3, 4), teacher, torch.zeros(3, 4),
+                                torch.zeros(3), chunk_rows=4)
     for v, c in [(0, 0), (0, 1), (1, 0)]:
         store.write_chunk(v, c, np.ones((4, 3), np.float16), np.ones((4, 4), np.float16), 1)
     assert store.pending() == [(1, 1)]

@@ -16,7 +16,7 @@ from kdcache.pipelines import grid
 from kdcache.pipelines.distill import run_args
 from kdcache.pipelines.grid import GridResult, GridSpec, GridTeacher, Reference, Row
 from kdcache.request import how_args
-from kdcache.store.format import FEATURE_FORMS
+from kdcache.store.form import FeatureForm
 
 
 def _result(rows: tuple[Row, ...]) -> GridResult:
@@ -73,7 +73,7 @@ def test_the_commands_import_no_torch_and_offer_the_pipelines_choices() -> None:
 
     assert experiment_cli.SETUP_NAMES == list(grid.SETUPS)
     assert demo_cli.FEATURES == demo.FEATURES and demo_cli.SEEDS == demo.SEEDS
-    assert set(demo_cli.FEATURE_FORMS) <= set(FEATURE_FORMS) and set(experiment_cli.FEATURE_FORMS) <= set(FEATURE_FORMS)
+    assert set(demo_cli.FEATURE_FORMS) <= set(FeatureForm) and set(experiment_cli.FEATURE_FORMS) <= set(FeatureForm)
     for module in ("kdcache.cli.demo", "kdcache.cli.experiment"):
         probe = f"import sys, {module}; print(sorted(m for m in ('torch', 'zarr', 'dask') if m in sys.modules))"
         loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

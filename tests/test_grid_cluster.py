@@ -19,6 +19,7 @@ from kdcache.pipelines import precompute_cluster as pcc
 from kdcache.pipelines.grid import GridSpec, GridTeacher, Row, Tally
 from kdcache.pipelines.precompute_cluster import ClusterOptions
 from kdcache.runs import RunDir
+from kdcache.store.form import FeatureForm
 
 WORKERS = 2
 ROWS = (Row("ce", "ce"), Row("aver", "aver"), Row("camkd", "camkd"), Row("fitnet-mkd", "fitnet-mkd"))
@@ -45,7 +46,7 @@ def teachers(tmp_path_factory: pytest.TempPathFactory) -> tuple[GridTeacher, ...
 
 def grid_spec(root: Path, teachers: tuple[GridTeacher, ...], rows: tuple[Row, ...] = ROWS) -> GridSpec:
     return GridSpec(name="t", dataset="digits", teachers=teachers, student="resnet8", rows=rows, out=root,
-                    runs=root / "runs", views=2, epochs=2, seeds=1, features="spatial", cache=root / "cache")
+                    runs=root / "runs", views=2, epochs=2, seeds=1, features=FeatureForm.SPATIAL, cache=root / "cache")
 
 
 @pytest.fixture(scope="module")

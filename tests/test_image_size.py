@@ -16,7 +16,7 @@ from conftest import run_cli
 from kdcache.data import load_dataset
 from kdcache.errors import DatasetError, KdcacheError
 from kdcache.store import Cache
-from kdcache.store.format import plan_id
+from kdcache.store.ids import plan_id
 from kdcache.views import eval_view, get_recipe, replay
 
 

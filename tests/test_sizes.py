@@ -7,29 +7,32 @@ from pathlib import Path
 
 import pytest
 
-from kdcache.store.sizes import StoreOption, every_option, store_size
+from kdcache.store.form import StoreForm, every_form
+from kdcache.store.layout import StoreShape
+from kdcache.store.sizes import store_size
 
 from conftest import error_lines, run_cli
 
-IMAGENET = dict(n_samples=1_281_167, num_classes=1000, feature_dim=2048, map_shape=(2048, 7, 7), views=100)
+IMAGENET = StoreShape(views=100, samples=1_281_167, classes=1000, feature_dim=2048, map_shape=(2048, 7, 7))
 
 
 def test_imagenet_sizes_by_hand() -> None:
-    pooled = store_size(StoreOption("dense", "pooled", "float16"), **IMAGENET)
+    pooled = store_size(StoreForm("dense", "pooled", "float16"), IMAGENET)
     # 1000 float16 logits + 2048 float16 features; 2 MiB / 4,096 B = 512 rows a chunk, 64 chunks (128 MiB) a shard
     # = 32,768 rows, 40 shards a view, each a file of logits, features and markers
-    assert (pooled.row_bytes, pooled.chunk_rows, pooled.shard_rows, pooled.files_per_view) == (6096, 512, 32768, 120)
+    assert (pooled.row_bytes, pooled.layout.chunk_rows, pooled.layout.shard_rows, pooled.files_per_view) == \
+        (6096, 512, 32768, 120)
     assert pooled.store_bytes == 6096 * 1_281_167 * 100
-    top = store_size(StoreOption("topk:10", "none"), **IMAGENET)
+    top = store_size(StoreForm("topk:10", "none"), IMAGENET)
     # 10 float16 values + 10 uint16 classes + 5 float32 scalars = 60 B; 2 MiB / 60 B -> 32,768 rows a chunk,
     # shards capped at 2^16 rows: 20 shards of 3 arrays and the markers
-    assert (top.row_bytes, top.chunk_rows, top.shard_rows, top.files_per_view) == (60, 32768, 65536, 80)
-    spatial = store_size(StoreOption("topk:100", "spatial", "int8"), **IMAGENET)
+    assert (top.row_bytes, top.layout.chunk_rows, top.layout.shard_rows, top.files_per_view) == (60, 32768, 65536, 80)
+    spatial = store_size(StoreForm("topk:100", "spatial", "int8"), IMAGENET)
     # 100 x (2 + 2) + 20 = 420 B of logits; 2048x7x7 int8 values and a float32 scale
     assert spatial.row_bytes == 420 + 2048 * 49 + 4
-    assert len(every_option((10, 100))) == 15
+    assert len(every_form((10, 100))) == 15
     with pytest.raises(ValueError, match="K exceeds the 1000 classes"):
-        store_size(StoreOption("topk:1001"), **IMAGENET)
+        store_size(StoreForm("topk:1001"), IMAGENET)
 
 
 def test_sizes_equal_a_real_store_and_its_dry_run(digits_teacher: Path, tmp_path: Path) -> None:

@@ -126,8 +126,8 @@ def _unstaged(teachers: CachedTeachers, epoch: int) -> Iterator[CachedBatch]:
     for step, b in enumerate(teachers.stream.epoch(epoch, teachers.batch_size)):
         views = view_batch(teachers.dataset, teachers.dataset.train, teachers.plan.recipe, b.indices, b.params,
                            device)
-        topk = [None if s.logits_temperature is None else
-                TopKLogits.unpack(z.to(device), s.num_classes, s.logits_temperature)
+        topk = [None if s.form.temperature is None else
+                TopKLogits.unpack(z.to(device), s.num_classes, s.form.temperature)
                 for s, z in zip(teachers.stores, b.teacher_logits)]
         logits = [z.to(device).float() if t is None else t.dense() for t, z in zip(topk, b.teacher_logits)]
         yield CachedBatch(epoch, step, view, views, torch.as_tensor(b.labels, device=device), logits,

@@ -17,17 +17,21 @@ import zarr
 
 from fakes import flip_byte
 from kdcache.errors import StoreError
-from kdcache.store import Cache, PlanStore, TeacherStore, WriterLock, chunk_rows_for
+from kdcache.store import Cache, PlanStore, StoreForm, TeacherStore, WriterLock
 from kdcache.store import format as fmt
+from kdcache.store import layout
+from kdcache.store.ids import plan_id, teacher_id
+from kdcache.store.layout import Layout, StoreShape, chunk_rows_for, shard_rows_for
 
 V, N, C, D, R = 3, 10, 4, 6, 4  # 3 chunks per view: rows 0-3, 4-7, 8-9
+SHAPE = StoreShape(views=V, samples=N, classes=C, feature_dim=D)
+TEACHER = {"plan_id": "p" * 16, "arch": "resnet8", "checkpoint": {"path": "/x.pth", "sha256": "0" * 64},
+           "dataset": "digits"}
 
 
 def make_store(cache: Cache, tid: str = "aaaa1111bbbb2222") -> TeacherStore:
-    attrs = {"plan_id": "p" * 16, "arch": "resnet8", "num_classes": C, "feature_dim": D,
-             "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}, "dataset": "digits"}
-    return TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (V, N, C, D), R,
-                                         torch.arange(C * D, dtype=torch.float32).reshape(C, D), torch.ones(C))
+    return TeacherStore.create(cache.teacher_path(tid), tid, StoreForm(), SHAPE, TEACHER,
+                               torch.arange(C * D, dtype=torch.float32).reshape(C, D), torch.ones(C), chunk_rows=R)
 
 
 def fill(store: TeacherStore, skip: set[tuple[int, int]] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
@@ -50,35 +54,35 @@ def cache(tmp_path: Path) -> Cache:
 
 
 def test_ids_are_content_hashes() -> None:
-    base = fmt.plan_id("fp", {"name": "crop-flip", "pad": 4}, 10, 0)
-    assert base == fmt.plan_id("fp", {"pad": 4, "name": "crop-flip"}, 10, 0)  # key order is irrelevant
-    others = {fmt.plan_id("fp2", {"name": "crop-flip", "pad": 4}, 10, 0),
-              fmt.plan_id("fp", {"name": "crop-flip", "pad": 2}, 10, 0),
-              fmt.plan_id("fp", {"name": "crop-flip", "pad": 4}, 11, 0),
-              fmt.plan_id("fp", {"name": "crop-flip", "pad": 4}, 10, 1)}
+    base = plan_id("fp", {"name": "crop-flip", "pad": 4}, 10, 0)
+    assert base == plan_id("fp", {"pad": 4, "name": "crop-flip"}, 10, 0)  # key order is irrelevant
+    others = {plan_id("fp2", {"name": "crop-flip", "pad": 4}, 10, 0),
+              plan_id("fp", {"name": "crop-flip", "pad": 2}, 10, 0),
+              plan_id("fp", {"name": "crop-flip", "pad": 4}, 11, 0),
+              plan_id("fp", {"name": "crop-flip", "pad": 4}, 10, 1)}
     assert base not in others and len(others) == 4
-    t = fmt.teacher_id(base, "resnet8", "a" * 64)
-    assert t == fmt.teacher_id(base, "resnet8", "a" * 64)
-    assert len({t, fmt.teacher_id(base, "resnet14", "a" * 64), fmt.teacher_id(base, "resnet8", "b" * 64),
-                fmt.teacher_id("x" * 16, "resnet8", "a" * 64)}) == 4
+    t = teacher_id(base, "resnet8", "a" * 64)
+    assert t == teacher_id(base, "resnet8", "a" * 64)
+    assert len({t, teacher_id(base, "resnet14", "a" * 64), teacher_id(base, "resnet8", "b" * 64),
+                teacher_id("x" * 16, "resnet8", "a" * 64)}) == 4
     assert len(t) == 16 and all(ch in "0123456789abcdef" for ch in t)
 
 
 def test_chunk_rows_target_about_two_megabytes() -> None:
-    assert chunk_rows_for(50000, 256) == 4096  # 4096 rows x 256 x 2 B = 2 MiB
-    assert chunk_rows_for(50000, 2048) == 512
-    assert chunk_rows_for(1437, 64) == 1437  # never more rows than samples
-    assert chunk_rows_for(10**6, 100) * 100 * 2 <= fmt.TARGET_CHUNK_BYTES
+    assert chunk_rows_for(50000, 2 * 256) == 4096  # 4096 rows x 256 x 2 B = 2 MiB
+    assert chunk_rows_for(50000, 2 * 2048) == 512
+    assert chunk_rows_for(1437, 2 * 64) == 1437  # never more rows than samples
+    assert chunk_rows_for(10**6, 2 * 100) * 100 * 2 <= layout.TARGET_CHUNK_BYTES
 
 
 def test_shard_rows_target_about_128_megabytes_at_most_65536_rows_and_a_view() -> None:
     n = 1_281_167  # ImageNet-1k
-    assert fmt.shard_rows_for(n, 512, 4096, itemsize=1) == 32768  # pooled: 32768 rows x 4096 B = 128 MiB
-    assert fmt.shard_rows_for(n, 8, 200704, itemsize=1) == 512  # spatial 2048x7x7: 98 MiB
-    assert fmt.shard_rows_for(n, 32768, 60, itemsize=1) == fmt.MAX_SHARD_ROWS == 65536  # top-10 logits alone
-    assert fmt.shard_rows_for(1437, 128, 128) == 1536  # never more than a view's chunks: 12 of 128 rows
-    assert fmt.shard_rows_for(1437, 1437, 64) == 1437
-    assert fmt.files_per_view(n, 32768, 2) == 120 and fmt.files_per_view(n, 512, 2) == 7509
+    assert shard_rows_for(n, 512, 4096) == 32768  # pooled: 32768 rows x 4096 B = 128 MiB
+    assert shard_rows_for(n, 8, 200704) == 512  # spatial 2048x7x7: 98 MiB
+    assert shard_rows_for(n, 32768, 60) == layout.MAX_SHARD_ROWS == 65536  # top-10 logits alone
+    assert shard_rows_for(1437, 128, 2 * 128) == 1536  # never more than a view's chunks: 12 of 128 rows
+    assert shard_rows_for(1437, 1437, 2 * 64) == 1437
+    assert Layout(512, 32768).files_per_view(n, 2) == 120 and Layout(512, 512).files_per_view(n, 2) == 7509
 
 
 def test_round_trip_is_exact_and_rows_are_in_plan_order(cache: Cache) -> None:
@@ -136,10 +140,10 @@ def test_resume_keeps_written_chunks_and_refuses_a_different_teacher(cache: Cach
     assert again.pending() == [(0, 2), (1, 0)]
     assert not list(store.path.rglob("*.partial"))
     assert np.array_equal(again.read_chunk(0, 0)[0], logits[0, 0:4])
-    attrs = {"plan_id": "p" * 16, "arch": "resnet14", "num_classes": C, "feature_dim": D,
-             "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}}
+    teacher = {"plan_id": "p" * 16, "arch": "resnet14", "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}}
     with pytest.raises(StoreError, match="arch='resnet8'.*expected 'resnet14'"):
-        TeacherStore.open_for_writing(store.path, store.id, attrs, (V, N, C, D), R, torch.zeros(C, D), torch.zeros(C))
+        TeacherStore.create(store.path, store.id, StoreForm(), SHAPE, teacher, torch.zeros(C, D), torch.zeros(C),
+                            chunk_rows=R)
 
 
 def test_damaged_missing_chunks_and_markers_are_named(cache: Cache) -> None:
@@ -274,7 +278,7 @@ def test_a_plan_of_many_views_is_written_chunk_by_chunk_in_bounded_memory(cache:
 
     from kdcache.views import draw_plan, draw_view
 
-    monkeypatch.setattr(fmt, "MAX_PLAN_CHUNK_ROWS", 2**14)
+    monkeypatch.setattr(layout, "MAX_PLAN_CHUNK_ROWS", 2**14)
     n_views, n = 3000, 500
     attrs = {"dataset": {"name": "x", "n_samples": n, "n_classes": 3, "fingerprint": "f"},
              "recipe": {"name": "crop-flip"}, "seed": 5}
@@ -302,10 +306,8 @@ S = 8  # rows a shard: 2 chunks of R = 4; a view's 10 rows are shard 0 (chunks 0
 
 
 def make_sharded(cache: Cache, tid: str = "cccc3333dddd4444") -> TeacherStore:
-    attrs = {"plan_id": "p" * 16, "arch": "resnet8", "num_classes": C, "feature_dim": D,
-             "checkpoint": {"path": "/x.pth", "sha256": "0" * 64}, "dataset": "digits"}
-    return TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (V, N, C, D), R, torch.zeros(C, D),
-                                         torch.ones(C), shard_rows=S)
+    return TeacherStore.create(cache.teacher_path(tid), tid, StoreForm(), SHAPE, TEACHER, torch.zeros(C, D),
+                               torch.ones(C), chunk_rows=R, shard_rows=S)
 
 
 def fill_shards(store: TeacherStore, skip: set[tuple[int, int]] = frozenset()) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +330,7 @@ def test_a_store_in_shards_holds_one_file_a_shard_and_reads_chunk_by_chunk(cache
     written = {f for a in ("logits", "features", "done") for f in store.location.files(f"{a}/c")}
     assert written == {f"{a}/c/{v}/{s}{inner}" for a, inner in (("logits", "/0"), ("features", "/0"), ("done", ""))
                        for v in range(V) for s in range(2)}
-    assert len(written) == V * fmt.files_per_view(N, S, 2) == 18  # against 27 in one file a chunk
+    assert len(written) == V * Layout(R, S).files_per_view(N, 2) == 18  # against 27 in one file a chunk
     meta = json.loads((store.path / "logits" / "zarr.json").read_text())
     assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [1, S, C]
     (sharding,) = meta["codecs"]

@@ -25,6 +25,9 @@ import torch
 from kdcache.models import build_model
 from kdcache.store import Cache, TeacherStore
 from kdcache.store import format as fmt
+from kdcache.store.form import FeatureCompression, StoreForm
+from kdcache.store.ids import sha256_file
+from kdcache.store.layout import StoreShape
 
 # Every store form precompute can write: (name, its options as precompute takes them).
 FORMS: dict[str, dict[str, Any]] = {
@@ -58,16 +61,26 @@ def seeded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _request(checkpoint: Path, cache: Path, **form: Any) -> Any:
+def _form(options: dict[str, Any]) -> tuple[StoreForm, FeatureCompression]:
+    """The store form and the feature compression of precompute's ``options`` (a value of FORMS)."""
+    form = StoreForm(logits=options.get("logits", "dense"), features=options.get("features", "pooled"),
+                     feature_dtype=options.get("feature_dtype", "float16"),
+                     forward="amp-" + options["amp_dtype"] if options.get("amp") else "float32",
+                     temperature=options.get("logits_temperature"))
+    return form, FeatureCompression(options.get("feature_compression", "zstd"))
+
+
+def _request(checkpoint: Path, cache: Path, **options: Any) -> Any:
     from kdcache.pipelines.precompute import PrecomputeRequest
 
+    form, compression = _form(options)
     return PrecomputeRequest(teacher="resnet8", checkpoint=checkpoint, dataset="digits", cache=cache, views=1,
-                             device="cpu", **form)
+                             device="cpu", form=form, feature_compression=compression)
 
 
 def test_checkpoint_bytes_are_the_seeded_initialisation(seeded_checkpoint: Path) -> None:
     # If this moves, torch's initialisation or its file format moved, not kdcache: the ids follow it.
-    assert fmt.sha256_file(seeded_checkpoint) == PINS["checkpoint_sha256"]
+    assert sha256_file(seeded_checkpoint) == PINS["checkpoint_sha256"]
 
 
 def _precomputed(name: str, checkpoint: Path, tmp_path: Path) -> dict[str, Any]:
@@ -105,24 +118,15 @@ def _digest(data: bytes) -> str:
 
 def _written(name: str, shards: bool, tmp_path: Path) -> dict[str, str]:
     """Digests of the values of every array, and of every file, of a store of the fixed rows in form ``name``."""
-    form = FORMS[name]
-    features = form.get("features", "pooled")
-    fshape = {"pooled": (D,), "spatial": (D, 2, 2), "none": ()}[features]
-    attrs: dict[str, Any] = {"plan_id": "p" * 16, "arch": "resnet8", "num_classes": C, "feature_dim": D,
-                             "checkpoint": {"path": "-", "sha256": "0" * 64}, "features": features,
-                             "feature_dtype": form.get("feature_dtype", "float16"),
-                             "feature_compression": form.get("feature_compression", "zstd"),
-                             "logits": form.get("logits", "dense"),
-                             "forward": "amp-" + form["amp_dtype"] if form.get("amp") else "float32"}
-    if attrs["logits"] != "dense":
-        attrs["logits_temperature"] = float(form.get("logits_temperature", 4.0))
+    form, compression = _form(FORMS[name])  # a top-K form's temperature defaults to 4
+    teacher = {"plan_id": "p" * 16, "arch": "resnet8", "checkpoint": {"path": "-", "sha256": "0" * 64}}
     where = tmp_path / "store"
-    store = TeacherStore.open_for_writing(where, "t" * 16, attrs, (V, N, C, D), 4,
-                                          torch.arange(C * D, dtype=torch.float32).reshape(C, D) / 7,
-                                          torch.linspace(-1, 1, C), feature_shape=fshape,
-                                          shard_rows=8 if shards else None)
+    store = TeacherStore.create(where, "t" * 16, form, StoreShape(V, N, C, D, map_shape=(D, 2, 2)), teacher,
+                                torch.arange(C * D, dtype=torch.float32).reshape(C, D) / 7,
+                                torch.linspace(-1, 1, C), compression=compression, chunk_rows=4,
+                                shard_rows=8 if shards else None)
     logits, pooled, spatial, labels = _rows()
-    feats = {"pooled": pooled, "spatial": spatial, "none": None}[features]
+    feats = {"pooled": pooled, "spatial": spatial, "none": None}[form.features.value]
     for v, s in store.pending_shards():
         rows = store.shard_rows_of(s)
         store.write_shard(v, s, logits[v, rows], None if feats is None else feats[v, rows],
@@ -149,7 +153,7 @@ if __name__ == "__main__":  # print the golden values of the code as it stands (
         torch.manual_seed(0)
         ckpt = root / "resnet8.pth"
         torch.save({"model": build_model("resnet8", 10).state_dict(), "arch": "resnet8"}, ckpt)
-        pins = {"checkpoint_sha256": fmt.sha256_file(ckpt),
+        pins = {"checkpoint_sha256": sha256_file(ckpt),
                 "precompute": {n: _precomputed(n, ckpt, root / f"p-{n}") for n in FORMS},
                 "bytes": {f"{n}/{'shards' if sh else 'chunks'}": _written(n, sh, root / f"b-{n}-{sh}")
                           for n in FORMS for sh in (False, True)}}

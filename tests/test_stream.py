@@ -11,7 +11,8 @@ import torch
 
 from fakes import flip_byte
 from kdcache.errors import KdcacheError, StoreError
-from kdcache.store import Cache, PlanStore, TeacherStore
+from kdcache.store import Cache, PlanStore, StoreForm, TeacherStore
+from kdcache.store.layout import StoreShape
 from kdcache.stream import Schedule, TeacherStream, check_compatible
 
 V, N, C = 4, 40, 3
@@ -31,10 +32,9 @@ def make_plan(cache: Cache, pid: str = "plan000000000000", dataset: str = "x", f
 
 def make_teacher(cache: Cache, tid: str, plan: PlanStore, dim: int, rows: int,
                  seed: int) -> tuple[TeacherStore, np.ndarray, np.ndarray]:
-    attrs = {"plan_id": plan.id, "arch": "resnet8", "num_classes": C, "feature_dim": dim,
-             "checkpoint": {"path": "/x", "sha256": "0"}, "dataset": "x"}
-    store = TeacherStore.open_for_writing(cache.teacher_path(tid), tid, attrs, (plan.n_views, plan.n_samples, C, dim),
-                                          rows, torch.zeros(C, dim), torch.zeros(C))
+    teacher = {"plan_id": plan.id, "arch": "resnet8", "checkpoint": {"path": "/x", "sha256": "0"}, "dataset": "x"}
+    store = TeacherStore.create(cache.teacher_path(tid), tid, StoreForm(), StoreShape(plan.n_views, plan.n_samples, C, dim),
+                                teacher, torch.zeros(C, dim), torch.zeros(C), chunk_rows=rows)
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal((plan.n_views, plan.n_samples, C)).astype(np.float16)
     feats = rng.standard_normal((plan.n_views, plan.n_samples, dim)).astype(np.float16)

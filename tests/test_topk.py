@@ -17,8 +17,7 @@ from kdcache.losses import Batch, MethodOptions, build_method
 from kdcache.losses.base import ce_per_sample, entropy_per_sample, kl_per_sample, teachers_ce, teachers_entropy
 from kdcache.models import build_model
 from kdcache.store import Cache
-from kdcache.store.format import SUMMARY_BLOCK_ROWS, summarise_logits
-from kdcache.topk import TopKLogits, kl_error_bound
+from kdcache.topk import SUMMARY_BLOCK_ROWS, TopKLogits, kl_error_bound, summarise_logits
 
 from conftest import error_lines, run_cli
 

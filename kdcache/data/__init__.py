@@ -32,11 +32,11 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _Entry:
-    load: Callable[[str | os.PathLike | None], DataSet]
+    load: Callable[[str | os.PathLike[str] | None], DataSet]
     describe: Callable[[], str]
 
 
-Loader = Callable[[str | os.PathLike | None], DataSet]
+Loader = Callable[[str | os.PathLike[str] | None], DataSet]
 _DATASETS: Registry[_Entry] = Registry("data set")
 
 
@@ -81,7 +81,7 @@ def dataset_description(name: str) -> str:
     return _entry(name).describe()
 
 
-def load_dataset(name: str, root: str | os.PathLike | None = None, recipe: str | None = None,
+def load_dataset(name: str, root: str | os.PathLike[str] | None = None, recipe: str | None = None,
                  image_size: int | None = None) -> DataSet:
     """Load data set `name` from `root` (its --data-root; ignored by `digits`), viewed with `recipe` at
     `image_size` pixels where given (default: the data set's own, see :func:`with_views`).

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def decode_rgb(path: str) -> torch.Tensor:
 
     try:
         if path.lower().endswith(_TORCHVISION_DECODES):
-            img = decode_image(path, mode=ImageReadMode.RGB)
+            img: torch.Tensor = decode_image(path, mode=ImageReadMode.RGB)
             if img.dim() == 4:  # animated GIF: first frame
                 img = img[0]
             return img
@@ -225,7 +225,7 @@ def _read_bytes(path: str) -> torch.Tensor:
     from torchvision.io import read_file
 
     try:
-        return read_file(path)
+        return cast(torch.Tensor, read_file(path))
     except Exception as exc:
         raise _undecodable(path, exc) from exc
 
@@ -259,7 +259,7 @@ def _decode_jpeg_on(path: str, data: torch.Tensor, device: torch.device) -> torc
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        return cast(torch.Tensor, decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
         return decode_rgb(path).to(device)  # a DatasetError naming the file when the CPU cannot decode it either
 
@@ -283,7 +283,7 @@ class FileSource(ImageSource):
 
     resident = False
 
-    def __init__(self, paths: Sequence[str | os.PathLike], labels: np.ndarray | Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], labels: np.ndarray | Sequence[int]) -> None:
         """Wrap image `paths` and their `labels`; nothing is read yet."""
         self.paths = [os.fspath(p) for p in paths]
         self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)

@@ -88,7 +88,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return getattr(importlib.import_module(module), name)
 
 
-def _str_keys(d: dict) -> dict[str, Any]:
+def _str_keys(d: dict[str | bytes, Any]) -> dict[str, Any]:
     """Keys as str whether the file was written by Python 2 (str) or re-pickled with bytes keys."""
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
 
@@ -165,7 +165,7 @@ def _find_folder(root: Path, kind: _Kind, files: list[str]) -> Path:
     return folder
 
 
-def load_cifar(name: str, root: str | os.PathLike | None) -> DataSet:
+def load_cifar(name: str, root: str | os.PathLike[str] | None) -> DataSet:
     """Load `cifar10` or `cifar100` from ROOT (torchvision layout) as resident uint8 tensors.
 
     Every file is checked for structure; the md5 sums torchvision knows are not,

@@ -37,7 +37,8 @@ def _list_split(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[str, i
     try:
         from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset  # torchvision's import costs 2 s
 
-        return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+        samples: list[tuple[str, int]] = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+        return samples
     except FileNotFoundError as exc:
         raise DatasetError(f"{folder}: {str(exc).strip()}; every class folder needs at least one image") from exc
 
@@ -59,7 +60,7 @@ def _fingerprint(train_dir: Path, samples: list[tuple[str, int]]) -> str:
     return h.hexdigest()
 
 
-def load_imagefolder(root: str | os.PathLike | None) -> DataSet:
+def load_imagefolder(root: str | os.PathLike[str] | None) -> DataSet:
     """List ROOT/train and ROOT/val (same class folders in both) as file-backed sources."""
     if root is None:
         raise DatasetError(

@@ -134,7 +134,7 @@ def _mean_std(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[f
     return (mean,) * 3, (std or 1.0,) * 3
 
 
-def load_mnist(name: str, root: str | os.PathLike | None) -> DataSet:
+def load_mnist(name: str, root: str | os.PathLike[str] | None) -> DataSet:
     """Load ``mnist`` or ``fashion-mnist`` from ROOT (or Fashion-MNIST's Debian folder) as resident tensors."""
     kind = KINDS[name]
     if root is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 from torch import Tensor
 
@@ -125,7 +125,7 @@ def build_method(name: str, *, num_classes: int, student_dim: int | Sequence[int
     if any(min(_as_tuple(d)) < 1 for d in [*dims, student_dim]) or num_classes < 1:
         raise KdcacheError(f"{name}: feature sizes and class count must be positive "
                            f"(student {student_dim}, teachers {dims}, classes {num_classes})")
-    kwargs: dict = dict(num_classes=num_classes, student_dim=student_dim, teacher_dims=dims, options=options)
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, student_dim=student_dim, teacher_dims=dims, options=options)
     if info.uses_heads:
         if teacher_heads is None:
             raise KdcacheError(f"{name} needs the teachers' classifiers (teacher_heads), none were given")

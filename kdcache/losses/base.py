@@ -319,6 +319,10 @@ class Method(nn.Module):
         """The loss of one batch."""
         raise NotImplementedError
 
+    if TYPE_CHECKING:
+        # nn.Module types its call as Callable[..., Any]; a method's call runs its hooks and forward(batch)
+        def __call__(self, batch: Batch) -> LossTerms: ...
+
     def extra_repr(self) -> str:
         return (f"K={self.n_teachers}, T={self.temperature:g}, gamma={self.gamma:g}, "
                 f"alpha={self.alpha:g}, beta={self.beta:g}")

@@ -13,7 +13,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ _DP_PREFIX = "module."
 _SHOW = 5  # how many key names a mismatch message lists
 
 
-def read_checkpoint(path: str | os.PathLike) -> object:
+def read_checkpoint(path: str | os.PathLike[str]) -> object:
     """Load a checkpoint file onto the CPU and return the raw object.
 
     Tries ``weights_only=True`` first; only when the file is a valid pickle that
@@ -138,7 +138,7 @@ def check_fit(model: nn.Module, sd: Mapping[str, torch.Tensor], ckpt: object,
             f"checkpoint {source} does not fit architecture '{arch}': {shown}{more}{hint}")
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> dict:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load the weights of checkpoint ``path`` into ``model``; return the raw checkpoint.
 
     The returned object is the dict that was read (a bare state_dict is returned

@@ -8,6 +8,8 @@ torchvision (seconds) waits until a network of this family is built.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
@@ -20,12 +22,12 @@ class ResNet(tvm.ResNet):
     @property
     def head(self) -> nn.Linear:
         """The final linear classifier ``fc``: ``z = head(h)``."""
-        return self.fc
+        return cast(nn.Linear, self.fc)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map ``layer4`` gives, the input of the global pool."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return cast(torch.Tensor, self.layer4(self.layer3(self.layer2(self.layer1(x)))))
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map."""
@@ -43,17 +45,17 @@ class ShuffleNetV2(tvm.ShuffleNetV2):
     @property
     def head(self) -> nn.Linear:
         """The final linear classifier ``fc``: ``z = head(h)``."""
-        return self.fc
+        return cast(nn.Linear, self.fc)
 
     def student_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map ``stage4`` gives, before ``conv5``: the official CA-MKD ``feat[-2]`` (its ImageNet
         ShuffleNetV2's last hidden layer), the map a student's aligner takes."""
         x = self.maxpool(self.conv1(x))
-        return self.stage4(self.stage3(self.stage2(x)))
+        return cast(torch.Tensor, self.stage4(self.stage3(self.stage2(x))))
 
     def pool_input(self, f: torch.Tensor) -> torch.Tensor:
         """``conv5`` of :meth:`student_map`: what the global pool receives."""
-        return self.conv5(f)
+        return cast(torch.Tensor, self.conv5(f))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map ``conv5`` gives, the input of the global pool (a teacher's stored map)."""
@@ -79,7 +81,7 @@ class MobileNetV2(tvm.MobileNetV2):
     @property
     def head(self) -> nn.Linear:
         """The final linear classifier ``classifier[1]``: ``z = head(h)``."""
-        return self.classifier[1]
+        return cast(nn.Linear, self.classifier[1])
 
     # features[18] is the last ConvBNReLU (320 -> 1280 channels); the official CA-MKD's ImageNet MobileNetV2 takes
     # its feat[-2] before it, after features[14:18]
@@ -88,11 +90,11 @@ class MobileNetV2(tvm.MobileNetV2):
     def student_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map of the last inverted-residual block (``features[:18]``, 320 channels): the official CA-MKD
         ``feat[-2]``, the map a student's aligner takes."""
-        return self.features[:self._POOL_INPUT](x)
+        return cast(torch.Tensor, self.features[:self._POOL_INPUT](x))
 
     def pool_input(self, f: torch.Tensor) -> torch.Tensor:
         """``features[18:]`` (the 1x1 ConvBNReLU to 1280 channels) of :meth:`student_map`: what the pool receives."""
-        return self.features[self._POOL_INPUT:](f)
+        return cast(torch.Tensor, self.features[self._POOL_INPUT:](f))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map ``features`` gives, the input of the global pool (a teacher's stored map)."""
@@ -100,7 +102,7 @@ class MobileNetV2(tvm.MobileNetV2):
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map (pool, then the classifier's dropout)."""
-        return self.classifier[0](torch.flatten(F.adaptive_avg_pool2d(m, (1, 1)), 1))
+        return cast(torch.Tensor, self.classifier[0](torch.flatten(F.adaptive_avg_pool2d(m, (1, 1)), 1)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled (post-dropout) penultimate features and logits."""

@@ -41,7 +41,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.chunk_grids import RegularChunkGrid
 from zarr.core.sync import sync
 
-from kdcache.store.format import is_unwritten, n_chunks
+from kdcache.store.codecs import is_unwritten
+from kdcache.store.layout import n_chunks
 
 # An empty entry of a shard's index: offset and length both 2^64 - 1 (the Zarr v3 sharding specification).
 _EMPTY = np.uint64(2**64 - 1)
@@ -99,7 +100,7 @@ class ChunkLayout:
         return 16 * self.per_shard + 4
 
     @classmethod
-    def of(cls, array: zarr.Array) -> "ChunkLayout | None":
+    def of(cls, array: zarr.Array[Any]) -> "ChunkLayout | None":
         """The layout of ``array``, or None where its codecs are not the ones this module decodes."""
         meta = array.metadata
         codecs = tuple(getattr(meta, "codecs", ()))
@@ -151,7 +152,7 @@ class ArrayChunks:
     change while it is read, and its chunks are still checksummed on every read.
     """
 
-    def __init__(self, array: zarr.Array, name: str, local: Path | None) -> None:
+    def __init__(self, array: zarr.Array[Any], name: str, local: Path | None) -> None:
         self.array, self.name = array, name
         self.layout = ChunkLayout.of(array)
         codecs: tuple[Any, ...] = tuple(getattr(array.metadata, "codecs", ()))

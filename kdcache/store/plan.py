@@ -17,7 +17,9 @@ import zarr
 
 from kdcache import __version__
 from kdcache.errors import StoreError
+from kdcache.store import codecs
 from kdcache.store import format as fmt
+from kdcache.store.layout import MAX_PLAN_CHUNK_ROWS, plan_views_per_chunk
 from kdcache.store.location import Location, Where
 from kdcache.store.lock import WriterLock
 from kdcache.text import human_bytes
@@ -72,8 +74,8 @@ class PlanStore:
                 pass  # absent or unfinished: (re)write it below
             first_order, first_params = draw(0)
             n_samples, n_params = first_params.shape
-            rows = min(n_samples, fmt.MAX_PLAN_CHUNK_ROWS)
-            per_chunk = fmt.plan_views_per_chunk(n_views, n_samples)  # views of one chunk, buffered here
+            rows = min(n_samples, MAX_PLAN_CHUNK_ROWS)
+            per_chunk = plan_views_per_chunk(n_views, n_samples)  # views of one chunk, buffered here
             needs = f"the plan needs about {human_bytes(n_views * n_samples * (4 + 2 * n_params))} before compression"
             tick = progress(n_views, 0) if progress else None
             with fmt.disk_errors(f"writing plan {plan_id}", where, needs):
@@ -82,7 +84,7 @@ class PlanStore:
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                     "kdcache_version": __version__,
                 })
-                common: dict[str, Any] = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+                common: dict[str, Any] = {"compressors": codecs.compressors(), "config": codecs.array_config()}
                 order = group.create_array("order", shape=(n_views, n_samples), chunks=(per_chunk, rows),
                                            dtype="int32", fill_value=-1, **common)
                 params = group.create_array("params", shape=(n_views, n_samples, n_params),

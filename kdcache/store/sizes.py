@@ -1,8 +1,10 @@
 """What a teacher store takes before any work: bytes a row, a view and a store, and files a view, for every
-store option, from the format's own arithmetic (kdcache.store.format), so the figures follow the format.
+store form, from the form's and the layout's own arithmetic (kdcache.store.form, kdcache.store.layout), so the
+figures follow the format.
 
 ``kdcache sizes`` prints them for any training set (ImageNet-1k's by default) without its data or a
-checkpoint; ``kdcache precompute --dry-run`` states the same figures for the one store it would write.
+checkpoint; ``kdcache precompute --dry-run`` states the same figures for the one store it would write, and
+``kdcache experiment show --sizes`` for each store of an experiment.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from kdcache.store import format as fmt
+from kdcache.store.form import StoreForm
+from kdcache.store.layout import Layout, StoreShape
 from kdcache.text import human_bytes
 
 # TinyViT's published totals for its stored sparse teacher logits (github.com/microsoft/Cream, TinyViT README):
@@ -20,64 +23,51 @@ TINYVIT = (("TinyViT, ImageNet-1k, 300 epochs (published total)", 16e9, 1_281_16
 
 
 @dataclass(frozen=True)
-class StoreOption:
-    """One way to store a teacher: its logits form, feature form and feature dtype."""
-
-    logits: str = fmt.DEFAULT_LOGITS      # dense | topk:K
-    features: str = fmt.DEFAULT_FEATURE_FORM
-    feature_dtype: str = fmt.DEFAULT_FEATURE_DTYPE
-
-    def describe(self) -> str:
-        feats = "no features" if self.features == "none" else f"{self.features} {self.feature_dtype}"
-        return f"--logits {self.logits}, {feats}"
-
-
-@dataclass(frozen=True)
 class StoreSize:
-    """What one option takes for a training set of ``n_samples`` over ``views`` views."""
+    """What a store of ``form`` takes: uncompressed bytes a row (its logits' and features'), a view and the store,
+    in ``layout``, with the files a view comes to."""
 
-    option: StoreOption
+    form: StoreForm
+    shape: StoreShape
+    layout: Layout
+    logits_row_bytes: int
     row_bytes: int
-    view_bytes: int
-    store_bytes: int
-    chunk_rows: int
-    shard_rows: int
-    files_per_view: int
+
+    @property
+    def feature_row_bytes(self) -> int:
+        return self.row_bytes - self.logits_row_bytes
+
+    @property
+    def view_bytes(self) -> int:
+        return self.row_bytes * self.shape.samples
+
+    @property
+    def store_bytes(self) -> int:
+        return self.view_bytes * self.shape.views
+
+    @property
+    def files_per_view(self) -> int:
+        return self.layout.files_per_view(self.shape.samples, len(self.form.data_arrays()))
 
 
-def every_option(ks: Sequence[int] = (10, 100)) -> list[StoreOption]:
-    """Dense and top-K logits (each K of ``ks``), each with no, pooled and spatial features in float16 and int8."""
-    out = []
-    for logits in (fmt.DEFAULT_LOGITS, *(fmt.logits_form(k) for k in ks)):
-        for form in ("none", "pooled", "spatial"):
-            for dtype in (("float16",) if form == "none" else fmt.FEATURE_DTYPES):
-                out.append(StoreOption(logits, form, dtype))
-    return out
-
-
-def store_size(option: StoreOption, n_samples: int, num_classes: int, feature_dim: int,
-               map_shape: tuple[int, int, int], views: int) -> StoreSize:
-    """Bytes and files of ``option`` for a teacher of ``num_classes`` classes whose pooled feature has
-    ``feature_dim`` values and last-block map ``map_shape``, over ``views`` views of ``n_samples`` rows, in the
-    layout precompute would choose (2 MB chunks in shards of about 128 MB)."""
-    k = fmt.parse_logits(option.logits)
-    if k is not None and k > num_classes:
-        raise ValueError(f"{option.logits}: K exceeds the {num_classes} classes")
-    fshape = fmt.feature_shape(option.features, feature_dim, map_shape)
-    row = fmt.row_bytes(num_classes, fshape, feature_dtype=option.feature_dtype, topk=k)
-    chunk, shard = fmt.default_layout(n_samples, fmt.widest_row_bytes(num_classes, k, fshape))
-    arrays = fmt.data_array_names(k, bool(fshape), option.feature_dtype == "int8")
-    return StoreSize(option, row, row * n_samples, row * n_samples * views, chunk, shard,
-                     fmt.files_per_view(n_samples, shard, len(arrays)))
+def store_size(form: StoreForm, shape: StoreShape, layout: Layout | None = None) -> StoreSize:
+    """Bytes and files of a store of ``form`` and ``shape``, in ``layout`` (default: the layout the store would
+    choose, :meth:`Layout.choose`). ValueError for a top-K form of more classes than the teacher has."""
+    if form.topk is not None and form.topk > shape.classes:
+        raise ValueError(f"{form.logits}: K exceeds the {shape.classes} classes")
+    fshape = shape.feature_shape(form)
+    return StoreSize(form, shape, layout or Layout.choose(form, shape), form.logits_row_bytes(shape.classes),
+                     form.row_bytes(shape.classes, fshape))
 
 
 def size_table(sizes: Sequence[StoreSize], n_samples: int, views: int) -> list[str]:
     """A markdown table of ``sizes``, with TinyViT's published figures (bytes a row derived from them) below."""
-    lines = [f"| store option ({n_samples:,} rows a view) | bytes a row | a view | {views} views | rows a chunk | "
+    lines = [f"| store form ({n_samples:,} rows a view) | bytes a row | a view | {views} views | rows a chunk | "
              "rows a shard | files a view |", "|---|---|---|---|---|---|---|"]
     for s in sizes:
-        lines.append(f"| {s.option.describe()} | {s.row_bytes:,} B | {human_bytes(s.view_bytes)} | "
-                     f"{human_bytes(s.store_bytes)} | {s.chunk_rows:,} | {s.shard_rows:,} | {s.files_per_view:,} |")
+        lines.append(f"| {s.form.describe()} | {s.row_bytes:,} B | {human_bytes(s.view_bytes)} | "
+                     f"{human_bytes(s.store_bytes)} | {s.layout.chunk_rows:,} | {s.layout.shard_rows:,} | "
+                     f"{s.files_per_view:,} |")
     for name, total, rows, epochs in TINYVIT:
         lines.append(f"| {name} | ~{total / (rows * epochs):.0f} B | {human_bytes(total / epochs)} | "
                      f"{human_bytes(total)} over {epochs} | – | – | – |")

@@ -43,11 +43,17 @@ from zarr.core.sync import sync
 
 from kdcache import __version__
 from kdcache.errors import StoreError
-from kdcache.store import format as fmt
 from kdcache.inline import INLINE
+from kdcache.store import codecs
+from kdcache.store import format as fmt
 from kdcache.store.chunks import ArrayChunks, ChunkError, failed
+from kdcache.store.form import LOGIT_STATS, TOPK_ARRAYS, FeatureCompression, Forward, StoreForm
+from kdcache.store.int8 import INT8_FILL, dequantize_rows, quantize_rows
+from kdcache.store.layout import Layout, StoreShape, chunk_slice, n_chunks
 from kdcache.store.location import Location, Where
+from kdcache.store.sizes import store_size
 from kdcache.text import human_bytes
+from kdcache.topk import index_dtype, pack_topk, summarise_logits
 
 
 
@@ -64,7 +70,7 @@ class TeacherStore:
         self.id = teacher_id
         # The read path's memo (:meth:`read_chunk`): opening an array re-reads and parses its metadata, and a
         # complete store's markers no longer change, so each array is opened once and a view's markers read once.
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, zarr.Array[Any]] = {}
         self._view_markers: tuple[int, np.ndarray] | None = None
         self._chunk_readers: dict[str, ArrayChunks] | None = None
         self._reading_view: int | None = None
@@ -100,108 +106,95 @@ class TeacherStore:
             return "being created"
 
     @classmethod
-    def open_for_writing(cls, path: Where, teacher_id: str, attrs: dict[str, Any], shape: tuple[int, int, int, int],
-                         chunk_rows: int, head_weight: torch.Tensor, head_bias: torch.Tensor,
-                         feature_shape: tuple[int, ...] | None = None, shard_rows: int | None = None
-                         ) -> "TeacherStore":
-        """Create the store, or reopen an unfinished one to resume it. The caller holds the writer lock.
+    def create(cls, path: Where, teacher_id: str, form: StoreForm, shape: StoreShape, teacher: dict[str, Any],
+               head_weight: torch.Tensor, head_bias: torch.Tensor,
+               compression: FeatureCompression = FeatureCompression.ZSTD, chunk_rows: int | None = None,
+               shard_rows: int | None = None) -> "TeacherStore":
+        """Create the store of ``form`` and ``shape`` in the layout it chooses (:meth:`Layout.choose`, with the
+        rows given, if any), or reopen an unfinished one to resume it. The caller holds the writer lock.
 
-        ``shape`` is (V, N, C, D); ``attrs["features"]`` names the feature form (default pooled) and
-        ``feature_shape`` the per-row shape of its features array ((D,) when not given; () for none).
-        ``shard_rows`` (a multiple of ``chunk_rows``; default ``chunk_rows``, one chunk a file) are the rows
-        of a shard, the file and the unit of writing. A store being resumed keeps its own chunks and shards.
-        An existing store whose attributes disagree with ``attrs`` is not this teacher's and is
-        refused rather than overwritten.
+        ``teacher`` describes the teacher (``plan_id``, ``arch``, ``checkpoint`` {path, sha256}, ``dataset``, and
+        whatever else it records). A store being resumed keeps its own chunks and shards. An existing store whose
+        teacher, shape or form disagree with these is not this teacher's and is refused rather than overwritten.
         """
         where = Location.of(path)
         _remove_partial_files(where)
+        if form.forward is Forward.AMP:
+            raise ValueError("a store records a resolved forward precision: StoreForm.on(device type) first")
+        wanted = {**teacher, "num_classes": shape.classes, "feature_dim": shape.feature_dim}
         if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
-            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim", "features", "feature_dtype",
-                        "logits", "logits_temperature", "forward"):
-                have, want = (_identity(a, key) for a in (store.attrs, attrs))
+            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim"):
+                have, want = (_identity(a, key) for a in (store.attrs, wanted))
                 if have != want:
-                    raise StoreError(
-                        f"teacher store {teacher_id} at {where} holds {key}={have!r}, expected {want!r}, though "
-                        f"its id says otherwise (its attributes were changed); remove it with "
-                        f"`kdcache cache rm {teacher_id}` and precompute it again"
-                    )
+                    store._refuse_other(key, have, want)
+            have_form, want_form = store.form.to_attrs(), form.to_attrs()
+            for key in sorted(have_form.keys() | want_form.keys()):
+                if have_form.get(key) != want_form.get(key):
+                    store._refuse_other(key, have_form.get(key), want_form.get(key))
             return cls.open(where, teacher_id, require_complete=False, writable=True)
         # A new store, or one whose creation was interrupted (no chunk of it was written yet): made afresh.
-        n_views, n_samples, n_classes, dim = shape
-        form = attrs.get("features", fmt.DEFAULT_FEATURE_FORM)
-        fdtype = attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE)
-        logits_form = attrs.get("logits", fmt.DEFAULT_LOGITS)
+        if form.topk is not None and form.topk > shape.classes:
+            raise StoreError(f"teacher store {teacher_id}: {form.logits} of {shape.classes} classes is not a valid store")
+        fshape = shape.feature_shape(form)
         try:
-            k = fmt.parse_logits(logits_form)
+            layout = Layout.choose(form, shape, chunk_rows, shard_rows)
         except ValueError as exc:
             raise StoreError(f"teacher store {teacher_id}: {exc}") from None
-        if k is not None and (k > n_classes or not attrs.get("logits_temperature")):
-            raise StoreError(f"logits form {logits_form!r} of {n_classes} classes at temperature "
-                             f"{attrs.get('logits_temperature')!r} is not a valid store")
-        fshape = tuple(int(s) for s in ((dim,) if feature_shape is None else feature_shape))
-        if form not in fmt.FEATURE_FORMS or (form == "none") != (fshape == ()):
-            raise StoreError(f"feature form {form!r} with per-row feature shape {fshape} is not a valid store")
-        if fdtype not in fmt.FEATURE_DTYPES or (fdtype != fmt.DEFAULT_FEATURE_DTYPE and form == "none"):
-            raise StoreError(f"feature dtype {fdtype!r} with feature form {form!r} is not a valid store")
-        compression = attrs.get("feature_compression", fmt.DEFAULT_FEATURE_COMPRESSION)
-        if compression not in fmt.FEATURE_COMPRESSIONS:
-            raise StoreError(f"feature compression {compression!r} is not a valid store; known: "
-                             f"{', '.join(fmt.FEATURE_COMPRESSIONS)}")
-        forward = attrs.get("forward", fmt.DEFAULT_FORWARD)
-        if forward not in fmt.FORWARD_PRECISIONS:
-            raise StoreError(f"forward precision {forward!r} is not a valid store; known: "
-                             f"{', '.join(fmt.FORWARD_PRECISIONS)}")
-        shard = chunk_rows if shard_rows is None else int(shard_rows)
-        if chunk_rows < 1 or shard < chunk_rows or shard % chunk_rows:
-            raise StoreError(f"shards of {shard} rows do not hold whole chunks of {chunk_rows} rows")
-        per_shard = shard // chunk_rows
-        size = n_views * n_samples * fmt.row_bytes(n_classes, fshape, feature_dtype=fdtype, topk=k)
+        n_views, n_samples, n_classes, dim = shape.views, shape.samples, shape.classes, shape.feature_dim
+        size = store_size(form, shape, layout).store_bytes
         with fmt.disk_errors(f"creating teacher store {teacher_id}", where,
                              f"the store needs about {human_bytes(size)} before compression"):
             group = fmt.create_group(where, {
-                **attrs, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
-                "features": form, "feature_shape": list(fshape), "feature_dtype": fdtype, "logits": logits_form,
-                "feature_compression": compression,
-                "forward": forward, "chunk_rows": chunk_rows, "shard_rows": shard,
+                **wanted, "format": fmt.FORMAT_VERSION, "kind": "teacher", "dtype": fmt.STORED_DTYPE,
+                **form.to_attrs(), "feature_shape": list(fshape), "feature_compression": compression.value,
+                "chunk_rows": layout.chunk_rows, "shard_rows": layout.shard_rows,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "kdcache_version": __version__, "torch_version": torch.__version__,
             })
-            common: dict[str, Any] = {"compressors": fmt.compressors(), "config": fmt.array_config()}
+            common: dict[str, Any] = {"compressors": codecs.compressors(), "config": codecs.array_config()}
 
-            def layout(*row: int) -> dict[str, Any]:  # chunks of one view's rows, in shards when they are larger
-                return {"chunks": (1, chunk_rows, *row), **({"shards": (1, shard, *row)} if per_shard > 1 else {})}
+            def chunked(*row: int) -> dict[str, Any]:  # chunks of one view's rows, in shards when they are larger
+                sharded = layout.chunks_per_shard > 1
+                return {"chunks": (1, layout.chunk_rows, *row),
+                        **({"shards": (1, layout.shard_rows, *row)} if sharded else {})}
 
-            if k is not None:
-                index = fmt.index_dtype(n_classes)
-                for name, width, dtype, fill in (("topk_values", k, fmt.STORED_DTYPE, fmt.float_fill()),
-                                                 ("topk_indices", k, index, np.iinfo(index).max),
-                                                 ("logit_stats", len(fmt.LOGIT_STATS), "float32", fmt.float_fill())):
-                    group.create_array(name, shape=(n_views, n_samples, width), **layout(width),
+            if form.topk is not None:
+                index = index_dtype(n_classes)
+                for name, width, dtype, fill in (("topk_values", form.topk, fmt.STORED_DTYPE, codecs.float_fill()),
+                                                 ("topk_indices", form.topk, index, np.iinfo(index).max),
+                                                 ("logit_stats", len(LOGIT_STATS), "float32", codecs.float_fill())):
+                    group.create_array(name, shape=(n_views, n_samples, width), **chunked(width),
                                        dtype=dtype, fill_value=fill, **common)
-            rows_of: tuple[tuple[str, tuple[int, ...]], ...] = (("logits", (n_classes,)), ("features", fshape))
-            for name, row in rows_of:
-                if (name == "features" and form == "none") or (name == "logits" and k is not None):
-                    continue
-                int8 = name == "features" and fdtype == "int8"
-                group.create_array(name, shape=(n_views, n_samples, *row), **layout(*row),
-                                   dtype="int8" if int8 else fmt.STORED_DTYPE,
-                                   fill_value=fmt.INT8_FILL if int8 else fmt.float_fill(),
-                                   **{**common, "compressors": fmt.compressors(
-                                       spatial=len(row) > 1, compressed=name == "logits" or compression != "none")})
-            if fdtype == "int8":
-                group.create_array("feature_scale", shape=(n_views, n_samples), **layout(),
-                                   dtype="float32", fill_value=fmt.float_fill(), **common)
-            chunks = fmt.n_chunks(n_samples, chunk_rows)
-            group.create_array("done", shape=(n_views, chunks), chunks=(1, per_shard), dtype="int32", fill_value=-1,
-                               **common)
+            else:
+                group.create_array("logits", shape=(n_views, n_samples, n_classes), **chunked(n_classes),
+                                   dtype=fmt.STORED_DTYPE, fill_value=codecs.float_fill(), **common)
+            if form.has_features:
+                compressors = codecs.compressors(spatial=len(fshape) > 1,
+                                                 compressed=compression is FeatureCompression.ZSTD)
+                group.create_array("features", shape=(n_views, n_samples, *fshape), **chunked(*fshape),
+                                   dtype="int8" if form.int8 else fmt.STORED_DTYPE,
+                                   fill_value=INT8_FILL if form.int8 else codecs.float_fill(),
+                                   **{**common, "compressors": compressors})
+            if form.int8:
+                group.create_array("feature_scale", shape=(n_views, n_samples), **chunked(),
+                                   dtype="float32", fill_value=codecs.float_fill(), **common)
+            group.create_array("done", shape=(n_views, n_chunks(n_samples, layout.chunk_rows)),
+                               chunks=(1, layout.chunks_per_shard), dtype="int32", fill_value=-1, **common)
             head = group.create_group("head")
             head.create_array("weight", shape=(n_classes, dim), chunks=(n_classes, dim), dtype="float32",
-                              fill_value=fmt.float_fill(), **common)[...] = head_weight.detach().cpu().float().numpy()
+                              fill_value=codecs.float_fill(), **common)[...] = head_weight.detach().cpu().float().numpy()
             head.create_array("bias", shape=(n_classes,), chunks=(n_classes,), dtype="float32",
-                              fill_value=fmt.float_fill(), **common)[...] = head_bias.detach().cpu().float().numpy()
+                              fill_value=codecs.float_fill(), **common)[...] = head_bias.detach().cpu().float().numpy()
             fmt.finish_creation(group)
         return cls(group, where, teacher_id)
+
+    def _refuse_other(self, what: str, have: Any, want: Any) -> None:
+        raise StoreError(
+            f"teacher store {self.id} at {self.location} holds {what}={have!r}, expected {want!r}, though "
+            f"its id says otherwise (its attributes were changed); remove it with "
+            f"`kdcache cache rm {self.id}` and precompute it again"
+        )
 
     # -- shape ------------------------------------------------------------------------------
 
@@ -230,43 +223,20 @@ class TeacherStore:
     def feature_dim(self) -> int:
         return int(self.attrs["feature_dim"])
 
-    @property
-    def feature_form(self) -> str:
-        """``pooled``, ``spatial`` or ``none`` (stores written before the forms existed are pooled)."""
-        return str(self.attrs.get("features", fmt.DEFAULT_FEATURE_FORM))
+    @cached_property
+    def form(self) -> StoreForm:
+        """What the store's rows hold and how its teacher ran (:meth:`StoreForm.from_attrs`: stores written before an
+        option existed hold its default). An attribute no form can have is a StoreError naming the store."""
+        try:
+            return StoreForm.from_attrs(self.attrs)
+        except ValueError as exc:
+            raise StoreError(f"teacher store {self.id}: {exc}; its attributes were changed: remove it with "
+                             f"`kdcache cache rm {self.id}` and precompute it again") from None
 
     @property
-    def feature_dtype(self) -> str:
-        """How the features are stored: float16, or int8 with a float32 scale a row (feature_scale)."""
-        return str(self.attrs.get("feature_dtype", fmt.DEFAULT_FEATURE_DTYPE))
-
-    @property
-    def feature_compression(self) -> str:
-        """How the features array is compressed before its checksum: ``zstd`` (Blosc; stores written before the
-        option existed) or ``none``."""
-        return str(self.attrs.get("feature_compression", fmt.DEFAULT_FEATURE_COMPRESSION))
-
-    @property
-    def forward(self) -> str:
-        """How the teacher's forward ran: ``float32``, or ``amp-bfloat16`` / ``amp-float16`` under autocast
-        (stores written before the option existed are float32)."""
-        return str(self.attrs.get("forward", fmt.DEFAULT_FORWARD))
-
-    @property
-    def logits_form(self) -> str:
-        """``dense`` (every class's logit), or ``topk:K`` (stores written before top-K existed are dense)."""
-        return str(self.attrs.get("logits", fmt.DEFAULT_LOGITS))
-
-    @property
-    def topk(self) -> int | None:
-        """K of a top-K store, None for a dense one."""
-        return fmt.parse_logits(self.logits_form)
-
-    @property
-    def logits_temperature(self) -> float | None:
-        """The temperature a top-K store serves (its scalars and remaining mass are at this T); None when dense."""
-        t = self.attrs.get("logits_temperature")
-        return None if self.topk is None or t is None else float(t)
+    def feature_compression(self) -> FeatureCompression:
+        """How the features array is compressed before its checksum (zstd in stores written before the option)."""
+        return FeatureCompression(self.attrs.get("feature_compression", FeatureCompression.ZSTD.value))
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -274,21 +244,9 @@ class TeacherStore:
         return tuple(int(s) for s in self.attrs.get("feature_shape", [self.feature_dim]))
 
     @property
-    def logit_arrays(self) -> tuple[str, ...]:
-        """The arrays of one row's logits: ``logits``, or a top-K store's values, classes and scalars."""
-        return ("logits",) if self.topk is None else fmt.TOPK_ARRAYS
-
-    @property
-    def feature_arrays(self) -> tuple[str, ...]:
-        """The arrays of one row's features: none in the form none, the values (and their scales when int8)."""
-        if self.feature_form == "none":
-            return ()
-        return ("features", "feature_scale") if self.feature_dtype == "int8" else ("features",)
-
-    @property
     def data_arrays(self) -> tuple[str, ...]:
         """Every array of one stored row: its logits' and its features'."""
-        return self.logit_arrays + self.feature_arrays
+        return self.form.data_arrays()
 
     @property
     def chunk_rows(self) -> int:
@@ -296,7 +254,7 @@ class TeacherStore:
 
     @property
     def chunks_per_view(self) -> int:
-        return fmt.n_chunks(self.n_samples, self.chunk_rows)
+        return n_chunks(self.n_samples, self.chunk_rows)
 
     @property
     def total_chunks(self) -> int:
@@ -313,7 +271,7 @@ class TeacherStore:
 
     @property
     def shards_per_view(self) -> int:
-        return fmt.n_chunks(self.n_samples, self.shard_rows)
+        return n_chunks(self.n_samples, self.shard_rows)
 
     def shard_of(self, c: int) -> int:
         """The shard holding chunk ``c`` of a view."""
@@ -325,11 +283,11 @@ class TeacherStore:
 
     def shard_rows_of(self, s: int) -> slice:
         """The rows of shard ``s`` within a view."""
-        return fmt.chunk_slice(s, self.shard_rows, self.n_samples)
+        return chunk_slice(s, self.shard_rows, self.n_samples)
 
     def rows(self, c: int) -> slice:
         """The rows of chunk ``c`` within a view."""
-        return fmt.chunk_slice(c, self.chunk_rows, self.n_samples)
+        return chunk_slice(c, self.chunk_rows, self.n_samples)
 
     def rows_in(self, chunks: Iterable[int]) -> int:
         """How many rows the chunks ``chunks`` (of one view each) hold together."""
@@ -405,7 +363,8 @@ class TeacherStore:
         if len(n_correct) != len(chunks):
             raise ValueError(f"shard {s} holds {len(chunks)} chunks, got {len(n_correct)} counts")
         name = "logits"
-        k = self.topk
+        form = self.form
+        k = form.topk
         if k is not None and labels is None:
             raise ValueError(f"teacher store {self.id} keeps top-{k} logits: write_shard needs the rows' labels")
         try:
@@ -416,13 +375,13 @@ class TeacherStore:
             if k is None:
                 self._write(v, s, "logits", logits, pool)
             else:
-                summary = fmt.summarise_logits(logits, np.asarray(labels), k, float(self.attrs["logits_temperature"]))
-                for name, block in zip(fmt.TOPK_ARRAYS, summary):
+                summary = summarise_logits(logits, np.asarray(labels), k, float(form.temperature or 0.0))
+                for name, block in zip(TOPK_ARRAYS, summary):
                     self._write(v, s, name, block, pool)
             if features is not None:
                 name = "features"
-                if self.feature_dtype == "int8":
-                    features, scale = fmt.quantize_rows(features)
+                if form.int8:
+                    features, scale = quantize_rows(features)
                     self._write(v, s, "features", features, pool)
                     name = "feature scales"
                     self._write(v, s, "feature_scale", scale, pool)
@@ -567,7 +526,7 @@ class TeacherStore:
                                    for name in self.data_arrays}
         return self._chunk_readers
 
-    def _array(self, name: str) -> zarr.Array:
+    def _array(self, name: str) -> zarr.Array[Any]:
         """The data array ``name``, opened once."""
         if name not in self._arrays:
             self._arrays[name] = fmt.array(self.group, name)
@@ -632,7 +591,7 @@ class TeacherStore:
                 except ValueError as exc:
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) is damaged ({exc})")
                     continue
-                if not np.isfinite(block).all() or fmt.is_unwritten(block):
+                if not np.isfinite(block).all() or codecs.is_unwritten(block):
                     problems.append(f"{name}: chunk (view {v}, chunk {c}) holds non-finite or unwritten values")
         for name in ("head/weight", "head/bias"):
             try:
@@ -665,18 +624,16 @@ class PendingRows:
             except ChunkError as exc:
                 raise StoreError(f"teacher store {store.id}: {exc}; run `kdcache cache verify {store.id}`") from None
         out = {name: block if self.keep is None else block[self.keep] for name, block in self.blocks.items()}
-        logits = out["logits"] if store.topk is None else fmt.pack_topk(*(out[n] for n in fmt.TOPK_ARRAYS))
+        logits = out["logits"] if store.form.topk is None else pack_topk(*(out[n] for n in TOPK_ARRAYS))
         if "feature_scale" in out:
-            return logits, fmt.dequantize_rows(out["features"], out["feature_scale"])
+            return logits, dequantize_rows(out["features"], out["feature_scale"])
         return logits, out.get("features")
 
 
 def _identity(attrs: dict[str, Any], key: str) -> Any:
     """What attribute ``key`` contributes to a store's identity: the checkpoint's content (not where the file
-    lies, which may move), the feature form and dtype, logits form and forward precision with their defaults for
-    stores older than them."""
-    value = attrs.get(key, {"features": fmt.DEFAULT_FEATURE_FORM, "feature_dtype": fmt.DEFAULT_FEATURE_DTYPE,
-                            "logits": fmt.DEFAULT_LOGITS, "forward": fmt.DEFAULT_FORWARD}.get(key))
+    lies, which may move), else the attribute."""
+    value = attrs.get(key)
     return value.get("sha256") if key == "checkpoint" and isinstance(value, dict) else value
 
 

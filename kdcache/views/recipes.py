@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,11 +25,11 @@ class Recipe:
 
     name: str
     n_params: int
-    config: dict
+    config: dict[str, Any]
     needs_sizes: bool
 
     @property
-    def description(self) -> dict:
+    def description(self) -> dict[str, Any]:
         """Name and settings together, as the plan stores them and its id hashes them."""
         return {"name": self.name, **self.config}
 
@@ -105,7 +105,7 @@ def get_recipe(name: str, size: int | None = None) -> Recipe:
     return Recipe(recipe.name, recipe.n_params, config, recipe.needs_sizes)
 
 
-def recipe_spec(description: dict) -> str:
+def recipe_spec(description: dict[str, Any]) -> str:
     """The spec (``name`` or ``name:size``) of a recipe description as a plan stores it; a description
     without a size (plans written before sizes were recorded) means the recipe's registered size."""
     size = description.get("size")
@@ -193,7 +193,7 @@ def _check_sizes(sizes: np.ndarray | None, n_samples: int, recipe: str) -> np.nd
     return sizes.astype(np.int64)
 
 
-def _draw_crop_flip(rng: np.random.Generator, n: int, config: dict) -> np.ndarray:
+def _draw_crop_flip(rng: np.random.Generator, n: int, config: dict[str, Any]) -> np.ndarray:
     """(n, 3) int16: top and left uniform in 0..2*pad, flip with p=0.5."""
     out = np.empty((n, 3), dtype=np.int16)
     out[:, :2] = rng.integers(0, 2 * config["pad"] + 1, size=(n, 2), dtype=np.int16)
@@ -201,7 +201,7 @@ def _draw_crop_flip(rng: np.random.Generator, n: int, config: dict) -> np.ndarra
     return out
 
 
-def _draw_resized_crop_flip(rng: np.random.Generator, sizes: np.ndarray, config: dict) -> np.ndarray:
+def _draw_resized_crop_flip(rng: np.random.Generator, sizes: np.ndarray, config: dict[str, Any]) -> np.ndarray:
     """(n, 5) int16 (i, j, h, w, flip) for images of the given (n, 2) sizes.
 
     torchvision's RandomResizedCrop.get_params, vectorised: up to 10 attempts

@@ -8,7 +8,7 @@ row get the same uint8 tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from functools import lru_cache
 
 import torch
@@ -26,7 +26,8 @@ def _tf() -> "ModuleType":
     crop-flip run, CIFAR's or digits', about 2 s)."""
     from torchvision.transforms.v2 import functional
 
-    return functional
+    module: ModuleType = functional  # torchvision has no type information: its names are Any
+    return module
 
 Images = torch.Tensor | list[torch.Tensor]
 
@@ -140,7 +141,7 @@ def _stacked(images: Images, size: int, recipe: str) -> torch.Tensor:
     return batch
 
 
-def _replay_crop_flip(images: Images, params: torch.Tensor, config: dict) -> torch.Tensor:
+def _replay_crop_flip(images: Images, params: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
     size, pad = config["size"], config["pad"]
     if isinstance(images, list) and not images:
         return torch.empty((0, 3, size, size), dtype=torch.uint8, device=params.device)
@@ -157,7 +158,7 @@ def _replay_crop_flip(images: Images, params: torch.Tensor, config: dict) -> tor
     return picked_rows.gather(3, cols.view(batch, 1, 1, size).expand(batch, channels, size, size))
 
 
-def _replay_resized_crop_flip(images: Images, params: torch.Tensor, config: dict) -> torch.Tensor:
+def _replay_resized_crop_flip(images: Images, params: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
     size = config["size"]
     if len(images) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.uint8, device=params.device)
@@ -173,7 +174,7 @@ def _replay_resized_crop_flip(images: Images, params: torch.Tensor, config: dict
     return torch.where(flip.view(-1, 1, 1, 1), out.flip(-1), out)
 
 
-def _eval_crop_flip(images: Images, config: dict) -> torch.Tensor:
+def _eval_crop_flip(images: Images, config: dict[str, Any]) -> torch.Tensor:
     size = config["size"]
     if isinstance(images, list) and not images:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
@@ -181,7 +182,7 @@ def _eval_crop_flip(images: Images, config: dict) -> torch.Tensor:
     return _stacked(images, size, "crop-flip")
 
 
-def _eval_resized_crop_flip(images: Images, config: dict) -> torch.Tensor:
+def _eval_resized_crop_flip(images: Images, config: dict[str, Any]) -> torch.Tensor:
     size = config["size"]
     if _batch_size(images) == 0:
         return torch.empty((0, 3, size, size), dtype=torch.uint8)
@@ -191,13 +192,13 @@ def _eval_resized_crop_flip(images: Images, config: dict) -> torch.Tensor:
     ])
 
 
-_REPLAY: dict[str, Callable[[Images, torch.Tensor, dict], torch.Tensor]] = {
+_REPLAY: dict[str, Callable[[Images, torch.Tensor, dict[str, Any]], torch.Tensor]] = {
     "crop-flip": _replay_crop_flip,
     "resized-crop-flip": _replay_resized_crop_flip,
 }
 # The recipes whose replay reads its params on the images' device (see replays_on_device).
 _DEVICE_PARAMS = frozenset({"crop-flip"})
-_EVAL: dict[str, Callable[[Images, dict], torch.Tensor]] = {
+_EVAL: dict[str, Callable[[Images, dict[str, Any]], torch.Tensor]] = {
     "crop-flip": _eval_crop_flip,
     "resized-crop-flip": _eval_resized_crop_flip,
 }

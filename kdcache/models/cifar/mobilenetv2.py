@@ -8,6 +8,8 @@ Sequential(Linear(1280, C))``, so the head's keys are ``classifier.0.*``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import math
 
 import torch
@@ -43,7 +45,8 @@ class InvertedResidual(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+        out: torch.Tensor = self.conv(x)
+        return x + out if self.use_res_connect else out
 
 
 class MobileNetV2(nn.Module):
@@ -93,14 +96,14 @@ class MobileNetV2(nn.Module):
     def student_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last inverted-residual block's map, before ``conv2``: the official CA-MKD ``feat[-2]`` (``f4``), the
         map a student's aligner takes (160 x 2 x 2 for mobile_half at 32 px)."""
-        out = self.conv1(x)
+        out: torch.Tensor = self.conv1(x)
         for stage in self.blocks:
             out = stage(out)
         return out
 
     def pool_input(self, f: torch.Tensor) -> torch.Tensor:
         """``conv2`` (1x1 conv, BN, ReLU to 1280 channels) of :meth:`student_map`: what the global pool receives."""
-        return self.conv2(f)
+        return cast(torch.Tensor, self.conv2(f))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The map after ``conv2``, the input of the global pool (a teacher's stored map)."""
@@ -108,7 +111,7 @@ class MobileNetV2(nn.Module):
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map."""
-        return self.avgpool(m)
+        return cast(torch.Tensor, self.avgpool(m))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""

@@ -8,6 +8,8 @@ and ``fc``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,11 +89,11 @@ class ResNet(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's map, the input of the global pool (the official ``feat[-2]``)."""
         x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(x)))
+        return cast(torch.Tensor, self.layer3(self.layer2(self.layer1(x))))
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map."""
-        return self.avgpool(m)
+        return cast(torch.Tensor, self.avgpool(m))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(h, z)``: pooled penultimate features and logits."""

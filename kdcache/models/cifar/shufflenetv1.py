@@ -6,6 +6,8 @@ Names follow RepDistiller's ``models/ShuffleNetv1.py``: ``conv1``, ``bn1``,
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +83,7 @@ class ShuffleNet(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's map, the input of the global pool (the official ``feat[-2]``)."""
         out = F.relu(self.bn1(self.conv1(x)))
-        return self.layer3(self.layer2(self.layer1(out)))
+        return cast(torch.Tensor, self.layer3(self.layer2(self.layer1(out))))
 
     def pool_map(self, m: torch.Tensor) -> torch.Tensor:
         """The penultimate features ``h`` of a last-block map (avg_pool2d(4) at 32 px, global at any size)."""

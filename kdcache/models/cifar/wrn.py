@@ -8,6 +8,8 @@ has ``bn1``, ``conv1``, ``bn2``, ``conv2`` and, when its width changes, a 1x1
 
 from __future__ import annotations
 
+from typing import cast
+
 import math
 
 import torch
@@ -34,7 +36,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        out: torch.Tensor = self.conv2(F.relu(self.bn2(self.conv1(pre))))
         # As in RepDistiller: the projection shortcut sees the pre-activated
         # input, the identity shortcut the raw one.
         shortcut = x if self.convShortcut is None else self.convShortcut(pre)
@@ -52,7 +54,7 @@ class NetworkBlock(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
+        return cast(torch.Tensor, self.layer(x))
 
 
 class WideResNet(nn.Module):
