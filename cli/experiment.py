@@ -12,10 +12,10 @@ from kdcache.cli.common import (EnumChoice, cache_option, cluster_choice, device
 from kdcache.store.form import FeatureForm
 
 if TYPE_CHECKING:
-    from kdcache.pipelines.experiments import Experiment
+    from kdcache.pipelines.experiment_spec import Experiment
 
 # The choices of --setup and --features, kept here so that importing the command imports no torch
-# (tests/test_experiments.py checks they match kdcache.pipelines.grid.SETUPS and the store's forms).
+# (tests/test_grid.py checks they match kdcache.pipelines.grid.SETUPS and the store's forms).
 SETUP_NAMES = ["official", "paper", "cs-kd"]
 FEATURE_FORMS = [FeatureForm.SPATIAL, FeatureForm.POOLED]
 
@@ -29,7 +29,9 @@ def experiment() -> None:
 @experiment.command("list")
 def list_cmd() -> None:
     """List the experiments grouped by the paper's table: name, teachers → student, data, rows."""
-    from kdcache.pipelines.experiments import TABLES, experiment_names, find_experiment, rows_summary
+    from kdcache.pipelines.experiment_spec import rows_summary
+    from kdcache.pipelines.experiments import experiment_names, find_experiment
+    from kdcache.pipelines.paper_settings import TABLES
 
     groups: dict[str, list[Experiment]] = {}
     for name in experiment_names():

@@ -1,13 +1,18 @@
-"""The paper's experiments: the registry, the dry-run arithmetic against a hand calculation, the CLI, and a tiny
+"""The paper's experiments: the settings (as the text tables parsed at import gave them), the registry (loaded at
+its first lookup, open to plug-ins), the dry-run arithmetic against a hand calculation, the CLI, and a tiny
 experiment end to end on synthetic CIFAR-100 files (teachers shared, every run, resume, the grid's rules, the
 table)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
+from enum import Enum
 from pathlib import Path
 
 import pytest
@@ -16,11 +21,13 @@ from click.testing import CliRunner
 
 from conftest import spy_on_format_table, torch_threads
 from fakes import write_fake_cifar, write_fake_imagefolder
+from kdcache import registry
 from kdcache.cli.experiment import COMMANDS, experiment as experiment_group
 from kdcache.errors import CheckpointError, KdcacheError, UnknownNameError
 from kdcache.models import build_model
-from kdcache.pipelines import experiments, grid
-from kdcache.pipelines.experiments import Experiment, plan_experiment, run_experiment
+from kdcache.pipelines import experiment_spec, experiments, grid
+from kdcache.pipelines.experiment_spec import Experiment
+from kdcache.pipelines.experiments import plan_experiment, run_experiment
 from kdcache.runs import RunDir
 from kdcache.store.form import FeatureForm
 
@@ -103,17 +110,102 @@ def test_registry_holds_every_setting_of_the_paper() -> None:
         experiments.register_experiment(Experiment("bad", "Table 1", "cifar100", ("resnet999",), "vgg8"))
     with pytest.raises(KdcacheError, match="takes one teacher"):
         experiments.register_experiment(Experiment("bad", "Table 2", "cifar100", ("vgg8",) * 3, "vgg8",
-                                       variants=(experiments.variant("kd", "kd", "KD"),)))
+                                       variants=(experiment_spec.variant("kd", "kd", "KD"),)))
     with pytest.raises(KdcacheError, match="unknown rows nope"):
         experiments.register_experiment(Experiment("bad", "Table 1", "cifar100", ("vgg8",), "vgg8", paper={"nope": "1"}))
     with pytest.raises(KdcacheError, match="row 'x'"):
         experiments.register_experiment(Experiment("bad", "Table 1", "cifar100", ("vgg8",), "vgg8",
-                                       variants=(experiments.variant("x", "camkd", "X", no_such_option=1),)))
+                                       variants=(experiment_spec.variant("x", "camkd", "X", no_such_option=1),)))
     assert "bad" not in experiments.experiment_names()
 
 
+# sha256 of each paper setting as experiment.json records it (json.dumps(asdict(experiment)): every field, its
+# rows and the paper's figures in order; an Enum as its value), recorded from 28e4895, where experiments.py parsed
+# Tables 1 and 2 from pipe-delimited text at import and built the rest in code: the settings as data must be those
+# same objects.
+PAPER_SETTING_PINS = {
+    "t1-wrn_40_2-ShuffleV1": "1cf5b21d222913dc2658c0a373581427e28ad0d617a429b69532f56ba436430e",
+    "t1-resnet56-MobileNetV2": "5b5b174c6a5c7a808268e0cb16018e3f86b8ff31c0d546a11128c30a0f176913",
+    "t1-vgg13-vgg8": "7cda4c5e0ce6086edeea564561d88152b9e20aa570be0dabfdcd5b9cb3d86538",
+    "t1-vgg13-MobileNetV2": "6a0f97fb0c1369a0b3bd753cea5e7ff61b84f554974a22f84056f5f9ac328992",
+    "t1-resnet32x4-resnet8x4": "6c693232583e42297d47bd473814c92fe34def02c9a69959f28c2931a0296527",
+    "t1-resnet32x4-ShuffleV2": "1fdc01de30aa2f4666b25c43adbac2bc7a0a8f217dc031fa6b78547b58ec2356",
+    "t1-resnet32x4-vgg8": "c71937b4d7f197b5563918c264138cdc9536cf551e23c15d0d4f60b826e22d97",
+    "t2-wrn_40_2-ShuffleV1": "371812b74591d121f1f8df03daf3b08c389ce8210f1aa313aababf82bbc402c5",
+    "t2-resnet32x4-vgg8": "9057a3e56b596e7c31b1ede4b532a29d29ea510dfdad512a2878433ef85b6b91",
+    "t2-resnet56-MobileNetV2": "374437fd724b3dafd965c23ccba8e21c82637b23d67b570c1519d3654737781a",
+    "t3-resnet8x4-resnet20x4-resnet32x4-vgg8": "2a4bf588df061f8d3d3e5879964896528e642691e681c55a01f20467d0cedb6b",
+    "t4-vgg13-MobileNetV2": "813a1e8cba95d200baaa6e0570b6d66581799f534e087f1357f38cffcb64b2ed",
+    "f4-resnet56-MobileNetV2": "18cba3111c6e6601504446768737e13aeb4be336cc5b5214e8a0f549d780d892",
+    "app-tiny-imagenet-resnet32x4-vgg8": "43692ba6addf416c865ea21fdb68cc839b88760e0dfca9885f16986ce1fc0e49",
+    "app-stanford-dogs-resnet34-shufflenet_v2_x0_5": "c5ecc687722c31267f97c0687a021e64e2bd4890e698782a780a96a3321603b8",
+}
+
+
+def _value(member: object) -> object:
+    """A JSON value for what json cannot write itself: an Enum member (a typed form) as its value."""
+    assert isinstance(member, Enum), member
+    return member.value
+
+
+def test_every_paper_setting_is_registered_as_the_text_tables_gave_it() -> None:
+    assert experiments.experiment_names() == list(PAPER_SETTING_PINS)
+    for name, pin in PAPER_SETTING_PINS.items():
+        record = json.dumps(dataclasses.asdict(experiments.find_experiment(name)), ensure_ascii=False, default=_value)
+        assert hashlib.sha256(record.encode()).hexdigest() == pin, (name, record)
+    # a few of Table 1's and Table 2's figures as printed, where the text tables held them
+    t2 = experiments.find_experiment("t2-wrn_40_2-ShuffleV1").paper
+    assert list(t2.items()) == [("teacher", "76.62"), ("ce", "71.70"), ("kd", "75.77 ± 0.14"), ("fitnet", "76.22 ± 0.21"),
+                                ("at", "76.44 ± 0.38"), ("vid", "76.32 ± 0.08"), ("crd", "76.58 ± 0.23"),
+                                ("camkd", "77.94 ± 0.31")]
+    t1 = experiments.find_experiment("t1-resnet32x4-ShuffleV2").paper
+    assert (t1["ensemble"], t1["aver"], t1["camkd"]) == ("81.16", "75.87 ± 0.19", "77.41 ± 0.14")
+
+
+def test_settings_are_read_at_the_registrys_first_lookup_not_at_import(tmp_path: Path) -> None:
+    code = ("import sys\n"
+            "import kdcache.cli.main, kdcache.cli.experiment, kdcache.pipelines.experiments as e\n"
+            "assert 'kdcache.pipelines.paper_settings' not in sys.modules, 'read at import'\n"
+            "names = e.experiment_names()\n"
+            "assert 'kdcache.pipelines.paper_settings' in sys.modules and len(names) == 15, names\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_plug_in_registers_its_experiments_after_the_papers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed distribution's ``kdcache.plugins`` entry point registers an experiment as it would a model."""
+    site = tmp_path / "site"
+    (site / "kdcache_exp_plugin-0.1.dist-info").mkdir(parents=True)
+    (site / "kdcache_exp_plugin.py").write_text(
+        "from kdcache.pipelines.experiment_spec import CE, KD, Experiment\n"
+        "from kdcache.pipelines.experiments import register_experiment\n"
+        "register_experiment(Experiment(name='plug-resnet8', table='Plug-in', dataset='cifar100',\n"
+        "                               teachers=('resnet8',) * 2, student='resnet8', variants=(CE, KD),\n"
+        "                               paper={'kd': '1.00'}, source='a plug-in'))\n")
+    info = site / "kdcache_exp_plugin-0.1.dist-info"
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kdcache-exp-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kdcache.plugins]\nexp = kdcache_exp_plugin\n")
+    (info / "RECORD").write_text("")
+    monkeypatch.syspath_prepend(str(site))
+    registry.reset_plugins()
+    try:
+        assert experiments.experiment_names() == [*PAPER_SETTING_PINS, "plug-resnet8"]
+        assert experiments.find_experiment("plug-resnet8").methods == ("ce", "kd")
+        listed = invoke("list")
+        assert listed.exit_code == 0 and re.search(r"^Plug-in: \n  plug-resnet8\s+resnet8 ×2 → resnet8\s+cifar100\s+ce, kd$",
+                                                   listed.output, re.M), listed.output
+        with pytest.raises(KdcacheError, match="experiment 't1-resnet32x4-vgg8' is registered already"):
+            experiments.register_experiment(experiments.find_experiment("t1-resnet32x4-vgg8"))
+    finally:
+        experiments._EXPERIMENTS.remove("plug-resnet8")
+        sys.modules.pop("kdcache_exp_plugin", None)
+        monkeypatch.undo()
+        registry.reset_plugins()
+    assert "plug-resnet8" not in experiments.experiment_names()
+
+
 def test_set_ups_give_the_paper_and_cs_kd_optimisers() -> None:
-    official, paper, cskd = (experiments.find_setup(n) for n in ("official", "paper", "cs-kd"))
+    official, paper, cskd = (grid.find_setup(n) for n in ("official", "paper", "cs-kd"))
     assert (official.resolved_lr("vgg8"), official.resolved_lr("MobileNetV2"), official.weight_decay) == (0.05, 0.01, 5e-4)
     assert (paper.resolved_lr("vgg8"), paper.resolved_lr("ShuffleV1"), paper.weight_decay) == (0.1, 0.05, 1e-4)
     assert official.resolved_milestones(240) == paper.resolved_milestones(240) == [150, 180, 210]
@@ -130,7 +222,7 @@ def test_set_ups_give_the_paper_and_cs_kd_optimisers() -> None:
                                t4.variants[0], ["a", "b", "c"], 0)
     assert (req.teachers, req.lr, req.options.params["camkd_weights"], req.milestones) == (["a", "b", "c"], None, "uniform", None)
     with pytest.raises(UnknownNameError, match="known: official, paper, cs-kd"):
-        experiments.find_setup("sgd")
+        grid.find_setup("sgd")
 
 
 # (experiment, K, N, C, V, pooled D, spatial (C', H, W), teacher-rows run: sum over run rows of their teachers)
@@ -430,8 +522,8 @@ def test_teacher_checkpoint_states_and_foreign_runs(tmp_path: Path) -> None:
 def test_rows_with_options_teacher_counts_and_unimplemented_methods_run_as_listed(tmp_path: Path,
                                                                                   one_thread: None) -> None:
     data = write_fake_cifar(tmp_path / "data", kind="cifar100", n_train=64, n_test=16, seed=1)
-    rows = (experiments.KD, experiments.CAMKD_UNIFORM, experiments.CAMKD_BETA0,
-            *experiments.teacher_sweep((experiments.AVER,), (1, 2)), experiments.AT)
+    rows = (experiment_spec.KD, experiment_spec.CAMKD_UNIFORM, experiment_spec.CAMKD_BETA0,
+            *experiment_spec.teacher_sweep((experiment_spec.AVER,), (1, 2)), experiment_spec.AT)
     tiny = Experiment(name="test-rows", table="Table 4", dataset="cifar100", teachers=("resnet8",) * 2,
                       student="resnet8", variants=rows, seeds=1, epochs=1, views=1, features=FeatureForm.POOLED,
                       paper={"at": "12.34 ± 0.56"}, source="test only")
