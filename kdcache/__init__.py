@@ -9,6 +9,7 @@ The library API, imported on first use so that ``import kdcache`` stays light:
   (:mod:`kdcache.registry`); :mod:`kdcache.contract` checks an entry against what kdcache expects;
 - :func:`precompute` (:class:`PrecomputeRequest`) and :func:`distill` (:class:`DistillRequest`): a teacher's
   store and a student run, as ``kdcache precompute`` and ``kdcache distill`` make them.
+- :func:`register_experiment`: a grid of runs for ``kdcache experiment`` beside the paper's settings.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LAZY = {
     "precompute": "kdcache.pipelines.precompute", "PrecomputeRequest": "kdcache.pipelines.precompute",
     "PrecomputeResult": "kdcache.pipelines.precompute",
     "distill": "kdcache.pipelines.distill", "DistillRequest": "kdcache.pipelines.distill",
+    "register_experiment": "kdcache.pipelines.experiments",
 }
 __all__ = [*_LAZY, "__version__"]
 

@@ -15,18 +15,9 @@ SMALL_NETS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 MILESTONES = (150, 180, 210)
 LR_DECAY = 0.1
 
-# Stores: one fresh view per epoch of the official 240-epoch schedule; what is stored besides the logits.
+# Stores: one fresh view per epoch of the official 240-epoch schedule. What a store holds (its form: logits, features,
+# their dtype, the forward's precision) and the defaults of each are kdcache.store.form's.
 DEFAULT_VIEWS = 240
-FEATURE_FORMS = ("pooled", "spatial", "none")
-DEFAULT_FEATURE_FORM = "pooled"
-# How stored features are kept: float16, or int8 with one float32 scale a row (about half the bytes).
-FEATURE_DTYPES = ("float16", "int8")
-DEFAULT_FEATURE_DTYPE = "float16"
-# How the features array is compressed before its CRC32C: Blosc zstd level 1 (the default), or not at all, which
-# stores spatial maps in about 1.9x the bytes but writes and reads them at a fraction of the CPU time
-# (benchmarks/RESULTS.md, "Uncompressed maps"). Not part of the teacher id: the values are the same.
-FEATURE_COMPRESSIONS = ("zstd", "none")
-DEFAULT_FEATURE_COMPRESSION = "zstd"
 
 # Resident views (kdcache.resident): the share of the device's free memory (on the CPU, of the memory available)
 # that the views a run holds at once may take (two: the one training and the next being read; one for a plan of
@@ -36,7 +27,4 @@ VIEW_SHARE = 0.4
 # The teacher's forward under autocast (precompute --amp): its dtype; by default float16 on CUDA, bfloat16 elsewhere.
 AMP_DTYPES = ("bfloat16", "float16")
 
-# Logits: every class's logit (dense), or a top-K store's K largest with the scalars that keep the methods'
-# weights exact ("topk:K", docs/STORE.md); a top-K store serves distillation at one temperature.
-DEFAULT_LOGITS = "dense"
 TEMPERATURE = 4.0          # the KD temperature T of the official code, distill's and a top-K store's default

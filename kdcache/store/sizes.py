@@ -4,7 +4,7 @@ figures follow the format.
 
 ``kdcache sizes`` prints them for any training set (ImageNet-1k's by default) without its data or a
 checkpoint; ``kdcache precompute --dry-run`` states the same figures for the one store it would write, and
-``kdcache experiment show --sizes`` for each store of an experiment.
+``kdcache experiment run --dry-run`` for each store of an experiment.
 """
 
 from __future__ import annotations
