@@ -186,12 +186,11 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
 def check_autocast(device: torch.device, forward: Forward) -> None:
     """Refuse, in one line, a forward precision ``device`` cannot run: autocast where torch has none for the
     device type, bfloat16 on a GPU without bfloat16 arithmetic."""
-    amp = forward.autocast_dtype
-    if amp is None:
+    if forward is Forward.FLOAT32:
         return
     if not torch.amp.is_autocast_available(device.type):
         raise KdcacheError(f"--amp: torch has no autocast on {device.type} devices; drop --amp")
-    if amp == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+    if forward is Forward.AMP_BFLOAT16 and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise KdcacheError(f"--amp-dtype bfloat16: GPU {torch.cuda.get_device_name(device)} has no bfloat16 "
                            "arithmetic; use --amp-dtype float16 (or drop --amp)")
 
