@@ -47,21 +47,23 @@ class LogitsType(click.ParamType[str]):
 
 def store_form_options(command: Callable[..., None]) -> Callable[..., None]:
     """--features, --feature-dtype, --logits, --logits-temperature, --amp and --amp-dtype, given to the command as
-    one ``form`` (a :class:`~kdcache.store.form.StoreForm`), or one line of usage error for a form no store can have."""
+    one ``form`` (a :class:`~kdcache.store.form.StoreForm`), or one line of error (status 1) for a form no store can
+    have."""
     @functools.wraps(command)  # keeps the options given below this decorator (click's __click_params__)
     def with_form(*args: Any, features: FeatureForm, feature_dtype: FeatureDtype, logits: str,
                   logits_temperature: float, amp: bool, amp_dtype: str | None, **kwargs: Any) -> None:
         if not (math.isfinite(logits_temperature) and logits_temperature > 0):  # refused even where dense ignores it
-            raise click.ClickException(_FORM_ERRORS["temperature"].format(temperature=logits_temperature))
+            raise click.ClickException(f"--logits-temperature must be a positive number (got {logits_temperature})")
         if amp_dtype is not None and not amp:
             raise click.ClickException(f"--amp-dtype {amp_dtype} needs --amp: give --amp too, or drop --amp-dtype")
         try:
             form = StoreForm(logits, features, feature_dtype,
                              Forward.autocast(amp_dtype) if amp else Forward.FLOAT32,
                              None if parse_logits(logits) is None else logits_temperature)
-        except FormError as exc:
-            raise click.ClickException(_FORM_ERRORS.get(exc.option, "{exc}").format(
-                exc=exc, dtype=feature_dtype.value, temperature=logits_temperature)) from None
+        except FormError as exc:  # int8 without features: the one refusal the options' own types let through
+            raise click.ClickException(
+                f"--feature-dtype {feature_dtype.value} needs features to store: give --features pooled or spatial, "
+                "or drop --feature-dtype" if exc.option == "feature_dtype" else str(exc)) from None
         command(*args, form=form, **kwargs)
 
     options = [
@@ -95,14 +97,6 @@ def store_form_options(command: Callable[..., None]) -> Callable[..., None]:
     for option in reversed(options):
         with_form = option(with_form)
     return with_form
-
-
-# How the options name a form no store can have, by the part at fault (FormError.option).
-_FORM_ERRORS = {
-    "feature_dtype": "--feature-dtype {dtype} needs features to store: give --features pooled or spatial, or drop "
-                     "--feature-dtype",
-    "temperature": "--logits-temperature must be a positive number (got {temperature})",
-}
 
 
 cache_option = click.option(

@@ -200,15 +200,18 @@ class StorePlan:
     feature_dim: int                 # D of the pooled form
     map_shape: tuple[int, int, int]  # (C', H, W) of the spatial form
 
+    @property
+    def shape(self) -> StoreShape:
+        return StoreShape(self.views, self.n_samples, self.num_classes, self.feature_dim, self.map_shape)
+
     def features_shape(self, form: FeatureForm) -> tuple[int, ...]:
         """The per-row shape of ``features`` in ``form``: (D,), (C', H, W) or ()."""
-        return StoreForm(features=form).feature_shape(self.feature_dim, self.map_shape)
+        return self.shape.feature_shape(StoreForm(features=form))
 
     def size(self, form: FeatureForm) -> StoreSize:
         """The store with dense logits and float16 features in ``form``, uncompressed: the one place the dry run
         asks the store's own arithmetic (what ``kdcache sizes`` prints) for its figures."""
-        shape = StoreShape(self.views, self.n_samples, self.num_classes, self.feature_dim, self.map_shape)
-        return store_size(StoreForm(features=form), shape)
+        return store_size(StoreForm(features=form), self.shape)
 
     def row_bytes(self, form: FeatureForm) -> int:
         """Logits plus features of one row, float16."""

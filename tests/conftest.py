@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,3 +77,16 @@ def spy_on_format_table(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(grid, "format_table", spy)
     return tables
+
+
+def poison_views(monkeypatch: pytest.MonkeyPatch, module: Any, call: int) -> None:
+    """From now on, the batch of views ``module.view_batch`` makes at its ``call``-th call (counted from 1) is NaN:
+    a loss that turns non-finite mid-run, as a too-large lr can make it."""
+    real, calls = module.view_batch, [0]
+
+    def poisoned(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        x = real(*args, **kwargs)
+        return x * float("nan") if calls[0] == call else x
+
+    monkeypatch.setattr(module, "view_batch", poisoned)

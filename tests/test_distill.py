@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import run_cli
+from conftest import poison_views, run_cli
 from kdcache.errors import KdcacheError
 from kdcache.losses import MethodOptions, method_names
 from kdcache.models import build_model
@@ -199,15 +199,7 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
     import kdcache.cached as pipeline  # where distill's batches are made
 
     cache, ids, _ = two_teachers
-    real, calls = pipeline.view_batch, [0]
-    steps_per_epoch = 1437 // 256
-
-    def poisoned(*args, **kwargs):
-        calls[0] += 1
-        x = real(*args, **kwargs)
-        return x * float("nan") if calls[0] == steps_per_epoch + 4 else x
-
-    monkeypatch.setattr(pipeline, "view_batch", poisoned)
+    poison_views(monkeypatch, pipeline, 1437 // 256 + 4)  # epoch 2, step 3 (5 steps an epoch)
     run = tmp_path / "run"
     result = run_cli("distill", "--student", "resnet8", "--method", "kd", "--teachers", ids[0], "--cache", cache,
                      "--out", run, "--epochs", 3, "--batch-size", 256, "--device", "cpu")

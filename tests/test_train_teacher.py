@@ -16,6 +16,8 @@ from kdcache.request import how_args, is_how, result_args, result_fields
 from kdcache.runs import RunDir
 from kdcache.training import NonFiniteLossError, recorded_args
 
+from conftest import poison_views
+
 
 def _request(out: Path, **kw) -> TrainTeacherRequest:
     defaults = dict(arch="resnet8", dataset="digits", out=out, epochs=2, batch_size=256, device="cpu", seed=0)
@@ -104,15 +106,7 @@ def test_a_loss_that_turns_nan_stops_the_teacher_and_keeps_its_last_good_epoch(
     """Images that turn to NaN in epoch 2: the same one line and the same rule as distill's (the loop's)."""
     import kdcache.pipelines.train_teacher as stage
 
-    real, calls = stage.view_batch, [0]
-    steps = 1437 // 256
-
-    def poisoned(*args, **kwargs):
-        calls[0] += 1
-        x = real(*args, **kwargs)
-        return x * float("nan") if calls[0] == steps + 2 else x
-
-    monkeypatch.setattr(stage, "view_batch", poisoned)
+    poison_views(monkeypatch, stage, 1437 // 256 + 2)
     out = tmp_path / "t.pth"
     with pytest.raises(NonFiniteLossError) as exc:
         train_teacher(_request(out, epochs=3))

@@ -187,12 +187,7 @@ class StoreForm:
 
     def on(self, device_type: str) -> "StoreForm":
         """This form with its forward resolved for a device of type ``device_type`` (:meth:`Forward.on`)."""
-        return self._with(forward=self.forward.on(device_type))
-
-    def _with(self, **change: Any) -> "StoreForm":
-        now = {"logits": self.logits, "features": self.features, "feature_dtype": self.feature_dtype,
-               "forward": self.forward, "temperature": self.temperature}
-        return StoreForm(**{**now, **change})
+        return StoreForm(self.logits, self.features, self.feature_dtype, self.forward.on(device_type), self.temperature)
 
     def describe(self) -> str:
         """One line for tables: ``--logits dense, spatial float16``, ``--logits topk:10, no features``."""

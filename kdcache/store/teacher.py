@@ -124,14 +124,11 @@ class TeacherStore:
         wanted = {**teacher, "num_classes": shape.classes, "feature_dim": shape.feature_dim}
         if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
             store = cls.open(where, teacher_id, require_complete=False)
-            for key in ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim"):
-                have, want = (_identity(a, key) for a in (store.attrs, wanted))
-                if have != want:
-                    store._refuse_other(key, have, want)
-            have_form, want_form = store.form.to_attrs(), form.to_attrs()
-            for key in sorted(have_form.keys() | want_form.keys()):
-                if have_form.get(key) != want_form.get(key):
-                    store._refuse_other(key, have_form.get(key), want_form.get(key))
+            have, want = ({**{k: _identity(a, k) for k in _IDENTITY}, **f.to_attrs()}
+                          for a, f in ((store.attrs, store.form), (wanted, form)))
+            for key in [*have, *(k for k in want if k not in have)]:
+                if have.get(key) != want.get(key):
+                    store._refuse_other(key, have.get(key), want.get(key))
             return cls.open(where, teacher_id, require_complete=False, writable=True)
         # A new store, or one whose creation was interrupted (no chunk of it was written yet): made afresh.
         if form.topk is not None and form.topk > shape.classes:
@@ -628,6 +625,10 @@ class PendingRows:
         if "feature_scale" in out:
             return logits, dequantize_rows(out["features"], out["feature_scale"])
         return logits, out.get("features")
+
+
+# The attributes of a store's teacher that its id hashes (the checkpoint by content); its form's are the others.
+_IDENTITY = ("plan_id", "arch", "checkpoint", "num_classes", "feature_dim")
 
 
 def _identity(attrs: dict[str, Any], key: str) -> Any:
