@@ -4,6 +4,7 @@
     python studies/fashion_mnist.py --out /tmp/fmnist                 # the whole study, resumable
     python studies/fashion_mnist.py --out /tmp/fmnist --jobs 2        # two runs at a time, one thread each
     python studies/fashion_mnist.py --out /tmp/fmnist --report        # tables and figures from what is finished
+    mkdir -p /tmp/fmnist && cp -r studies/results/runs /tmp/fmnist/   # count the committed finished runs as done
 
 Everything goes through kdcache's own pipelines (train_teacher, precompute, distill), so the study measures the
 tool as a user runs it. A second invocation skips every finished teacher, store and run; ``--report`` writes
@@ -18,6 +19,14 @@ Parts (each a list of runs; all share one training subset and one test split):
 - abl:   the paper's Table 4 on A, spatial form: uniform weights, β = 0, feature term weighted by w.
 - views: aver and camkd (spatial) on A from stores of V ∈ {1, 2, 4, 8} views; disk per teacher in both forms.
 - online: camkd (spatial) on A with the teachers run live on the same views, against the cached runs.
+- paired: camkd (spatial), aver, kd, aekd and fitnet-mkd in A and B over 10 seeds (issue 28), the same runs as
+         parts A and B at their first three seeds; each method's difference from camkd, seed by seed.
+- long:  aver and camkd (spatial) on A over 40 epochs from V ∈ {1, 2, 5, 10, 40} stored views (issue 28).
+
+Every method at a given seed starts from the same student weights and reads the same views in the same order
+(the student is built before the method's aligners draw their initial weights, and the batch order is a function
+of the seed and of the stores' chunking, the same for every paired run because all of them read the spatial
+stores), so differences between methods at one seed are paired.
 """
 
 from __future__ import annotations
@@ -48,13 +57,13 @@ from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.store.form import StoreForm
 from kdcache.pipelines.train_teacher import TrainTeacherRequest, teacher_run, train_teacher
 
-from fashion_mnist_report import write_report  # the study's own modules, beside it
-from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, Config, StoreIds, best_teacher
+from fashion_mnist_report import finished_top1, write_report  # the study's own modules, beside it
+from fashion_mnist_setting import CLASSES, PAIRED_METHODS, ROTATED, SETTINGS, Config, StoreIds, best_teacher
 
 DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
-PARTS = ("A", "beta", "B", "abl", "views", "online")
+PARTS = ("A", "beta", "B", "paired", "abl", "views", "online", "long")
 METHODS = ("ce", "kd", "aver", "ebkd", "aekd", "fitnet-mkd", "camkd")
 
 
@@ -71,10 +80,16 @@ class Run:
     seed: int
     options: dict[str, Any] = field(default_factory=dict)
     online: bool = False
+    epochs: int | None = None     # None: the study's (Config.epochs)
+    stage: str = ""               # the --parts name that selects it, where not its part (paired runs of A and B)
 
     @property
     def key(self) -> str:
         return f"{self.part}/{self.name}/seed{self.seed}"
+
+    @property
+    def group(self) -> str:
+        return self.stage or self.part
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,15 @@ def plan_runs(cfg: Config) -> list[Run]:
     def add(run: Run) -> None:
         runs.setdefault(run.key, run)
 
+    for seed in range(cfg.paired_seeds):  # first, so that parts A and B's runs of these methods are "paired" ones
+        for setting, names in SETTINGS.items():
+            for name in PAIRED_METHODS:
+                # Every paired run reads the spatial stores (aver, kd and aekd only their logits, the same numbers
+                # as the pooled stores'): the batch order follows the stores' chunking, so runs of one seed share
+                # it only when they read stores of one layout.
+                method = name.split("-spatial")[0]
+                add(Run(setting, name, method, ("best",) if method == "kd" else names, "spatial", cfg.views, seed,
+                        stage="paired"))
     for seed in range(cfg.seeds):
         for setting, names in SETTINGS.items():
             for method in METHODS:
@@ -156,14 +180,19 @@ def plan_runs(cfg: Config) -> list[Run]:
             for method in ("aver", "camkd"):
                 add(Run("views", f"{method}-spatial-V{v}", method, a, "spatial", v, seed))
         add(Run("online", "camkd-spatial-online", "camkd", a, "spatial", cfg.views, seed, online=True))
+    for seed in range(cfg.long_seeds):
+        for v in cfg.long_view_counts:
+            for method in ("aver", "camkd"):
+                add(Run("long", f"{method}-spatial-V{v}", method, SETTINGS["A"], "spatial", v, seed,
+                        epochs=cfg.long_epochs))
     return sorted(runs.values(), key=run_order)
 
 
-def run_order(run: Run) -> tuple[bool, int, int, int, str]:
-    """A, beta and B part by part; then the other parts seed by seed, so a study cut short still has every
-    part at the first seeds."""
-    first = run.part in PARTS[:3]
-    return (not first, run.seed if not first else 0, PARTS.index(run.part), run.seed, run.name)
+def run_order(run: Run) -> tuple[int, int, int, int, str]:
+    """A, beta and B part by part; then the paired runs, the other parts and the long schedule, each seed by
+    seed, so a study cut short still has every part at the first seeds."""
+    tier = 0 if run.group in PARTS[:3] else 1 if run.group == "paired" else 3 if run.group == "long" else 2
+    return (tier, run.seed if tier else 0, PARTS.index(run.group), run.seed, run.name)
 
 
 def run_dir(out: Path, run: Run) -> Path:
@@ -171,7 +200,7 @@ def run_dir(out: Path, run: Run) -> Path:
 
 
 def is_done(out: Path, run: Run) -> bool:
-    return (run_dir(out, run) / "last.pth").is_file()
+    return finished_top1(run_dir(out, run)) is not None
 
 
 def _distill_one(out: Path, run: Run, ids: list[str], cfg: Config, threads: int) -> tuple[str, float]:
@@ -180,7 +209,7 @@ def _distill_one(out: Path, run: Run, ids: list[str], cfg: Config, threads: int)
     d = run_dir(out, run)
     t0 = time.perf_counter()
     distill(DistillRequest(student=cfg.student, teachers=ids, method=run.method, out=d, cache=out / "cache",
-                           data_root=out / "data", epochs=cfg.epochs, batch_size=cfg.batch_size, seed=run.seed,
+                           data_root=out / "data", epochs=run.epochs or cfg.epochs, batch_size=cfg.batch_size, seed=run.seed,
                            device="cpu", online=run.online,
                            resume=(d / "checkpoint.pth").is_file(), options=MethodOptions.from_flat(run.options)))
     return run.key, time.perf_counter() - t0
@@ -269,7 +298,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
         timing[stage] = timing.get(stage, 0.0) + seconds
         timing_path.write_text(json.dumps(timing, indent=2) + "\n")
 
-    runs = [r for r in plan_runs(cfg) if r.part in args.parts or args.report]
+    runs = [r for r in plan_runs(cfg) if r.group in args.parts or args.report]
     if not args.report:
         t0 = time.perf_counter()
         write_subset(out, cfg.per_class, cfg.test_per_class, args.source)
@@ -286,13 +315,14 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
         say(f"{len(runs) - len(todo)} of {len(runs)} runs finished; {len(todo)} to go, {args.jobs} at a time")
         threads = max(1, torch.get_num_threads() // args.jobs)
         tasks = [(out, r, _ids_for(r, ids, facts, cfg), cfg, threads) for r in todo]
+        groups = {r.key: r.group for r in todo}
         if args.jobs == 1:
             done = (_distill_one(*task) for task in tasks)
         else:
             pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
             done = (f.result() for f in as_completed([pool.submit(_distill_one, *task) for task in tasks]))
         for i, (key, seconds) in enumerate(done, 1):
-            timed("runs:" + key.split("/")[0], seconds)
+            timed("runs:" + groups[key], seconds)
             say(f"[{i}/{len(todo)}] {key} in {seconds:.0f} s")
         if args.jobs != 1:
             pool.shutdown()

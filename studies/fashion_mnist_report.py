@@ -19,7 +19,8 @@ import numpy as np
 from kdcache.errors import KdcacheError
 from kdcache.runs import load_run
 
-from fashion_mnist_setting import CLASSES, ROTATED, SETTINGS, Config, StoreIds, best_teacher  # beside it
+from fashion_mnist_setting import (CLASSES, PAIRED_METHODS, ROTATED, SETTINGS, Config, StoreIds,  # beside it
+                                   best_teacher)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -36,14 +37,22 @@ class Keyed(Protocol):
     def key(self) -> str: ...
 
 
-def _final(out: Path, key: str) -> float | None:
-    path = out / "runs" / key
-    if not (path / "last.pth").is_file():
-        return None
+def finished_top1(path: Path) -> float | None:
+    """A run directory's final test top-1, or None unless its metrics reach the epochs its config.json asks for.
+
+    The report needs only config.json and metrics.jsonl (and sample_weights.npz for the weights table), so a
+    study's finished runs can be kept as those files alone (studies/results/runs/) and count as done."""
     try:
-        return load_run(path).final_top1
+        record = load_run(path)
     except KdcacheError:
         return None
+    if not record.metrics or record.metrics[-1].get("epoch") != record.config.get("args", {}).get("epochs"):
+        return None
+    return record.final_top1
+
+
+def _final(out: Path, key: str) -> float | None:
+    return finished_top1(out / "runs" / key)
 
 
 def _cell(values: list[float | None]) -> str:
@@ -174,13 +183,156 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
             for k, t in enumerate(SETTINGS["B"]):
                 lines.append(f"| {form} | {t} | {w['inside'][k]:.3f} | {w['outside'][k]:.3f} |")
         lines.append("")
-    results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights)
+    # paired differences from camkd over every seed (issue 28)
+    paired_seeds = range(cfg.paired_seeds)
+    paired: dict[str, dict[str, dict[str, Any]]] = {}
+    lines += [f"## Paired differences from camkd (spatial), {cfg.paired_seeds} seeds", "",
+              "Each method's final top-1 minus camkd's at the same seed (the same student initialisation and batch "
+              "order), in points; the mean with 95 % intervals from a paired t and from a bootstrap over seeds "
+              f"({BOOTSTRAP:,} resamples). *Resolved*: both intervals exclude 0.", "",
+              "| setting | method | n | mean top-1 | mean difference | paired t 95 % | bootstrap 95 % | resolved |",
+              "|---|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        base = [acc.get(f"{setting}/{PAIRED_METHODS[0]}/seed{s}") for s in paired_seeds]
+        reference: dict[str, Any] = {"top1": base}
+        paired[setting] = {PAIRED_METHODS[0]: reference}
+        lines.append(f"| {setting} | {PAIRED_METHODS[0]} | {sum(v is not None for v in base)} | "
+                     f"{_cell_short(base)} | (reference) | | | |")
+        for name in PAIRED_METHODS[1:]:
+            top1 = [acc.get(f"{setting}/{name}/seed{s}") for s in paired_seeds]
+            diffs = [m - c for m, c in zip(top1, base, strict=True) if m is not None and c is not None]
+            prow: dict[str, Any] = {"top1": top1, "diffs": diffs, **paired_stats(diffs)}
+            paired[setting][name] = prow
+            lines.append(f"| {setting} | {name} | {len(diffs)} | {_cell_short(top1)} | {_signed(prow.get('mean'))} | "
+                         f"{_interval(prow.get('t'))} | {_interval(prow.get('bootstrap'))} | "
+                         f"{_resolved(prow)} |")
+    lines.append("")
+
+    # stored views over a long schedule (issue 28)
+    long_seeds = range(cfg.long_seeds)
+    top_v = max(cfg.long_view_counts)
+    lines += [f"## Stored views over {cfg.long_epochs} epochs (setting A, spatial stores, {cfg.long_seeds} seeds)",
+              "", f"Difference from V = {top_v} at the same seed, mean with its paired t 95 % interval; disk: the "
+              "three teachers' spatial stores at V, and per stored view.", "",
+              f"| V | aver | − V={top_v} | camkd (spatial) | − V={top_v} | disk, 3 teachers | per view |",
+              "|---|---|---|---|---|---|---|"]
+    long: dict[int, dict[str, Any]] = {}
+    for v in cfg.long_view_counts:
+        row_l: dict[str, Any] = {}
+        cells = []
+        for method in ("aver", "camkd"):
+            vals = [acc.get(f"long/{method}-spatial-V{v}/seed{s}") for s in long_seeds]
+            ref = [acc.get(f"long/{method}-spatial-V{top_v}/seed{s}") for s in long_seeds]
+            diffs = [a - b for a, b in zip(vals, ref, strict=True) if a is not None and b is not None]
+            stats = paired_stats(diffs) if v != top_v else {}
+            row_l[method] = {"top1": vals, "diffs": diffs, **stats}
+            cells += [_cell(vals), "(reference)" if v == top_v else
+                      f"{_signed(stats.get('mean'))} {_interval(stats.get('t'))}"]
+        paths = [ids.get((t, "spatial", v, "path")) for t in SETTINGS["A"]]
+        nbytes = sum(_disk(p) for p in paths if p) if all(paths) else None
+        row_l["disk"] = nbytes
+        long[v] = row_l
+        lines.append(f"| {v} | {' | '.join(cells)} | "
+                     + (f"{nbytes / 2**20:.1f} MiB | {nbytes / v / 2**20:.2f} MiB |" if nbytes else "— | — |"))
+    lines.append("")
+
+    results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights, paired=paired,
+                   long=long)
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"] + \
              [f"| {k} | {v:.0f} |" for k, v in sorted(timing.items())] + [""]
     (out / "tables.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     _figures(out, cfg, beta, views, weights, CLASSES, SETTINGS["B"])
+    _paired_figure(out, cfg, paired)
+    _long_figure(out, cfg, long)
     return results
+
+
+BOOTSTRAP = 10_000
+
+
+def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
+    """Mean of paired differences with a paired-t 95 % interval and a percentile bootstrap 95 % interval over
+    seeds (10,000 resamples, generator seed 0); only the mean where there are fewer than 2 differences."""
+    if not diffs:
+        return {}
+    d = np.asarray(diffs, dtype=np.float64)
+    found: dict[str, Any] = {"mean": float(d.mean())}
+    if len(d) < 2:
+        return found
+    from scipy import stats  # scikit-learn's dependency
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    found["t"] = (found["mean"] - half, found["mean"] + half)
+    means = np.random.default_rng(0).choice(d, (BOOTSTRAP, len(d)), replace=True).mean(1)
+    found["bootstrap"] = (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+    return found
+
+
+def _resolved(row: dict[str, Any]) -> str:
+    if "t" not in row:
+        return "—"
+    out = all(lo > 0 or hi < 0 for lo, hi in (row["t"], row["bootstrap"]))
+    if not out:
+        return "no"
+    return "yes: camkd ahead" if row["mean"] < 0 else "yes: camkd behind"
+
+
+def _signed(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def _interval(pair: tuple[float, float] | None) -> str:
+    return "" if pair is None else f"[{pair[0]:+.2f}, {pair[1]:+.2f}]"
+
+
+def _cell_short(values: list[float | None]) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "—"
+    return f"{statistics.mean(got):.2f} ± {statistics.stdev(got):.2f}" if len(got) > 1 else f"{got[0]:.2f}"
+
+
+def _paired_figure(out: Path, cfg: Config, paired: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """Each method's per-seed differences from camkd (dots) with the mean and its paired-t interval, per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(paired), figsize=(9, 3.6), sharey=True, layout="constrained")
+    for ax, (setting, rows) in zip(np.atleast_1d(axes), paired.items(), strict=True):
+        names = list(PAIRED_METHODS[1:])
+        for i, name in enumerate(names):
+            row = rows.get(name, {})
+            d = row.get("diffs", [])
+            ax.scatter(np.full(len(d), i) + np.linspace(-0.15, 0.15, len(d)), d, s=10, color="0.6")
+            if "t" in row:
+                lo, hi = row["t"]
+                ax.errorbar([i], [row["mean"]], [[row["mean"] - lo], [hi - row["mean"]]], fmt="o", color="C0",
+                            capsize=4)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=20)
+        ax.set_title(f"setting {setting}")
+        ax.grid(True, axis="y", alpha=0.4)
+    np.atleast_1d(axes)[0].set_ylabel("top-1 minus camkd's (points)")
+    fig.suptitle(f"Fashion-MNIST: paired differences from camkd (spatial), {cfg.paired_seeds} seeds, 95 % paired t")
+    fig.savefig(out / "fmnist-paired.png", dpi=120)
+    plt.close(fig)
+
+
+def _long_figure(out: Path, cfg: Config, long: dict[int, dict[str, Any]]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, Points] = {method + (" (spatial)" if method == "camkd" else ""):
+                                [(v, _mean_std(row[method]["top1"])) for v, row in long.items()]
+                                for method in ("aver", "camkd")}
+    fig, ax = _accuracy_figure(plt, lines, f"stored views V ({cfg.long_epochs} epochs)",
+                               f"Fashion-MNIST, setting A: {cfg.long_epochs} epochs against stored views")
+    ax.set_xscale("log")
+    ax.set_xticks(list(long), [str(v) for v in long])
+    fig.savefig(out / "fmnist-views-long.png", dpi=120)
+    plt.close(fig)
 
 
 def _rotated_teacher_weights(out: Path, cfg: Config, rotated: list[int],
@@ -191,7 +343,7 @@ def _rotated_teacher_weights(out: Path, cfg: Config, rotated: list[int],
         saved = []
         for s in range(cfg.seeds):
             path = out / "runs" / f"B/camkd-{form}/seed{s}"
-            if (path / "last.pth").is_file():
+            if finished_top1(path) is not None:
                 record = load_run(path)
                 if record.sample_weights is not None:
                     saved.append(record.sample_weights)

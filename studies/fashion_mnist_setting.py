@@ -10,6 +10,8 @@ from typing import Any
 CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 ROTATED = {1: 3, 3: 8, 8: 1}  # the biased teacher learns Trouser as Dress, Dress as Bag, Bag as Trouser
 SETTINGS = {"A": ("t0", "t1", "t2"), "B": ("t0", "t1", "t2-rotated")}
+# the paired comparison's methods (run names of parts A and B); each is compared with the first, camkd
+PAIRED_METHODS = ("camkd-spatial", "aver", "kd", "aekd", "fitnet-mkd")
 
 # the study's stores: (teacher, form, V) -> teacher id, and (teacher, form, V, "path") -> its directory
 StoreIds = dict[tuple[str, str, int] | tuple[str, str, int, str], str]
@@ -30,6 +32,11 @@ class Config:
     seeds: int = 3
     betas: tuple[int, ...] = (0, 5, 15, 50)
     view_counts: tuple[int, ...] = (1, 2, 4, 8)
+    # issue 28: paired comparisons over more seeds, and stored views over a longer schedule
+    paired_seeds: int = 10        # seeds 0..9 of PAIRED_METHODS in settings A and B
+    long_epochs: int = 40
+    long_view_counts: tuple[int, ...] = (1, 2, 5, 10, 40)
+    long_seeds: int = 3
 
 
 def best_teacher(facts: dict[str, Any], setting: str) -> str:

@@ -5,6 +5,7 @@ redoes nothing but what is missing."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,21 +28,49 @@ def study():
 
 def tiny(study):
     return study.Config(per_class=3, test_per_class=2, teacher="resnet8", teacher_epochs=1, epochs=2, batch_size=8,
-                        views=2, seeds=1, betas=(0, 50), view_counts=(1, 2))
+                        views=2, seeds=1, betas=(0, 50), view_counts=(1, 2), paired_seeds=2, long_epochs=3,
+                        long_view_counts=(1, 3), long_seeds=1)
 
 
 def test_plan_lists_every_part_once(study):
     runs = study.plan_runs(study.Config())
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys))
-    per_part = {p: sum(r.part == p for r in runs) for p in study.PARTS}
-    # 3 seeds: A has 8 methods (camkd in two forms); B the same less ce; beta 3 values x 2 forms (50 is A's);
-    # Table 4's two other ablations (β = 0 is in beta); views V in 1, 2, 4 x aver, camkd; online camkd
-    assert per_part == {"A": 24, "B": 21, "beta": 18, "abl": 6, "views": 18, "online": 3}
-    order = [(r.part, r.seed) for r in runs]
-    assert order[:24 + 18 + 21] == sorted(order[:63], key=lambda k: (study.PARTS.index(k[0]), k[1]))
-    assert {p for p, _ in order[:63]} == {"A", "beta", "B"}
-    assert order[63:] == sorted(order[63:], key=lambda k: (k[1], study.PARTS.index(k[0])))
+    per_group = {p: sum(r.group == p for r in runs) for p in study.PARTS}
+    # paired: 10 seeds x 2 settings x 5 methods, parts A and B's runs of those methods at every seed; A keeps its
+    # other three methods (ce, ebkd, camkd pooled) at 3 seeds, B two (ce never reads a teacher); beta 3 values x
+    # 2 forms (50 is A's); Table 4's two other ablations (β = 0 is in beta); views V in 1, 2, 4 x aver, camkd;
+    # online camkd; long: V in 1, 2, 5, 10, 40 x aver, camkd x 3 seeds
+    assert per_group == {"A": 9, "B": 6, "beta": 18, "paired": 100, "abl": 6, "views": 18, "online": 3, "long": 30}
+    paired = [r for r in runs if r.group == "paired"]
+    assert {r.part for r in paired} == {"A", "B"}
+    assert {(r.part, r.name, r.seed) for r in paired} == {
+        (p, m, s) for p in "AB" for m in study.PAIRED_METHODS for s in range(10)}
+    assert all(r.epochs is None for r in runs if r.group != "long")
+    assert {r.epochs for r in runs if r.group == "long"} == {40}
+    # A, beta and B part by part; then the paired runs seed by seed; the other parts seed by seed; long last
+    order = [(r.group, r.seed) for r in runs]
+    first = 9 + 18 + 6
+    assert order[:first] == sorted(order[:first], key=lambda k: (study.PARTS.index(k[0]), k[1]))
+    assert [g for g, _ in order[first:first + 100]] == ["paired"] * 100
+    assert order[first:first + 100] == sorted(order[first:first + 100], key=lambda k: k[1])
+    rest = order[first + 100:-30]
+    assert rest == sorted(rest, key=lambda k: (k[1], study.PARTS.index(k[0])))
+    assert {g for g, _ in order[-30:]} == {"long"}
+
+
+def test_paired_stats_against_a_hand_calculation(study):
+    import fashion_mnist_report as report
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302652729911275, half width 4.3027 / sqrt(3)
+    found = report.paired_stats([1.0, 2.0, 3.0])
+    assert found["mean"] == 2.0
+    assert found["t"] == pytest.approx((2 - 2.4841377118, 2 + 2.4841377118), abs=1e-9)
+    lo, hi = found["bootstrap"]
+    assert 1.0 <= lo < 2.0 < hi <= 3.0  # resampled means of three values lie between the smallest and largest
+    assert report.paired_stats([0.5]) == {"mean": 0.5}
+    assert report.paired_stats([]) == {}
+    assert report._resolved(report.paired_stats([-1.0, -1.2, -0.8, -1.1])) == "yes: camkd ahead"
+    assert report._resolved(found) == "no"
 
 
 def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
@@ -65,26 +94,38 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
     from kdcache.runs import load_run
     for r in runs:
         assert results["runs"][r.key] == load_run(study.run_dir(out, r)).final_top1
+    assert results["paired"]["B"]["aver"]["diffs"] == [
+        results["runs"][f"B/aver/seed{s}"] - results["runs"][f"B/camkd-spatial/seed{s}"] for s in range(2)]
+    long_run = next(r for r in runs if r.group == "long")
+    assert load_run(study.run_dir(out, long_run)).metrics[-1]["epoch"] == 3
     online = json.loads((study.run_dir(out, next(r for r in runs if r.online)) / "config.json").read_text())
     assert online["args"]["online"] is True
     tables = (out / "tables.md").read_text()
     for heading in ("## Teachers", "## Student accuracy by method", "## camkd against β", "Table 4 ablations",
-                    "against stored views", "Cached against online", "per-sample KD weights in setting B"):
+                    "against stored views", "Cached against online", "per-sample KD weights in setting B",
+                    "## Paired differences from camkd (spatial), 2 seeds", "## Stored views over 3 epochs"):
         assert heading in tables
     assert f"({len(runs)} of {len(runs)} runs finished)" in tables
-    for png in ("fmnist-beta.png", "fmnist-views.png", "fmnist-weights.png"):
+    for png in ("fmnist-beta.png", "fmnist-views.png", "fmnist-weights.png", "fmnist-paired.png",
+                "fmnist-views-long.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     teachers = json.loads((out / "teachers.json").read_text())
     assert teachers["teachers"]["t2-rotated"]["label_map"] == {"1": 3, "3": 8, "8": 1}
 
     # a second invocation redoes nothing; after losing one run it redoes that run only
-    stamps = {r.key: (study.run_dir(out, r) / "last.pth").stat().st_mtime_ns for r in runs}
+    # (a finished run kept as its config.json and metrics.jsonl alone, as studies/results/runs/ keeps them, is done)
+    kept = next(r for r in runs if r.group == "paired")
+    for f in study.run_dir(out, kept).iterdir():
+        if f.name not in ("config.json", "metrics.jsonl"):
+            f.unlink()
+    stamps = {r.key: (study.run_dir(out, r) / "metrics.jsonl").stat().st_mtime_ns for r in runs}
     lost = next(r for r in runs if r.part == "views")
-    (study.run_dir(out, lost) / "last.pth").unlink()
+    shutil.rmtree(study.run_dir(out, lost))
     assert study.main(["--out", str(out), "--source", str(source), "--jobs", "1"], cfg) == 0
     second = capsys.readouterr().out
     assert f"{len(runs) - 1} of {len(runs)} runs finished; 1 to go" in second
     assert lost.key in second and "training teacher" not in second and "precomputed" not in second
     for r in runs:
-        changed = (study.run_dir(out, r) / "last.pth").stat().st_mtime_ns != stamps[r.key]
-        assert changed == (r.key == lost.key)
+        if r.key != lost.key:
+            assert (study.run_dir(out, r) / "metrics.jsonl").stat().st_mtime_ns == stamps[r.key]
+    assert study.is_done(out, lost)
