@@ -10,10 +10,18 @@ model, optimiser, schedule and torch's RNG restored), and after each epoch's tra
 write metrics.jsonl, best.pth and checkpoint.pth (atomically,
 :func:`kdcache.training.save_atomic`); after the last epoch, last.pth. Under torchrun
 rank 0 alone reads and writes the run directory and evaluates.
+
+A write that fails (a full disk, a file size limit) stops the run with one line naming the file, the
+cause, the epoch checkpoint.pth still holds and how to go on (``--resume``); the files of an epoch
+whose checkpoint was not written are those of an epoch not trained: ``--resume`` drops its metrics
+line and trains it again. When even epoch 1's checkpoint could not be written, its metrics line,
+best.pth and sample weights are removed, so the same command starts the run again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from kdcache import __version__, training
+from kdcache.atomic import WriteError
 from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError
 from kdcache.runs import RunDir
@@ -93,12 +102,15 @@ class Loop:
 
     # -- starting ---------------------------------------------------------------------------------
 
-    def begin(self, resume: bool) -> None:
-        """Start a new run directory (config.json, an empty metrics.jsonl), or restore the run in it (``resume``):
-        rank 0 reads and checks checkpoint.pth and hands it to every rank."""
+    def begin(self, resume: bool, force: bool = False) -> None:
+        """Start a new run directory (config.json, an empty metrics.jsonl; ``force``: the run files there removed
+        first), or restore the run in it (``resume``): rank 0 reads and checks checkpoint.pth and hands it to
+        every rank."""
         run, ctx = self.run_dir, self.ctx
         if not resume:
             if ctx.is_main:
+                if force:
+                    run.clear()
                 run.start(self.config)
             return
         ckpt = ctx.on_main(self._read_checkpoint)
@@ -117,10 +129,13 @@ class Loop:
         epoch = int(ckpt["epoch"])
         self.start, self.best_top1 = epoch + 1, float(ckpt.get("best_top1", 0.0))
         if ctx.is_main:
-            run.keep_metrics_through(epoch)
-            if epoch < self.epochs:  # it trains again: not finished until its new last epoch
-                run.file(run.LAST).unlink(missing_ok=True)
-            run.write_config(self.config)
+            try:
+                run.keep_metrics_through(epoch)  # and a last line cut short by a kill
+                if epoch < self.epochs:  # it trains again: not finished until its new last epoch
+                    run.file(run.LAST).unlink(missing_ok=True)
+                run.write_config(self.config)
+            except WriteError as exc:
+                raise exc.told(kept=f"{run.file(run.CHECKPOINT).name} keeps epoch {epoch}") from None
 
     def _read_checkpoint(self) -> dict[str, Any]:
         """checkpoint.pth, refused unless it is this kind's, with these parts, of the same result arguments."""
@@ -157,29 +172,58 @@ class Loop:
             is_best = metrics.test_top1 > self.best_top1 or epoch == 1
             self.best_top1 = max(self.best_top1, metrics.test_top1)
             if ctx.is_main:
-                if trained.files is not None:
-                    trained.files(self.run_dir)
-                self._save_epoch(metrics, is_best)
+                self._save_epoch(metrics, is_best, trained.files)
                 if board is not None:
-                    board.epoch(epoch, metrics.train, metrics.test_top1, metrics.test_top5, metrics.lr,
-                                metrics.teacher_weights)
+                    try:
+                        board.epoch(epoch, metrics.train, metrics.test_top1, metrics.test_top5, metrics.lr,
+                                    metrics.teacher_weights)
+                    except WriteError as exc:
+                        raise exc.told(kept=f"{self.run_dir.CHECKPOINT} keeps epoch {epoch} (the log lacks its "
+                                            "numbers; metrics.jsonl has them)",
+                                       then=self._resume_from(epoch)) from None
                 if on_epoch:
                     on_epoch(metrics)
         if board is not None:
             board.close()
 
-    def _save_epoch(self, metrics: EpochMetrics, is_best: bool) -> None:
+    def _save_epoch(self, metrics: EpochMetrics, is_best: bool, files: Callable[[RunDir], None] | None) -> None:
+        """The epoch's files (``files``: its own, e.g. sample weights), its metrics line, best.pth (``is_best``),
+        then checkpoint.pth, which makes the epoch saved; a failed write stops the run with one line."""
         run, t = self.run_dir, self.trainee
-        run.append_metrics(asdict(metrics))
-        if is_best:
-            run.save_best(self._weights(metrics.epoch, metrics.test_top1))
-        run.save_checkpoint({
-            "kind": self.kind, "model": t.model.state_dict(),
-            **{name: part.state_dict() for name, part in t.parts.items()},
-            "optimizer": t.optimizer.state_dict(), "lr_scheduler": t.scheduler.state_dict(), "epoch": metrics.epoch,
-            "args": self.config["args"], "best_top1": self.best_top1, "rng": {"torch": torch.get_rng_state()},
-            "arch": t.arch,
-        })
+        try:
+            if files is not None:
+                files(run)
+            run.append_metrics(asdict(metrics))
+            if is_best:
+                run.save_best(self._weights(metrics.epoch, metrics.test_top1))
+            run.save_checkpoint({
+                "kind": self.kind, "model": t.model.state_dict(),
+                **{name: part.state_dict() for name, part in t.parts.items()},
+                "optimizer": t.optimizer.state_dict(), "lr_scheduler": t.scheduler.state_dict(),
+                "epoch": metrics.epoch, "args": self.config["args"], "best_top1": self.best_top1,
+                "rng": {"torch": torch.get_rng_state()}, "arch": t.arch,
+            })
+        except WriteError as exc:
+            raise self._unsaved(exc, metrics.epoch) from None
+
+    def _unsaved(self, exc: WriteError, epoch: int) -> WriteError:
+        """The one line for a write of ``epoch``'s files that failed: checkpoint.pth keeps the epoch before, to
+        resume from. Epoch 1 has none: its files written so far are removed (best-effort: no new space is needed
+        for it), so that the folder holds a run started but never saved and the same command starts it again."""
+        run = self.run_dir
+        if epoch > 1:
+            return exc.told(kept=f"{run.CHECKPOINT} keeps epoch {epoch - 1}, the last one saved",
+                            then=self._resume_from(epoch - 1))
+        with contextlib.suppress(OSError):
+            os.truncate(run.file(run.METRICS), 0)
+        for name in (run.BEST, run.SAMPLE_WEIGHTS):
+            with contextlib.suppress(OSError):
+                run.file(name).unlink(missing_ok=True)
+        return exc.told(kept="no epoch was saved", then="then run the same command again")
+
+    @staticmethod
+    def _resume_from(epoch: int) -> str:
+        return f"then run the same command with --resume to continue after epoch {epoch}"
 
     def _weights(self, epoch: int, test_top1: float | None) -> dict[str, Any]:
         """A weights file (best.pth, last.pth): what ``load_checkpoint`` reads, and what it was."""
@@ -200,9 +244,14 @@ class Loop:
             recorded = run.read_metrics()
             test_top1 = float(recorded[-1]["test_top1"]) if recorded else None
         weights = self._weights(self.epochs, test_top1)
-        if also is not None:
-            training.save_atomic(weights, also)
-        run.save_last(weights)
+        try:
+            if also is not None:
+                training.save_atomic(weights, also)
+            run.save_last(weights)
+        except WriteError as exc:
+            raise exc.told(kept=f"{run.CHECKPOINT} keeps the trained epoch {self.epochs}",
+                           then="then run the same command with --resume to write it (nothing is trained again)") \
+                from None
 
     def _kept(self, epoch: int) -> str:
         """What a run stopped in ``epoch`` keeps, for the message: the last good checkpoint, if any."""

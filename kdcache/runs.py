@@ -14,8 +14,8 @@ teacher rule), so a damaged or foreign directory is the same one-line error ever
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from kdcache import atomic
 from kdcache.errors import CheckpointError, KdcacheError
 from kdcache.request import differing
 
@@ -97,6 +98,7 @@ class RunDir:
     BEST = "best.pth"
     LAST = "last.pth"
     SAMPLE_WEIGHTS = "sample_weights.npz"
+    RUN_FILES = (CONFIG, METRICS, CHECKPOINT, BEST, LAST, SAMPLE_WEIGHTS)
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -119,15 +121,39 @@ class RunDir:
         """Whether the run trained all its epochs: last.pth is written only then."""
         return self.file(self.LAST).is_file()
 
-    def check_can_start(self, resume: bool) -> None:
-        """Refuse to overwrite a run (without ``resume``) or to resume none, with one line saying what to do."""
+    def held(self) -> list[str]:
+        """The run files here that a new run would replace, in :meth:`clear`'s order; none when the folder is
+        missing or empty, or holds only a run started and stopped before its first epoch was saved (config.json
+        and an empty metrics.jsonl: nothing in it to lose)."""
+        present = [name for name in self.RUN_FILES if self.file(name).exists()]
+        if set(present) <= {self.CONFIG, self.METRICS} and self.METRICS in present:
+            try:
+                if not self.file(self.METRICS).read_bytes().strip():
+                    return []
+            except OSError:
+                pass
+        return present
+
+    def check_can_start(self, resume: bool, force: bool = False) -> None:
+        """Refuse, with one line saying what to do, to replace a run without ``force`` (a run is any of its files
+        here, :meth:`held`: a finished run, a started one, or another run's config.json and metrics.jsonl), to
+        resume none, or to be given both ``resume`` and ``force``. An empty or missing folder starts a run."""
+        if resume and force:
+            raise KdcacheError("--resume continues the run in --out and --force replaces it: give one of them")
+        if force:
+            return
+        held = self.held()
         if resume:
             if not self.started:
+                if held:
+                    raise CheckpointError(f"--resume: {self.file(self.CHECKPOINT)} does not exist, so the run in "
+                                          f"{self.path} ({', '.join(held)}) cannot be continued; pass --force "
+                                          "instead to replace it, or choose another --out")
                 raise CheckpointError(f"--resume: {self.file(self.CHECKPOINT)} does not exist; drop --resume "
                                       "to start a run")
-        elif self.file(self.CHECKPOINT).exists():
-            raise KdcacheError(f"{self.path} already holds a run; pass --resume to continue it or choose "
-                               "another --out")
+        elif held:
+            raise KdcacheError(f"{self.path} already holds a run ({', '.join(held)}); pass --resume to continue "
+                               "it, --force to replace it, or choose another --out")
 
     def differing_args(self, want: dict[str, Any]) -> list[str]:
         """The names of ``want``'s arguments (result arguments, as config.json's "args" holds them) this run recorded
@@ -136,30 +162,37 @@ class RunDir:
 
     # -- writing ------------------------------------------------------------------------------
 
+    # Every file is replaced whole (temporary file, fsync, rename) or appended to (metrics.jsonl, whose cut last
+    # line readers drop): a kill or a full disk never leaves half a file where a whole one was
+    # (:mod:`kdcache.atomic`). A failed write raises :class:`kdcache.atomic.WriteError`.
+
     def start(self, config: dict[str, Any]) -> None:
         """Begin a new run: the folder, an empty metrics.jsonl and config.json."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.file(self.METRICS).write_text("")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise atomic.WriteError(self.path, exc) from None
+        atomic.write_bytes(self.file(self.METRICS), b"")
         self.write_config(config)
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.file(self.CONFIG), config)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        """Add one epoch's record to metrics.jsonl."""
-        with open(self.file(self.METRICS), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Add one epoch's record to metrics.jsonl (one line, fsynced; a failed write takes its part back)."""
+        atomic.append_line(self.file(self.METRICS), json.dumps(record))
 
     def keep_metrics_through(self, epoch: int) -> None:
-        """Drop the records after ``epoch`` (a resumed run trains them again)."""
+        """Drop the records after ``epoch`` (a resumed run trains them again) and a last line cut short (a kill
+        while it was written); the kept lines keep their bytes. The file is replaced whole."""
         path = self.file(self.METRICS)
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
-        path.write_text("".join(line + "\n" for line in kept))
+        lines = _metric_lines(path) if path.exists() else []
+        kept = [line for line, record in lines if record["epoch"] <= epoch]
+        atomic.write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def clear(self) -> None:
-        """Remove the files of a run here (train-teacher --force), leaving the folder and anything else in it."""
-        for name in (self.CONFIG, self.METRICS, self.CHECKPOINT, self.BEST, self.LAST, self.SAMPLE_WEIGHTS):
+        """Remove the files of a run here (--force), leaving the folder and anything else in it."""
+        for name in self.RUN_FILES:
             self.file(name).unlink(missing_ok=True)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -181,10 +214,9 @@ class RunDir:
     def save_sample_weights(self, epoch: int, indices: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
         """The per-sample KD weights ``(n, K)`` of the samples ``indices`` (with their labels) in ``epoch``;
         replaced every epoch, so the file holds the latest (the data of the paper's Figure 3)."""
-        path = self.file(self.SAMPLE_WEIGHTS)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, epoch=epoch, indices=indices, labels=labels, weights=weights)
-        tmp.replace(path)
+        buf = io.BytesIO()  # small (n x K floats): made in memory, then written whole
+        np.savez(buf, epoch=epoch, indices=indices, labels=labels, weights=weights)
+        atomic.write_bytes(self.file(self.SAMPLE_WEIGHTS), buf.getbuffer())
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -236,10 +268,9 @@ class RunDir:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """``obj`` as indented JSON at ``path``, through a temporary file and a rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """``obj`` as indented JSON at ``path``, through a temporary file and a rename: never half a file (a failed
+    write is :class:`kdcache.atomic.WriteError`)."""
+    atomic.write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -253,21 +284,31 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [record for _, record in _metric_lines(path)]
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each record of metrics.jsonl with its line. A last line cut short (no newline and not valid JSON: the
+    process was killed while appending it) is dropped: that epoch was not saved. Any other bad line is an error."""
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_bytes().decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise KdcacheError(f"cannot read {path}: {_one_line(exc)}") from None
+    lines = text.split("\n")
+    cut = lines.pop()  # after the last newline: "" unless the last line was cut short
     records = []
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate([*lines, cut], 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
+            if number > len(lines):
+                break  # the cut last line
             raise KdcacheError(f"{path} line {number} is not valid JSON: {_one_line(exc)}") from None
         if not isinstance(record, dict) or not {"epoch", "test_top1"} <= set(record):
             raise KdcacheError(f"{path} line {number} is not a kdcache epoch record (no epoch or test_top1)")
-        records.append(record)
+        records.append((line, record))
     return records
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping, cast
 
 import torch
 
+from kdcache import atomic
 from kdcache.errors import KdcacheError
 from kdcache.request import differing, result_args
 
@@ -113,18 +113,31 @@ def reschedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sched
 def check_hyperparameters(epochs: int, batch_size: int, lr: float | None, weight_decay: float,
                           momentum: float, seed: int = 0) -> None:
     """Refuse out-of-range or non-finite training options with one line each, before any work."""
-    if epochs < 1:
-        raise KdcacheError(f"--epochs must be at least 1 (got {epochs})")
-    if batch_size < 1:
-        raise KdcacheError(f"--batch-size must be at least 1 (got {batch_size})")
+    if not 1 <= epochs <= MAX_EPOCHS:
+        raise KdcacheError(f"--epochs must lie in [1, {MAX_EPOCHS:,}] (got {epochs:,})")
+    if batch_size < 2:  # the incomplete last batch is dropped, so every training batch has batch_size samples
+        raise KdcacheError(f"--batch-size must be at least 2 (got {batch_size}): BatchNorm, which every zoo model and "
+                           "the aligners of fitnet, fitnet-mkd and camkd train, needs 2 samples a batch")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise KdcacheError(f"--lr must be a finite positive number (got {lr})")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise KdcacheError(f"--weight-decay must be a finite number of at least 0 (got {weight_decay})")
     if not (math.isfinite(momentum) and 0 <= momentum < 1):
         raise KdcacheError(f"--momentum must lie in [0, 1) (got {momentum})")
-    if seed < 0:
-        raise KdcacheError(f"--seed must be at least 0 (got {seed})")
+    check_seed("--seed", seed)
+
+
+# Seeds go to torch.manual_seed (which takes 0 to 2^64 - 1), numpy's SeedSequence (any size) and epoch_seed, and are
+# recorded in JSON (config.json, zarr attributes), whose readers commonly hold an int64: 0 to 2^63 - 1 works everywhere.
+MAX_SEED = 2**63 - 1
+# epoch_seed(seed, e) = seed * 1,000,003 + e: epochs up to 1,000,002 keep every (seed, epoch) pair's draw distinct.
+MAX_EPOCHS = 1_000_000
+
+
+def check_seed(option: str, seed: int) -> None:
+    """Refuse a seed outside [0, MAX_SEED] with one line naming ``option``."""
+    if not 0 <= seed <= MAX_SEED:
+        raise KdcacheError(f"{option} must lie in [0, 2**63 - 1] (got {seed})")
 
 
 class NonFiniteLossError(KdcacheError):
@@ -198,27 +211,21 @@ def non_finite_message(epoch: int, step: int | None, term: str, value: float, ke
 
 
 def save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
+    """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed: a reader never sees half a file,
+    and a failed write (no space left, a file size limit) keeps the previous file and is one
+    :class:`kdcache.atomic.WriteError` line naming the file and the cause, not torch's "[enforce fail at
+    inline_container.cc]" (the bytes go through :class:`kdcache.atomic.FileSink`, which keeps the OSError)."""
     path = Path(path)
+    previous = path.stat().st_size if path.is_file() else None
+
+    def write(sink: atomic.FileSink) -> None:
+        torch.save(obj, cast("IO[bytes]", sink))  # it needs write() alone
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise KdcacheError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # e.g. no space left: the previous file at ``path`` is untouched
-        Path(tmp).unlink(missing_ok=True)
-        kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        raise KdcacheError(f"cannot write {path}: {exc.strerror or exc}{kept}; free space and run the "
-                              "command again (with --resume to continue)") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic.replace_file(path, write)
+    except atomic.WriteError as exc:
+        kept = f"the previous {path.name} is kept" if path.exists() else ""
+        raise atomic.WriteError(exc.path, exc.cause, kept, exc.then, previous) from None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -169,7 +169,7 @@ def _check_can_start(req: TrainTeacherRequest, run: RunDir, weights: Path) -> No
     if req.force:
         return
     if not req.resume:
-        if weights.exists() or run.started:
+        if weights.exists() or run.held():  # a finished or started run, or another run's files
             raise KdcacheError(f"{req.out} already exists; pass --resume to continue its training, --force to "
                                "replace it, or choose another --out")
         return
