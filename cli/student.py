@@ -76,6 +76,7 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
                    "block by block. Same batches either way.")
 @click.option("--online", is_flag=True, help="Run the recorded teacher checkpoints live instead of reading stores.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
+@click.option("--force", is_flag=True, help="Replace the run in --out (without it, an existing run is refused).")
 @tensorboard_option
 @click.pass_context
 def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], method: str, out: Path,
@@ -83,7 +84,7 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
                 lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                 temperature: float, gamma: float, alpha: float | None, beta: float | None, seed: int,
                 device: str | None, amp: bool, prefetch: int, read_threads: int | None, resident_share: float,
-                online: bool, resume: bool, tensorboard: Path | None) -> None:
+                online: bool, resume: bool, force: bool, tensorboard: Path | None) -> None:
     """Train a student from cached teacher stores with CA-MKD or a baseline.
 
     Under `torchrun --nproc_per_node N $(command -v kdcache) distill ...` it trains data-parallel on N ranks:
@@ -99,7 +100,7 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
     req = DistillRequest(student=student, teachers=list(teachers), method=method, out=out, cache=cache,
                          dataset=dataset, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
                          momentum=momentum, weight_decay=weight_decay, milestones=lr_milestones, seed=seed,
-                         device=device, resume=resume, online=online, amp=amp, prefetch=prefetch,
+                         device=device, resume=resume, force=force, online=online, amp=amp, prefetch=prefetch,
                          read_threads=read_threads, resident_share=resident_share, options=options,
                          tensorboard=tensorboard)
 

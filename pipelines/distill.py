@@ -76,6 +76,7 @@ class DistillRequest:
     seed: int = 0
     device: str | None = how(None)
     resume: bool = how(False)
+    force: bool = how(False)          # replace the run in ``out`` (without it, an existing run is refused)
     online: bool = False
     amp: bool = False
     prefetch: int = how(2)
@@ -195,7 +196,7 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     device = ctx.device
     stores, plan, dataset = teachers.stores, teachers.plan, teachers.dataset
     run = RunDir(req.out)
-    ctx.on_main(lambda: run.check_can_start(req.resume))
+    ctx.on_main(lambda: run.check_can_start(req.resume, req.force))
     # Opened before the run directory is written, so a log directory that cannot be made leaves no run behind.
     board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None and ctx.is_main else None
 
@@ -215,7 +216,7 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     loop = Loop(run, "distill", _config(req, stores, plan, dataset),
                 Trainee(req.student, student, optimizer, scheduler, {"method": method}), req.epochs,
                 about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed}, ctx=ctx)
-    loop.begin(req.resume)
+    loop.begin(req.resume, req.force)
     # The method's parameters (aligners) go unused where its feature term is off (camkd's first epoch, beta 0).
     model = ctx.wrap(StudentLoss(student, method, spatial),
                      find_unused_parameters=any(p.requires_grad for p in method.parameters()))
