@@ -205,11 +205,14 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
     student_map = map_shape(student, teachers.view_size, as_student=True)  # a student that cannot take the views fails here
     student = student.to(device)
     spatial = teachers.feature_form is FeatureForm.SPATIAL
-    method = build_method(req.method, num_classes=dataset.num_classes,
-                          student_dim=student_map if spatial else feature_dim(student),
-                          teacher_dims=[s.feature_shape if spatial else s.feature_dim for s in stores],
-                          teacher_heads=[s.head() for s in stores] if info.uses_heads else None,
-                          options=req.options).to(device)
+    # The method's aligners draw their initial weights from a fork of the generator, so every method at one seed
+    # leaves it where the student alone did: runs of different methods stay paired (docs/EVIDENCE.md).
+    with torch.random.fork_rng(devices=[]):
+        method = build_method(req.method, num_classes=dataset.num_classes,
+                              student_dim=student_map if spatial else feature_dim(student),
+                              teacher_dims=[s.feature_shape if spatial else s.feature_dim for s in stores],
+                              teacher_heads=[s.head() for s in stores] if info.uses_heads else None,
+                              options=req.options).to(device)
     optimizer, scheduler, _, _ = training.build_sgd(
         [*student.parameters(), *method.parameters()], req.student, req.epochs, req.lr, req.momentum,
         req.weight_decay, req.milestones)

@@ -125,3 +125,40 @@ def test_an_online_run_with_its_teachers_outputs_rounded_to_float16_is_the_cache
     a = torch.load(tmp_path / "cached" / "last.pth", weights_only=False)["model"]
     b = torch.load(tmp_path / "online" / "last.pth", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_method_at_a_seed_starts_from_one_student_and_reads_one_batch_order(forms, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """Paired comparisons (docs/EVIDENCE.md) rest on this: at one seed, runs of different methods from stores of
+    one layout start from the same student weights, read the same batches in the same order, and find the
+    random generator where the student alone left it (a method's aligners draw their initial weights without
+    shifting any later draw of the student's)."""
+    cache, ids = forms
+    import kdcache.pipelines.distill as pipeline
+    real_build = pipeline.build_model
+    seen: dict[str, tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+    for method in ("aver", "camkd", "fitnet-mkd", "kd"):
+        start: dict[str, torch.Tensor] = {}
+        batches: list[torch.Tensor] = []
+        states: list[torch.Tensor] = []
+
+        def build(*args, _start=start, **kw):
+            model = real_build(*args, **kw)
+            _start.update({k: v.clone() for k, v in model.state_dict().items()})
+            return model
+
+        monkeypatch.setattr(pipeline, "build_model", build)
+        teachers = ids["spatial"][:1] if method == "kd" else ids["spatial"]
+
+        def step(record: StepRecord, _batches=batches, _states=states) -> None:
+            _batches.append(record.indices.clone())
+            _states.append(torch.get_rng_state())
+
+        distill(request(cache, teachers, tmp_path / method, method, epochs=2), on_step=step)
+        seen[method] = (start, batches, states)
+    start, batches, states = seen["aver"]
+    assert len(batches) > 4
+    for method, (s, b, g) in seen.items():
+        assert s.keys() == start.keys() and all(torch.equal(s[k], start[k]) for k in start), method
+        assert len(b) == len(batches) and all(torch.equal(x, y) for x, y in zip(b, batches)), method
+        assert all(torch.equal(x, y) for x, y in zip(g, states)), method
