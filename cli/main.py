@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
 from kdcache import __version__
 from kdcache.errors import KdcacheError
+from kdcache.registry import PluginWarning
 
 
 class OneLineUsageError(click.ClickException):
@@ -65,6 +67,26 @@ def os_error_line(exc: OSError) -> str:
             errno.ENOENT: "check the path", errno.ENOTDIR: "a part of the path is a file, not a folder",
             errno.EISDIR: "it is a folder; give a file", errno.EEXIST: "it exists already"}.get(exc.errno or 0)
     return f"{path}: {why}{'; ' + hint if hint else ''}"
+
+
+def _one_line_plugin_warnings() -> None:
+    """Print a plug-in's load failure (:class:`kdcache.registry.PluginWarning`) as one ``Warning: ...`` line, not
+    Python's two lines of file, line number and source; every other warning keeps Python's format."""
+    plain = warnings.formatwarning
+    if getattr(plain, "kdcache_one_line", False):
+        return
+
+    def one_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 line: str | None = None) -> str:
+        if issubclass(category, PluginWarning):
+            return f"Warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    setattr(one_line, "kdcache_one_line", True)
+    warnings.formatwarning = one_line
+
+
+_one_line_plugin_warnings()
 
 
 @click.group(cls=KdcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -54,7 +54,7 @@ from kdcache.pipelines.experiment_spec import Experiment
 from kdcache.pipelines.grid import GridSpec, GridTeacher, Setup, find_setup
 from kdcache.pipelines.grid_runner import run_grid
 from kdcache.pipelines.precompute_cluster import ClusterOptions
-from kdcache.registry import Registry
+from kdcache.registry import Registry, builtin_registrations
 from kdcache.store.form import FeatureForm, StoreForm
 from kdcache.store.format import STORED_DTYPE
 from kdcache.store.layout import StoreShape
@@ -108,9 +108,11 @@ def _registry() -> Registry[Experiment]:
         _paper_added = True
         from kdcache.pipelines.paper_settings import PAPER_EXPERIMENTS
 
-        # all added before any is checked: checking loads the plug-ins, whose experiments come after the paper's
-        for e in PAPER_EXPERIMENTS:
-            _EXPERIMENTS.add(e.name, e)
+        # all added before any is checked: checking loads the plug-ins, whose experiments come after the paper's;
+        # kdcache's own even when a plug-in's register_experiment makes this first use (its failure keeps them)
+        with builtin_registrations():
+            for e in PAPER_EXPERIMENTS:
+                _EXPERIMENTS.add(e.name, e)
         for e in PAPER_EXPERIMENTS:
             check_experiment(e)
     return _EXPERIMENTS

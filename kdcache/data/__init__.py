@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kdcache.data import cifar, digits, imagefolder, mnist
 from kdcache.data.base import DataSet, FileSource, ImageSource, TensorSource
 from kdcache.errors import DatasetError
-from kdcache.registry import Registry
+from kdcache.registry import PluginError, Registry
 from kdcache.views import get_recipe
 
 __all__ = [
@@ -78,7 +78,9 @@ def _entry(name: str) -> _Entry:
 
 def dataset_description(name: str) -> str:
     """One line describing data set `name`, including whether it needs --data-root."""
-    return _entry(name).describe()
+    entry = _entry(name)
+    with _DATASETS.running(name):  # a plug-in's failure is named as its own
+        return entry.describe()
 
 
 def load_dataset(name: str, root: str | os.PathLike[str] | None = None, recipe: str | None = None,
@@ -87,9 +89,17 @@ def load_dataset(name: str, root: str | os.PathLike[str] | None = None, recipe: 
     `image_size` pixels where given (default: the data set's own, see :func:`with_views`).
 
     Raises UnknownNameError for an unregistered name and DatasetError for a
-    missing or malformed data set, each with a one-line message saying what to do.
+    missing or malformed data set, each with a one-line message saying what to do; a plug-in's loader that
+    raises anything else is a PluginError naming the plug-in's distribution.
     """
-    return with_views(_entry(name).load(root), recipe, image_size)
+    entry = _entry(name)
+    with _DATASETS.running(name):
+        data = entry.load(root)
+    if not isinstance(data, DataSet):
+        origin = _DATASETS.origin(name)
+        raise PluginError(f"the data set {name!r}{f' from plug-in distribution {origin}' if origin else ''} "
+                          f"returned {type(data).__name__}, not a kdcache.DataSet")
+    return with_views(data, recipe, image_size)
 
 
 def with_views(data: DataSet, recipe: str | None = None, image_size: int | None = None) -> DataSet:
