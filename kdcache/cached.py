@@ -35,12 +35,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from kdcache import arguments
 from kdcache.batches import view_batch
 from kdcache.data import DataSet, load_dataset
 from kdcache.data.base import ImageSource, TensorSource
 from kdcache.device import resolve_device
 from kdcache.distributed import split_batch
-from kdcache.errors import KdcacheError, StoreError
+from kdcache.errors import ArgumentTypeError, KdcacheError, StoreError
 from kdcache.resident import VIEW_SHARE, ResidentView, ResidentViews, views_fit
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.store.form import FeatureForm
@@ -50,6 +51,9 @@ from kdcache.stream import StreamBatch, TeacherStream, check_compatible
 from kdcache.topk import TopKLogits
 from kdcache.views import get_recipe
 from kdcache.views.replay import replays_on_device
+
+
+EPOCHS_FROM_1 = "epochs count from 1 (the first epoch is 1), with no upper bound"
 
 
 @dataclass
@@ -94,14 +98,18 @@ class CachedTeachers:
                  device: str | torch.device | None = None, prefetch: int = 2, rank: int | None = None,
                  world: int | None = None, read_teachers: bool = True, read_threads: int | None = None,
                  resident_share: float = VIEW_SHARE) -> None:
-        if batch_size < 1:
-            raise KdcacheError(f"--batch-size must be at least 1 (got {batch_size})")
-        if prefetch < 1:
-            raise KdcacheError(f"--prefetch must be at least 1 (got {prefetch})")
-        if read_threads is not None and read_threads < 1:
-            raise KdcacheError(f"--read-threads must be at least 1 (got {read_threads})")
-        if not 0 <= resident_share <= 1:
-            raise KdcacheError(f"--resident-share must be between 0 and 1 (got {resident_share})")
+        # Each argument checked before any work: a str of ids, a float or bool count is one line, not a numpy error.
+        teachers = arguments.ids("teachers", teachers)
+        dataset = arguments.text("dataset", dataset, optional=True)
+        data_root = arguments.path("data_root", data_root)
+        batch_size = arguments.integer("batch_size", batch_size, low=1)
+        seed = arguments.integer("seed", seed, low=0)
+        prefetch = arguments.integer("prefetch", prefetch, low=1)
+        read_threads = arguments.optional_integer("read_threads", read_threads, low=1)
+        resident_share = arguments.fraction("resident_share", resident_share)
+        read_teachers = arguments.flag("read_teachers", read_teachers)
+        world = arguments.optional_integer("world", world, low=1)
+        rank = arguments.optional_integer("rank", rank, low=0)
         self.cache = Cache.at(cache)
         self.stores = [self.cache.open_teacher(t) for t in teachers]
         self.plan = open_plan(self.cache, self.stores)
@@ -169,13 +177,19 @@ class CachedTeachers:
     def epoch(self, epoch: int) -> Iterator[CachedBatch]:
         """The batches of ``epoch`` (1-based), read ahead on background threads; stops early without harm.
 
+        Any integer epoch from 1 up is valid, with no upper bound: epoch e reads view σ(e mod V) of the
+        plan's V views, so after V epochs the views come round again, in another order of batches. An epoch
+        that is not an integer of at least 1 is refused here, at the call, not at the first batch.
+
         Each batch's arrays are staged (:class:`kdcache.staging.Staging`): copied into reused host
         buffers, pinned on CUDA, and on to the device on a side stream. Batch i+1's copies are started
         before batch i is handed out, so they run while the consumer's step on batch i does. Every tensor
         of a batch is the batch's own (never a staging buffer): a consumer may keep batches.
         """
-        if epoch < 1:
-            raise KdcacheError(f"epochs count from 1 (got {epoch})")
+        return self._epoch(arguments.integer("epoch", epoch, low=1, why=EPOCHS_FROM_1))
+
+    def _epoch(self, epoch: int) -> Iterator[CachedBatch]:
+        """The batches of the checked ``epoch``."""
         view = self.stream.schedule.view(epoch)
         held = None
         if self._views is not None:
@@ -229,8 +243,9 @@ class CachedTeachers:
                            [h.float() for h in features], batch.indices, topk)
 
     def as_dataset(self, epochs: int, start: int = 1) -> "CachedTeacherDataset":
-        """An IterableDataset of every batch of epochs ``start`` .. ``epochs``, for
-        ``DataLoader(..., batch_size=None)`` (the batches are already made and on the device)."""
+        """An IterableDataset of every batch of epochs ``start`` .. ``epochs`` (both counted from 1, ``start`` at
+        most ``epochs``), for ``DataLoader(..., batch_size=None)`` (the batches are already made and on the
+        device)."""
         return CachedTeacherDataset(self, epochs, start)
 
 
@@ -242,6 +257,11 @@ class CachedTeacherDataset(torch.utils.data.IterableDataset[CachedBatch]):
 
     def __init__(self, teachers: CachedTeachers, epochs: int, start: int = 1) -> None:
         super().__init__()
+        if not isinstance(teachers, CachedTeachers):
+            raise ArgumentTypeError(f"teachers must be a kdcache.CachedTeachers (got a {type(teachers).__name__})")
+        epochs = arguments.integer("epochs", epochs, low=1, why="the last epoch served; " + EPOCHS_FROM_1)
+        start = arguments.integer("start", start, low=1, high=epochs,
+                                  why=f"the first epoch served, counted from 1, up to epochs={epochs}")
         self.teachers, self.epochs, self.start = teachers, epochs, start
 
     def __iter__(self) -> Iterator[CachedBatch]:

@@ -28,3 +28,16 @@ class StoreError(KdcacheError):
 class UnfinishedCreationError(StoreError):
     """A plan or store whose creation was cut short: nothing in it is usable, and re-running its precompute
     makes it afresh."""
+
+
+class ArgumentError(KdcacheError):
+    """A library call's argument of the wrong type or out of range; the line names the argument, the value given
+    and what is valid. Also a TypeError or ValueError (its two subclasses), as Python's own calls raise."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type: a str where a list of ids goes, a float or bool where an integer goes."""
+
+
+class ArgumentValueError(ArgumentError, ValueError):
+    """An argument of the right type but outside its range: an epoch before the first, a batch size of 0."""
