@@ -14,7 +14,8 @@ from typing import Any, Callable, Sequence
 import click
 
 from kdcache.defaults import AMP_DTYPES, TEMPERATURE
-from kdcache.store.form import FeatureDtype, FeatureForm, FormError, Forward, StoreForm, parse_logits
+from kdcache.store.form import (MAX_TEMPERATURE, MIN_TEMPERATURE, FeatureDtype, FeatureForm, FormError, Forward, StoreForm,
+                                parse_logits, temperature_problem)
 from kdcache.text import duration
 
 
@@ -45,6 +46,42 @@ class LogitsType(click.ParamType[str]):
         return str(value)
 
 
+# Chunk blocks distill reads ahead (each held in memory with the K teachers' rows), and threads one pool may start:
+# beyond these a value only costs memory (and, for threads, may fail to start at all).
+MAX_PREFETCH = 64
+MAX_THREADS = 1024
+
+
+class TemperatureType(click.ParamType[float]):
+    """A KD temperature (``--logits-temperature``, distill's ``--temperature``): a number in
+    [MIN_TEMPERATURE, MAX_TEMPERATURE] (:func:`kdcache.store.form.temperature_problem` says why), refused as it is
+    parsed with one line naming the option (status 1, as every refused form)."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        flag = param.opts[0] if param is not None and getattr(param, "opts", None) else "the temperature"
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            raise click.ClickException(f"{flag} takes a number (got {value!r})") from None
+        problem = temperature_problem(t)
+        if problem is not None:
+            raise click.ClickException(f"{flag} {problem}")
+        return t
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange that also refuses nan (which compares false with either bound, so FloatRange lets it
+    through)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not in the range {self._describe_range()}.", param, ctx)
+        return rv
+
+
 def store_form_options(command: Callable[..., None]) -> Callable[..., None]:
     """--features, --feature-dtype, --logits, --logits-temperature, --amp and --amp-dtype, given to the command as
     one ``form`` (a :class:`~kdcache.store.form.StoreForm`), or one line of error (status 1) for a form no store can
@@ -52,8 +89,6 @@ def store_form_options(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)  # keeps the options given below this decorator (click's __click_params__)
     def with_form(*args: Any, features: FeatureForm, feature_dtype: FeatureDtype, logits: str,
                   logits_temperature: float, amp: bool, amp_dtype: str | None, **kwargs: Any) -> None:
-        if not (math.isfinite(logits_temperature) and logits_temperature > 0):  # refused even where dense ignores it
-            raise click.ClickException(f"--logits-temperature must be a positive number (got {logits_temperature})")
         if amp_dtype is not None and not amp:
             raise click.ClickException(f"--amp-dtype {amp_dtype} needs --amp: give --amp too, or drop --amp-dtype")
         try:
@@ -81,9 +116,10 @@ def store_form_options(command: Callable[..., None]) -> Callable[..., None]:
                      help="Which logits to store: every class's (dense), or the K largest with their classes and five "
                           "scalars that keep the teachers' cross-entropy and entropy exact (topk:K, e.g. topk:10 for "
                           "1000 classes: 60 B a row instead of 2,000). Part of the teacher id."),
-        click.option("--logits-temperature", type=float, default=TEMPERATURE, show_default=True,
+        click.option("--logits-temperature", type=TemperatureType(), default=TEMPERATURE, show_default=True,
                      help="The KD temperature a top-K store serves: distill's --temperature must equal it. Dense "
-                          "stores serve every temperature."),
+                          f"stores serve every temperature. From {MIN_TEMPERATURE:.3g} to {MAX_TEMPERATURE:.3g} "
+                          "(T² and the stored scalars stay finite float32)."),
         click.option("--amp", is_flag=True,
                      help="Run the teachers under autocast (mixed precision), for GPUs with tensor cores. bfloat16 on "
                           "a CPU: stored logits off float32's by about 0.5% of their magnitude on average, at most "
@@ -110,9 +146,12 @@ def _milestones(ctx: click.Context, param: click.Parameter, value: str | None) -
     if value is None:
         return None
     try:
-        return sorted(int(v) for v in value.split(",") if v.strip())
+        epochs = sorted(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter("give epochs separated by commas, e.g. 150,180,210") from None
+    if epochs and epochs[0] < 1:  # epochs count from 1: an lr decay at epoch 0 or before would never happen
+        raise click.BadParameter(f"epochs count from 1, got {epochs[0]} in {value!r}")
+    return epochs
 
 
 milestones_option = click.option(

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kdcache import defaults
-from kdcache.cli.common import (cache_option, data_root_option, device_option, image_size_option, milestones_option,
-                                recipe_option, tensorboard_option)
+from kdcache.cli.common import (MAX_PREFETCH, MAX_THREADS, FiniteFloatRange, TemperatureType, cache_option,
+                                data_root_option, device_option, image_size_option, milestones_option, recipe_option,
+                                tensorboard_option)
+from kdcache.store.form import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 if TYPE_CHECKING:
     from kdcache.losses import MethodParam
@@ -58,8 +60,9 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
 @milestones_option
 @click.option("--momentum", type=float, default=defaults.MOMENTUM, help="SGD momentum (Nesterov).")
 @click.option("--weight-decay", type=float, default=defaults.WEIGHT_DECAY, help="Weight decay.")
-@click.option("--temperature", "-T", type=float, default=defaults.TEMPERATURE, show_default=True,
-              help="Distillation temperature T (a top-K store serves only the T it was precomputed at).")
+@click.option("--temperature", "-T", type=TemperatureType(), default=defaults.TEMPERATURE, show_default=True,
+              help="Distillation temperature T (a top-K store serves only the T it was precomputed at); from "
+                   f"{MIN_TEMPERATURE:.3g} to {MAX_TEMPERATURE:.3g}, where T² stays a finite float32.")
 @click.option("--gamma", type=float, default=1.0, help="Weight of the cross-entropy term.")
 @click.option("--alpha", type=float, default=None, help="Weight of the KD term [default: the method's].")
 @click.option("--beta", type=float, default=None,
@@ -67,10 +70,11 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
 @click.option("--seed", type=int, default=0, help="Seed of the student's weights and of the batch order.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
-@click.option("--prefetch", type=int, default=2, help="Chunk blocks read ahead of the training step.")
-@click.option("--read-threads", type=click.IntRange(min=1), default=None,
+@click.option("--prefetch", type=click.IntRange(1, MAX_PREFETCH), default=2,
+              help=f"Chunk blocks read ahead of the training step, each held in memory (1 to {MAX_PREFETCH}).")
+@click.option("--read-threads", type=click.IntRange(1, MAX_THREADS), default=None,
               help="Threads decoding the stores' chunks [default: the cores this process may use].")
-@click.option("--resident-share", type=click.FloatRange(0, 1), default=defaults.VIEW_SHARE, show_default=True,
+@click.option("--resident-share", type=FiniteFloatRange(0, 1), default=defaults.VIEW_SHARE, show_default=True,
               help="Hold each view whole on the device (the next read in the background) when the views held at "
                    "once fit in this share of its free memory (on the CPU, of the memory available); 0 streams "
                    "block by block. Same batches either way.")
@@ -129,7 +133,7 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
 @recipe_option
 @image_size_option
 @device_option
-@click.option("--batch-size", type=int, default=256, help="Evaluation batch size.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Evaluation batch size.")
 def eval_cmd(arch: str, checkpoint: Path, dataset: str, data_root: Path | None, recipe: str | None,
              image_size: int | None, device: str | None, batch_size: int) -> None:
     """Print a checkpoint's top-1 and top-5 accuracy on the test split, on the test-time view of the recipe the

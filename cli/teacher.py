@@ -82,7 +82,7 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--shard-rows", type=int, default=None,
               help="Rows per shard, a multiple of the chunk rows: one file, written whole by one writer [default: "
                    "about 128 MB a shard, or one chunk with --chunk-rows].")
-@click.option("--workers", type=int, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Run on a local dask cluster of N workers: one per GPU on a GPU machine, else N processes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache "
@@ -93,13 +93,16 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
               help="How the features are compressed before their checksum: zstd (Blosc, level 1), or none, which "
                    "keeps spatial maps in about 1.9x the disk but writes and reads them at a fraction of the CPU "
                    "time (benchmarks/RESULTS.md). Not part of the teacher id: the values are the same.")
-@click.option("--dry-run", is_flag=True, help="Print what would be written, and exit.")
+@click.option("--dry-run", is_flag=True, help="Print what would be written (and the cache's free space), and exit.")
+@click.option("--force", is_flag=True,
+              help="Write even when the cache's file system has less free space than the store and plan need "
+                   "before compression (without it, precompute refuses before any work).")
 def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dataset: str, data_root: Path | None,
                    cache: str | None, views: int, plan_seed: int, recipe: str | None, image_size: int | None,
                    batch_size: int | None,
                    device: str | None, chunk_rows: int | None, shard_rows: int | None, workers: int | None,
                    scheduler: str | None,
-                   form: StoreForm, feature_compression: FeatureCompression, dry_run: bool) -> None:
+                   form: StoreForm, feature_compression: FeatureCompression, dry_run: bool, force: bool) -> None:
     """Run teachers over a stored plan of augmented views and store their outputs.
 
     The last line of standard output is the teacher id, for `kdcache distill --teachers`;
@@ -113,7 +116,7 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
     reqs = [PrecomputeRequest(teacher=t, checkpoint=c, dataset=dataset, data_root=data_root, cache=cache, views=views,
                               plan_seed=plan_seed, recipe=recipe, batch_size=batch_size, device=device,
                               chunk_rows=chunk_rows, shard_rows=shard_rows, dry_run=dry_run, image_size=image_size,
-                              form=form, feature_compression=feature_compression)
+                              form=form, feature_compression=feature_compression, force=force)
             for t, c in zip(teachers, checkpoints)]
     results = precompute_many(reqs, workers=workers, scheduler=scheduler,
                               progress=row_progress(f"precompute {', '.join(teachers)}"),

@@ -18,8 +18,8 @@ import torch
 from kdcache.data import DataSet, load_dataset
 from kdcache.errors import KdcacheError
 from kdcache.pipelines.precompute_engine import (
-    PrecomputeRequest, PrecomputeResult, ProgressFactory, TeacherJob, Warn, python_warning, rows_done,
-    ensure_plan, finish, prepare, warn_lacking_guarantee, write_chunks,
+    PrecomputeRequest, PrecomputeResult, ProgressFactory, TeacherJob, Warn, bytes_to_write, ensure_plan, finish,
+    free_bytes, prepare, python_warning, rows_done, warn_lacking_guarantee, write_chunks,
 )
 from kdcache.store.form import LOGIT_STATS, FeatureCompression, Forward
 from kdcache.store.layout import n_chunks
@@ -42,13 +42,15 @@ def precompute(req: PrecomputeRequest, progress: ProgressFactory | None = None,
     job = prepare(req, dataset)
     if req.dry_run:
         return job.result("dry-run", _dry_run_lines(job))
-    if job.is_complete():
+    if job.is_complete() and job.cache.has_plan(job.plan_id):  # a plan removed since is redrawn below
+        job.cache.check_teacher(job.cache.open_teacher(job.teacher_id))  # complete, and what it says it is
         return job.complete_result()
     warn_lacking_guarantee(job.cache, warn)
     job.cache.ensure_writable()
     plan = ensure_plan(job.cache, job.dataset, job.recipe, req.views, req.plan_seed, job.plan_id, progress)
     with job.cache.teacher_lock(job.teacher_id):
         store = job.open_store()
+        job.cache.check_teacher(store)  # what it says it is, before it is resumed or called complete
         if store.attrs.get("complete"):
             return job.complete_result()
         pending = store.pending()
@@ -129,7 +131,21 @@ def _dry_run_lines(job: TeacherJob) -> list[str]:
         _files_line(size),
         f"total      {human_bytes(size.store_bytes)} before compression, "
         f"{total_rows} teacher forward passes",
+        *_space_lines(job),
     ]
+
+
+def _space_lines(job: TeacherJob) -> list[str]:
+    """What a run would write now (the plan if not drawn, the store's rows not written) against the cache's free
+    space, which precompute checks before any work (--force goes on anyway); nothing for a URL cache."""
+    local = job.cache.location.local_path
+    if local is None:
+        return []
+    plan, store = bytes_to_write(job)
+    folder, free = free_bytes(local)
+    verdict = "" if plan + store <= free else ": too little, precompute would refuse without --force"
+    return [f"space      writes {human_bytes(plan + store)} before compression (plan {human_bytes(plan)}, store "
+            f"{human_bytes(store)}); {human_bytes(free)} free at {folder}{verdict}"]
 
 
 def _files_line(size: StoreSize) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 import time
 import warnings
 from collections import deque
@@ -38,8 +39,10 @@ from kdcache.models import (build_model, feature_dim, forward_with_map, head_of,
 from kdcache.store import Cache, PlanStore, TeacherStore
 from kdcache.store.form import FeatureCompression, FeatureForm, Forward, StoreForm
 from kdcache.store.ids import plan_id, sha256_file, teacher_id
-from kdcache.store.layout import Layout, LayoutError, StoreShape
+from kdcache.store.layout import MAX_CHUNK_BYTES, Layout, LayoutError, StoreShape, max_chunk_rows, n_chunks
 from kdcache.store.sizes import StoreSize, store_size
+from kdcache.text import human_bytes
+from kdcache.training import MAX_SEED
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
 READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
@@ -73,6 +76,7 @@ class PrecomputeRequest:
     # of the teacher id); Forward.AMP is resolved on the device.
     form: StoreForm = StoreForm()
     feature_compression: FeatureCompression = FeatureCompression.ZSTD  # the features before their CRC32C
+    force: bool = False              # write even where the cache's free space is less than what will be written
 
 
 @dataclass
@@ -175,12 +179,66 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     spatial = map_shape(model, recipe.size)
     model.eval().to(device)
     shape = StoreShape(req.views, len(dataset.train), dataset.num_classes, feature_dim(model), spatial)
+    most = max_chunk_rows(form, shape)
+    if req.chunk_rows is not None and req.chunk_rows > most:
+        widest = form.widest_row_bytes(shape.classes, shape.feature_shape(form))
+        raise KdcacheError(f"--chunk-rows {req.chunk_rows:,} makes chunks of {human_bytes(req.chunk_rows * widest)} "
+                           f"({widest:,} B a row): give 1 to {most:,} (at most {human_bytes(MAX_CHUNK_BYTES)} a chunk, "
+                           "which is read and compressed whole)")
     try:
         layout = Layout.choose(form, shape, req.chunk_rows, req.shard_rows)
     except LayoutError as exc:
         raise KdcacheError(f"--shard-rows {req.shard_rows} must be a multiple of the chunk rows ({exc.chunk_rows}): a "
                            "shard holds whole chunks" + ("" if req.chunk_rows else "; give --chunk-rows too")) from None
-    return TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, form, shape, layout)
+    job = TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, form, shape, layout)
+    if not req.dry_run and not req.force:
+        check_free_space(job)
+    return job
+
+
+def bytes_to_write(job: TeacherJob) -> tuple[int, int]:
+    """The bytes precompute will write for ``job``, before compression (what compression saves is not known
+    before the data are): the plan's, where the cache does not hold it yet (order int32 and P int16 replay
+    parameters a row, the labels), and the store's rows not written yet (all of them for a new store)."""
+    views, n = job.shape.views, job.shape.samples
+    plan = 0 if job.cache.plan_location(job.plan_id).exists("zarr.json") else (
+        views * n * (4 + 2 * job.recipe.n_params) + 4 * n)
+    size = job.size
+    rows = views * n
+    if job.cache.teacher_location(job.teacher_id).exists("zarr.json"):
+        try:
+            store = TeacherStore.open(job.cache.teacher_location(job.teacher_id), job.teacher_id,
+                                      require_complete=False)
+            rows = store.rows_in(c for _, c in store.pending())
+        except StoreError:
+            pass  # unreadable: counted whole, as a new store (opening it to write will say what is wrong)
+    return plan, rows * size.row_bytes + 4 * views * n_chunks(n, job.layout.chunk_rows)  # + the markers
+
+
+def free_bytes(where: Path) -> tuple[Path, int]:
+    """The free bytes of the file system ``where`` would be on: that of its nearest existing folder (the cache
+    directory may not exist yet)."""
+    folder = Path(where).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_free_space(job: TeacherJob) -> None:
+    """Refuse, in one line and before any work, to start writing more than the cache's file system has free
+    (a local cache; an fsspec URL's free space is not known). ``--force`` goes on anyway. A complete store
+    writes nothing."""
+    local = job.cache.location.local_path
+    if local is None or job.is_complete():
+        return
+    plan, store = bytes_to_write(job)
+    needed = plan + store
+    folder, free = free_bytes(local)
+    if needed > free:
+        parts = f"plan {human_bytes(plan)} + store {human_bytes(store)}" if plan else f"store {human_bytes(store)}"
+        raise KdcacheError(f"precompute would write {human_bytes(needed)} ({needed:,} B: {parts}, before "
+                           f"compression) but {folder} has {human_bytes(free)} ({free:,} B) free: free space, give "
+                           "fewer --views or a --cache with room, or pass --force to write anyway")
 
 
 def check_autocast(device: torch.device, forward: Forward) -> None:
@@ -395,8 +453,11 @@ def _refuse_non_finite(logits: torch.Tensor, features: torch.Tensor | None, tid:
         )
 
 
-def _tick_rows(tick: Callable[[int], None], rows: int, _done: object) -> None:
-    tick(rows)
+def _tick_rows(tick: Callable[[int], None], rows: int, done: Future[None]) -> None:
+    """Count a shard's rows once its write has succeeded: a failed write is not progress (its error is raised
+    from the future), so the progress never reaches 100 % before the last shard is on disk."""
+    if not done.cancelled() and done.exception() is None:
+        tick(rows)
 
 
 def _head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,9 +478,19 @@ def _is_complete(cache: Cache, tid: str) -> bool:
         return False
 
 
+# The most views a plan may have: its params array (V, N, P) int16 must be indexable by an int64 (numpy's and
+# zarr's index type): with N < 2^31 samples (order holds int32 sample ids) and P ≤ 5 < 2^3 replay parameters,
+# V < 2^29 keeps V·N·P below 2^63. (A plan that large also takes terabytes: the free-space check refuses it first
+# unless --force.)
+MAX_VIEWS = 2**29 - 1
+
+
 def _check_options(req: PrecomputeRequest) -> None:
-    if req.views < 1:
-        raise KdcacheError(f"--views must be at least 1 (got {req.views})")
+    if not 1 <= req.views <= MAX_VIEWS:
+        raise KdcacheError(f"--views must lie in [1, {MAX_VIEWS:,}] (got {req.views:,}): a plan of more views "
+                           "could not be indexed")
+    if not 0 <= req.plan_seed <= MAX_SEED:
+        raise KdcacheError(f"--plan-seed must lie in [0, 2**63 - 1] (got {req.plan_seed})")
     if req.batch_size is not None and req.batch_size < 1:
         raise KdcacheError(f"--batch-size must be at least 1 (got {req.batch_size})")
     if req.chunk_rows is not None and req.chunk_rows < 1:

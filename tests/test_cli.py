@@ -295,13 +295,13 @@ BAD_INPUT = [
     ("data root without CIFAR files", lambda t, c: [*precompute_args(c, t / "c", dataset="cifar10"), "--data-root", t],
      "cifar-10-batches-py"),
     ("unwritable cache", lambda t, c: precompute_args(c, _unwritable(t)), "cannot create cache directory"),
-    ("zero views", lambda t, c: [*precompute_args(c, t / "c"), "--views", "0"], "--views must be at least 1"),
+    ("zero views", lambda t, c: [*precompute_args(c, t / "c"), "--views", "0"], "--views must lie in [1, 536,870,911]"),
     ("zero batch", lambda t, c: [*precompute_args(c, t / "c"), "--batch-size", "0"], "--batch-size must be at least 1"),
     ("store of a newer format", _info_of_newer_format, "store format 99"),
     ("newer format on precompute", lambda t, c: precompute_args(c, _newer_format_store(t, c)[0]), "store format 99"),
     ("unknown store id", lambda t, c: ["cache", "verify", "ffff", "--cache", t / "c"], "no teacher store matches 'ffff'"),
     ("train: zero epochs", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out",
-                                         t / "x.pth", "--epochs", "0"], "--epochs must be at least 1"),
+                                         t / "x.pth", "--epochs", "0"], "--epochs must lie in [1, 1,000,000] (got 0)"),
     ("train: negative lr", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--out",
                                          t / "x.pth", "--lr", "-0.1"], "--lr must be a finite positive number"),
     ("train: resume without checkpoint", lambda t, c: ["train-teacher", "--arch", "resnet8", "--dataset", "digits",
@@ -341,15 +341,16 @@ BAD_INPUT = [
     # out-of-range options
     ("zero chunk rows", lambda t, c: [*precompute_args(c, t / "c"), "--chunk-rows", "0"],
      "--chunk-rows must be at least 1"),
-    ("distill: zero epochs", lambda t, c: [*distill_args(t), "--epochs", "0"], "--epochs must be at least 1"),
-    ("distill: zero batch", lambda t, c: [*distill_args(t), "--batch-size", "0"], "--batch-size must be at least 1"),
+    ("distill: zero epochs", lambda t, c: [*distill_args(t), "--epochs", "0"], "--epochs must lie in [1, 1,000,000]"),
+    ("distill: zero batch", lambda t, c: [*distill_args(t), "--batch-size", "0"], "--batch-size must be at least 2 (got 0)"),
     ("distill: negative lr", lambda t, c: [*distill_args(t), "--lr", "-0.1"], "--lr must be a finite positive number"),
     # non-finite numbers (issue 12)
     ("distill: nan lr", lambda t, c: [*distill_args(t), "--lr", "nan"], "--lr must be a finite positive number (got nan)"),
     ("distill: inf lr", lambda t, c: [*distill_args(t), "--lr", "inf"], "--lr must be a finite positive number (got inf)"),
     ("distill: nan weight decay", lambda t, c: [*distill_args(t), "--weight-decay", "nan"],
      "--weight-decay must be a finite number of at least 0 (got nan)"),
-    ("distill: nan beta", lambda t, c: [*distill_args(t), "--beta", "nan"], "beta must be a finite number, got nan"),
+    ("distill: nan beta", lambda t, c: [*distill_args(t), "--beta", "nan"],
+     "--beta must be a finite number of at least 0 (got nan)"),
     ("train: nan lr", lambda t, c: train_args(t, "--lr", "nan"), "--lr must be a finite positive number (got nan)"),
     ("train: inf weight decay", lambda t, c: train_args(t, "--weight-decay", "inf"),
      "--weight-decay must be a finite number of at least 0 (got inf)"),
@@ -357,8 +358,59 @@ BAD_INPUT = [
     # nothing overwritten by accident; messages that name the real cause (issue 12)
     ("train: existing --out", lambda t, c: train_args(t, "--out", c), "already exists; pass --resume to continue its "
                                                                    "training, --force to replace it"),
-    ("train: negative seed", lambda t, c: train_args(t, "--seed", "-1"), "--seed must be at least 0 (got -1)"),
-    ("train: zero batch", lambda t, c: train_args(t, "--batch-size", "0"), "--batch-size must be at least 1"),
+    ("train: negative seed", lambda t, c: train_args(t, "--seed", "-1"), "--seed must lie in [0, 2**63 - 1] (got -1)"),
+    ("train: zero batch", lambda t, c: train_args(t, "--batch-size", "0"), "--batch-size must be at least 2 (got 0)"),
+    # values that make no sense (issue 27): each refused before any work, naming the option, the value and the range
+    ("distill: negative loss weights", lambda t, c: [*distill_args(t), "--gamma", "-1", "--alpha", "-5"],
+     "--gamma must be a finite number of at least 0 (got -1)"),
+    ("distill: negative alpha", lambda t, c: [*distill_args(t), "--alpha", "-5"],
+     "--alpha must be a finite number of at least 0 (got -5)"),
+    ("distill: negative beta", lambda t, c: [*distill_args(t), "--beta", "-0.5"],
+     "--beta must be a finite number of at least 0 (got -0.5)"),
+    ("distill: inf gamma", lambda t, c: [*distill_args(t), "--gamma", "inf"],
+     "--gamma must be a finite number of at least 0 (got inf)"),
+    ("distill: zero temperature", lambda t, c: [*distill_args(t), "--temperature", "0"],
+     "--temperature must be a positive number from 1.08e-19 to 9.22e+18 (got 0)"),
+    ("distill: tiny temperature", lambda t, c: [*distill_args(t), "-T", "1e-40"],
+     "--temperature must be a positive number from 1.08e-19 to 9.22e+18 (got 1e-40)"),
+    ("distill: nan temperature", lambda t, c: [*distill_args(t), "-T", "nan"],
+     "--temperature must be a positive number from 1.08e-19 to 9.22e+18 (got nan)"),
+    ("distill: camkd batch of one", lambda t, c: [*distill_args(t), "--batch-size", "1"],
+     "--batch-size must be at least 2 (got 1): BatchNorm"),
+    ("train: batch of one", lambda t, c: train_args(t, "--batch-size", "1"),
+     "--batch-size must be at least 2 (got 1): BatchNorm"),
+    ("distill: seed beyond int64", lambda t, c: [*distill_args(t), "--seed", str(2**64)],
+     f"--seed must lie in [0, 2**63 - 1] (got {2**64})"),
+    ("train: seed beyond int64", lambda t, c: train_args(t, "--seed", str(2**64)),
+     f"--seed must lie in [0, 2**63 - 1] (got {2**64})"),
+    ("precompute: plan seed beyond int64", lambda t, c: [*precompute_args(c, t / "c"), "--plan-seed", str(2**64)],
+     f"--plan-seed must lie in [0, 2**63 - 1] (got {2**64})"),
+    ("train: too many epochs", lambda t, c: train_args(t, "--epochs", "10000000"),
+     "--epochs must lie in [1, 1,000,000] (got 10,000,000)"),
+    ("precompute: views no plan can index", lambda t, c: [*precompute_args(c, t / "c"), "--views", str(10**12)],
+     "--views must lie in [1, 536,870,911] (got 1,000,000,000,000): a plan of more views could not be indexed"),
+    ("precompute: more than the disk holds", lambda t, c: [*precompute_args(c, t / "c"), "--views", "536870911"],
+     "free: free space, give fewer --views or a --cache with room, or pass --force to write anyway"),
+    ("precompute: tiny logits temperature",
+     lambda t, c: [*precompute_args(c, t / "c"), "--logits", "topk:3", "--logits-temperature", "1e-40"],
+     "--logits-temperature must be a positive number from 1.08e-19 to 9.22e+18 (got 1e-40)"),
+    ("precompute: huge logits temperature",
+     lambda t, c: [*precompute_args(c, t / "c"), "--logits", "topk:3", "--logits-temperature", "1e30"],
+     "--logits-temperature must be a positive number from 1.08e-19 to 9.22e+18 (got 1e+30)"),
+    ("precompute: chunks beyond the byte budget", lambda t, c: [*precompute_args(c, t / "c"), "--chunk-rows", "100000000"],
+     "--chunk-rows 100,000,000 makes chunks of 11.9 GiB (128 B a row): give 1 to 8,388,608"),
+    ("precompute: zero workers", lambda t, c: [*precompute_args(c, t / "c"), "--workers", "0"],
+     "Invalid value for '--workers': 0 is not in the range x>=1"),
+    ("distill: nan resident share", lambda t, c: [*distill_args(t), "--resident-share", "nan"],
+     "Invalid value for '--resident-share': nan is not in the range 0<=x<=1"),
+    ("distill: zero prefetch", lambda t, c: [*distill_args(t), "--prefetch", "0"],
+     "Invalid value for '--prefetch': 0 is not in the range 1<=x<=64"),
+    ("distill: read threads beyond", lambda t, c: [*distill_args(t), "--read-threads", "100000"],
+     "Invalid value for '--read-threads': 100000 is not in the range 1<=x<=1024"),
+    ("distill: lr milestone at epoch 0", lambda t, c: [*distill_args(t), "--lr-milestones", "0,1"],
+     "Invalid value for '--lr-milestones': epochs count from 1, got 0 in '0,1'"),
+    ("eval: zero batch", lambda t, c: ["eval", "--arch", "resnet8", "--checkpoint", c, "--dataset", "digits",
+                                       "--batch-size", "0"], "Invalid value for '--batch-size': 0 is not in the range x>=1"),
 ]
 
 
@@ -435,6 +487,59 @@ def test_progress_in_a_log_is_plain_lines(digits_teacher: Path, tmp_path: Path) 
     assert len(plan) == 3  # the start, then each view (the interval is 0 here)
     assert rows[0].endswith(": 0 of 2,874 rows (0%)") and rows[-1].split(": ")[1].startswith("2,874 of 2,874 rows (100%)")
     assert len(rows) == 1 + 6  # the start, then each of the 2 x 3 chunks
+
+
+def _no_free_space(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on every file system reports 0 bytes free (its size and use as they are)."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=0))
+
+
+def test_precompute_refuses_more_than_the_free_space_before_any_work_and_force_goes_on(
+        digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: precompute states what it will write (plan and store, before compression) and refuses, before
+    drawing a plan or making a store, when the cache's file system (here, its nearest existing folder) has less
+    free; --force writes anyway."""
+    _no_free_space(monkeypatch)
+    cache = tmp_path / "new" / "c"  # not there yet: the free space is its nearest existing folder's
+    dry = run_cli(*precompute_args(digits_teacher, cache), "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    space = [line for line in dry.stdout.splitlines() if line.startswith("space ")]
+    assert space and "0 B free at" in space[0] and "precompute would refuse without --force" in space[0], dry.stdout
+    refused = run_cli(*precompute_args(digits_teacher, cache))
+    lines = error_lines(refused.stderr)
+    assert refused.exit_code == 1 and len(lines) == 1, refused.output
+    assert lines[0].startswith("Error: precompute would write ") and f"but {tmp_path} has 0 B (0 B) free" in lines[0]
+    assert "pass --force to write anyway" in lines[0]
+    assert not (tmp_path / "new").exists()  # no plan, no store, not even the cache folder
+    forced = run_cli(*precompute_args(digits_teacher, cache), "--force")
+    assert forced.exit_code == 0, forced.output
+    store = Cache.at(cache).open_teacher(forced.stdout.strip().splitlines()[-1])
+    assert store.attrs.get("complete") is True
+
+
+def test_precompute_progress_stops_below_100_percent_when_the_last_write_fails(
+        digits_teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 27: the rows are counted once written; a write the disk refuses (ENOSPC) is not progress, so the last
+    progress line of a run whose last shard fails stays below 100 %."""
+    import errno
+
+    from kdcache.store.teacher import TeacherStore
+
+    real = TeacherStore._write
+
+    def full_at_the_end(self: TeacherStore, v: int, s: int, *args: object, **kwargs: object) -> None:
+        if (v, s) == (1, 2):  # the last of 2 views x 3 shards
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, v, s, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TeacherStore, "_write", full_at_the_end)
+    result = CliRunner().invoke(main, [str(a) for a in precompute_args(digits_teacher, tmp_path / "c")],
+                                env={"KDCACHE_PROGRESS_INTERVAL": "0"})
+    assert result.exit_code == 1 and "No space left on device" in result.stderr, result.output
+    rows = [line for line in result.stderr.splitlines() if line.startswith("precompute resnet8: ")]
+    assert rows[-1].split(": ")[1].startswith("2,461 of 2,874 rows (86%)"), rows  # 5 of 6 shards written
+    assert not any("(100%)" in line for line in rows), rows
 
 
 def test_log_progress_speaks_at_the_start_every_interval_and_at_the_end(capsys: pytest.CaptureFixture) -> None:

@@ -29,6 +29,7 @@ from kdcache.losses.fitnet import FitNet
 from kdcache.losses.fitnet_mkd import FitNetMKD
 from kdcache.losses.kd import KnowledgeDistillation
 from kdcache.registry import Registry
+from kdcache.store.form import temperature_problem
 
 __all__ = ["Aligner", "Batch", "FeatureShape", "LossTerms", "MapAligner", "Method", "MethodInfo", "MethodOptions",
            "MethodParam", "build_method", "method_class", "method_info", "method_names", "register_method",
@@ -154,11 +155,13 @@ def check_method_options(name: str, options: MethodOptions) -> None:
 
 def _check_options(info: MethodInfo, options: MethodOptions) -> None:
     """Options out of range, or weights for a term the method does not have, are errors, not silently ignored."""
-    if not (math.isfinite(options.temperature) and options.temperature > 0):
-        raise KdcacheError(f"the temperature must be a positive number, got {options.temperature}")
+    problem = temperature_problem(float(options.temperature))
+    if problem is not None:
+        raise KdcacheError(f"--temperature {problem}")
     for label, value in (("gamma", options.gamma), ("alpha", options.alpha), ("beta", options.beta)):
-        if value is not None and not math.isfinite(value):
-            raise KdcacheError(f"{label} must be a finite number, got {value}")
+        # A negative weight turns its term into one the run maximises (a negative total loss, falling without end).
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise KdcacheError(f"--{label} must be a finite number of at least 0 (got {value:g})")
     if info.n_teachers == "0" and options.alpha not in (None, 0.0):
         raise KdcacheError(f"{info.name} has no KD term: alpha does not apply")
     if not info.uses_features and options.beta not in (None, 0.0):

@@ -27,6 +27,19 @@ AMP_PREFIX = "amp-"
 # store's T and the probability mass at T outside the K. kdcache.topk computes and reads them.
 TOPK_ARRAYS = ("topk_values", "topk_indices", "logit_stats")
 LOGIT_STATS = ("lse", "label_logit", "entropy", "lse_t", "rest_t")
+# The temperatures a KD term, and a top-K store's scalars, are computed at: T² scales the KD term in float32 and a
+# top-K store keeps lse_t = max(z)/T + log Σ exp((z − max z)/T) in float32, z float16 (|z| ≤ 65,504). T in
+# [2^-63, 2^63] keeps T² a normal float32 (2^-126 to 2^126: neither 0 nor inf) and lse_t finite (at most
+# 65,504 · 2^63 ≈ 6e23 + log C); 1e-40, say, makes lse_t inf (a store `cache verify` calls damaged) and T² 0.
+MIN_TEMPERATURE = 2.0 ** -63
+MAX_TEMPERATURE = 2.0 ** 63
+
+
+def temperature_problem(temperature: float) -> str | None:
+    """Why ``temperature`` cannot be a KD temperature (one line, without the option's name), or None."""
+    if math.isfinite(temperature) and MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        return None
+    return f"must be a positive number from {MIN_TEMPERATURE:.3g} to {MAX_TEMPERATURE:.3g} (got {temperature:g})"
 
 
 def index_itemsize(num_classes: int) -> int:
@@ -154,9 +167,9 @@ class StoreForm:
                                                "temperature with topk:K only")
         else:
             temperature = TEMPERATURE if temperature is None else float(temperature)
-            if not (math.isfinite(temperature) and temperature > 0):
-                raise FormError("temperature", f"the temperature of a top-K store must be a positive number, got "
-                                               f"{temperature!r}")
+            problem = temperature_problem(temperature)
+            if problem is not None:
+                raise FormError("temperature", f"the temperature of a top-K store {problem}")
         if dtype is FeatureDtype.INT8 and form is FeatureForm.NONE:
             raise FormError("feature_dtype", "a store without features has no feature dtype: int8 needs pooled or "
                                              "spatial features")

@@ -29,6 +29,10 @@ MAX_SHARD_ROWS = 2**16
 # when the training set is larger, else as many whole views as fit (a 100,000-view plan of a small
 # data set is then a few dozen files, not 200,000).
 MAX_PLAN_CHUNK_ROWS = 2**20
+# The most a chunk of the widest array may hold (rows times its row bytes, features counted at float16): a chunk is
+# compressed as one Blosc buffer (at most 2^31 - 33 bytes) and decoded whole by readers, which hold several blocks
+# of chunks at once; half of Blosc's limit, 512 times the default chunk, still leaves memory for those.
+MAX_CHUNK_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class Layout:
     def files_per_view(self, n_samples: int, n_data_arrays: int) -> int:
         """Files one view comes to: a shard file of each data array and one file of completion markers a shard."""
         return (n_data_arrays + 1) * n_chunks(n_samples, self.shard_rows)
+
+
+def max_chunk_rows(form: StoreForm, shape: StoreShape) -> int:
+    """The most rows a chunk of a store of ``form`` and ``shape`` may hold: MAX_CHUNK_BYTES of its widest array
+    (at least one row, whatever its width)."""
+    return max(1, MAX_CHUNK_BYTES // max(1, form.widest_row_bytes(shape.classes, shape.feature_shape(form))))
 
 
 def chunk_rows_for(n_samples: int, row_bytes: int) -> int:
