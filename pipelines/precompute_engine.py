@@ -45,6 +45,11 @@ from kdcache.text import human_bytes
 from kdcache.training import MAX_SEED
 from kdcache.views import Recipe, get_recipe, view_drawer
 MAX_WRITES_IN_FLIGHT = 2
+# The most a shard of the widest array may hold (rows times its row bytes, features at float16), given --shard-rows:
+# the writer holds a shard whole in memory (its rows' outputs, then the encoded chunks), MAX_WRITES_IN_FLIGHT of them
+# and the one being forwarded; 32 times the default 128 MiB shard keeps those within a few tens of GB. (A shard
+# larger than a view is a view: Layout.choose cuts it there.)
+MAX_SHARD_BYTES = 4 * 2**30
 READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
 
 Progress = Callable[[int], None]
@@ -190,6 +195,12 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     except LayoutError as exc:
         raise KdcacheError(f"--shard-rows {req.shard_rows} must be a multiple of the chunk rows ({exc.chunk_rows}): a "
                            "shard holds whole chunks" + ("" if req.chunk_rows else "; give --chunk-rows too")) from None
+    widest = form.widest_row_bytes(shape.classes, shape.feature_shape(form))
+    if req.shard_rows is not None and layout.shard_rows * widest > MAX_SHARD_BYTES:
+        raise KdcacheError(f"--shard-rows {req.shard_rows:,} makes shards of {human_bytes(layout.shard_rows * widest)} "
+                           f"({widest:,} B a row): give at most {MAX_SHARD_BYTES // widest:,} (at most "
+                           f"{human_bytes(MAX_SHARD_BYTES)} a shard, which the writer holds whole, "
+                           f"{MAX_WRITES_IN_FLIGHT + 1} at a time)")
     job = TeacherJob(req, dataset, recipe, cache, pid, tid, ckpt_sha, device, model, form, shape, layout)
     if not req.dry_run and not req.force:
         check_free_space(job)

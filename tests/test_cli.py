@@ -489,6 +489,44 @@ def test_progress_in_a_log_is_plain_lines(digits_teacher: Path, tmp_path: Path) 
     assert len(rows) == 1 + 6  # the start, then each of the 2 x 3 chunks
 
 
+def test_shards_beyond_the_byte_budget_are_refused(digits_teacher: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard is held whole in memory by the writer: --shard-rows beyond MAX_SHARD_BYTES of the widest array (here
+    lowered to 64 KiB: digits' 1,437-row view of 128 B rows is 180 KiB) is one line before any work."""
+    from kdcache.pipelines import precompute_engine
+
+    monkeypatch.setattr(precompute_engine, "MAX_SHARD_BYTES", 64 * 2**10)
+    result = run_cli(*precompute_args(digits_teacher, tmp_path / "c"), "--shard-rows", 1024)
+    lines = error_lines(result.stderr)
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0] == ("Error: --shard-rows 1,024 makes shards of 128.0 KiB (128 B a row): give at most 512 (at most "
+                        "64.0 KiB a shard, which the writer holds whole, 3 at a time)")
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_temperature_bounds_keep_t_squared_and_a_top_k_stores_scalars_finite() -> None:
+    """The derivation of MIN_TEMPERATURE and MAX_TEMPERATURE: at either bound T² is a normal float32 and a top-K
+    store's scalars of the most extreme float16 logits are finite; just outside, they are not (1e-40 made lse_t inf,
+    a store `cache verify` called damaged)."""
+    import numpy as np
+
+    from kdcache.store.form import MAX_TEMPERATURE, MIN_TEMPERATURE, temperature_problem
+    from kdcache.topk import summarise_logits
+
+    extreme = np.array([[65504.0, -65504.0, 0.0], [-65504.0, -65504.0, -65504.0]], dtype=np.float16)
+    for t in (MIN_TEMPERATURE, MAX_TEMPERATURE):
+        assert temperature_problem(t) is None
+        squared = np.float32(t) * np.float32(t)
+        assert np.isfinite(squared) and squared >= np.finfo(np.float32).tiny
+        assert np.isfinite(summarise_logits(extreme, np.array([0, 1]), 1, t)[2]).all()
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(summarise_logits(extreme, np.array([0, 1]), 1, 1e-40)[2]).all()
+    # below the bound T² turns subnormal (its precision going), then 0: the KD term would vanish
+    assert 0 < np.float32(1e-20) ** 2 < np.finfo(np.float32).tiny and np.float32(1e-23) ** 2 == 0
+    for t in (MIN_TEMPERATURE / 2, MAX_TEMPERATURE * 2, 0.0, -1.0, float("nan"), float("inf")):
+        assert temperature_problem(t) is not None
+
+
 def _no_free_space(monkeypatch: pytest.MonkeyPatch) -> None:
     """From now on every file system reports 0 bytes free (its size and use as they are)."""
     real = shutil.disk_usage
