@@ -50,6 +50,10 @@ MAX_WRITES_IN_FLIGHT = 2
 # and the one being forwarded; 32 times the default 128 MiB shard keeps those within a few tens of GB. (A shard
 # larger than a view is a view: Layout.choose cuts it there.)
 MAX_SHARD_BYTES = 4 * 2**30
+# The most a forward batch's views may take (float32, 3 x S x S each), given --batch-size: the batch and the one
+# decoded ahead are held at once, on the device with the teacher's activations (several times the views' bytes).
+# 8 GiB: 14,266 views at 224 px (the default GPU batch is 2,048), 699,050 at 32 px.
+MAX_BATCH_BYTES = 8 * 2**30
 READ_AHEAD_BATCHES = 1  # forward batches decoded and replayed while the teacher runs the one before
 
 Progress = Callable[[int], None]
@@ -163,6 +167,11 @@ def prepare(req: PrecomputeRequest, dataset: DataSet | None = None) -> TeacherJo
     dataset = with_views(load_dataset(req.dataset, req.data_root) if dataset is None else dataset,
                          req.recipe, req.image_size)
     recipe = get_recipe(dataset.recipe)
+    view_bytes = 3 * recipe.size * recipe.size * 4  # a view as the teacher takes it: float32 (3, S, S)
+    if req.batch_size is not None and req.batch_size * view_bytes > MAX_BATCH_BYTES:
+        raise KdcacheError(f"--batch-size {req.batch_size:,} makes batches of {human_bytes(req.batch_size * view_bytes)}"
+                           f" of views ({view_bytes:,} B each at {recipe.size} px): give 1 to "
+                           f"{MAX_BATCH_BYTES // view_bytes:,} (at most {human_bytes(MAX_BATCH_BYTES)} a batch)")
     model_info(req.teacher)  # unknown architecture: fail before hashing anything
     if not Path(req.checkpoint).is_file():
         raise CheckpointError(f"checkpoint {req.checkpoint} not found")

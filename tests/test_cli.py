@@ -399,6 +399,8 @@ BAD_INPUT = [
      "--logits-temperature must be a positive number from 1.08e-19 to 9.22e+18 (got 1e+30)"),
     ("precompute: chunks beyond the byte budget", lambda t, c: [*precompute_args(c, t / "c"), "--chunk-rows", "100000000"],
      "--chunk-rows 100,000,000 makes chunks of 11.9 GiB (128 B a row): give 1 to 8,388,608"),
+    ("precompute: a batch of views beyond memory", lambda t, c: [*precompute_args(c, t / "c"), "--batch-size", "10000000"],
+     "--batch-size 10,000,000 makes batches of 114.4 GiB of views (12,288 B each at 32 px): give 1 to 699,050"),
     ("precompute: zero workers", lambda t, c: [*precompute_args(c, t / "c"), "--workers", "0"],
      "Invalid value for '--workers': 0 is not in the range x>=1"),
     ("distill: nan resident share", lambda t, c: [*distill_args(t), "--resident-share", "nan"],
