@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -19,8 +18,11 @@ def cache() -> None:
 @cache_option
 def ls(cache: str | None) -> None:
     """List teacher stores with their plan, arch, logits and feature forms, views, size, accuracy and forward
-    precision (float32, or amp-bfloat16 / amp-float16 from precompute --amp)."""
-    from kdcache.pipelines.cache_admin import list_stores
+    precision (float32, or amp-bfloat16 / amp-float16 from precompute --amp). Each is checked against its own
+    description (its attributes, arrays and plan); a damaged one is listed as such, and the command then ends
+    with status 1."""
+    from kdcache.errors import StoreError
+    from kdcache.pipelines.cache_admin import damaged, list_stores
     from kdcache.store import Cache
     from kdcache.text import human_bytes
 
@@ -36,6 +38,12 @@ def ls(cache: str | None) -> None:
         click.echo(f"{r.teacher_id:<16}  {r.plan_id:<16}  {r.arch:<12} {r.features:<12} {r.dataset:<13} {r.views:>5} "
                    f"{r.samples:>8} "
                    f"{human_bytes(r.bytes):>10} {acc:>8}  {r.logits:<12}  {r.forward:<12}  {r.state}")
+    bad = damaged(rows)
+    if len(bad) == 1:
+        raise StoreError(bad[0].state.split(": ", 1)[1])
+    if bad:
+        raise StoreError(f"{len(bad)} of {len(rows)} teacher stores are damaged ({', '.join(r.teacher_id for r in bad)}):"
+                         " each one's line above says why and what to do")
 
 
 @cache.command("info")
@@ -53,24 +61,28 @@ def info(teacher_id: str, cache: str | None) -> None:
 @click.argument("teacher_id", required=False)
 @cache_option
 def verify(teacher_id: str | None, cache: str | None) -> None:
-    """Read every chunk (checksums) and every completion marker of one store, or of all."""
-    from kdcache.pipelines.cache_admin import remedy, verify_stores
+    """Check one store, or all, against its description, then read every chunk (checksums), every completion
+    marker and its plan."""
+    from kdcache.errors import StoreError
+    from kdcache.pipelines.cache_admin import remedy, verdict, verify_stores
     from kdcache.store import Cache
 
-    report = verify_stores(Cache.at(cache), teacher_id)
-    bad = 0
+    c = Cache.at(cache)
+    report = verify_stores(c, teacher_id)
+    bad = []
     for tid, problems in report.items():
         if problems:
-            bad += 1
-            click.echo(f"{tid}: {len(problems)} problem(s); {remedy(tid, problems)}")
+            bad.append(tid)
+            click.echo(f"{tid}: {len(problems)} problem(s); {remedy(tid, problems, c)}")
             for p in problems:
                 click.echo(f"  {p}")
         else:
             click.echo(f"{tid}: ok")
+    if len(bad) == 1:
+        raise StoreError(verdict(bad[0], report[bad[0]], c))
     if bad:
-        click.echo(f"{bad} of {len(report)} store(s) unfinished or damaged; each line above says what to do",
-                   err=True)
-        sys.exit(1)
+        raise StoreError(f"{len(bad)} of {len(report)} stores are unfinished or damaged ({', '.join(bad)}); each one's "
+                         "lines above say why and what to do")
 
 
 @cache.command("rm")

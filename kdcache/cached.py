@@ -111,7 +111,7 @@ class CachedTeachers:
         world = arguments.optional_integer("world", world, low=1)
         rank = arguments.optional_integer("rank", rank, low=0)
         self.cache = Cache.at(cache)
-        self.stores = [self.cache.open_teacher(t) for t in teachers]
+        self.stores = [self.cache.open_for_reading(t) for t in teachers]  # checked, and locked against removal
         self.plan = open_plan(self.cache, self.stores)
         self.feature_form = feature_form(self.stores)
         logits_temperature(self.stores)

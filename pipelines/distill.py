@@ -148,12 +148,14 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     req = replace(req, options=resolve_options(req.method, req.options))
     if req.tensorboard is not None:
         tblog.check_available()
-    with distributed.process_group(resolve_device(req.device)) as ctx:
+    with distributed.process_group(resolve_device(req.device)) as ctx, contextlib.ExitStack() as held:
         teachers = CachedTeachers(req.teachers, req.cache, dataset=req.dataset, data_root=req.data_root,
                                   batch_size=req.batch_size, seed=req.seed, device=ctx.device, prefetch=req.prefetch,
                                   rank=ctx.rank, world=ctx.world,
                                   read_teachers=info.n_teachers != "0" and not req.online,
                                   read_threads=req.read_threads, resident_share=req.resident_share)
+        for store in teachers.stores:  # their reader locks (no `cache rm` while the run reads them), let go at its end
+            held.callback(store.close)
         if info.uses_features and teachers.feature_form is FeatureForm.NONE:
             raise StoreError(f"{info.name} needs the teachers' features but store {teachers.stores[0].id} holds "
                              "logits only (precomputed with --features none); precompute with --features pooled "

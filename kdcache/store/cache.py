@@ -24,7 +24,8 @@ from typing import ContextManager
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
 from kdcache.store.location import Location, Where
-from kdcache.store.lock import WriterLock
+from kdcache.store.describe import Problem
+from kdcache.store.lock import ReaderLock, WriterLock
 from kdcache.store.plan import PlanStore
 from kdcache.store.teacher import TeacherStore
 
@@ -62,6 +63,17 @@ class Cache:
         if local is not None and not os.access(local / fmt.TEACHERS_DIR, os.W_OK):
             raise StoreError(f"cache directory {self.root} is not writable; pass a writable --cache or set KDCACHE_HOME")
 
+    def check_readable(self) -> None:
+        """Refuse, in one line, a cache that is not there to read (a folder missing, or a file in its place): the
+        cache commands would otherwise find nothing and say nothing."""
+        local = self.location.local_path
+        if local is not None and (local.is_symlink() or local.exists()) and not local.is_dir():
+            raise StoreError(f"cache {self.root} is a file, not a folder; pass the --cache folder precompute wrote "
+                             "to (or set KDCACHE_HOME to it)")
+        if not self.location.exists():
+            raise StoreError(f"cache {self.root} does not exist; pass the --cache folder precompute wrote to (or set "
+                             "KDCACHE_HOME to it): `kdcache precompute --cache DIR` creates one")
+
     # -- where things are ------------------------------------------------------------------
 
     def plan_path(self, plan_id: str) -> Path | str:
@@ -98,12 +110,19 @@ class Cache:
         local = self.location.local_path
         return local / fmt.LOCKS_DIR / f"{kind}-{node_id}.lock" if local is not None else None
 
-    def teacher_lock(self, teacher_id: str) -> ContextManager[object]:
-        """The writer lock of a teacher store (a second writer is refused at once); a no-op without a lock."""
+    def teacher_lock(self, teacher_id: str, removing: bool = False) -> ContextManager[object]:
+        """The writer lock of a teacher store (a second writer, or a reader, refuses it at once; ``removing``: for
+        ``cache rm``, whose refusal says so); a no-op without a lock."""
         path = self.lock_path("teacher", teacher_id)
         if path is None:
             return contextlib.nullcontext()
-        return WriterLock(path, f"teacher store {teacher_id}", wait=False)
+        return WriterLock(path, f"teacher store {teacher_id}", wait=False,
+                          removing=f"kdcache cache rm {teacher_id}" if removing else None)
+
+    def reader_lock(self, teacher_id: str) -> ReaderLock | None:
+        """The shared lock a reader of a teacher store holds while it reads (None without a lock)."""
+        path = self.lock_path("teacher", teacher_id)
+        return None if path is None else ReaderLock(path, f"teacher store {teacher_id}")
 
     # -- ids -------------------------------------------------------------------------------
 
@@ -113,9 +132,14 @@ class Cache:
     def teacher_ids(self) -> list[str]:
         return _ids_under(self.location / fmt.TEACHERS_DIR)
 
+    def teacher_entries(self) -> list[str]:
+        """Every name under the cache's teachers folder: its stores, and whatever else lies there in a store's
+        place (a folder without zarr.json, a file, a broken link), so that the cache commands can name it."""
+        return _entries_under(self.location / fmt.TEACHERS_DIR)
+
     def resolve(self, prefix: str, kind: str = "teacher") -> str:
         """The one id of ``kind`` that starts with ``prefix``; a clear error when none or several do."""
-        ids = self.teacher_ids() if kind == "teacher" else self.plan_ids()
+        ids = self.teacher_entries() if kind == "teacher" else self.plan_ids()
         matches = [i for i in ids if i.startswith(prefix)]
         if not prefix or not matches:
             raise StoreError(f"no {kind} store matches {prefix!r} in {self.root}; `kdcache cache ls` lists them")
@@ -133,11 +157,67 @@ class Cache:
         teacher_id = self.resolve(prefix, "teacher")
         return TeacherStore.open(self.teacher_location(teacher_id), teacher_id, require_complete)
 
-    def remove_teacher(self, prefix: str) -> str:
-        """Delete a teacher store (refused while a writer holds it); its plan stays for other teachers."""
+    def open_for_reading(self, prefix: str) -> TeacherStore:
+        """A complete teacher store opened to be read (by distill, by :class:`kdcache.cached.CachedTeachers`): its
+        reader lock taken first and held until :meth:`TeacherStore.close` (so that ``cache rm`` refuses to remove it
+        meanwhile), then its description checked (:meth:`check_teacher`, markers and plan files included). Every
+        refusal is a StoreError of one line naming the store, the cause and the remedy."""
         teacher_id = self.resolve(prefix, "teacher")
-        with self.teacher_lock(teacher_id):
-            self.teacher_location(teacher_id).remove()
+        lock = self.reader_lock(teacher_id)
+        if lock is not None and not lock.acquire():
+            # held exclusively: a writer (then the store is unfinished, and opening it says so) or a remover
+            TeacherStore.open(self.teacher_location(teacher_id), teacher_id)
+            if not lock.acquire(wait_s=READER_WAIT_S):
+                raise StoreError(f"teacher store {teacher_id} is held by another process ({lock.holder()}) that is "
+                                 "writing or removing it; wait for it to finish, then run again")
+        try:
+            store = TeacherStore.open(self.teacher_location(teacher_id), teacher_id)
+            self.check_teacher(store, deep=True)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        if lock is not None:
+            store.hold(lock)
+        return store
+
+    def plan_of(self, plan_id: str) -> PlanStore:
+        """The plan ``plan_id`` opened (a StoreError when missing, :class:`format.MissingError`, or unreadable)."""
+        if not isinstance(plan_id, str) or not plan_id or "/" in plan_id or plan_id.startswith("."):
+            raise fmt.MissingError(f"plan {plan_id!r} is not a plan id")
+        return PlanStore.open(self.plan_location(plan_id), plan_id)
+
+    def describe_teacher(self, store: TeacherStore, deep: bool = False) -> list[Problem]:
+        """The ways ``store`` (and its plan) disagree with their descriptions: :meth:`TeacherStore.check_description`
+        with this cache's plans. ``deep``: also the completion markers and the plan's chunk files."""
+        return store.check_description(self.plan_of, deep)
+
+    def problem_line(self, store: TeacherStore, problem: Problem) -> str:
+        """``problem`` of ``store`` as one line with the remedy that works for it."""
+        plan = store.attrs.get("plan_id")
+        return problem.line(store.id, self.plan_location(plan) if isinstance(plan, str) else self.location)
+
+    def check_teacher(self, store: TeacherStore, deep: bool = False) -> None:
+        """Refuse ``store`` if it (or its plan) disagrees with its description: a StoreError of one line naming the
+        first disagreement and its remedy (remove the store and precompute it again; precompute again for a missing
+        plan; remove a damaged plan first)."""
+        problems = self.describe_teacher(store, deep)
+        if problems:
+            raise StoreError(self.problem_line(store, problems[0]))
+
+    def has_plan(self, plan_id: str) -> bool:
+        """Whether the cache holds plan ``plan_id`` (its folder with zarr.json; whether it is sound is
+        :meth:`check_teacher`'s question)."""
+        return self.plan_location(plan_id).exists("zarr.json")
+
+    def remove_teacher(self, prefix: str) -> str:
+        """Delete a teacher store, or whatever lies in its place (refused while a writer or a reader holds it); its
+        plan stays for other teachers."""
+        teacher_id = self.resolve(prefix, "teacher")
+        with self.teacher_lock(teacher_id, removing=True):
+            where = self.teacher_location(teacher_id)
+            with fmt.disk_errors(f"removing teacher store {teacher_id}", where):
+                where.remove()
         lock = self.lock_path("teacher", teacher_id)
         if lock is not None:
             lock.unlink(missing_ok=True)
@@ -151,3 +231,11 @@ def size_on_disk(path: Where) -> int:
 
 def _ids_under(folder: Location) -> list[str]:
     return [name for name in folder.subfolders() if (folder / name).exists("zarr.json")]
+
+
+def _entries_under(folder: Location) -> list[str]:
+    return [name for name in folder.entries() if not name.startswith(".")]
+
+
+# Seconds a reader waits for a remover (or a writer finishing a complete store) to let go of a store's lock.
+READER_WAIT_S = 10.0

@@ -27,6 +27,37 @@ LOCKS_DIR = "locks"
 STORED_DTYPE = "float16"
 
 
+class MissingError(StoreError):
+    """A plan or store that is not in the cache at all (as opposed to one that is there but unreadable)."""
+
+
+def exc_line(exc: BaseException) -> str:
+    """An exception as a short phrase for a one-line message: its type, and its text's first line."""
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}{': ' + text if text else ''}"
+
+
+def open_node(where: Any, what: str, writable: bool = False) -> zarr.Group:
+    """The group of a plan or store at ``where`` (a Location): a StoreError naming ``what`` when it is missing
+    (:class:`MissingError`), not a folder, or its ``zarr.json`` is unreadable (truncated, not JSON, not a group)."""
+    local = where.local_path
+    if local is not None and (local.is_symlink() or local.exists()) and not local.is_dir():
+        kind = "a symbolic link that leads nowhere (or loops)" if local.is_symlink() else "a file, not a folder"
+        raise StoreError(f"{what} at {where} is {kind}")
+    try:
+        present = where.exists("zarr.json")
+    except OSError as exc:
+        raise StoreError(f"{what} at {where} cannot be read ({exc_line(exc)})") from None
+    if not present:
+        raise MissingError(f"{what} not found at {where}")
+    try:
+        return zarr.open_group(where.zarr_store(read_only=not writable), mode="r+" if writable else "r")
+    except StoreError:
+        raise
+    except Exception as exc:  # zarr reading a damaged zarr.json: JSON, key, type or value errors, or a disk's
+        raise StoreError(f"{what} at {where}: its zarr.json is unreadable ({exc_line(exc)})") from None
+
+
 def default_cache_dir() -> Path:
     """``$KDCACHE_HOME``, else ``~/.cache/kdcache``."""
     env = os.environ.get("KDCACHE_HOME")
@@ -81,18 +112,19 @@ def disk_errors(what: str, where: Any, needs: str = "") -> Iterator[None]:
                          "to finish it") from None
 
 
-def check_format(attrs: dict[str, Any], kind: str, where: str) -> None:
-    """Refuse a node that is not a kdcache ``kind`` of a format this version reads."""
+def check_format(attrs: dict[str, Any], kind: str, where: str, remedy: str = "precompute the store again") -> None:
+    """Refuse a node that is not a kdcache ``kind`` of a format this version reads (``remedy``: what else makes it
+    readable, after upgrading kdcache)."""
     if creation_unfinished(attrs):
         raise UnfinishedCreationError(f"{where} was cut short while being created (nothing in it is usable yet); "
                          "run the same `kdcache precompute` again to create it")
     if attrs.get("kind") != kind:
-        raise StoreError(f"{where} is not a kdcache {kind} store (kind={attrs.get('kind')!r})")
+        raise StoreError(f"{where} is not a kdcache {kind} store (kind={attrs.get('kind')!r}); {remedy}")
     version = attrs.get("format")
     if version != FORMAT_VERSION:
         raise StoreError(
             f"{where} has store format {version!r}; this kdcache ({_version()}) reads format "
-            f"{FORMAT_VERSION}: upgrade kdcache or precompute the store again"
+            f"{FORMAT_VERSION}: upgrade kdcache or {remedy}"
         )
 
 

@@ -105,6 +105,18 @@ class Location:
             return []
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
+    def entries(self) -> list[str]:
+        """Names of everything directly below this folder (folders, files, links; none if it does not exist)."""
+        if not self.is_url:
+            folder = Path(self.where)
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        fs, root = self._fs()
+        try:
+            found = fs.ls(root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in found} - {""})
+
     def files(self, prefix: str = "") -> set[str]:
         """Keys (``a/b/c`` relative to this folder) of every file below ``prefix``, in one listing."""
         if not self.is_url:
@@ -132,7 +144,11 @@ class Location:
     def remove(self) -> None:
         """Delete this folder and everything below it."""
         if not self.is_url:
-            shutil.rmtree(self.where, ignore_errors=False)
+            path = Path(self.where)
+            if path.is_symlink() or (path.exists() and not path.is_dir()):  # a file or a link in a folder's place
+                path.unlink()
+            else:
+                shutil.rmtree(self.where, ignore_errors=False)
             return
         fs, root = self._fs()
         fs.rm(root, recursive=True)

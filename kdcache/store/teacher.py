@@ -31,10 +31,11 @@ attribute (written before shards) have one chunk a file: S = R.
 from __future__ import annotations
 
 import datetime as _dt
+import weakref
 from concurrent.futures import Executor, Future
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,10 +48,13 @@ from kdcache.inline import INLINE
 from kdcache.store import codecs
 from kdcache.store import format as fmt
 from kdcache.store.chunks import ArrayChunks, ChunkError, failed
+from kdcache.store.describe import Problem, teacher_problems
 from kdcache.store.form import LOGIT_STATS, TOPK_ARRAYS, FeatureCompression, Forward, StoreForm
 from kdcache.store.int8 import INT8_FILL, dequantize_rows, quantize_rows
 from kdcache.store.layout import Layout, StoreShape, chunk_slice, n_chunks
 from kdcache.store.location import Location, Where
+from kdcache.store.lock import ReaderLock
+from kdcache.store.plan import PlanStore
 from kdcache.store.sizes import store_size
 from kdcache.text import human_bytes
 from kdcache.topk import index_dtype, pack_topk, summarise_logits
@@ -74,6 +78,36 @@ class TeacherStore:
         self._view_markers: tuple[int, np.ndarray] | None = None
         self._chunk_readers: dict[str, ArrayChunks] | None = None
         self._reading_view: int | None = None
+        self._release: weakref.finalize[Any, Any] | None = None  # the reader lock held (Cache.open_for_reading)
+
+    def hold(self, lock: ReaderLock) -> None:
+        """Keep ``lock`` (shared, on this store) until :meth:`close`, or until the store is garbage collected:
+        while it is held the store cannot be removed."""
+        self.close()
+        self._release = weakref.finalize(self, lock.release)
+
+    def close(self) -> None:
+        """Let go of the reader lock, if held: the store may be removed from now on."""
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def check_description(self, plan_of: Callable[[str], PlanStore] | None = None,
+                          deep: bool = False) -> list[Problem]:
+        """The ways this store disagrees with its own description (:func:`kdcache.store.describe.teacher_problems`):
+        its arrays, shapes, chunks and dtypes against its attributes, its id against them; given ``plan_of`` (a
+        plan id to the opened plan), its plan's description and shape too. Empty: it is what it says it is."""
+        return teacher_problems(self, plan_of, deep)
+
+    def vanished(self) -> StoreError | None:
+        """The error of a store removed while it was being read (its zarr.json gone); None while it is there."""
+        try:
+            if self.location.exists("zarr.json"):
+                return None
+        except OSError:
+            pass
+        return StoreError(f"teacher store {self.id} was removed from {self.path} while being read; precompute it "
+                          "again (the same `kdcache precompute`) and run this again")
 
     @property
     def path(self) -> Path | str:
@@ -88,11 +122,9 @@ class TeacherStore:
         """Open read-only (``writable``: to fill chunks of an existing store); refuse a store that is
         missing, of another format or (by default) unfinished."""
         where = Location.of(path)
-        if not where.exists("zarr.json"):
-            raise StoreError(f"teacher store {teacher_id} not found at {where}; run `kdcache precompute` first")
-        group = zarr.open_group(where.zarr_store(read_only=not writable), mode="r+" if writable else "r")
+        group = _open_group(where, teacher_id, writable)
         store = cls(group, where, teacher_id)
-        fmt.check_format(store.attrs, "teacher", f"teacher store {teacher_id}")
+        fmt.check_format(store.attrs, "teacher", f"teacher store {teacher_id}", removal(teacher_id))
         if require_complete and not store.attrs.get("complete"):
             raise StoreError(f"teacher store {teacher_id} is incomplete ({store._progress()}); "
                              "run the same `kdcache precompute` again to finish it")
@@ -118,11 +150,15 @@ class TeacherStore:
         teacher, shape or form disagree with these is not this teacher's and is refused rather than overwritten.
         """
         where = Location.of(path)
+        local = where.local_path
+        if local is not None and (local.is_symlink() or local.exists()) and not local.is_dir():
+            kind = "a symbolic link that leads nowhere (or loops)" if local.is_symlink() else "a file, not a folder"
+            raise StoreError(f"teacher store {teacher_id} at {where} is {kind}; {removal(teacher_id)}")
         _remove_partial_files(where)
         if form.forward is Forward.AMP:
             raise ValueError("a store records a resolved forward precision: StoreForm.on(device type) first")
         wanted = {**teacher, "num_classes": shape.classes, "feature_dim": shape.feature_dim}
-        if where.exists("zarr.json") and not fmt.creation_unfinished(_raw_attrs(where)):
+        if where.exists("zarr.json") and not fmt.creation_unfinished(dict(_open_group(where, teacher_id).attrs)):
             store = cls.open(where, teacher_id, require_complete=False)
             have, want = ({**{k: _identity(a, k) for k in _IDENTITY}, **f.to_attrs()}
                           for a, f in ((store.attrs, store.form), (wanted, form)))
@@ -496,8 +532,9 @@ class TeacherStore:
         start = 0
         for c, size, pick in zip(chunks, sizes, picks):
             if not self._marked(v, c):  # deleted after the store was completed: the chunk cannot be trusted
-                tasks.append(failed(StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is "
-                                               f"missing; run `kdcache cache verify {self.id}`")))
+                tasks.append(failed(self.vanished() or StoreError(
+                    f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is missing; run "
+                    f"`kdcache cache verify {self.id}`")))
             else:
                 for name, reader in self.chunk_readers().items():
                     out = blocks[name] if pick is not None else blocks[name][start:start + size]
@@ -526,7 +563,11 @@ class TeacherStore:
     def _array(self, name: str) -> zarr.Array[Any]:
         """The data array ``name``, opened once."""
         if name not in self._arrays:
-            self._arrays[name] = fmt.array(self.group, name)
+            try:
+                self._arrays[name] = fmt.array(self.group, name)
+            except (KeyError, FileNotFoundError, NotADirectoryError):
+                raise self.vanished() or StoreError(
+                    f"teacher store {self.id} has no {name} array; run `kdcache cache verify {self.id}`") from None
         return self._arrays[name]
 
     def _marked(self, v: int, c: int) -> bool:
@@ -539,11 +580,17 @@ class TeacherStore:
                 row = np.asarray(fmt.read(self.group, "done", v))
             except ValueError:  # a damaged marker somewhere in the view: read this chunk's alone, which names it
                 pass
+            except (KeyError, OSError):  # its markers' array gone: the store removed under the reader?
+                raise self.vanished() or StoreError(f"teacher store {self.id} has no completion markers (done); "
+                                                    f"{removal(self.id)}") from None
             else:
                 self._view_markers = (v, row)
                 return int(row[c]) >= 0
         try:
             return int(fmt.read(self.group, "done", (v, c))) >= 0
+        except (KeyError, OSError):
+            raise self.vanished() or StoreError(f"teacher store {self.id} has no completion markers (done); "
+                                                f"{removal(self.id)}") from None
         except ValueError as exc:  # the marker's own checksum
             raise StoreError(f"teacher store {self.id}: completion marker of (view {v}, chunk {c}) is damaged ({exc}); "
                              f"run `kdcache cache verify {self.id}`") from None
@@ -553,8 +600,13 @@ class TeacherStore:
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
-        return (torch.from_numpy(fmt.read(self.group, "head/weight")),
-                torch.from_numpy(fmt.read(self.group, "head/bias")))
+        try:
+            return (torch.from_numpy(fmt.read(self.group, "head/weight")),
+                    torch.from_numpy(fmt.read(self.group, "head/bias")))
+        except (KeyError, ValueError, OSError) as exc:  # the head's checksum, or its files gone
+            raise self.vanished() or StoreError(
+                f"teacher store {self.id}: its head (final classifier) is damaged ({fmt.exc_line(exc)}); "
+                f"{removal(self.id)}") from None
 
     # -- checking ---------------------------------------------------------------------------
 
@@ -619,7 +671,8 @@ class PendingRows:
             try:
                 task.result()
             except ChunkError as exc:
-                raise StoreError(f"teacher store {store.id}: {exc}; run `kdcache cache verify {store.id}`") from None
+                raise store.vanished() or StoreError(
+                    f"teacher store {store.id}: {exc}; run `kdcache cache verify {store.id}`") from None
         out = {name: block if self.keep is None else block[self.keep] for name, block in self.blocks.items()}
         logits = out["logits"] if store.form.topk is None else pack_topk(*(out[n] for n in TOPK_ARRAYS))
         if "feature_scale" in out:
@@ -638,9 +691,21 @@ def _identity(attrs: dict[str, Any], key: str) -> Any:
     return value.get("sha256") if key == "checkpoint" and isinstance(value, dict) else value
 
 
-def _raw_attrs(where: Location) -> dict[str, Any]:
-    """The attributes of the group at ``where``, unchecked."""
-    return dict(zarr.open_group(where.zarr_store(read_only=True), mode="r").attrs)
+def removal(teacher_id: str) -> str:
+    """The remedy of a store that is damaged or unreadable: it cannot be repaired, only made again."""
+    return f"remove it with `kdcache cache rm {teacher_id}` and precompute it again"
+
+
+def _open_group(where: Location, teacher_id: str, writable: bool = False) -> zarr.Group:
+    """The store's group (:func:`format.open_node`): missing, it says to precompute it; not a folder, or its
+    zarr.json unreadable, it says to remove it and precompute it again."""
+    what = f"teacher store {teacher_id}"
+    try:
+        return fmt.open_node(where, what, writable)
+    except fmt.MissingError:
+        raise fmt.MissingError(f"{what} not found at {where}; run `kdcache precompute` first") from None
+    except StoreError as exc:
+        raise StoreError(f"{exc}; {removal(teacher_id)}") from None
 
 
 def _remove_partial_files(where: Location) -> None:
