@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -31,13 +32,14 @@ import pytest
 import torch
 
 from conftest import error_lines, run_cli
+from fakes import write_fake_cifar
 from kdcache import training
 from kdcache.atomic import WriteError, human_bytes
 from kdcache.models import build_model
 from kdcache.runs import RunDir
 
 EPOCHS = 2
-BATCH = 256  # digits: 1437 training images, 5 steps an epoch
+N_TRAIN, BATCH = 88, 16  # a fake CIFAR-10 of 88 training images: 5 steps an epoch
 
 CHILD = r'''
 import json, os, resource, signal, sys
@@ -132,32 +134,45 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@dataclass
+class Stores:
+    data: Path
+    cache: Path
+    ids: list[str]
+
+
 @pytest.fixture(scope="module")
-def stores(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """Two digits teacher stores on one plan (2 views), in a cache of their own."""
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fake CIFAR-10 small enough that an epoch takes a moment."""
+    return write_fake_cifar(tmp_path_factory.mktemp("data"), "cifar10", n_train=N_TRAIN, n_test=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def stores(digits_teacher: Path, data: Path, tmp_path_factory: pytest.TempPathFactory) -> Stores:
+    """Two teacher stores of the fake CIFAR-10 on one plan (2 views), in a cache of their own."""
     root = tmp_path_factory.mktemp("run-files")
     torch.manual_seed(1)
     second = root / "second.pth"
     torch.save({"model": build_model("resnet8", 10).state_dict()}, second)
     cache, ids = root / "cache", []
     for ckpt in (digits_teacher, second):
-        result = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", ckpt, "--dataset", "digits",
-                         "--views", 2, "--chunk-rows", 512, "--batch-size", 512, "--device", "cpu", "--cache", cache)
+        result = run_cli("precompute", "--teacher", "resnet8", "--checkpoint", ckpt, "--dataset", "cifar10",
+                         "--data-root", data, "--views", 2, "--chunk-rows", 32, "--batch-size", 32, "--device", "cpu",
+                         "--cache", cache)
         assert result.exit_code == 0, result.output
         ids.append(result.stdout.strip().splitlines()[-1])
-    return cache, ids
+    return Stores(data, cache, ids)
 
 
-def distill_args(stores: tuple[Path, list[str]], out: Path, method: str = "camkd") -> list[object]:
-    cache, ids = stores
-    teachers = ids if method == "camkd" else ids[:1]
-    return ["distill", "--student", "resnet8", "--method", method, *[a for t in teachers for a in ("--teachers", t)],
-            "--cache", cache, "--out", out, "--epochs", EPOCHS, "--batch-size", BATCH, "--device", "cpu",
-            "--seed", 3]
+def distill_args(stores: Stores, out: Path) -> list[object]:
+    """camkd from both teachers, whose aligners (the feature term) start in epoch 2."""
+    return ["distill", "--student", "resnet8", "--method", "camkd", "--teachers", stores.ids[0], "--teachers",
+            stores.ids[1], "--cache", stores.cache, "--data-root", stores.data, "--out", out, "--epochs", EPOCHS,
+            "--batch-size", BATCH, "--device", "cpu", "--seed", 3]
 
 
 @pytest.fixture(scope="module")
-def alone(stores: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def alone(stores: Stores, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A camkd distill run done alone and uninterrupted: what every faulted run must end equal to."""
     out = tmp_path_factory.mktemp("alone") / "run"
     result = run_cli(*distill_args(stores, out))
@@ -165,15 +180,18 @@ def alone(stores: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-TEACHER = ["train-teacher", "--arch", "resnet8", "--dataset", "digits", "--epochs", EPOCHS, "--batch-size", BATCH,
-           "--device", "cpu"]
+@pytest.fixture(scope="module")
+def teacher(data: Path) -> list[object]:
+    """train-teacher's arguments but --out."""
+    return ["train-teacher", "--arch", "resnet8", "--dataset", "cifar10", "--data-root", data, "--epochs", EPOCHS,
+            "--batch-size", BATCH, "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def teacher_alone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def teacher_alone(teacher: list[object], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher trained alone and uninterrupted (its run directory)."""
     out = tmp_path_factory.mktemp("teacher-alone") / "t"
-    result = run_cli(*TEACHER, "--out", out)
+    result = run_cli(*teacher, "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -242,7 +260,7 @@ def test_every_run_file_writer_keeps_the_old_file_under_a_file_size_limit(tmp_pa
 
 
 def test_distill_stopped_by_a_file_size_limit_keeps_its_last_checkpoint_and_resumes(
-        stores: tuple[Path, list[str]], alone: Path, tmp_path: Path) -> None:
+        stores: Stores, alone: Path, tmp_path: Path) -> None:
     """camkd's aligners get their momentum in epoch 2 (their term is off in epoch 1), so epoch 2's checkpoint.pth
     is larger than epoch 1's: under a limit of one byte less than it, epoch 1 is saved and epoch 2's checkpoint
     fails. One line names the file, the cause and the limit, what is kept and what to do; checkpoint.pth still
@@ -266,7 +284,8 @@ def test_distill_stopped_by_a_file_size_limit_keeps_its_last_checkpoint_and_resu
     assert metric_epochs(run) == [1, 2]
 
 
-def test_train_teacher_stopped_by_a_file_size_limit_in_epoch_1_or_2_goes_on(teacher_alone: Path,
+def test_train_teacher_stopped_by_a_file_size_limit_in_epoch_1_or_2_goes_on(teacher: list[object],
+                                                                            teacher_alone: Path,
                                                                             tmp_path: Path) -> None:
     """A teacher under a limit one byte below its checkpoint.pth from the start: epoch 1's checkpoint fails, so no
     epoch was saved; its metrics line and best.pth are removed and the same command, run again, starts it (no
@@ -275,7 +294,7 @@ def test_train_teacher_stopped_by_a_file_size_limit_in_epoch_1_or_2_goes_on(teac
     a teacher never interrupted."""
     first = tmp_path / "first"
     limit = (teacher_alone / "checkpoint.pth").stat().st_size - 1
-    code, err = child(*TEACHER, "--out", first, fsize=limit)
+    code, err = child(*teacher, "--out", first, fsize=limit)
     assert code == 1
     assert the_error(err) == (
         f"Error: cannot write {first / 'checkpoint.pth'}: File too large (the file size limit, `ulimit -f`, is "
@@ -283,12 +302,12 @@ def test_train_teacher_stopped_by_a_file_size_limit_in_epoch_1_or_2_goes_on(teac
         "the same command again")
     assert sorted(p.name for p in first.iterdir()) == ["config.json", "metrics.jsonl"]
     assert metric_epochs(first) == []
-    result = run_cli(*TEACHER, "--out", first)
+    result = run_cli(*teacher, "--out", first)
     assert result.exit_code == 0, result.output
     same_weights(first, teacher_alone)
 
     second = tmp_path / "second"
-    code, err = child(*TEACHER, "--out", second,
+    code, err = child(*teacher, "--out", second,
                       fault={"action": "limit", "method": "save_checkpoint", "nth": 1, "plus": 40})
     assert code == 1
     metrics = second / "metrics.jsonl"
@@ -299,7 +318,7 @@ def test_train_teacher_stopped_by_a_file_size_limit_in_epoch_1_or_2_goes_on(teac
         "epoch 1")
     assert metric_epochs(second) == [1]  # the part of line 2 that fitted was cut off again
     assert torch.load(second / "checkpoint.pth", weights_only=False)["epoch"] == 1
-    result = run_cli(*TEACHER, "--out", second, "--resume")
+    result = run_cli(*teacher, "--out", second, "--resume")
     assert result.exit_code == 0, result.output
     same_weights(second, teacher_alone)
     assert metric_epochs(second) == [1, 2]
@@ -331,7 +350,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
 
 
 def test_distill_on_a_file_system_that_fills_up_keeps_its_last_checkpoint_and_resumes(
-        stores: tuple[Path, list[str]], alone: Path, tmp_path: Path, small_tmpfs: Callable[[int], Path]) -> None:
+        stores: Stores, alone: Path, tmp_path: Path, small_tmpfs: Callable[[int], Path]) -> None:
     """A tmpfs with room for epoch 1's files and half a checkpoint more: epoch 2's files do not fit (each is
     written beside the one it replaces). One line names the file, "No space left on device" and what to free;
     checkpoint.pth keeps epoch 1; the run, copied where there is room, resumes to the weights of a run alone."""
@@ -361,41 +380,41 @@ def test_distill_on_a_file_system_that_fills_up_keeps_its_last_checkpoint_and_re
 # -- a kill half-way through a metrics line ---------------------------------------------------------
 
 
-def test_a_metrics_line_cut_by_a_kill_is_dropped_and_the_run_resumes(stores: tuple[Path, list[str]],
+def test_a_metrics_line_cut_by_a_kill_is_dropped_and_the_run_resumes(stores: Stores, alone: Path,
                                                                      tmp_path: Path) -> None:
     """A distill killed half-way through writing epoch 2's metrics line (epoch 2's checkpoint not written): the
     run still reads (the cut line is not a record), --resume drops it and trains epoch 2 again, and the resumed
     metrics.jsonl is whole: every line valid JSON, one per epoch, with the weights of a run never interrupted."""
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    assert run_cli(*distill_args(stores, straight, "kd")).exit_code == 0
-    code, err = child(*distill_args(stores, run, "kd"), fault={"action": "cut", "method": "append_metrics", "nth": 2})
+    run = tmp_path / "run"
+    code, err = child(*distill_args(stores, run), fault={"action": "cut", "method": "append_metrics", "nth": 2})
     assert code == -signal.SIGKILL, err
     text = (run / "metrics.jsonl").read_text()
     assert text.count("\n") == 1 and not text.endswith("\n")  # line 1, then half of line 2
     assert [r["epoch"] for r in RunDir(run).load().metrics] == [1]
     assert torch.load(run / "checkpoint.pth", weights_only=False)["epoch"] == 1
-    result = run_cli(*distill_args(stores, run, "kd"), "--resume")
+    result = run_cli(*distill_args(stores, run), "--resume")
     assert result.exit_code == 0, result.output
     assert metric_epochs(run) == [1, 2]
     first = (run / "metrics.jsonl").read_text().splitlines()[0]
     assert text.startswith(first + "\n")  # the kept line keeps its bytes
-    same_weights(run, straight)
+    same_weights(run, alone)
 
 
 # -- distill --out holding another run --------------------------------------------------------------
 
 
-def test_distill_refuses_an_out_holding_another_run_unless_resume_or_force(stores: tuple[Path, list[str]],
+def test_distill_refuses_an_out_holding_another_run_unless_resume_or_force(stores: Stores,
                                                                         alone: Path, tmp_path: Path) -> None:
     """A folder holding another run's config.json and metrics.jsonl (its checkpoints gone): distill refuses it with
-    one line and changes nothing; --resume cannot continue it and says so; --force replaces it. A folder that
-    exists but is empty is used as it is, and a started run there resumes."""
+    one line and changes nothing; --resume cannot continue it and says so; --force replaces it with a run equal to
+    one made alone, which --resume then continues (here: writes last.pth again, nothing left to train). A folder
+    that exists but is empty, or holds a run stopped before its first epoch was saved, starts a run."""
     out = tmp_path / "other"
     out.mkdir()
     for name in ("config.json", "metrics.jsonl"):
         shutil.copy(alone / name, out / name)
     before = {name: digest(out / name) for name in ("config.json", "metrics.jsonl")}
-    args = [*distill_args(stores, out, "kd")]
+    args = distill_args(stores, out)
     for extra, want in (
             ((), f"Error: {out} already holds a run (config.json, metrics.jsonl); pass --resume to continue it, "
                  "--force to replace it, or choose another --out"),
@@ -409,13 +428,19 @@ def test_distill_refuses_an_out_holding_another_run_unless_resume_or_force(store
         assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]
         assert {name: digest(out / name) for name in before} == before
 
+    (out / "metrics.jsonl").write_text("{\"epoch\": 1, \"test_top1\": 1.0, \"other\": true}\n")
     result = run_cli(*args, "--force")
     assert result.exit_code == 0, result.output
-    assert RunDir(out).read_config()["args"]["method"] == "kd" and metric_epochs(out) == [1, 2]
-
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert run_cli(*distill_args(stores, empty, "kd")).exit_code == 0
-    result = run_cli(*distill_args(stores, empty, "kd"), "--resume")  # a finished run: nothing left to train
+    assert metric_epochs(out) == [1, 2] and (out / "config.json").read_text() != ""
+    same_weights(out, alone)
+    (out / "last.pth").unlink()
+    result = run_cli(*args, "--resume")
     assert result.exit_code == 0, result.output
-    same_weights(empty, out)
+    same_weights(out, alone)
+
+    empty = RunDir(tmp_path / "empty")
+    empty.path.mkdir()
+    empty.check_can_start(resume=False)
+    empty.start({"args": {}})  # config.json and an empty metrics.jsonl: started, no epoch saved
+    assert empty.held() == []
+    empty.check_can_start(resume=False)
