@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
-from importlib import import_module, metadata
+from importlib import metadata
+from types import FrameType
 from typing import Any, Generic, Iterator, TypeVar
 
 from kdcache.errors import KdcacheError, UnknownNameError
 
 ENTRY_POINT_GROUP = "kdcache.plugins"
-# The modules whose import registers kdcache's own entries (the experiments' fill their registry at first use).
-_BUILTIN_MODULES = ("kdcache.models", "kdcache.data", "kdcache.losses")
 
 # A name as it can be typed after --arch/--method/--dataset: letters, digits, '_', '-', '.', starting alnum.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -95,10 +95,11 @@ class Registry(Generic[T]):
         self.noun = noun            # "architecture", "data set", "method": for messages
         self._entries: dict[str, T] = {}
         self._origins: dict[str, str] = {}  # name -> "<distribution> <version>" for a plug-in's entries
+        self._home = sys._getframe(1).f_globals  # the module that made it, whose body adds kdcache's own entries
 
     def add(self, name: str, entry: T, *, replace: bool = False) -> T:
         """Register ``entry`` as ``name``; a name taken already is an error unless ``replace``."""
-        journal = _recording()
+        journal = _recording() if not self._home_filling() else None
         try:
             if not isinstance(name, str) or not _NAME.match(name):
                 raise KdcacheError(f"cannot register {self.noun} {name!r}: a name is letters, digits, '_', '-' "
@@ -115,6 +116,16 @@ class Registry(Generic[T]):
             self._origins[name] = journal.origin
         self._entries[name] = entry
         return entry
+
+    def _home_filling(self) -> bool:
+        """Whether the body of the module that made this registry is running up the stack: it adds kdcache's own
+        entries, also when a plug-in's load imports that module first (``from kdcache.data import ...``)."""
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            if frame.f_globals is self._home and frame.f_code.co_name == "<module>":
+                return True
+            frame = frame.f_back
+        return False
 
     def remove(self, name: str) -> None:
         """Forget ``name`` (tests and plug-in authors undoing a registration); absent names are ignored."""
@@ -187,8 +198,6 @@ def load_plugins() -> None:
         if _loaded:
             return
         _loaded = True  # set first: a plug-in's own lookups while it loads must not load again
-        for module in _BUILTIN_MODULES:  # kdcache's own entries in place first: a failing plug-in withdraws its own only
-            import_module(module)
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             _load(ep)
 

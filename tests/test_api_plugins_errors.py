@@ -242,6 +242,24 @@ def test_a_plug_in_registering_an_experiment_then_failing_keeps_the_papers(on_pa
     assert experiments.experiment_names() == [e.name for e in PAPER_EXPERIMENTS]
 
 
+def test_kdcache_s_own_entries_stay_when_a_failing_plug_in_imports_their_module_first(tmp_path: Path) -> None:
+    """kdcache.data's data sets, registered while a plug-in's load imports kdcache.data for the first time, are
+    kdcache's own: withdrawing the plug-in keeps them."""
+    site = _install(tmp_path / "site", "kdcache-late", "import kdcache\n"
+                    "kdcache.register_dataset('late-data')(lambda root=None: None)\nraise ImportError('late')\n")
+    probe = ("import sys, warnings\nfrom kdcache.models import model_names\nassert 'kdcache.data' not in sys.modules\n"
+             "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+             "    model_names()\nfrom kdcache.data import dataset_names\n"
+             "print(dataset_names())\nprint(*[w.message for w in caught])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    names, warning = result.stdout.splitlines()
+    assert names == "['cifar10', 'cifar100', 'mnist', 'fashion-mnist', 'imagefolder', 'digits']"
+    assert warning.endswith("failed to load: ImportError: late; it is skipped, none of its registrations kept "
+                            "(withdrawn: data set 'late-data')")
+
+
 def test_a_plug_in_data_set_whose_loader_raises_is_that_plug_in_s_failure(tmp_path: Path) -> None:
     site = _install(tmp_path / "site", "kdcache-failing", RAISES)
     result = _kdcache(site, "train-teacher", "--arch", "resnet8", "--dataset", "failing-data",
