@@ -278,3 +278,22 @@ def test_code_registered_by_the_caller_raises_as_it_is(on_path) -> None:
             load_dataset("callers-data")
     finally:
         kdcache.data._DATASETS.remove("callers-data")
+
+
+RAISING_BUILDER = '''
+import kdcache
+
+
+@kdcache.register_model("failing-net", description="an architecture whose builder fails")
+def failing_net(num_classes):
+    raise RuntimeError("the weights layout is unknown")
+'''
+
+
+def test_a_plug_in_model_whose_builder_raises_is_that_plug_in_s_failure(on_path) -> None:
+    """The same for an architecture: its builder's exception is one PluginError naming the distribution."""
+    on_path("kdcache-failnet", RAISING_BUILDER)
+    assert "failing-net" in model_names()
+    with pytest.raises(registry.PluginError, match="^the architecture 'failing-net' from plug-in distribution kdcache-failnet "
+                                          "0.1 raised: RuntimeError: the weights layout is unknown$"):
+        build_model("failing-net", 10)

@@ -131,7 +131,8 @@ def build_method(name: str, *, num_classes: int, student_dim: int | Sequence[int
         if teacher_heads is None:
             raise KdcacheError(f"{name} needs the teachers' classifiers (teacher_heads), none were given")
         kwargs["teacher_heads"] = list(teacher_heads)
-    return cls(**kwargs)
+    with _METHODS.running(name):  # a plug-in's failure is named as its own
+        return cls(**kwargs)
 
 
 def _shape(d: int | Sequence[int]) -> FeatureShape:

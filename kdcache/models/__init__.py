@@ -104,7 +104,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     _, builder = _lookup(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise KdcacheError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = builder(num_classes)
+    with _MODELS.running(name):  # a plug-in's failure is named as its own
+        model = builder(num_classes)
     # Plain attribute (not state): lets checkpoint errors name the architecture.
     setattr(model, "kdcache_arch", name)
     return model
