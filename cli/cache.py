@@ -50,11 +50,16 @@ def ls(cache: str | None) -> None:
 @click.argument("teacher_id")
 @cache_option
 def info(teacher_id: str, cache: str | None) -> None:
-    """Show a teacher store's attributes, arrays and plan (TEACHER_ID may be a unique prefix)."""
+    """Show a teacher store's attributes, arrays and plan (TEACHER_ID may be a unique prefix); a store that is not
+    what its attributes say is shown all the same, then named (status 1)."""
+    from kdcache.errors import StoreError
     from kdcache.pipelines.cache_admin import store_info
     from kdcache.store import Cache
 
-    click.echo(json.dumps(store_info(Cache.at(cache), teacher_id), indent=2, default=str))
+    info = store_info(Cache.at(cache), teacher_id)
+    click.echo(json.dumps(info, indent=2, default=str))
+    if info["problems"]:
+        raise StoreError(info["problems"][0])
 
 
 @cache.command("verify")

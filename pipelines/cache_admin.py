@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from kdcache.errors import StoreError, UnfinishedCreationError
-from kdcache.store import Cache, PlanStore, TeacherStore, size_on_disk
+from kdcache.store import Cache, TeacherStore, size_on_disk
 from kdcache.store import format as fmt
 from kdcache.store.describe import STORE
 from kdcache.store.location import Location
@@ -104,16 +104,28 @@ def damaged(rows: list[StoreSummary]) -> list[StoreSummary]:
 
 
 def store_info(cache: Cache, prefix: str) -> dict[str, Any]:
-    """The attributes of a teacher store and of its plan, with array shapes and size on disk."""
+    """The attributes of a teacher store and of its plan, with array shapes and size on disk; ``problems``, the
+    ways it disagrees with its description (each line with its remedy; empty when none), so that a damaged store
+    can still be looked at."""
     store = cache.open_teacher(prefix, require_complete=False)
-    cache.check_teacher(store)
+    problems = [cache.problem_line(store, p) for p in cache.describe_teacher(store)]
     info: dict[str, Any] = {"teacher_id": store.id, "path": str(store.path), "bytes": size_on_disk(store.location),
-                            "chunks_written": f"{store.done_count()}/{store.total_chunks}", **store.attrs}
-    arrays = {name: fmt.array(store.group, name) for name in (*store.data_arrays, "head/weight", "head/bias")}
-    info["arrays"] = {name: {"shape": list(a.shape), "chunks": list(a.chunks), "dtype": str(a.dtype)}
-                      for name, a in arrays.items()}
-    plan = PlanStore.open(cache.plan_location(store.plan_id), store.plan_id)
-    info["plan"] = {"plan_id": plan.id, **plan.attrs}
+                            "problems": problems, **store.attrs}
+    if not problems:
+        info["chunks_written"] = f"{store.done_count()}/{store.total_chunks}"
+    arrays: dict[str, Any] = {}
+    for name in (*store.data_arrays, "head/weight", "head/bias"):
+        try:
+            a = fmt.array(store.group, name)
+            arrays[name] = {"shape": list(a.shape), "chunks": list(a.chunks), "dtype": str(a.dtype)}
+        except Exception as exc:  # a damaged store's array: its problem is listed above
+            arrays[name] = f"unreadable: {fmt.exc_line(exc)}"
+    info["arrays"] = arrays
+    try:
+        plan = cache.plan_of(store.plan_id)
+        info["plan"] = {"plan_id": plan.id, **plan.attrs}
+    except StoreError as exc:
+        info["plan"] = f"unreadable: {exc}"
     return info
 
 

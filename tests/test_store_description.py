@@ -127,7 +127,11 @@ CASES: list[tuple[str, Callable[[Built], object], Callable[[Built], list], Calla
                f"`kdcache cache rm {b.tid}` and precompute it again", 1),
     ("done/zarr.json deleted", lambda b: (store(b) / "done" / "zarr.json").unlink(), ls,
      lambda b: f"teacher store {b.tid} has no done array", 1),
-    ("head deleted", lambda b: shutil.rmtree(store(b) / "head"), ls, lambda b: f"teacher store {b.tid} has no head/weight", 1),
+    ("head deleted", lambda b: shutil.rmtree(store(b) / "head"), ls,
+     lambda b: f"teacher store {b.tid} has no head group (head/zarr.json is missing); remove it with "
+               f"`kdcache cache rm {b.tid}`", 1),
+    ("head/weight/zarr.json deleted", lambda b: (store(b) / "head" / "weight" / "zarr.json").unlink(), ls,
+     lambda b: f"teacher store {b.tid} has no head/weight array", 1),
     ("chunk_rows edited", lambda b: set_attr(store(b), "chunk_rows", 256), verify,
      lambda b: "logits has chunks [1, 512, 10], its attributes say [1, 256, 10]", 1),
     ("chunk_rows edited, distill", lambda b: set_attr(store(b), "chunk_rows", 256), distill,

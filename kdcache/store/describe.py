@@ -128,25 +128,30 @@ def teacher_problems(store: "TeacherStore", plan_of: Callable[[str], "PlanStore"
     a = store.attrs
     try:
         classes = _teacher_attrs(store, what, a)
+    except _Found as found:
+        return [Problem(STORE, str(found))]
+    from kdcache.errors import StoreError
+
+    plan: PlanStore | None = None
+    about_plan: list[Problem] = []
+    if plan_of is not None:
+        try:
+            plan = plan_of(a["plan_id"])
+        except fmt.MissingError:
+            about_plan = [Problem(PLAN_MISSING, f"{what}: its plan {a['plan_id']} is missing from the cache")]
+        except StoreError as exc:
+            about_plan = [Problem(PLAN, f"{what}: its plan {a['plan_id']} is unreadable: {exc}", said=True)]
+        else:
+            about_plan = [Problem(PLAN, p) for p in plan_problems(plan, deep)]
+    if plan is not None and not about_plan and plan.n_classes != classes:  # the teacher's classes, before its arrays'
+        return [Problem(STORE, f"{what} has {classes} classes but {plan.attrs['dataset']['name']} has {plan.n_classes} "
+                               f"(its plan {plan.id}'s data set)")]
+    try:
         views, samples = _teacher_arrays(store, what, a, deep)
     except _Found as found:
         return [Problem(STORE, str(found))]
-    if plan_of is None:
-        return []
-    from kdcache.errors import StoreError
-
-    try:
-        plan = plan_of(a["plan_id"])
-    except fmt.MissingError:
-        return [Problem(PLAN_MISSING, f"{what}: its plan {a['plan_id']} is missing from the cache")]
-    except StoreError as exc:
-        return [Problem(PLAN, f"{what}: its plan {a['plan_id']} is unreadable: {exc}", said=True)]
-    problems = [Problem(PLAN, p) for p in plan_problems(plan, deep)]
-    if problems:
-        return problems
-    if plan.n_classes != classes:
-        return [Problem(STORE, f"{what} has {classes} classes but {plan.attrs['dataset']['name']} has {plan.n_classes} "
-                               f"(its plan {plan.id}'s data set)")]
+    if about_plan or plan is None:
+        return about_plan
     if (plan.n_views, plan.n_samples) != (views, samples):
         return [Problem(STORE, f"{what} holds {views}x{samples} rows but its plan {plan.id} has "
                                f"{plan.n_views}x{plan.n_samples}")]
@@ -221,6 +226,14 @@ def _teacher_arrays(store: "TeacherStore", what: str, a: dict[str, Any], deep: b
         row, dtype, fill = rows_of[name]
         _expect(_array(group, name, what), name, what, (views, samples, *row), dtype, (1, rows, *row),
                 (1, rows * per_shard, *row) if per_shard > 1 else None, fill, reader=True)
+    try:
+        head = group["head"]
+    except KeyError:
+        raise _Found(f"{what} has no head group (head/zarr.json is missing)") from None
+    except Exception as exc:  # zarr's reading of a damaged zarr.json
+        raise _Found(f"{what}: head/zarr.json is unreadable ({fmt.exc_line(exc)})") from None
+    if not isinstance(head, zarr.Group):
+        raise _Found(f"{what}: head is an array, not the group of the final classifier")
     done = _array(group, "done", what)
     _expect(done, "done", what, (views, n_chunks(samples, rows)), "int32", (1, per_shard), None, -1)
     _expect(_array(group, "head/weight", what), "head/weight", what, (classes, dim), "float32", None, None, math.nan)
@@ -233,8 +246,9 @@ def _teacher_arrays(store: "TeacherStore", what: str, a: dict[str, Any], deep: b
         missing = np.argwhere(markers < 0)
         if len(missing):
             v, c = (int(i) for i in missing[0])
-            raise _Found(f"{what} is marked complete but the completion marker of (view {v}, chunk {c}) is missing"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+            raise _Found(f"{what}: completion marker of (view {v}, chunk {c}) is missing"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, though the store is "
+                         "marked complete")
     return views, samples
 
 

@@ -601,12 +601,15 @@ class TeacherStore:
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's final linear layer: weight (C, D) and bias (C,), float32."""
         try:
-            return (torch.from_numpy(fmt.read(self.group, "head/weight")),
-                    torch.from_numpy(fmt.read(self.group, "head/bias")))
+            weight, bias = fmt.read(self.group, "head/weight"), fmt.read(self.group, "head/bias")
         except (KeyError, ValueError, OSError) as exc:  # the head's checksum, or its files gone
             raise self.vanished() or StoreError(
                 f"teacher store {self.id}: its head (final classifier) is damaged ({fmt.exc_line(exc)}); "
                 f"{removal(self.id)}") from None
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):  # the fill value: a chunk file is missing
+            raise self.vanished() or StoreError(
+                f"teacher store {self.id}: its head (final classifier) is missing or not finite; {removal(self.id)}")
+        return torch.from_numpy(weight), torch.from_numpy(bias)
 
     # -- checking ---------------------------------------------------------------------------
 
