@@ -160,7 +160,7 @@ class Cache:
     def open_for_reading(self, prefix: str) -> TeacherStore:
         """A complete teacher store opened to be read (by distill, by :class:`kdcache.cached.CachedTeachers`): its
         reader lock taken first and held until :meth:`TeacherStore.close` (so that ``cache rm`` refuses to remove it
-        meanwhile), then its description checked (:meth:`check_teacher`, markers and plan files included). Every
+        meanwhile), then its description checked (:meth:`check_teacher`, the plan's chunk files included). Every
         refusal is a StoreError of one line naming the store, the cause and the remedy."""
         teacher_id = self.resolve(prefix, "teacher")
         lock = self.reader_lock(teacher_id)
@@ -189,7 +189,7 @@ class Cache:
 
     def describe_teacher(self, store: TeacherStore, deep: bool = False) -> list[Problem]:
         """The ways ``store`` (and its plan) disagree with their descriptions: :meth:`TeacherStore.check_description`
-        with this cache's plans. ``deep``: also the completion markers and the plan's chunk files."""
+        with this cache's plans. ``deep``: also the plan's chunk files."""
         return store.check_description(self.plan_of, deep)
 
     def problem_line(self, store: TeacherStore, problem: Problem) -> str:

@@ -8,8 +8,8 @@ distill's opening of its stores (:meth:`kdcache.store.cache.Cache.open_for_readi
 resumes a store or calls it complete) call those. Each problem is one sentence naming what disagrees; the callers
 add the remedy (:class:`Problem`).
 
-What is read: the attributes and each array's ``zarr.json`` (a few small files); with ``deep``, also the
-completion markers (one small file a shard) and the listing of the plan's chunk files.
+What is read: the attributes and each array's ``zarr.json`` (a few small files); with ``deep``, also the listing
+of the plan's chunk files.
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ def _expect(array: zarr.Array[Any], name: str, what: str, shape: tuple[int, ...]
 def teacher_problems(store: "TeacherStore", plan_of: Callable[[str], "PlanStore"] | None = None,
                      deep: bool = False) -> list[Problem]:
     """The ways ``store`` disagrees with its description (empty: none found), its own first; then, given
-    ``plan_of`` (a plan id to its opened plan, raising StoreError), its plan's. ``deep``: also its completion markers
-    (a complete store has every one) and the plan's chunk files (each present)."""
+    ``plan_of`` (a plan id to its opened plan, raising StoreError), its plan's. ``deep``: also the plan's chunk
+    files (each present: a missing one would read as its fill value). A store's chunks and markers are not read
+    here: ``cache verify`` reads them all, and a reader names any it meets."""
     what = f"teacher store {store.id}"
     a = store.attrs
     try:
@@ -147,7 +148,7 @@ def teacher_problems(store: "TeacherStore", plan_of: Callable[[str], "PlanStore"
         return [Problem(STORE, f"{what} has {classes} classes but {plan.attrs['dataset']['name']} has {plan.n_classes} "
                                f"(its plan {plan.id}'s data set)")]
     try:
-        views, samples = _teacher_arrays(store, what, a, deep)
+        views, samples = _teacher_arrays(store, what, a)
     except _Found as found:
         return [Problem(STORE, str(found))]
     if about_plan or plan is None:
@@ -196,7 +197,7 @@ def _teacher_attrs(store: "TeacherStore", what: str, a: dict[str, Any]) -> int:
     return int(a["num_classes"])
 
 
-def _teacher_arrays(store: "TeacherStore", what: str, a: dict[str, Any], deep: bool) -> tuple[int, int]:
+def _teacher_arrays(store: "TeacherStore", what: str, a: dict[str, Any]) -> tuple[int, int]:
     """Every array the store's form implies, of the shape, chunks and dtype its attributes give; (views, samples)."""
     form = StoreForm.from_attrs(a)
     classes, dim, rows = int(a["num_classes"]), int(a["feature_dim"]), int(a["chunk_rows"])
@@ -238,17 +239,6 @@ def _teacher_arrays(store: "TeacherStore", what: str, a: dict[str, Any], deep: b
     _expect(done, "done", what, (views, n_chunks(samples, rows)), "int32", (1, per_shard), None, -1)
     _expect(_array(group, "head/weight", what), "head/weight", what, (classes, dim), "float32", None, None, math.nan)
     _expect(_array(group, "head/bias", what), "head/bias", what, (classes,), "float32", None, None, math.nan)
-    if deep and a.get("complete"):
-        try:
-            markers = fmt.read(group, "done")
-        except ValueError as exc:
-            raise _Found(f"{what}: its completion markers are damaged ({fmt.exc_line(exc)})") from None
-        missing = np.argwhere(markers < 0)
-        if len(missing):
-            v, c = (int(i) for i in missing[0])
-            raise _Found(f"{what}: completion marker of (view {v}, chunk {c}) is missing"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, though the store is "
-                         "marked complete")
     return views, samples
 
 
