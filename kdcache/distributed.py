@@ -111,11 +111,15 @@ class DistContext:
                                        find_unused_parameters=find_unused_parameters)
 
 
-def split_batch(batch_size: int, world: int) -> int:
-    """Each rank's share of a global batch of ``batch_size``: the ranks take equal, contiguous slices."""
+def split_batch(batch_size: int, world: int, minimum: int = 1) -> int:
+    """Each rank's share of a global batch of ``batch_size``: the ranks take equal, contiguous slices of at least
+    ``minimum`` rows (training asks 2: BatchNorm cannot train on one sample a rank)."""
     if batch_size % world:
         raise KdcacheError(f"--batch-size {batch_size} does not split evenly over {world} ranks; use a multiple "
                            f"of {world} (it is the global batch: each rank takes an equal slice of it)")
+    if batch_size // world < minimum:
+        raise KdcacheError(f"--batch-size {batch_size} over {world} ranks leaves {batch_size // world} a rank, and "
+                           f"training needs at least {minimum} (BatchNorm); use at least {minimum * world}")
     return batch_size // world
 
 

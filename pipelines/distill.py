@@ -149,6 +149,7 @@ def distill(req: DistillRequest, on_epoch: Callable[[EpochMetrics], None] | None
     if req.tensorboard is not None:
         tblog.check_available()
     with distributed.process_group(resolve_device(req.device)) as ctx, contextlib.ExitStack() as held:
+        distributed.split_batch(req.batch_size, ctx.world, minimum=2)
         teachers = CachedTeachers(req.teachers, req.cache, dataset=req.dataset, data_root=req.data_root,
                                   batch_size=req.batch_size, seed=req.seed, device=ctx.device, prefetch=req.prefetch,
                                   rank=ctx.rank, world=ctx.world,

@@ -164,3 +164,11 @@ def test_the_global_batch_must_split_evenly_over_the_ranks() -> None:
     assert split_batch(128, 2) == 64 and split_batch(64, 1) == 64
     with pytest.raises(KdcacheError, match="--batch-size 130 does not split evenly over 4 ranks; use a multiple of 4"):
         split_batch(130, 4)
+
+
+def test_a_training_batch_leaves_each_rank_at_least_two_rows() -> None:
+    """BatchNorm cannot train on one sample: distill refuses a global batch that leaves a rank one row."""
+    assert split_batch(4, 2, minimum=2) == 2 and split_batch(2, 2) == 1
+    with pytest.raises(KdcacheError, match=r"^--batch-size 2 over 2 ranks leaves 1 a rank, and training needs at "
+                                           r"least 2 \(BatchNorm\); use at least 4$"):
+        split_batch(2, 2, minimum=2)
