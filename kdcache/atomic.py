@@ -68,6 +68,10 @@ def explain(exc: OSError, path: Path, size: int | None = None) -> tuple[str, str
         return f"{why} (larger than its file system allows)", f"write it to another file system{need}"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return why, f"make {where} writable"
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return why, f"a part of {where} is a file, not a folder: give another path"
+    if exc.errno == errno.EISDIR:
+        return why, f"{path} is a folder: give another path"
     return why, f"check the disk holding {where}"
 
 

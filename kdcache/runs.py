@@ -152,8 +152,8 @@ class RunDir:
                 raise CheckpointError(f"--resume: {self.file(self.CHECKPOINT)} does not exist; drop --resume "
                                       "to start a run")
         elif held:
-            raise KdcacheError(f"{self.path} already holds a run ({', '.join(held)}); pass --resume to continue "
-                               "it, --force to replace it, or choose another --out")
+            raise KdcacheError(f"{self.path} already holds a run; pass --resume to continue it, --force to replace "
+                               f"it, or choose another --out (it holds {', '.join(held)})")
 
     def differing_args(self, want: dict[str, Any]) -> list[str]:
         """The names of ``want``'s arguments (result arguments, as config.json's "args" holds them) this run recorded
@@ -168,10 +168,6 @@ class RunDir:
 
     def start(self, config: dict[str, Any]) -> None:
         """Begin a new run: the folder, an empty metrics.jsonl and config.json."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise atomic.WriteError(self.path, exc) from None
         atomic.write_bytes(self.file(self.METRICS), b"")
         self.write_config(config)
 

@@ -46,7 +46,7 @@ class TensorBoardLog:
     def epoch(self, epoch: int, train: dict[str, float], test_top1: float, test_top5: float, lr: float,
               teacher_weights: list[float] | None = None) -> None:
         """Write one epoch's numbers (the ones metrics.jsonl records) at step ``epoch``, flushed; a failed write
-        raises :class:`~kdcache.atomic.WriteError` naming the log's folder."""
+        raises :class:`~kdcache.atomic.WriteError` naming the events file."""
         try:
             for name, value in train.items():
                 self.writer.add_scalar(f"train/{name}", value, epoch)
@@ -57,14 +57,19 @@ class TensorBoardLog:
                 self.writer.add_scalar(f"teacher_weight/T{k}", w, epoch)
             self.writer.flush()
         except OSError as exc:
-            raise WriteError(self.logdir, exc) from None
+            raise WriteError(self._events_file(), exc) from None
 
     def close(self) -> None:
         """Flush and close the log (a failed write: :class:`~kdcache.atomic.WriteError`)."""
         try:
             self.writer.close()
         except OSError as exc:
-            raise WriteError(self.logdir, exc) from None
+            raise WriteError(self._events_file(), exc) from None
+
+    def _events_file(self) -> Path:
+        """The events file this log writes (tensorboard's private name for it), else its folder."""
+        name = getattr(getattr(getattr(self.writer, "file_writer", None), "event_writer", None), "_file_name", None)
+        return Path(name) if isinstance(name, str) else self.logdir
 
 
 def _quiet_writer_threads() -> None:

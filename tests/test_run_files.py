@@ -259,6 +259,28 @@ def test_every_run_file_writer_keeps_the_old_file_under_a_file_size_limit(tmp_pa
     assert run.read_metrics() == [{"epoch": 1, "test_top1": 10.0}]
 
 
+def test_a_tensorboard_log_under_a_file_size_limit_is_one_line(tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """tensorboard writes from a thread of its own: its failure is raised at the next flush as one WriteError naming
+    the events file, and the thread prints no traceback."""
+    pytest.importorskip("tensorboard")
+    import time
+
+    from kdcache.tblog import TensorBoardLog
+
+    board = TensorBoardLog(tmp_path / "tb")
+    board.epoch(1, {"ce": 1.0}, 10.0, 50.0, 0.1)
+    (events,) = (tmp_path / "tb").iterdir()
+    limit = events.stat().st_size + 10
+    with _in_process_limit(limit), pytest.raises(WriteError) as caught:
+        board.epoch(2, {"ce": 1.0}, 10.0, 50.0, 0.1)
+    assert str(caught.value) == (f"cannot write {events}: File too large (the file size limit, `ulimit -f`, is "
+                                 f"{human_bytes(limit)}); raise the file size limit (`ulimit -f unlimited`), then "
+                                 "run the same command again")
+    time.sleep(0.2)  # the writer thread has ended
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_distill_stopped_by_a_file_size_limit_keeps_its_last_checkpoint_and_resumes(
         stores: Stores, alone: Path, tmp_path: Path) -> None:
     """camkd's aligners get their momentum in epoch 2 (their term is off in epoch 1), so epoch 2's checkpoint.pth
@@ -416,8 +438,8 @@ def test_distill_refuses_an_out_holding_another_run_unless_resume_or_force(store
     before = {name: digest(out / name) for name in ("config.json", "metrics.jsonl")}
     args = distill_args(stores, out)
     for extra, want in (
-            ((), f"Error: {out} already holds a run (config.json, metrics.jsonl); pass --resume to continue it, "
-                 "--force to replace it, or choose another --out"),
+            ((), f"Error: {out} already holds a run; pass --resume to continue it, --force to replace it, or "
+                 "choose another --out (it holds config.json, metrics.jsonl)"),
             (("--resume",), f"Error: --resume: {out / 'checkpoint.pth'} does not exist, so the run in {out} "
                             "(config.json, metrics.jsonl) cannot be continued; pass --force instead to replace it, "
                             "or choose another --out"),
