@@ -104,10 +104,10 @@ class PlanStore:
                     for v in range(start, stop):
                         block_order[v - start], block_params[v - start] = \
                             (first_order, first_params) if v == 0 else draw(v)
-                        if tick:
-                            tick(1)
                     order[start:stop] = block_order[: stop - start]
                     params[start:stop] = block_params[: stop - start]
+                    if tick:  # views count once written: a failed write never shows as 100 %
+                        tick(stop - start)
                 group.attrs["complete"] = True  # last: a plan without it is never read
             return cls.open(where, plan_id)
 
