@@ -66,11 +66,11 @@ def list_cmd() -> None:
 @click.option("--setup", type=click.Choice(SETUP_NAMES), default=None,
               help="Training set-up: official (the scripts: lr 0.05/0.01, wd 5e-4), paper (its text: lr 0.1/0.05, "
                    "wd 1e-4) or cs-kd [default: the experiment's].")
-@click.option("--seeds", type=click.IntRange(1, 1000), default=None, help="Student seeds per row [default: the experiment's, 3].")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Student epochs [default: the set-up's, 240 or 200].")
-@click.option("--views", type=click.IntRange(min=1), default=None,
+@click.option("--seeds", type=int, default=None, help="Student seeds per row [default: the experiment's, 3].")
+@click.option("--epochs", type=int, default=None, help="Student epochs [default: the set-up's, 240 or 200].")
+@click.option("--views", type=int, default=None,
               help="Stored views [default: one per epoch, or --epochs when that is smaller].")
-@click.option("--teacher-epochs", type=click.IntRange(min=1), default=None,
+@click.option("--teacher-epochs", type=int, default=None,
               help="Epochs of the teachers trained here [default: the student epochs].")
 @device_option
 @grid_cluster_options

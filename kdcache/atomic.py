@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdcache.errors import KdcacheError
+from kdcache.text import human_bytes
 
 AGAIN = "then run the same command again"
 
@@ -73,16 +74,6 @@ def explain(exc: OSError, path: Path, size: int | None = None) -> tuple[str, str
     if exc.errno == errno.EISDIR:
         return why, f"{path} is a folder: give another path"
     return why, f"check the disk holding {where}"
-
-
-def human_bytes(n: int) -> str:
-    """``n`` bytes as a short size: 512 B, 3.4 KiB, 1.2 MiB, 5.0 GiB."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 class FileSink:

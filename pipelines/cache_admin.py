@@ -9,9 +9,9 @@ from typing import Any, Callable
 from kdcache.errors import StoreError, UnfinishedCreationError
 from kdcache.store import Cache, TeacherStore, size_on_disk
 from kdcache.store import format as fmt
-from kdcache.store.describe import STORE
+from kdcache.store.describe import STORE, plan_problems
 from kdcache.store.location import Location
-from kdcache.store.plan import plan_removal
+from kdcache.store.format import plan_removal
 from kdcache.store.teacher import UNFINISHED
 
 
@@ -171,7 +171,7 @@ def _verify_one(cache: Cache, tid: str) -> list[str]:
         return [str(gone) if gone else f"teacher store {tid} cannot be read ({fmt.exc_line(exc)})"]
     if not problems:
         plan = cache.plan_of(store.plan_id)
-        lines += plan.check_description(deep=True) or plan.verify()
+        lines += plan_problems(plan, deep=True) or plan.verify()
     return lines
 
 

@@ -100,6 +100,7 @@ class _Grid:
         self.futures: list[Any] = []
         self.jobs: dict[int, TeacherJob] = {}            # by teacher (0-based), once its checkpoint is final
         self.stores: dict[str, TeacherStore] = {}        # stores being written, by teacher id
+        self.locks: dict[str, contextlib.AbstractContextManager[object]] = {}  # their writer locks, until complete
         self.fills_left: dict[str, int] = {}
         self.ticks: dict[str, Any] = {}
         self.complete: set[str] = set()                  # teacher ids whose stores are complete
@@ -196,9 +197,11 @@ class _Grid:
             warn_lacking_guarantee(cache, self.say)
             cache.ensure_writable()
             ensure_plan(cache, job.dataset, job.recipe, spec.views, spec.plan_seed, job.plan_id, None)
-        self.stack.enter_context(cache.teacher_lock(job.teacher_id))
+        lock = self.locks[job.teacher_id] = cache.teacher_lock(job.teacher_id)
+        self.stack.enter_context(lock)
         store = self.stores[job.teacher_id] = job.open_store()
         if store.attrs.get("complete"):  # finished by someone else meanwhile
+            self._let_go(job.teacher_id)
             self.complete.add(job.teacher_id)
             return
         tasks = chunk_tasks(job, store, teacher_spec(job, self.cluster.torch_threads))
@@ -216,10 +219,17 @@ class _Grid:
         if not tasks:  # every chunk was written by a run that stopped before marking the store complete
             self._finish_store(job.teacher_id)
 
+    def _let_go(self, teacher_id: str) -> None:
+        """Release a complete store's writer lock now, not at the grid's end: the runs read it under a shared lock."""
+        lock = self.locks.pop(teacher_id, None)
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
     def _finish_store(self, teacher_id: str) -> None:
         """Every chunk written: evaluate the teacher, mark the store complete, start the runs that waited for it."""
         job = next(j for j in self.jobs.values() if j.teacher_id == teacher_id)
         finish(job, self.stores[teacher_id])
+        self._let_go(teacher_id)
         self.complete.add(teacher_id)
         if self.plan_ready and all(j.teacher_id in self.complete for j in self.jobs.values()):
             self.result.seconds["precompute"] = time.perf_counter() - self.t0

@@ -177,7 +177,7 @@ def test_local_gpu_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPat
     (["--teacher", "resnet8"], "give one --checkpoint per --teacher"),
     (["--workers", 2, "--cache", "memory://kdcache-test"], "lives in this process's memory"),
     (["--workers", 2, "--scheduler", "tcp://127.0.0.1:1"], "not both"),
-    (["--workers", 0], "--workers must be at least 1"),
+    (["--workers", 0], "Invalid value for '--workers': 0 is not in the range x>=1"),
     (["--workers", 2, "--device", "cuda:1"], "pass --device cuda"),
 ])
 def test_refusals_are_one_clear_line(digits_teacher: Path, tmp_path: Path, extra: list, message: str) -> None:

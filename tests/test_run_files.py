@@ -34,7 +34,8 @@ import torch
 from conftest import error_lines, run_cli
 from fakes import write_fake_cifar
 from kdcache import training
-from kdcache.atomic import WriteError, human_bytes
+from kdcache.atomic import WriteError
+from kdcache.text import human_bytes
 from kdcache.models import build_model
 from kdcache.runs import RunDir
 

@@ -24,7 +24,7 @@ from typing import ContextManager
 from kdcache.errors import StoreError
 from kdcache.store import format as fmt
 from kdcache.store.location import Location, Where
-from kdcache.store.describe import Problem
+from kdcache.store.describe import Problem, teacher_problems
 from kdcache.store.lock import ReaderLock, WriterLock
 from kdcache.store.plan import PlanStore
 from kdcache.store.teacher import TeacherStore
@@ -188,9 +188,9 @@ class Cache:
         return PlanStore.open(self.plan_location(plan_id), plan_id)
 
     def describe_teacher(self, store: TeacherStore, deep: bool = False) -> list[Problem]:
-        """The ways ``store`` (and its plan) disagree with their descriptions: :meth:`TeacherStore.check_description`
+        """The ways ``store`` (and its plan) disagree with their descriptions: :func:`describe.teacher_problems`
         with this cache's plans. ``deep``: also the plan's chunk files."""
-        return store.check_description(self.plan_of, deep)
+        return teacher_problems(store, self.plan_of, deep)
 
     def problem_line(self, store: TeacherStore, problem: Problem) -> str:
         """``problem`` of ``store`` as one line with the remedy that works for it."""

@@ -2,10 +2,10 @@
 the shape, chunks, shards, dtype, fill value and checksum they imply; its id the content hash of the attributes
 that make it (:mod:`kdcache.store.ids`); a store's plan present and of the store's shape.
 
-The one place these checks live: :meth:`kdcache.store.teacher.TeacherStore.check_description` and
-:meth:`kdcache.store.plan.PlanStore.check_description` call it, and ``cache ls`` (metadata only), ``cache verify``,
-distill's opening of its stores (:meth:`kdcache.store.cache.Cache.open_for_reading`) and precompute (before it
-resumes a store or calls it complete) call those. Each problem is one sentence naming what disagrees; the callers
+The one place these checks live: :func:`teacher_problems` and :func:`plan_problems`, called by
+:class:`kdcache.store.cache.Cache` for ``cache ls`` (metadata only), ``cache verify``, distill's opening of its
+stores (:meth:`kdcache.store.cache.Cache.open_for_reading`) and precompute (before it resumes a store or calls it
+complete). Each problem is one sentence naming what disagrees; the callers
 add the remedy (:class:`Problem`).
 
 What is read: the attributes and each array's ``zarr.json`` (a few small files); with ``deep``, also the listing
@@ -57,9 +57,8 @@ class Problem:
         if self.about == PLAN_MISSING:
             return (f"{self.text}; run the same `kdcache precompute` again to redraw it (a plan is a pure function of "
                     "its data set, recipe, views and seed)")
-        from kdcache.store.plan import plan_removal
 
-        return f"{self.text}; {plan_removal(plan_where)}"
+        return f"{self.text}; {fmt.plan_removal(plan_where)}"
 
 
 class _Found(Exception):

@@ -132,3 +132,10 @@ def _version() -> str:
     from kdcache import __version__
 
     return __version__
+
+
+def plan_removal(where: object) -> str:
+    """The remedy of a plan that is damaged: remove it, and the precompute that made it redraws it, bit for bit
+    (a plan is a pure function of its id)."""
+    return (f"remove the plan (`rm -r {where}`) and run the same `kdcache precompute` again to redraw it (its "
+            "stores keep their rows)")

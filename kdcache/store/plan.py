@@ -49,9 +49,9 @@ class PlanStore:
             raise fmt.MissingError(f"plan {plan_id} not found at {where}; run `kdcache precompute` to create it "
                                    "(the same command redraws a plan that was removed)") from None
         except StoreError as exc:
-            raise StoreError(f"{exc}; {plan_removal(where)}") from None
+            raise StoreError(f"{exc}; {fmt.plan_removal(where)}") from None
         attrs = dict(group.attrs)
-        fmt.check_format(attrs, "plan", f"plan {plan_id}", plan_removal(where))
+        fmt.check_format(attrs, "plan", f"plan {plan_id}", fmt.plan_removal(where))
         if not attrs.get("complete"):
             raise StoreError(f"plan {plan_id} at {where} is incomplete; run `kdcache precompute` again to finish it")
         return cls(group, where, plan_id)
@@ -140,10 +140,10 @@ class PlanStore:
             labels = fmt.read(self.group, "labels")
         except (ValueError, KeyError, OSError) as exc:  # the CRC32C codec's checksum mismatch, or files gone
             raise StoreError(f"plan {self.id}: its labels are damaged ({fmt.exc_line(exc)}); "
-                             f"{plan_removal(self.location)}") from None
+                             f"{fmt.plan_removal(self.location)}") from None
         if (labels < 0).any():  # the fill value: its chunk file is missing
             raise StoreError(f"plan {self.id}: its labels are missing (their chunk file is gone); "
-                             f"{plan_removal(self.location)}")
+                             f"{fmt.plan_removal(self.location)}")
         return labels.astype(np.int64)
 
     def view(self, v: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,19 +154,11 @@ class PlanStore:
             params = fmt.read(self.group, "params", v)
         except (ValueError, KeyError, OSError) as exc:  # the CRC32C codec's checksum mismatch, or files gone
             raise StoreError(f"plan {self.id}: view {v} is damaged ({fmt.exc_line(exc)}); "
-                             f"{plan_removal(self.location)}") from None
+                             f"{fmt.plan_removal(self.location)}") from None
         if (order < 0).any():  # the fill value: its chunk file is missing
             raise StoreError(f"plan {self.id}: view {v} is missing (its order chunk file is gone); "
-                             f"{plan_removal(self.location)}")
+                             f"{fmt.plan_removal(self.location)}")
         return order.astype(np.int64), params
-
-    def check_description(self, deep: bool = False) -> list[str]:
-        """The ways this plan disagrees with its own description (:func:`kdcache.store.describe.plan_problems`):
-        its id against its data set, recipe, views and seed, its arrays against them; ``deep``: every chunk file
-        present. Empty: it is what it says it is."""
-        from kdcache.store.describe import plan_problems
-
-        return plan_problems(self, deep)
 
     def verify(self) -> list[str]:
         """Read every chunk of the plan's arrays; return the problems found (empty: sound)."""
@@ -185,10 +177,3 @@ class PlanStore:
         except (ValueError, KeyError, OSError) as exc:
             problems.append(f"plan {self.id}: labels are damaged ({fmt.exc_line(exc)})")
         return problems
-
-
-def plan_removal(where: Location | str) -> str:
-    """The remedy of a plan that is damaged: remove it, and the precompute that made it redraws it, bit for bit
-    (a plan is a pure function of its id)."""
-    return (f"remove the plan (`rm -r {where}`) and run the same `kdcache precompute` again to redraw it (its "
-            "stores keep their rows)")

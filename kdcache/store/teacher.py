@@ -35,7 +35,7 @@ import weakref
 from concurrent.futures import Executor, Future
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,13 +48,11 @@ from kdcache.inline import INLINE
 from kdcache.store import codecs
 from kdcache.store import format as fmt
 from kdcache.store.chunks import ArrayChunks, ChunkError, failed
-from kdcache.store.describe import Problem, teacher_problems
 from kdcache.store.form import LOGIT_STATS, TOPK_ARRAYS, FeatureCompression, Forward, StoreForm
 from kdcache.store.int8 import INT8_FILL, dequantize_rows, quantize_rows
 from kdcache.store.layout import Layout, StoreShape, chunk_slice, n_chunks
 from kdcache.store.location import Location, Where
 from kdcache.store.lock import ReaderLock
-from kdcache.store.plan import PlanStore
 from kdcache.store.sizes import store_size
 from kdcache.text import human_bytes
 from kdcache.topk import index_dtype, pack_topk, summarise_logits
@@ -91,13 +89,6 @@ class TeacherStore:
         if self._release is not None:
             self._release()
             self._release = None
-
-    def check_description(self, plan_of: Callable[[str], PlanStore] | None = None,
-                          deep: bool = False) -> list[Problem]:
-        """The ways this store disagrees with its own description (:func:`kdcache.store.describe.teacher_problems`):
-        its arrays, shapes, chunks and dtypes against its attributes, its id against them; given ``plan_of`` (a
-        plan id to the opened plan), its plan's description and shape too. Empty: it is what it says it is."""
-        return teacher_problems(self, plan_of, deep)
 
     def vanished(self) -> StoreError | None:
         """The error of a store removed while it was being read (its zarr.json gone); None while it is there."""
