@@ -8,8 +8,8 @@
     mkdir -p /tmp/fmnist/teachers && cp studies/results/teachers/*.pth /tmp/fmnist/teachers/   # and its teachers
 
 The teachers train deterministically on a given machine (t0 and t1, retrained on 2026-12-05, reached the test
-top-1 recorded on 2026-12-01 to the digit, 84.44 and 84.16); the finished ones are kept in studies/results/teachers/
-so that a study resumed elsewhere skips their 10-15 minutes each.
+top-1 recorded in studies/results/teachers.json to the digit, 84.44 and 84.16); the finished ones are kept in
+studies/results/teachers/ so that a study resumed elsewhere skips their 10-15 minutes each.
 
 Everything goes through kdcache's own pipelines (train_teacher, precompute, distill), so the study measures the
 tool as a user runs it. A second invocation skips every finished teacher, store and run; ``--report`` writes
