@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcache import atomic
 from kdcache.pipelines import grid
 from kdcache.pipelines.grid import SETUPS, GridSpec, GridTeacher, Row
 from kdcache.pipelines.grid_runner import run_grid
@@ -126,7 +127,7 @@ def run_demo(out: Path, cache: Path | None = None, seeds: int = SEEDS, epochs: i
         table = grid.format_table(found, title, about=[_ABOUT], after=_weight_line(weights) + (pair.lines() if pair
                                                                                                else []),
                                   notes=[_EVIDENCE])
-        path.write_text(table)
+        atomic.write_bytes(path, table.encode())  # whole or not at all, as every file a run writes
         grid.write_result(spec.out / f"demo-{features.value}.json", found, camkd_weights_on_corrupted_teacher=weights,
                           cached_against_online=asdict(pair) if pair else None)
         return DemoResult(found, table, path, weights, pair)

@@ -45,6 +45,7 @@ from typing import Sequence
 
 import torch
 
+from kdcache import atomic
 from kdcache.data import DataSet, dataset_names, load_dataset
 from kdcache.errors import DatasetError, KdcacheError, UnknownNameError
 from kdcache.losses import method_info
@@ -497,7 +498,7 @@ def run_experiment(name: str | Experiment, data_root: Path | None, cache: Path |
     def write(found: grid.GridResult) -> None:
         result.grid = found
         result.table = format_table(result)
-        (spec.out / "table.md").write_text(result.table)
+        atomic.write_bytes(spec.out / "table.md", result.table.encode())  # whole or not at all
         grid.write_result(spec.out / "experiment.json", found, experiment=asdict(experiment))
 
     write(run_grid(spec, device, say, precompute_progress, dataset=dataset, cluster=cluster, on_update=write))
