@@ -62,9 +62,13 @@ def register_model(name: str, *, family: str = "plugin", input_size: int = 32, d
     ``(h, z)``, ``model.head`` is the final linear layer, and ``feature_map`` / ``pool_map`` split the
     forward pass at the global pool. ``kdcache.contract.check_model(name)`` checks all of it.
     """
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or not 1 <= input_size <= 2**16:
+        raise KdcacheError(f"cannot register architecture {name!r}: input_size is the side of its square input "
+                           f"image in pixels, a whole number from 1 to 65536, not {input_size!r}")
+
     def add(builder: Builder) -> Builder:
         doc = (builder.__doc__ or "").strip().splitlines()
-        _MODELS.add(name, (ModelInfo(name, family, int(input_size), description or (doc[0] if doc else name)),
+        _MODELS.add(name, (ModelInfo(name, family, input_size, description or (doc[0] if doc else name)),
                            builder), replace=replace)
         return builder
     return add
