@@ -27,7 +27,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from kdcache.loop import EpochMetrics, Loop, Trained, Trainee, versions
 from kdcache.request import how, how_args, jsonable
 from kdcache.runs import RunDir
 from kdcache.store import PlanStore, TeacherStore, sha256_file
-from kdcache.store.form import FeatureForm
+from kdcache.store.form import FeatureForm, Forward
 from kdcache.topk import TopKLogits
 
 
@@ -386,7 +386,9 @@ def _teacher_outputs(batch: CachedBatch, live: list[torch.nn.Module] | None,
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    """The student's autocast dtype under --amp: the device's own, by the rule a teacher store's --amp follows."""
+    dtype: torch.dtype = getattr(torch, cast(str, Forward.AMP.on(device.type).autocast_dtype))
+    return dtype
 
 
 # -- the run directory ----------------------------------------------------------------------
