@@ -213,10 +213,12 @@ def test_a_deleted_plan_is_redrawn_by_precompute_bit_for_bit(copy: Built, built:
 
 
 def test_precompute_of_a_damaged_complete_store_says_so(copy: Built, digits_teacher: Path) -> None:
-    """Precompute does not call a damaged store complete: it names the damage and the remedy, which works."""
+    """Precompute, in one process or on dask workers, does not call a damaged store complete: it names the damage
+    and the remedy, which works."""
     (store(copy) / "features" / "zarr.json").unlink()
-    line = the_error(run_cli(*precompute_args(digits_teacher, copy.cache)))
-    assert f"teacher store {copy.tid} has no features array" in line and f"`kdcache cache rm {copy.tid}`" in line
+    for workers in ((), ("--workers", "1")):
+        line = the_error(run_cli(*precompute_args(digits_teacher, copy.cache), *workers))
+        assert f"teacher store {copy.tid} has no features array" in line and f"`kdcache cache rm {copy.tid}`" in line
     assert run_cli("cache", "rm", copy.tid, "--cache", copy.cache).exit_code == 0
     result = run_cli(*precompute_args(digits_teacher, copy.cache))
     assert result.exit_code == 0, result.output
