@@ -7,8 +7,8 @@
     mkdir -p /tmp/fmnist && cp -r studies/results/runs /tmp/fmnist/   # count the committed finished runs as done
     mkdir -p /tmp/fmnist/teachers && cp studies/results/teachers/*.pth /tmp/fmnist/teachers/   # and its teachers
 
-The teachers train deterministically on a given machine (t0 and t1, retrained on 2026-12-05, reached the test
-top-1 recorded in studies/results/teachers.json to the digit, 84.44 and 84.16); the finished ones are kept in
+The teachers train deterministically on a given machine (all four, retrained on 2026-12-05 and 06, reached the test
+top-1 recorded in studies/results/teachers.json to the digit: 84.44, 84.16, 85.72, 57.58); the finished ones are kept in
 studies/results/teachers/ so that a study resumed elsewhere skips their 10-15 minutes each.
 
 Everything goes through kdcache's own pipelines (train_teacher, precompute, distill), so the study measures the
