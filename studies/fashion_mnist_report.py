@@ -208,6 +208,23 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
                          f"{_resolved(prow)} |")
     lines.append("")
 
+    # what the wrong teacher costs each method: B minus A at the same seed (the same student initialisation and
+    # batch order: the two settings' stores differ in one teacher's values, not in their chunking)
+    cost: dict[str, dict[str, Any]] = {}
+    lines += [f"## What the wrong teacher costs: setting B minus setting A, {cfg.paired_seeds} seeds", "",
+              "Each method's final top-1 in B (t2 replaced by t2-rotated) minus its top-1 in A at the same seed, in "
+              "points; 95 % intervals as above. *Resolved*: both intervals exclude 0.", "",
+              "| method | n | mean B − A | paired t 95 % | bootstrap 95 % | resolved |", "|---|---|---|---|---|---|"]
+    for name in PAIRED_METHODS:
+        a_top1, b_top1 = (paired[setting][name]["top1"] for setting in ("A", "B"))
+        diffs = [b - a for a, b in zip(a_top1, b_top1, strict=True) if a is not None and b is not None]
+        crow: dict[str, Any] = {"diffs": diffs, **paired_stats(diffs)}
+        cost[name] = crow
+        verdict = _resolved(crow).replace("camkd ahead", "B lower").replace("camkd behind", "B higher")
+        lines.append(f"| {name} | {len(diffs)} | {_signed(crow.get('mean'))} | {_interval(crow.get('t'))} | "
+                     f"{_interval(crow.get('bootstrap'))} | {verdict} |")
+    lines.append("")
+
     # stored views over a long schedule (issue 28)
     long_seeds = range(cfg.long_seeds)
     top_v = max(cfg.long_view_counts)
@@ -237,7 +254,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
     lines.append("")
 
     results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights, paired=paired,
-                   long=long)
+                   wrong_teacher_cost=cost, long=long)
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"] + \
              [f"| {k} | {v:.0f} |" for k, v in sorted(timing.items())] + [""]
     (out / "tables.md").write_text("\n".join(lines))

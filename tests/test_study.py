@@ -96,6 +96,8 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
         assert results["runs"][r.key] == load_run(study.run_dir(out, r)).final_top1
     assert results["paired"]["B"]["aver"]["diffs"] == [
         results["runs"][f"B/aver/seed{s}"] - results["runs"][f"B/camkd-spatial/seed{s}"] for s in range(2)]
+    assert results["wrong_teacher_cost"]["camkd-spatial"]["diffs"] == [
+        results["runs"][f"B/camkd-spatial/seed{s}"] - results["runs"][f"A/camkd-spatial/seed{s}"] for s in range(2)]
     long_run = next(r for r in runs if r.group == "long")
     assert load_run(study.run_dir(out, long_run)).metrics[-1]["epoch"] == 3
     online = json.loads((study.run_dir(out, next(r for r in runs if r.online)) / "config.json").read_text())
@@ -103,7 +105,8 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
     tables = (out / "tables.md").read_text()
     for heading in ("## Teachers", "## Student accuracy by method", "## camkd against β", "Table 4 ablations",
                     "against stored views", "Cached against online", "per-sample KD weights in setting B",
-                    "## Paired differences from camkd (spatial), 2 seeds", "## Stored views over 3 epochs"):
+                    "## Paired differences from camkd (spatial), 2 seeds",
+                    "## What the wrong teacher costs: setting B minus setting A, 2 seeds", "## Stored views over 3 epochs"):
         assert heading in tables
     assert f"({len(runs)} of {len(runs)} runs finished)" in tables
     for png in ("fmnist-beta.png", "fmnist-views.png", "fmnist-weights.png", "fmnist-paired.png",
