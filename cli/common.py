@@ -169,6 +169,10 @@ tensorboard_option = click.option(
     "--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
     help="Also write the per-epoch scalars (loss terms, test top-1/top-5, lr, teacher weights) as TensorBoard "
          "logs in DIR (needs the tensorboard extra: pip install 'kdcache[tensorboard]').")
+eval_every_option = click.option(
+    "--eval-every", type=click.IntRange(1), default=1, show_default=True, metavar="N",
+    help="Evaluate the test split after every N-th epoch and after the last (the others record no test "
+         "accuracy; the weights are the same either way, and it may change on --resume).")
 device_option = click.option(
     "--device", default=None, metavar="DEVICE", help="cpu, cuda or cuda:N [default: cuda when available, else cpu].")
 
@@ -189,6 +193,11 @@ def grid_cluster_options(command: Callable[..., None]) -> Callable[..., None]:
              "run as tasks side by side (one worker per GPU on a GPU machine, else N processes sharing the "
              "cores) [default: every run in this process, one after another].")(command)
     return command
+
+
+def best_text(best_top1: float | None) -> str:
+    """A finished run's best test top-1 as its last progress line says it."""
+    return "no epoch evaluated" if best_top1 is None else f"best test top-1 {best_top1:.2f}%"
 
 
 def exit_if_failed(failed: int, total: int) -> None:

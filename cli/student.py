@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kdcache import defaults
-from kdcache.cli.common import (MAX_PREFETCH, MAX_THREADS, FiniteFloatRange, TemperatureType, cache_option,
-                                data_root_option, device_option, image_size_option, milestones_option, recipe_option,
-                                tensorboard_option)
+from kdcache.cli.common import (MAX_PREFETCH, MAX_THREADS, FiniteFloatRange, TemperatureType, best_text, cache_option,
+                                data_root_option, device_option, eval_every_option, image_size_option,
+                                milestones_option, recipe_option, tensorboard_option)
 from kdcache.store.form import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
 @click.option("--online", is_flag=True, help="Run the recorded teacher checkpoints live instead of reading stores.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth.")
 @click.option("--force", is_flag=True, help="Replace the run in --out (without it, an existing run is refused).")
+@eval_every_option
 @tensorboard_option
 @click.pass_context
 def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], method: str, out: Path,
@@ -88,7 +89,7 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
                 lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                 temperature: float, gamma: float, alpha: float | None, beta: float | None, seed: int,
                 device: str | None, amp: bool, prefetch: int, read_threads: int | None, resident_share: float,
-                online: bool, resume: bool, force: bool, tensorboard: Path | None) -> None:
+                online: bool, resume: bool, force: bool, eval_every: int, tensorboard: Path | None) -> None:
     """Train a student from cached teacher stores with CA-MKD or a baseline.
 
     Under `torchrun --nproc_per_node N $(command -v kdcache) distill ...` it trains data-parallel on N ranks:
@@ -106,13 +107,13 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
                          momentum=momentum, weight_decay=weight_decay, milestones=lr_milestones, seed=seed,
                          device=device, resume=resume, force=force, online=online, amp=amp, prefetch=prefetch,
                          read_threads=read_threads, resident_share=resident_share, options=options,
-                         tensorboard=tensorboard)
+                         eval_every=eval_every, tensorboard=tensorboard)
 
     def report(m: EpochMetrics) -> None:
         terms = "  ".join(f"{k} {v:.4f}" for k, v in m.train.items())
         weights = "" if m.teacher_weights is None else "  w " + "/".join(f"{w:.2f}" for w in m.teacher_weights)
-        click.echo(f"epoch {m.epoch:>3}/{epochs}  {terms}{weights}  test top-1 {m.test_top1:6.2f}%  "
-                   f"top-5 {m.test_top5:6.2f}%  lr {m.lr:.4g}  {m.seconds:.1f}s", err=True)
+        click.echo(f"epoch {m.epoch:>3}/{epochs}  {terms}{weights}  {m.test_text}  lr {m.lr:.4g}  {m.seconds:.1f}s",
+                   err=True)
 
     def started(ctx: DistContext) -> None:
         if ctx.distributed:
@@ -120,7 +121,7 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
 
     result = distill(req, on_epoch=report, on_start=started)
     if result.is_main:  # under torchrun, rank 0 alone reports
-        click.echo(f"best test top-1 {result.best_top1:.2f}%; run in {result.out}", err=True)
+        click.echo(f"{best_text(result.best_top1)}; run in {result.out}", err=True)
         click.echo(str(result.out))
 
 

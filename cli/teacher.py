@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from kdcache import defaults
-from kdcache.cli.common import (EnumChoice, cache_option, data_root_option, device_option, image_size_option,
-                                milestones_option, recipe_option, row_progress, store_form_options, tensorboard_option)
+from kdcache.cli.common import (EnumChoice, best_text, cache_option, data_root_option, device_option, image_size_option,
+                                eval_every_option, milestones_option, recipe_option, row_progress, store_form_options,
+                                tensorboard_option)
 from kdcache.defaults import DEFAULT_VIEWS
 from kdcache.store.form import FeatureCompression, StoreForm
 
@@ -34,11 +35,12 @@ from kdcache.store.form import FeatureCompression, StoreForm
 @device_option
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.pth (--epochs may grow).")
 @click.option("--force", is_flag=True, help="Replace an existing --out (without it, an existing run is refused).")
+@eval_every_option
 @tensorboard_option
 def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path, epochs: int, batch_size: int,
                       lr: float | None, lr_milestones: list[int] | None, momentum: float, weight_decay: float,
                       seed: int, recipe: str | None, image_size: int | None, device: str | None,
-                      resume: bool, force: bool, tensorboard: Path | None) -> None:
+                      resume: bool, force: bool, eval_every: int, tensorboard: Path | None) -> None:
     """Train a teacher from scratch with the official CA-MKD / RepDistiller recipe."""
     from kdcache.loop import EpochMetrics
     from kdcache.pipelines.train_teacher import TrainTeacherRequest, train_teacher
@@ -46,16 +48,14 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
     req = TrainTeacherRequest(arch=arch, dataset=dataset, out=out, data_root=data_root, epochs=epochs,
                               batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                               milestones=lr_milestones, seed=seed, device=device, resume=resume, force=force,
-                              recipe=recipe, image_size=image_size, tensorboard=tensorboard)
+                              recipe=recipe, image_size=image_size, eval_every=eval_every, tensorboard=tensorboard)
 
     def report(m: EpochMetrics) -> None:
         click.echo(f"epoch {m.epoch:>3}/{epochs}  loss {m.train['loss']:.4f}  train {m.train['accuracy']:6.2f}%  "
-                   f"test top-1 {m.test_top1:6.2f}%  top-5 {m.test_top5:6.2f}%  lr {m.lr:.4g}  {m.seconds:.1f}s",
-                   err=True)
+                   f"{m.test_text}  lr {m.lr:.4g}  {m.seconds:.1f}s", err=True)
 
     result = train_teacher(req, on_epoch=report)
-    click.echo(f"best test top-1 {result.best_top1:.2f}%; run in {result.out}, weights in {result.checkpoint}",
-               err=True)
+    click.echo(f"{best_text(result.best_top1)}; run in {result.out}, weights in {result.checkpoint}", err=True)
     click.echo(str(result.checkpoint))
 
 

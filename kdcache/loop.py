@@ -6,8 +6,9 @@ network, optimiser and schedule, then hand the epochs to :class:`Loop`, which do
 the rest the same way for both: start the run directory or restore the run in it
 (``--resume``: the result arguments compared, :func:`kdcache.training.resume_changes`;
 model, optimiser, schedule and torch's RNG restored), and after each epoch's training
-(the caller's function) stop on a non-finite loss, step the schedule, evaluate, and
-write metrics.jsonl, best.pth and checkpoint.pth (atomically,
+(the caller's function) stop on a non-finite loss, step the schedule, evaluate (every
+``eval_every``-th epoch and the last: evaluation draws nothing at random, so the weights do not
+depend on it), and write metrics.jsonl, best.pth and checkpoint.pth (atomically,
 :func:`kdcache.training.save_atomic`); after the last epoch, last.pth. Under torchrun
 rank 0 alone reads and writes the run directory and evaluates.
 
@@ -46,10 +47,17 @@ class EpochMetrics:
     view: int | None                 # the stored view the epoch read (distill); None for fresh views (teachers)
     train: dict[str, float]          # the epoch's mean training numbers: each loss term (and a teacher's accuracy)
     teacher_weights: list[float] | None
-    test_top1: float
-    test_top5: float
+    test_top1: float | None          # None in an epoch not evaluated (--eval-every)
+    test_top5: float | None
     lr: float
     seconds: float
+
+    @property
+    def test_text(self) -> str:
+        """The epoch's test accuracies as a progress line shows them."""
+        if self.test_top1 is None or self.test_top5 is None:
+            return "test not evaluated this epoch"
+        return f"test top-1 {self.test_top1:6.2f}%  top-5 {self.test_top5:6.2f}%"
 
 
 @dataclass
@@ -85,19 +93,24 @@ class Loop:
     ``config`` is what config.json holds (its "args" from :func:`kdcache.training.recorded_args`);
     ``epochs`` how many the run trains in all; ``about`` is added to every weights file
     (best.pth, last.pth: its data set, classes, seed); ``ctx`` places this process in a
-    torchrun job (default: a single process on the model's device). :attr:`watch` is the
+    torchrun job (default: a single process on the model's device); the test split is evaluated
+    after every ``eval_every``-th epoch and after the last. :attr:`watch` is the
     non-finite loss watch the caller's steps report to. Use: :meth:`begin`, then
     :meth:`run`, then :meth:`finish`.
     """
 
     def __init__(self, run: RunDir, kind: str, config: dict[str, Any], trainee: Trainee, epochs: int,
-                 about: dict[str, Any] | None = None, ctx: DistContext | None = None) -> None:
+                 about: dict[str, Any] | None = None, ctx: DistContext | None = None, eval_every: int = 1) -> None:
+        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+            raise KdcacheError(f"eval_every is a number of epochs, 1 or more, not {eval_every!r}")
         self.run_dir, self.kind, self.config, self.trainee, self.epochs = run, kind, config, trainee, epochs
+        self.eval_every = eval_every
         self.about = about or {}
         device = next(trainee.model.parameters()).device
         self.ctx = ctx if ctx is not None else DistContext(device=device)
         self.watch = training.NonFiniteWatch(device, self._kept, _any_rank(self.ctx))
-        self.start, self.best_top1 = 1, 0.0
+        self.start = 1
+        self.best_top1: float | None = None  # the best evaluated epoch's test top-1; None before the first
         self.history: list[EpochMetrics] = []
 
     # -- starting ---------------------------------------------------------------------------------
@@ -127,7 +140,8 @@ class Loop:
         training.reschedule(t.optimizer, t.scheduler, self.config["args"]["milestones"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         epoch = int(ckpt["epoch"])
-        self.start, self.best_top1 = epoch + 1, float(ckpt.get("best_top1", 0.0))
+        best = ckpt.get("best_top1")
+        self.start, self.best_top1 = epoch + 1, None if best is None else float(best)
         if ctx.is_main:
             try:
                 run.keep_metrics_through(epoch)  # and a last line cut short by a kill
@@ -155,9 +169,9 @@ class Loop:
     def run(self, train: Callable[[int], Trained], evaluate: Callable[[], tuple[float, float]],
             on_epoch: Callable[[EpochMetrics], None] | None = None, board: TensorBoardLog | None = None) -> None:
         """Train the epochs left: ``train(epoch)`` runs one epoch's steps (reporting each step's loss terms to
-        :attr:`watch`); then, unless a loss was not finite, the schedule steps, ``evaluate()`` (rank 0) gives test
-        top-1 and top-5, and rank 0 records the epoch (metrics.jsonl, best.pth, checkpoint.pth, ``board``) and calls
-        ``on_epoch``. ``board`` is closed at the end."""
+        :attr:`watch`); then, unless a loss was not finite, the schedule steps, ``evaluate()`` (rank 0; in the
+        epochs :meth:`evaluates`) gives test top-1 and top-5, and rank 0 records the epoch (metrics.jsonl, best.pth,
+        checkpoint.pth, ``board``) and calls ``on_epoch``. ``board`` is closed at the end."""
         t, ctx = self.trainee, self.ctx
         for epoch in range(self.start, self.epochs + 1):
             t0 = time.perf_counter()
@@ -165,12 +179,13 @@ class Loop:
             self.watch.check()  # nothing of an epoch with a NaN or infinite loss is evaluated or saved
             lr_now = t.optimizer.param_groups[0]["lr"]
             t.scheduler.step()
-            top1, top5 = ctx.on_main(evaluate)
+            top1, top5 = ctx.on_main(evaluate) if self.evaluates(epoch) else (None, None)
             metrics = EpochMetrics(epoch, trained.view, trained.train, trained.teacher_weights, top1, top5, lr_now,
                                    time.perf_counter() - t0)
             self.history.append(metrics)
-            is_best = metrics.test_top1 > self.best_top1 or epoch == 1
-            self.best_top1 = max(self.best_top1, metrics.test_top1)
+            is_best = top1 is not None and (self.best_top1 is None or top1 > self.best_top1)
+            if is_best:
+                self.best_top1 = top1
             if ctx.is_main:
                 self._save_epoch(metrics, is_best, trained.files)
                 if board is not None:
@@ -185,6 +200,10 @@ class Loop:
                     on_epoch(metrics)
         if board is not None:
             board.close()
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the test split is evaluated after ``epoch``: every ``eval_every``-th epoch and the last."""
+        return epoch % self.eval_every == 0 or epoch == self.epochs
 
     def _save_epoch(self, metrics: EpochMetrics, is_best: bool, files: Callable[[RunDir], None] | None) -> None:
         """The epoch's files (``files``: its own, e.g. sample weights), its metrics line, best.pth (``is_best``),
@@ -242,7 +261,8 @@ class Loop:
             test_top1: float | None = self.history[-1].test_top1
         else:  # resumed after its last epoch: nothing trained now
             recorded = run.read_metrics()
-            test_top1 = float(recorded[-1]["test_top1"]) if recorded else None
+            top1 = recorded[-1]["test_top1"] if recorded else None
+            test_top1 = None if top1 is None else float(top1)
         weights = self._weights(self.epochs, test_top1)
         try:
             if also is not None:

@@ -80,9 +80,9 @@ def plot_accuracy_curves(runs: list[RunRecord], path: Path | str) -> Figure:
         color = colors.setdefault(group, f"C{len(colors) % 10}")
         style = _LINE_STYLES[styles.get(group, 0) % len(_LINE_STYLES)]
         styles[group] = styles.get(group, 0) + 1
-        epochs = [m["epoch"] for m in run.metrics]
-        top1 = [m["test_top1"] for m in run.metrics]
-        if not epochs:
+        epochs = [m["epoch"] for m in run.evaluated]  # the epochs --eval-every skipped have no point
+        top1 = [m["test_top1"] for m in run.evaluated]
+        if not run.metrics:
             label += " (no epochs yet)"
         ax.plot(epochs, top1, label=label, color=color, linestyle=style, linewidth=1.8,
                 marker="o" if len(epochs) <= 40 else None, markersize=4)

@@ -64,14 +64,19 @@ class RunRecord:
         return f"{self.method} seed={self.seed}"
 
     @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        """The epoch records with a test top-1 (every epoch but those --eval-every skipped; the last is always one)."""
+        return [r for r in self.metrics if r["test_top1"] is not None]
+
+    @property
     def final_top1(self) -> float:
-        """Test top-1 (%) after the last epoch recorded."""
-        return float(self.metrics[-1]["test_top1"])
+        """Test top-1 (%) after the last epoch evaluated (in a finished run, the last epoch)."""
+        return float(self.evaluated[-1]["test_top1"])
 
     @property
     def best_top1(self) -> float:
-        """The best epoch's test top-1 (%), which the official scripts report."""
-        return max(float(r["test_top1"]) for r in self.metrics)
+        """The best evaluated epoch's test top-1 (%), which the official scripts report."""
+        return max(float(r["test_top1"]) for r in self.evaluated)
 
     def teacher_labels(self) -> list[str]:
         """One label per teacher, "T1: arch (short id)", from config.json."""

@@ -43,15 +43,16 @@ class TensorBoardLog:
         except OSError as exc:
             raise KdcacheError(f"cannot write TensorBoard logs in {logdir}: {exc.strerror or exc}") from None
 
-    def epoch(self, epoch: int, train: dict[str, float], test_top1: float, test_top5: float, lr: float,
+    def epoch(self, epoch: int, train: dict[str, float], test_top1: float | None, test_top5: float | None, lr: float,
               teacher_weights: list[float] | None = None) -> None:
         """Write one epoch's numbers (the ones metrics.jsonl records) at step ``epoch``, flushed; a failed write
         raises :class:`~kdcache.atomic.WriteError` naming the events file."""
         try:
             for name, value in train.items():
                 self.writer.add_scalar(f"train/{name}", value, epoch)
-            self.writer.add_scalar("test/top1", test_top1, epoch)
-            self.writer.add_scalar("test/top5", test_top5, epoch)
+            if test_top1 is not None and test_top5 is not None:  # an epoch evaluated (--eval-every)
+                self.writer.add_scalar("test/top1", test_top1, epoch)
+                self.writer.add_scalar("test/top5", test_top5, epoch)
             self.writer.add_scalar("lr", lr, epoch)
             for k, w in enumerate(teacher_weights or [], 1):
                 self.writer.add_scalar(f"teacher_weight/T{k}", w, epoch)

@@ -83,6 +83,7 @@ class DistillRequest:
     read_threads: int | None = how(None)  # threads decoding the stores' chunks (default: the cores available)
     resident_share: float = how(VIEW_SHARE)  # views whole on the device when they fit in this share of it (0: stream)
     options: MethodOptions = field(default_factory=MethodOptions)
+    eval_every: int = how(1)  # evaluate the test split after every N-th epoch and the last (the weights do not change)
     tensorboard: Path | None = how(None)  # also write the per-epoch scalars there (the tensorboard extra)
 
 
@@ -100,7 +101,7 @@ class StepRecord:
 @dataclass
 class DistillResult:
     out: Path
-    best_top1: float
+    best_top1: float | None                  # the best evaluated epoch's; None only where no epoch was evaluated
     history: list[EpochMetrics]
     student: torch.nn.Module | None = None   # the trained student (this rank's copy)
     is_main: bool = True                     # False on the ranks of a torchrun job other than rank 0
@@ -221,7 +222,8 @@ def _train(req: DistillRequest, info: MethodInfo, teachers: CachedTeachers, ctx:
         req.weight_decay, req.milestones)
     loop = Loop(run, "distill", _config(req, stores, plan, dataset),
                 Trainee(req.student, student, optimizer, scheduler, {"method": method}), req.epochs,
-                about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed}, ctx=ctx)
+                about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed}, ctx=ctx,
+                eval_every=req.eval_every)
     loop.begin(req.resume, req.force)
     # The method's parameters (aligners) go unused where its feature term is off (camkd's first epoch, beta 0).
     model = ctx.wrap(StudentLoss(student, method, spatial),

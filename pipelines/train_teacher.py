@@ -60,6 +60,7 @@ class TrainTeacherRequest:
     recipe: str | None = None        # view recipe (name or name:size); default: the data set's
     image_size: int | None = None    # side of the views (imagefolder); default: the recipe's
     label_map: dict[int, int] | None = None  # train on corrupted labels: class a is taught as label_map[a]
+    eval_every: int = how(1)  # evaluate the test split after every N-th epoch and the last (the weights do not change)
     tensorboard: Path | None = how(None)  # also write the per-epoch scalars there (the tensorboard extra)
 
 
@@ -67,7 +68,7 @@ class TrainTeacherRequest:
 class TrainTeacherResult:
     out: Path                        # the run directory
     checkpoint: Path                 # the trained teacher's weights, for precompute --checkpoint
-    best_top1: float
+    best_top1: float | None          # the best evaluated epoch's; None only where no epoch was evaluated
     history: list[EpochMetrics] = field(default_factory=list)
 
 
@@ -125,7 +126,8 @@ def train_teacher(req: TrainTeacherRequest,
               "dataset": {"name": dataset.name, "num_classes": dataset.num_classes, "recipe": dataset.recipe},
               **versions()}
     loop = Loop(run, "teacher", config, Trainee(req.arch, model, optimizer, scheduler), req.epochs,
-                about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed})
+                about={"num_classes": dataset.num_classes, "dataset": dataset.name, "seed": req.seed},
+                eval_every=req.eval_every)
     # Opened before the run directory is written, so a log directory that cannot be made leaves no run behind.
     board = tblog.TensorBoardLog(req.tensorboard) if req.tensorboard is not None else None
     if req.force:

@@ -405,6 +405,8 @@ BAD_INPUT = [
      "Invalid value for '--workers': 0 is not in the range x>=1"),
     ("distill: nan resident share", lambda t, c: [*distill_args(t), "--resident-share", "nan"],
      "Invalid value for '--resident-share': nan is not in the range 0<=x<=1"),
+    ("distill: zero eval-every", lambda t, c: [*distill_args(t), "--eval-every", "0"],
+     "Invalid value for '--eval-every': 0 is not in the range x>=1"),
     ("distill: zero prefetch", lambda t, c: [*distill_args(t), "--prefetch", "0"],
      "Invalid value for '--prefetch': 0 is not in the range 1<=x<=64"),
     ("distill: read threads beyond", lambda t, c: [*distill_args(t), "--read-threads", "100000"],

@@ -19,6 +19,7 @@ from kdcache.losses import MethodOptions, method_names
 from kdcache.models import build_model
 from kdcache.pipelines.distill import DistillRequest, StepRecord, distill
 from kdcache.pipelines.evaluate import evaluate_checkpoint
+from kdcache.runs import load_run
 from kdcache.request import is_how, result_fields
 
 
@@ -114,24 +115,32 @@ class Interrupt(Exception):
 
 
 def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(two_teachers, tmp_path: Path) -> None:
+    """The split run also evaluates less often (eval_every 2, then 5 after --resume: a how-it-runs option), so
+    its equal weights show that evaluation changes nothing; the epochs it skipped record no test accuracy."""
     cache, ids, _ = two_teachers
-    distill(request(cache, ids, tmp_path / "straight", epochs=3))
+    straight = distill(request(cache, ids, tmp_path / "straight", epochs=3))
 
     def stop_after_two(m) -> None:
         if m.epoch == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        distill(request(cache, ids, tmp_path / "split", epochs=3), on_epoch=stop_after_two)
+        distill(request(cache, ids, tmp_path / "split", epochs=3, eval_every=2), on_epoch=stop_after_two)
     assert torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)["epoch"] == 2
-    distill(request(cache, ids, tmp_path / "split", epochs=3, resume=True))
+    assert torch.load(tmp_path / "split" / "best.pth", weights_only=False)["epoch"] == 2  # the first evaluated
+    split = distill(request(cache, ids, tmp_path / "split", epochs=3, resume=True, eval_every=5))
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=False)
     b = torch.load(tmp_path / "split" / "checkpoint.pth", weights_only=False)
     for part in ("model", "method"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
-    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    top1 = [m.test_top1 for m in straight.history]
+    assert [r["test_top1"] for r in records] == [None, top1[1], top1[2]]  # epoch 2 (every 2nd), 3 (the last)
+    assert records[0]["test_top5"] is None and split.best_top1 == max(top1[1:])
+    assert load_run(tmp_path / "split").best_top1 == max(top1[1:])
+    assert load_run(tmp_path / "split").final_top1 == top1[2]
 
 
 def _lrs(run: Path) -> list[float]:
