@@ -29,7 +29,7 @@ def test_the_request_declares_what_the_teacher_depends_on() -> None:
         "arch", "dataset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "seed", "recipe",
         "image_size", "label_map"}
     assert {f.name for f in dataclasses.fields(TrainTeacherRequest) if is_how(f)} == {
-        "out", "data_root", "device", "resume", "force", "tensorboard"}
+        "out", "data_root", "device", "resume", "force", "eval_every", "tensorboard"}
     req = _request(Path("t.pth"), label_map={3: 5}, data_root=Path("/data"))
     assert result_args(req)["label_map"] == {"3": 5}  # as config.json reads it back
     assert how_args(req)["data_root"] == "/data"
@@ -66,13 +66,15 @@ def test_resume_compares_what_the_teacher_depends_on_not_how_it_runs(tmp_path: P
         train_teacher(_request(split, epochs=3, resume=True, label_map={3: 5}))
     torch.save(ckpt, run.file(RunDir.CHECKPOINT))
     resumed = train_teacher(_request(split, epochs=3, resume=True, label_map={3: 5}, device=None, data_root=tmp_path,
-                                     tensorboard=tmp_path / "tb"))
+                                     tensorboard=tmp_path / "tb", eval_every=4))  # epoch 2 not evaluated, 3 the last
     assert [m.epoch for m in resumed.history] == [2, 3] and run.finished
     assert [r["epoch"] for r in run.read_metrics()] == [1, 2, 3]
     assert run.read_config()["how"]["data_root"] == str(tmp_path)
     a, b = (torch.load(p, weights_only=False)["model"] for p in (straight.checkpoint, split))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [m.test_top1 for m in straight.history] == [r["test_top1"] for r in run.read_metrics()]
+    top1 = [m.test_top1 for m in straight.history]
+    assert [r["test_top1"] for r in run.read_metrics()] == [top1[0], None, top1[2]]
+    assert resumed.history[0].test_text == "test not evaluated this epoch"
     with pytest.raises(KdcacheError, match="has trained 3 epochs already, more than --epochs 2"):
         train_teacher(_request(split, epochs=2, resume=True, label_map={3: 5}))
 
