@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from kdcache import __version__, training
+from kdcache import __version__, arguments, training
 from kdcache.atomic import WriteError
 from kdcache.distributed import DistContext
 from kdcache.errors import CheckpointError, KdcacheError
@@ -101,10 +101,8 @@ class Loop:
 
     def __init__(self, run: RunDir, kind: str, config: dict[str, Any], trainee: Trainee, epochs: int,
                  about: dict[str, Any] | None = None, ctx: DistContext | None = None, eval_every: int = 1) -> None:
-        if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-            raise KdcacheError(f"eval_every is a number of epochs, 1 or more, not {eval_every!r}")
         self.run_dir, self.kind, self.config, self.trainee, self.epochs = run, kind, config, trainee, epochs
-        self.eval_every = eval_every
+        self.eval_every = arguments.integer("eval_every", eval_every, low=1, why="the epochs between evaluations")
         self.about = about or {}
         device = next(trainee.model.parameters()).device
         self.ctx = ctx if ctx is not None else DistContext(device=device)

@@ -88,10 +88,10 @@ def precompute_on_cluster(reqs: Sequence[PrecomputeRequest], workers: int | None
     first = reqs[0]
     dataset = load_dataset(first.dataset, first.data_root)
     jobs = [prepare(r, dataset) for r in reqs]
-    for job in jobs:
-        if job.is_complete():  # complete, and what it says it is (as precompute checks in one process)
-            job.cache.check_teacher(job.cache.open_teacher(job.teacher_id))
-    results = {j.teacher_id: j.complete_result() for j in jobs if j.is_complete()}
+    complete = [j for j in jobs if j.is_complete()]
+    for job in complete:  # complete, and what it says it is (as precompute checks in one process)
+        job.cache.check_teacher(job.cache.open_teacher(job.teacher_id))
+    results = {j.teacher_id: j.complete_result() for j in complete}
     todo = list({j.teacher_id: j for j in jobs if j.teacher_id not in results}.values())
     if todo:
         results.update(_run(todo, workers, scheduler, progress, warn))
@@ -111,9 +111,8 @@ def _run(jobs: list[TeacherJob], workers: int | None, scheduler: str | None, pro
             stack.enter_context(cache.teacher_lock(job.teacher_id))
         cluster = stack.enter_context(dask_client(workers, scheduler, job0.req.device))
         stores = {job.teacher_id: job.open_store() for job in jobs}  # every store exists before any task runs
-        for job in jobs:  # what it says it is, before it is resumed or called complete
-            cache.check_teacher(stores[job.teacher_id])
         for job in jobs:
+            cache.check_teacher(stores[job.teacher_id])  # what it says it is, before it is resumed or called complete
             if stores[job.teacher_id].attrs.get("complete"):  # finished by someone else meanwhile
                 results[job.teacher_id] = job.complete_result()
         jobs = [j for j in jobs if j.teacher_id not in results]

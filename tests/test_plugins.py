@@ -117,9 +117,9 @@ def test_registration_refuses_clashes_and_malformed_entries() -> None:
              (lambda: kdcache.register_method(int), "takes a kdcache.losses.Method subclass"),
              (lambda: kdcache.register_model("resnet8")(lambda c: None), "architecture 'resnet8' is registered"),
              (lambda: kdcache.register_model("two words")(lambda c: None), "a name is letters, digits"),
-             (lambda: kdcache.register_model("odd-size", input_size=32.7)(lambda c: None), "not 32.7"),  # type: ignore[arg-type]
-             (lambda: kdcache.register_model("odd-size", input_size=True)(lambda c: None), "not True"),
-             (lambda: kdcache.register_model("odd-size", input_size=0)(lambda c: None), "from 1 to 65536, not 0"),
+             (lambda: kdcache.register_model("odd-size", input_size=32.7)(lambda c: None), "got 32.7, a float"),  # type: ignore[arg-type]
+             (lambda: kdcache.register_model("odd-size", input_size=True)(lambda c: None), "got True, a bool"),
+             (lambda: kdcache.register_model("odd-size", input_size=0)(lambda c: None), "between 1 and 65536 (got 0)"),
              (lambda: kdcache.register_dataset("digits")(lambda root: None), "data set 'digits' is registered")]
     for register, message in cases:
         with pytest.raises(KdcacheError, match=re.escape(message)):

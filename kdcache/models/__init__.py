@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from kdcache import arguments
 from kdcache.errors import KdcacheError
 from kdcache.registry import Registry
 
@@ -62,9 +63,8 @@ def register_model(name: str, *, family: str = "plugin", input_size: int = 32, d
     ``(h, z)``, ``model.head`` is the final linear layer, and ``feature_map`` / ``pool_map`` split the
     forward pass at the global pool. ``kdcache.contract.check_model(name)`` checks all of it.
     """
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or not 1 <= input_size <= 2**16:
-        raise KdcacheError(f"cannot register architecture {name!r}: input_size is the side of its square input "
-                           f"image in pixels, a whole number from 1 to 65536, not {input_size!r}")
+    input_size = arguments.integer("input_size", input_size, low=1, high=2**16,
+                                   why=f"the side in pixels of architecture {name!r}'s square input")
 
     def add(builder: Builder) -> Builder:
         doc = (builder.__doc__ or "").strip().splitlines()
