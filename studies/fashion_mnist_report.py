@@ -186,43 +186,52 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
     # paired differences from camkd over every seed (issue 28)
     paired_seeds = range(cfg.paired_seeds)
     paired: dict[str, dict[str, dict[str, Any]]] = {}
-    lines += [f"## Paired differences from camkd (spatial), {cfg.paired_seeds} seeds", "",
-              "Each method's final top-1 minus camkd's at the same seed (the same student initialisation and batch "
-              "order), in points; the mean with 95 % intervals from a paired t and from a bootstrap over seeds "
-              f"({BOOTSTRAP:,} resamples). *Resolved*: both intervals exclude 0.", "",
-              "| setting | method | n | mean top-1 | mean difference | paired t 95 % | bootstrap 95 % | resolved |",
-              "|---|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
         base = [acc.get(f"{setting}/{PAIRED_METHODS[0]}/seed{s}") for s in paired_seeds]
-        reference: dict[str, Any] = {"top1": base}
-        paired[setting] = {PAIRED_METHODS[0]: reference}
-        lines.append(f"| {setting} | {PAIRED_METHODS[0]} | {sum(v is not None for v in base)} | "
-                     f"{_cell_short(base)} | (reference) | | | |")
+        paired[setting] = {PAIRED_METHODS[0]: {"top1": base}}
         for name in PAIRED_METHODS[1:]:
             top1 = [acc.get(f"{setting}/{name}/seed{s}") for s in paired_seeds]
             diffs = [m - c for m, c in zip(top1, base, strict=True) if m is not None and c is not None]
-            prow: dict[str, Any] = {"top1": top1, "diffs": diffs, **paired_stats(diffs)}
-            paired[setting][name] = prow
-            lines.append(f"| {setting} | {name} | {len(diffs)} | {_cell_short(top1)} | {_signed(prow.get('mean'))} | "
-                         f"{_interval(prow.get('t'))} | {_interval(prow.get('bootstrap'))} | "
-                         f"{_resolved(prow)} |")
+            paired[setting][name] = {"top1": top1, "diffs": diffs, **paired_stats(diffs)}
+    _adjust([row for by_method in paired.values() for row in by_method.values() if "diffs" in row])
+    family = len(SETTINGS) * (len(PAIRED_METHODS) - 1)
+    lines += [f"## Paired differences from camkd (spatial), {cfg.paired_seeds} seeds", "",
+              "Each method's final top-1 minus camkd's at the same seed (the same student initialisation and batch "
+              "order), in points; the mean with 95 % intervals from a paired t and from a bootstrap over seeds "
+              f"({BOOTSTRAP:,} resamples), the paired t's two-sided p and Holm's adjustment of it over the table's "
+              f"{family} comparisons. *Resolved*: both intervals exclude 0 (uncorrected); *after Holm*: the "
+              "adjusted p is below 0.05.", "",
+              "| setting | method | n | mean top-1 | mean difference | paired t 95 % | bootstrap 95 % | p | Holm p | "
+              "resolved | after Holm |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for setting, by_method in paired.items():
+        base = by_method[PAIRED_METHODS[0]]["top1"]
+        lines.append(f"| {setting} | {PAIRED_METHODS[0]} | {sum(v is not None for v in base)} | "
+                     f"{_cell_short(base)} | (reference) | | | | | | |")
+        for name in PAIRED_METHODS[1:]:
+            prow = by_method[name]
+            lines.append(f"| {setting} | {name} | {len(prow['diffs'])} | {_cell_short(prow['top1'])} | "
+                         f"{_signed(prow.get('mean'))} | {_interval(prow.get('t'))} | "
+                         f"{_interval(prow.get('bootstrap'))} | {_p(prow.get('p'))} | {_p(prow.get('holm'))} | "
+                         f"{_resolved(prow)} | {_after_holm(prow)} |")
     lines.append("")
 
     # what the wrong teacher costs each method: B minus A at the same seed (the same student initialisation and
     # batch order: the two settings' stores differ in one teacher's values, not in their chunking)
     cost: dict[str, dict[str, Any]] = {}
-    lines += [f"## What the wrong teacher costs: setting B minus setting A, {cfg.paired_seeds} seeds", "",
-              "Each method's final top-1 in B (t2 replaced by t2-rotated) minus its top-1 in A at the same seed, in "
-              "points; 95 % intervals as above. *Resolved*: both intervals exclude 0.", "",
-              "| method | n | mean B − A | paired t 95 % | bootstrap 95 % | resolved |", "|---|---|---|---|---|---|"]
     for name in PAIRED_METHODS:
         a_top1, b_top1 = (paired[setting][name]["top1"] for setting in ("A", "B"))
         diffs = [b - a for a, b in zip(a_top1, b_top1, strict=True) if a is not None and b is not None]
-        crow: dict[str, Any] = {"diffs": diffs, **paired_stats(diffs)}
-        cost[name] = crow
-        verdict = _resolved(crow).replace("camkd ahead", "B lower").replace("camkd behind", "B higher")
-        lines.append(f"| {name} | {len(diffs)} | {_signed(crow.get('mean'))} | {_interval(crow.get('t'))} | "
-                     f"{_interval(crow.get('bootstrap'))} | {verdict} |")
+        cost[name] = {"diffs": diffs, **paired_stats(diffs)}
+    _adjust(list(cost.values()))
+    lines += [f"## What the wrong teacher costs: setting B minus setting A, {cfg.paired_seeds} seeds", "",
+              "Each method's final top-1 in B (t2 replaced by t2-rotated) minus its top-1 in A at the same seed, in "
+              f"points; intervals, p and Holm's adjustment (over these {len(PAIRED_METHODS)} comparisons) as above.",
+              "", "| method | n | mean B − A | paired t 95 % | bootstrap 95 % | p | Holm p | resolved | after Holm |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, crow in cost.items():
+        lines.append(f"| {name} | {len(crow['diffs'])} | {_signed(crow.get('mean'))} | {_interval(crow.get('t'))} | "
+                     f"{_interval(crow.get('bootstrap'))} | {_p(crow.get('p'))} | {_p(crow.get('holm'))} | "
+                     f"{_as_cost(_resolved(crow))} | {_as_cost(_after_holm(crow))} |")
     lines.append("")
 
     # stored views over a long schedule (issue 28)
@@ -269,8 +278,9 @@ BOOTSTRAP = 10_000
 
 
 def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
-    """Mean of paired differences with a paired-t 95 % interval and a percentile bootstrap 95 % interval over
-    seeds (10,000 resamples, generator seed 0); only the mean where there are fewer than 2 differences."""
+    """Mean of paired differences with a paired-t 95 % interval and two-sided p, and a percentile bootstrap 95 %
+    interval over seeds (10,000 resamples, generator seed 0); only the mean where there are fewer than 2
+    differences."""
     if not diffs:
         return {}
     d = np.asarray(diffs, dtype=np.float64)
@@ -280,9 +290,23 @@ def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
     from scipy import stats  # scikit-learn's dependency
     half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
     found["t"] = (found["mean"] - half, found["mean"] + half)
+    sem = d.std(ddof=1) / np.sqrt(len(d))
+    found["p"] = float(2 * stats.t.sf(abs(found["mean"]) / sem, len(d) - 1)) if sem > 0 else float(found["mean"] == 0)
     means = np.random.default_rng(0).choice(d, (BOOTSTRAP, len(d)), replace=True).mean(1)
     found["bootstrap"] = (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
     return found
+
+
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (the family-wise error stays at most alpha when
+    each adjusted p is compared with alpha), in the order given."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted = [0.0] * len(ps)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def _resolved(row: dict[str, Any]) -> str:
@@ -292,6 +316,30 @@ def _resolved(row: dict[str, Any]) -> str:
     if not out:
         return "no"
     return "yes: camkd ahead" if row["mean"] < 0 else "yes: camkd behind"
+
+
+def _adjust(rows: list[dict[str, Any]]) -> None:
+    """Adds each row's Holm-adjusted p ("holm"), over the rows that have a p (tested together)."""
+    tested = [row for row in rows if "p" in row]
+    for row, adjusted in zip(tested, holm([row["p"] for row in tested]), strict=True):
+        row["holm"] = adjusted
+
+
+def _after_holm(row: dict[str, Any]) -> str:
+    if "holm" not in row:
+        return "—"
+    if row["holm"] >= 0.05:
+        return "no"
+    return "yes: camkd ahead" if row["mean"] < 0 else "yes: camkd behind"
+
+
+def _as_cost(verdict: str) -> str:
+    """A verdict on B - A differences: their sign says whether B is lower, not whether camkd is ahead."""
+    return verdict.replace("camkd ahead", "B lower").replace("camkd behind", "B higher")
+
+
+def _p(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def _signed(value: float | None) -> str:

@@ -71,6 +71,18 @@ def test_paired_stats_against_a_hand_calculation(study):
     assert report.paired_stats([]) == {}
     assert report._resolved(report.paired_stats([-1.0, -1.2, -0.8, -1.1])) == "yes: camkd ahead"
     assert report._resolved(found) == "no"
+    # two-sided p of t = 2 / (1 / sqrt 3) = sqrt 12 on 2 degrees of freedom, whose CDF is 1/2 + t / (2 sqrt(2 + t^2)):
+    # p = 1 - sqrt(12 / 14)
+    assert found["p"] == pytest.approx(1 - (12 / 14) ** 0.5, abs=1e-12)
+    assert report.paired_stats([0.0, 0.0])["p"] == 1.0
+
+
+def test_holm_against_a_hand_calculation(study):
+    import fashion_mnist_report as report
+    # sorted 0.01, 0.03, 0.04 of 3: 3 x 0.01 = 0.03; 2 x 0.03 = 0.06; 1 x 0.04 = 0.04, raised to the 0.06 before it
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06], abs=1e-15)
+    assert report.holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    assert report.holm([]) == []
 
 
 def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
@@ -96,6 +108,10 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
         assert results["runs"][r.key] == load_run(study.run_dir(out, r)).final_top1
     assert results["paired"]["B"]["aver"]["diffs"] == [
         results["runs"][f"B/aver/seed{s}"] - results["runs"][f"B/camkd-spatial/seed{s}"] for s in range(2)]
+    from fashion_mnist_report import holm  # the family: every setting's comparisons with camkd together
+    rows = [results["paired"][s][m] for s in ("A", "B") for m in study.PAIRED_METHODS[1:]]
+    assert len([row for row in rows if "p" in row]) == 8
+    assert [row["holm"] for row in rows if "p" in row] == holm([row["p"] for row in rows if "p" in row])
     assert results["wrong_teacher_cost"]["camkd-spatial"]["diffs"] == [
         results["runs"][f"B/camkd-spatial/seed{s}"] - results["runs"][f"A/camkd-spatial/seed{s}"] for s in range(2)]
     long_run = next(r for r in runs if r.group == "long")
