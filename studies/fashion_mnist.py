@@ -4,6 +4,7 @@
     python studies/fashion_mnist.py --out /tmp/fmnist                 # the whole study, resumable
     python studies/fashion_mnist.py --out /tmp/fmnist --jobs 2        # two runs at a time, one thread each
     python studies/fashion_mnist.py --out /tmp/fmnist --report        # tables and figures from what is finished
+    python studies/fashion_mnist.py --out /tmp/fmnist --parts long --long-seeds 5   # the long part at 5 seeds
     mkdir -p /tmp/fmnist && cp -r studies/results/runs /tmp/fmnist/   # count the committed finished runs as done
     mkdir -p /tmp/fmnist/teachers && cp studies/results/teachers/*.pth /tmp/fmnist/teachers/   # and its teachers
 
@@ -41,7 +42,7 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -294,8 +295,14 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=list(PARTS),
                     help="which parts to run (A first: the other parts reuse its runs)")
     ap.add_argument("--report", action="store_true", help="only write tables and figures from finished runs")
+    ap.add_argument("--long-seeds", type=int, default=None,
+                    help=f"seeds of the long part (default {Config.long_seeds}; give it to --report too)")
     args = ap.parse_args(argv)
     cfg = cfg or Config()
+    if args.long_seeds is not None:
+        if args.long_seeds < 1:
+            ap.error(f"--long-seeds must be at least 1, not {args.long_seeds}")
+        cfg = replace(cfg, long_seeds=args.long_seeds)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731

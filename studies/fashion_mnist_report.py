@@ -31,10 +31,14 @@ Points = list[tuple[float, tuple[float, float] | None]]  # (x, (mean, std) over 
 
 
 class Keyed(Protocol):
-    """A run of the study (fashion_mnist.Run), as far as the report reads it: its key, part/name/seed<s>."""
+    """A run of the study (fashion_mnist.Run), as far as the report reads it: its key, part/name/seed<s>, and
+    the --parts name that selects it."""
 
     @property
     def key(self) -> str: ...
+
+    @property
+    def group(self) -> str: ...
 
 
 def finished_top1(path: Path) -> float | None:
@@ -53,6 +57,13 @@ def finished_top1(path: Path) -> float | None:
 
 def _final(out: Path, key: str) -> float | None:
     return finished_top1(out / "runs" / key)
+
+
+def _curve(out: Path, key: str) -> dict[int, float] | None:
+    """A finished run's test top-1 at each epoch it evaluated, or None."""
+    if _final(out, key) is None:
+        return None
+    return {int(m["epoch"]): float(m["test_top1"]) for m in load_run(out / "runs" / key).evaluated}
 
 
 def _cell(values: list[float | None]) -> str:
@@ -78,7 +89,8 @@ def _disk(path: str) -> int:
 
 def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], facts: dict[str, Any],
                  timing: dict[str, float]) -> dict[str, Any]:
-    """Write tables.md, results.json and the figures under ``out``; return what results.json holds."""
+    """Write tables.md, results.json and the figures under ``out``, and the paired and long parts alone in
+    tables-paired.md and results-paired.json; return what results.json holds."""
     seeds = range(cfg.seeds)
     results: dict[str, Any] = {"config": asdict(cfg), "teachers": facts, "timing": timing}
     acc = {r.key: _final(out, r.key) for r in runs}
@@ -184,6 +196,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
                 lines.append(f"| {form} | {t} | {w['inside'][k]:.3f} | {w['outside'][k]:.3f} |")
         lines.append("")
     # paired differences from camkd over every seed (issue 28)
+    issue28 = len(lines)
     paired_seeds = range(cfg.paired_seeds)
     paired: dict[str, dict[str, dict[str, Any]]] = {}
     for setting in SETTINGS:
@@ -261,6 +274,20 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         lines.append(f"| {v} | {' | '.join(cells)} | "
                      + (f"{nbytes / 2**20:.1f} MiB | {nbytes / v / 2**20:.2f} MiB |" if nbytes else "— | — |"))
     lines.append("")
+    # the same runs' test top-1 at each evaluated epoch: does a student replaying few views fall behind late?
+    curves = {(method, v): [_curve(out, f"long/{method}-spatial-V{v}/seed{s}") for s in long_seeds]
+              for method in ("aver", "camkd") for v in cfg.long_view_counts}
+    epochs = sorted({e for runs_ in curves.values() for c in runs_ if c for e in c})
+    lines += ["Test top-1 at each evaluated epoch, mean over the finished seeds:", "",
+              "| method | V | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+              "|---|---|" + "---|" * len(epochs)]
+    for (method, v), runs_ in curves.items():
+        done = [c for c in runs_ if c]
+        means = [statistics.mean(c[e] for c in done) if done and all(e in c for c in done) else None
+                 for e in epochs]
+        long[v][method]["curve"] = dict(zip(epochs, means, strict=True))
+        lines.append(f"| {method} | {v} | " + " | ".join("—" if m is None else f"{m:.2f}" for m in means) + " |")
+    lines.append("")
 
     results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights, paired=paired,
                    wrong_teacher_cost=cost, long=long)
@@ -268,6 +295,14 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
              [f"| {k} | {v:.0f} |" for k, v in sorted(timing.items())] + [""]
     (out / "tables.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    # the paired and long parts alone (issue 28), whose runs studies/results/runs/ keeps
+    kept = {r.key for r in runs if r.group in ("paired", "long")}
+    (out / "tables-paired.md").write_text("\n".join(
+        [f"# Fashion-MNIST study: the paired and long parts ({sum(acc[k] is not None for k in kept)} of {len(kept)} "
+         "runs finished)", ""] + lines[issue28:]))
+    (out / "results-paired.json").write_text(json.dumps(
+        {"config": asdict(cfg), "runs": {k: acc[k] for k in sorted(kept)}, "paired": paired,
+         "wrong_teacher_cost": cost, "long": long}, indent=2, default=str) + "\n")
     _figures(out, cfg, beta, views, weights, CLASSES, SETTINGS["B"])
     _paired_figure(out, cfg, paired)
     _long_figure(out, cfg, long)

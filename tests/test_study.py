@@ -116,6 +116,10 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
         results["runs"][f"B/camkd-spatial/seed{s}"] - results["runs"][f"A/camkd-spatial/seed{s}"] for s in range(2)]
     long_run = next(r for r in runs if r.group == "long")
     assert load_run(study.run_dir(out, long_run)).metrics[-1]["epoch"] == 3
+    # the long part's curve: the run's test top-1 at each epoch it evaluated (3 epochs: every one), one seed
+    curve = results["long"][str(long_run.views)][long_run.method]["curve"]
+    assert curve == {str(m["epoch"]): m["test_top1"] for m in load_run(study.run_dir(out, long_run)).metrics}
+    assert list(curve) == ["1", "2", "3"]
     online = json.loads((study.run_dir(out, next(r for r in runs if r.online)) / "config.json").read_text())
     assert online["args"]["online"] is True
     tables = (out / "tables.md").read_text()
@@ -125,6 +129,11 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
                     "## What the wrong teacher costs: setting B minus setting A, 2 seeds", "## Stored views over 3 epochs"):
         assert heading in tables
     assert f"({len(runs)} of {len(runs)} runs finished)" in tables
+    alone = (out / "tables-paired.md").read_text()  # the paired and long parts alone
+    kept = [r for r in runs if r.group in ("paired", "long")]
+    assert f"({len(kept)} of {len(kept)} runs finished)" in alone and "## Paired differences" in alone
+    assert "## camkd against β" not in alone and "## Stored views over 3 epochs" in alone
+    assert json.loads((out / "results-paired.json").read_text())["runs"] == {r.key: results["runs"][r.key] for r in kept}
     for png in ("fmnist-beta.png", "fmnist-views.png", "fmnist-weights.png", "fmnist-paired.png",
                 "fmnist-views-long.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
