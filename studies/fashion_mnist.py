@@ -243,19 +243,22 @@ def train_teachers(out: Path, cfg: Config, say: Callable[[str], None]) -> dict[s
     return ckpts
 
 
-def store_ids(out: Path, cfg: Config, ckpts: dict[str, Path], runs: list[Run], say: Callable[[str], None]) -> StoreIds:
-    """Precompute every (teacher, form, V) store the runs read, plus t0's pooled stores at each V (for disk)."""
+def store_ids(out: Path, cfg: Config, ckpts: dict[str, Path], runs: list[Run], say: Callable[[str], None],
+              look_only: bool = False) -> StoreIds:
+    """Precompute every (teacher, form, V) store the runs read, plus t0's pooled stores at each V (for disk);
+    ``look_only``: write nothing, and give the path of those already on disk (the report's disk columns)."""
     wanted = {(t, r.form, r.views) for r in runs for t in r.teachers if t != "best"}
     wanted |= {("t0", form, v) for form in ("pooled", "spatial", "none") for v in cfg.view_counts}
     ids: StoreIds = {}
     for name, form, views in sorted(wanted, key=lambda k: (k[2] != cfg.views, k)):
         pre = precompute(PrecomputeRequest(teacher=cfg.teacher, checkpoint=ckpts[name], dataset=DATASET,
                                            data_root=out / "data", cache=out / "cache", views=views,
-                                           device="cpu", form=StoreForm(features=form)))
-        if pre.status != "complete":
+                                           device="cpu", form=StoreForm(features=form), dry_run=look_only))
+        if pre.status == "written":
             say(f"precomputed {name} {form} V={views}: {pre.teacher_id}")
         ids[(name, form, views)] = pre.teacher_id
-        ids[(name, form, views, "path")] = str(pre.path)
+        if not look_only or Path(pre.path).is_dir():
+            ids[(name, form, views, "path")] = str(pre.path)
     return ids
 
 
@@ -343,7 +346,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
             pool.shutdown()
     else:
         ckpts = {t.name: out / "teachers" / f"{t.name}-{cfg.teacher}.pth" for t in TEACHERS}
-        ids = store_ids(out, cfg, ckpts, [], say)
+        ids = store_ids(out, cfg, ckpts, plan_runs(cfg), say, look_only=True)
     write_report(out, cfg, ids, plan_runs(cfg), json.loads((out / "teachers.json").read_text()), timing)
     say(f"wrote {out / 'tables.md'}")
     return 0

@@ -171,9 +171,9 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         disk = " | ".join(f"{d / 2**20:.2f} MiB ({d / rows:,.0f} B/row)" if d else "—"
                           for d in view_row["disk"].values())
         lines.append(f"| {v} | {_cell(view_row['aver'])} | {_cell(view_row['camkd'])} | {disk} |")
-    lines += ["", f"(V = {cfg.views}'s aver runs read the pooled stores of part A, the others spatial stores; aver "
-              "reads only logits, which are identical in both forms. Disk: t0's whole store directory as written, "
-              "final classifier and metadata included.)", ""]
+    lines += ["", f"(V = {cfg.views}'s runs are part A's, which since issue 28 are the paired runs: every run here "
+              "reads spatial stores. Disk: t0's whole store directory as written, final classifier and metadata "
+              "included.)", ""]
 
     # online
     lines += ["## Cached against online camkd (setting A, spatial form, same views and seeds)", "",
@@ -251,10 +251,11 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
     long_seeds = range(cfg.long_seeds)
     top_v = max(cfg.long_view_counts)
     lines += [f"## Stored views over {cfg.long_epochs} epochs (setting A, spatial stores, {cfg.long_seeds} seeds)",
-              "", f"Difference from V = {top_v} at the same seed, mean with its paired t 95 % interval; disk: the "
-              "three teachers' spatial stores at V, and per stored view.", "",
-              f"| V | aver | − V={top_v} | camkd (spatial) | − V={top_v} | disk, 3 teachers | per view |",
-              "|---|---|---|---|---|---|---|"]
+              "", f"Difference from V = {top_v} at the same seed, mean with its paired t 95 % interval; camkd − aver: "
+              "the two methods at the same seed and V (the same student start and batch order); disk: the three "
+              "teachers' spatial stores at V, and per stored view.", "",
+              f"| V | aver | − V={top_v} | camkd (spatial) | − V={top_v} | camkd − aver | disk, 3 teachers | per view |",
+              "|---|---|---|---|---|---|---|---|"]
     long: dict[int, dict[str, Any]] = {}
     for v in cfg.long_view_counts:
         row_l: dict[str, Any] = {}
@@ -267,13 +268,27 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
             row_l[method] = {"top1": vals, "diffs": diffs, **stats}
             cells += [_cell(vals), "(reference)" if v == top_v else
                       f"{_signed(stats.get('mean'))} {_interval(stats.get('t'))}"]
+        between = [c - a for a, c in zip(row_l["aver"]["top1"], row_l["camkd"]["top1"], strict=True)
+                   if a is not None and c is not None]
+        row_l["camkd_minus_aver"] = {"diffs": between, **paired_stats(between)}
+        cells.append(f"{_signed(row_l['camkd_minus_aver'].get('mean'))} "
+                     f"{_interval(row_l['camkd_minus_aver'].get('t'))}")
         paths = [ids.get((t, "spatial", v, "path")) for t in SETTINGS["A"]]
         nbytes = sum(_disk(p) for p in paths if p) if all(paths) else None
         row_l["disk"] = nbytes
         long[v] = row_l
         lines.append(f"| {v} | {' | '.join(cells)} | "
                      + (f"{nbytes / 2**20:.1f} MiB | {nbytes / v / 2**20:.2f} MiB |" if nbytes else "— | — |"))
-    lines.append("")
+    # camkd − aver over the whole curve: each seed's mean over V (the seed is the unit; its V runs share a start)
+    over_v = []
+    for s in long_seeds:
+        pairs = [(long[v]["aver"]["top1"][s], long[v]["camkd"]["top1"][s]) for v in cfg.long_view_counts]
+        if all(a is not None and c is not None for a, c in pairs):
+            over_v.append(statistics.mean(c - a for a, c in pairs))
+    long_gap = {"per_seed_mean_over_v": over_v, **paired_stats(over_v)}
+    lines += ["", f"camkd − aver, each seed's mean over the {len(cfg.long_view_counts)} V: "
+              f"{_signed(long_gap.get('mean'))} {_interval(long_gap.get('t'))} (paired t 95 %, {len(over_v)} seeds "
+              "with every V finished)", ""]
     # the same runs' test top-1 at each evaluated epoch: does a student replaying few views fall behind late?
     curves = {(method, v): [_curve(out, f"long/{method}-spatial-V{v}/seed{s}") for s in long_seeds]
               for method in ("aver", "camkd") for v in cfg.long_view_counts}
@@ -290,7 +305,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
     lines.append("")
 
     results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights, paired=paired,
-                   wrong_teacher_cost=cost, long=long)
+                   wrong_teacher_cost=cost, long=long, long_camkd_minus_aver=long_gap)
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"] + \
              [f"| {k} | {v:.0f} |" for k, v in sorted(timing.items())] + [""]
     (out / "tables.md").write_text("\n".join(lines))
@@ -302,7 +317,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
          "runs finished)", ""] + lines[issue28:]))
     (out / "results-paired.json").write_text(json.dumps(
         {"config": asdict(cfg), "runs": {k: acc[k] for k in sorted(kept)}, "paired": paired,
-         "wrong_teacher_cost": cost, "long": long}, indent=2, default=str) + "\n")
+         "wrong_teacher_cost": cost, "long": long, "long_camkd_minus_aver": long_gap}, indent=2, default=str) + "\n")
     _figures(out, cfg, beta, views, weights, CLASSES, SETTINGS["B"])
     _paired_figure(out, cfg, paired)
     _long_figure(out, cfg, long)

@@ -120,6 +120,11 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
     curve = results["long"][str(long_run.views)][long_run.method]["curve"]
     assert curve == {str(m["epoch"]): m["test_top1"] for m in load_run(study.run_dir(out, long_run)).metrics}
     assert list(curve) == ["1", "2", "3"]
+    # camkd - aver at each V and seed, and each seed's mean of it over the V (one seed here)
+    gaps = [results["runs"][f"long/camkd-spatial-V{v}/seed0"] - results["runs"][f"long/aver-spatial-V{v}/seed0"]
+            for v in (1, 3)]
+    assert [results["long"][v]["camkd_minus_aver"]["diffs"] for v in ("1", "3")] == [[g] for g in gaps]
+    assert results["long_camkd_minus_aver"]["per_seed_mean_over_v"] == pytest.approx([(gaps[0] + gaps[1]) / 2])
     online = json.loads((study.run_dir(out, next(r for r in runs if r.online)) / "config.json").read_text())
     assert online["args"]["online"] is True
     tables = (out / "tables.md").read_text()
