@@ -59,10 +59,8 @@ def _final(out: Path, key: str) -> float | None:
     return finished_top1(out / "runs" / key)
 
 
-def _curve(out: Path, key: str) -> dict[int, float] | None:
-    """A finished run's test top-1 at each epoch it evaluated, or None."""
-    if _final(out, key) is None:
-        return None
+def _curve(out: Path, key: str) -> dict[int, float]:
+    """A run's test top-1 at each epoch it evaluated."""
     return {int(m["epoch"]): float(m["test_top1"]) for m in load_run(out / "runs" / key).evaluated}
 
 
@@ -290,14 +288,14 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
               f"{_signed(long_gap.get('mean'))} {_interval(long_gap.get('t'))} (paired t 95 %, {len(over_v)} seeds "
               "with every V finished)", ""]
     # the same runs' test top-1 at each evaluated epoch: does a student replaying few views fall behind late?
-    curves = {(method, v): [_curve(out, f"long/{method}-spatial-V{v}/seed{s}") for s in long_seeds]
+    curves = {(method, v): [_curve(out, key) for s in long_seeds
+                            if acc.get(key := f"long/{method}-spatial-V{v}/seed{s}") is not None]
               for method in ("aver", "camkd") for v in cfg.long_view_counts}
-    epochs = sorted({e for runs_ in curves.values() for c in runs_ if c for e in c})
+    epochs = sorted({e for done in curves.values() for c in done for e in c})
     lines += ["Test top-1 at each evaluated epoch, mean over the finished seeds:", "",
               "| method | V | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
               "|---|---|" + "---|" * len(epochs)]
-    for (method, v), runs_ in curves.items():
-        done = [c for c in runs_ if c]
+    for (method, v), done in curves.items():
         means = [statistics.mean(c[e] for c in done) if done and all(e in c for c in done) else None
                  for e in epochs]
         long[v][method]["curve"] = dict(zip(epochs, means, strict=True))
@@ -338,9 +336,9 @@ def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
     if len(d) < 2:
         return found
     from scipy import stats  # scikit-learn's dependency
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
-    found["t"] = (found["mean"] - half, found["mean"] + half)
     sem = d.std(ddof=1) / np.sqrt(len(d))
+    half = float(stats.t.ppf(0.975, len(d) - 1) * sem)
+    found["t"] = (found["mean"] - half, found["mean"] + half)
     found["p"] = float(2 * stats.t.sf(abs(found["mean"]) / sem, len(d) - 1)) if sem > 0 else float(found["mean"] == 0)
     means = np.random.default_rng(0).choice(d, (BOOTSTRAP, len(d)), replace=True).mean(1)
     found["bootstrap"] = (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
@@ -362,8 +360,11 @@ def holm(ps: Sequence[float]) -> list[float]:
 def _resolved(row: dict[str, Any]) -> str:
     if "t" not in row:
         return "—"
-    out = all(lo > 0 or hi < 0 for lo, hi in (row["t"], row["bootstrap"]))
-    if not out:
+    return _verdict(row, all(lo > 0 or hi < 0 for lo, hi in (row["t"], row["bootstrap"])))
+
+
+def _verdict(row: dict[str, Any], resolved: bool) -> str:
+    if not resolved:
         return "no"
     return "yes: camkd ahead" if row["mean"] < 0 else "yes: camkd behind"
 
@@ -378,9 +379,7 @@ def _adjust(rows: list[dict[str, Any]]) -> None:
 def _after_holm(row: dict[str, Any]) -> str:
     if "holm" not in row:
         return "—"
-    if row["holm"] >= 0.05:
-        return "no"
-    return "yes: camkd ahead" if row["mean"] < 0 else "yes: camkd behind"
+    return _verdict(row, row["holm"] < 0.05)
 
 
 def _as_cost(verdict: str) -> str:
