@@ -277,6 +277,22 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         long[v] = row_l
         lines.append(f"| {v} | {' | '.join(cells)} | "
                      + (f"{nbytes / 2**20:.1f} MiB | {nbytes / v / 2**20:.2f} MiB |" if nbytes else "— | — |"))
+    # the rule set before any 40-epoch run finished (docs/EVIDENCE.md): which V are within the noise of top_v
+    noise: dict[str, Any] = {}
+    for method in ("aver", "camkd"):
+        at_top = [x for x in long[top_v][method]["top1"] if x is not None]
+        found = {v: within_noise(long[v][method], at_top) for v in cfg.long_view_counts if v != top_v}
+        for v, verdict in found.items():
+            long[v][method]["within_noise"] = verdict
+        inside = [v for v, verdict in found.items() if verdict]
+        noise[method] = {"ref_std": statistics.stdev(at_top) if len(at_top) > 1 else None, "within": inside,
+                         "smallest": min(inside, default=None),
+                         "decided": all(verdict is not None for verdict in found.values())}
+    lines += [""] + [f"Within the noise of V = {top_v} ({method}: |mean difference| at most the seed std of its "
+                     f"V = {top_v} runs, {_num(noise[method]['ref_std'])}, and the paired-t interval holds 0): "
+                     + (f"V = {', '.join(map(str, noise[method]['within'])) or 'none'}"
+                        if noise[method]["decided"] else "not decided (fewer than 2 seeds at some V)")
+                     for method in ("aver", "camkd")]
     # camkd − aver over the whole curve: each seed's mean over V (the seed is the unit; its V runs share a start)
     over_v = []
     for s in long_seeds:
@@ -303,7 +319,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
     lines.append("")
 
     results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights, paired=paired,
-                   wrong_teacher_cost=cost, long=long, long_camkd_minus_aver=long_gap)
+                   wrong_teacher_cost=cost, long=long, long_within_noise=noise, long_camkd_minus_aver=long_gap)
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"] + \
              [f"| {k} | {v:.0f} |" for k, v in sorted(timing.items())] + [""]
     (out / "tables.md").write_text("\n".join(lines))
@@ -315,7 +331,8 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
          "runs finished)", ""] + lines[issue28:]))
     (out / "results-paired.json").write_text(json.dumps(
         {"config": asdict(cfg), "runs": {k: acc[k] for k in sorted(kept)}, "paired": paired,
-         "wrong_teacher_cost": cost, "long": long, "long_camkd_minus_aver": long_gap}, indent=2, default=str) + "\n")
+         "wrong_teacher_cost": cost, "long": long, "long_within_noise": noise,
+         "long_camkd_minus_aver": long_gap}, indent=2, default=str) + "\n")
     _figures(out, cfg, beta, views, weights, CLASSES, SETTINGS["B"])
     _paired_figure(out, cfg, paired)
     _long_figure(out, cfg, long)
@@ -343,6 +360,20 @@ def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
     means = np.random.default_rng(0).choice(d, (BOOTSTRAP, len(d)), replace=True).mean(1)
     found["bootstrap"] = (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
     return found
+
+
+def within_noise(row: dict[str, Any], ref: Sequence[float]) -> bool | None:
+    """The long part's rule: a V is within the noise of the reference V when the mean of its per-seed differences
+    from it is at most the seed std of the reference runs and its paired-t 95 % interval contains 0; None where
+    either needs more than one seed. ``row``: the V's :func:`paired_stats` of those differences."""
+    if len(ref) < 2 or "t" not in row:
+        return None
+    lo, hi = row["t"]
+    return bool(abs(row["mean"]) <= statistics.stdev(ref) and lo <= 0 <= hi)
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def holm(ps: Sequence[float]) -> list[float]:

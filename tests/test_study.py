@@ -85,6 +85,23 @@ def test_holm_against_a_hand_calculation(study):
     assert report.holm([]) == []
 
 
+def test_within_noise_rule_against_a_hand_calculation(study):
+    import fashion_mnist_report as report
+    # reference runs 86.36, 86.34, 85.82: mean 86.17333, squared deviations 0.034844 + 0.027778 + 0.124844 =
+    # 0.187467, std sqrt(0.187467 / 2) = 0.30616
+    ref = [86.36, 86.34, 85.82]
+    # differences -0.38, +0.08, -0.10: mean -0.1333 (within 0.306), sd 0.2318, half width 4.3027 x 0.2318 / sqrt 3
+    # = 0.576: [-0.709, +0.443] holds 0
+    assert report.within_noise(report.paired_stats([-0.38, 0.08, -0.10]), ref) is True
+    # -0.42, -0.52, -0.24: mean -0.393, larger than the std
+    assert report.within_noise(report.paired_stats([-0.42, -0.52, -0.24]), ref) is False
+    # -0.20, -0.21, -0.19: mean -0.20 is within the std, but sd 0.01 gives [-0.225, -0.175], which excludes 0
+    assert report.within_noise(report.paired_stats([-0.20, -0.21, -0.19]), ref) is False
+    # one seed decides nothing: no interval, no std
+    assert report.within_noise(report.paired_stats([0.0]), ref) is None
+    assert report.within_noise(report.paired_stats([0.0, 0.1]), ref[:1]) is None
+
+
 def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
     source = tmp_path / "source"
     write_fake_mnist(source, n_train=40, n_test=20)
@@ -125,6 +142,9 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
             for v in (1, 3)]
     assert [results["long"][v]["camkd_minus_aver"]["diffs"] for v in ("1", "3")] == [[g] for g in gaps]
     assert results["long_camkd_minus_aver"]["per_seed_mean_over_v"] == pytest.approx([(gaps[0] + gaps[1]) / 2])
+    # the within-noise rule needs two seeds: at one, neither method's answer is decided, and the table says so
+    assert {m: (w["decided"], w["within"]) for m, w in results["long_within_noise"].items()} == {
+        "aver": (False, []), "camkd": (False, [])}
     online = json.loads((study.run_dir(out, next(r for r in runs if r.online)) / "config.json").read_text())
     assert online["args"]["online"] is True
     tables = (out / "tables.md").read_text()
@@ -138,6 +158,7 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
     kept = [r for r in runs if r.group in ("paired", "long")]
     assert f"({len(kept)} of {len(kept)} runs finished)" in alone and "## Paired differences" in alone
     assert "## camkd against β" not in alone and "## Stored views over 3 epochs" in alone
+    assert "Within the noise of V = 3 (aver: " in alone and "not decided (fewer than 2 seeds at some V)" in alone
     assert json.loads((out / "results-paired.json").read_text())["runs"] == {r.key: results["runs"][r.key] for r in kept}
     for png in ("fmnist-beta.png", "fmnist-views.png", "fmnist-weights.png", "fmnist-paired.png",
                 "fmnist-views-long.png"):
