@@ -5,6 +5,7 @@
     python studies/fashion_mnist.py --out /tmp/fmnist --jobs 2        # two runs at a time, one thread each
     python studies/fashion_mnist.py --out /tmp/fmnist --report        # tables and figures from what is finished
     python studies/fashion_mnist.py --out /tmp/fmnist --parts long --long-seeds 5   # the long part at 5 seeds
+    python studies/fashion_mnist.py --out /tmp/fmnist --parts long --long-seeds 5 --only 'long/aver-*'  # one method
     mkdir -p /tmp/fmnist && cp -r studies/results/runs /tmp/fmnist/   # count the committed finished runs as done
     mkdir -p /tmp/fmnist/teachers && cp studies/results/teachers/*.pth /tmp/fmnist/teachers/   # and its teachers
 
@@ -42,7 +43,9 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -201,6 +204,12 @@ def run_order(run: Run) -> tuple[int, int, int, int, str]:
     return (tier, run.seed if tier else 0, PARTS.index(run.group), run.seed, run.name)
 
 
+def chosen(run: Run, parts: Sequence[str], only: Sequence[str] | None = None) -> bool:
+    """Whether a run is in one of ``parts`` and, with ``only``, its key (``group/name/seedS``) matches one of
+    those shell patterns."""
+    return run.group in parts and (only is None or any(fnmatch(run.key, pattern) for pattern in only))
+
+
 def run_dir(out: Path, run: Run) -> Path:
     return out / "runs" / run.key
 
@@ -298,6 +307,9 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=list(PARTS),
                     help="which parts to run (A first: the other parts reuse its runs)")
     ap.add_argument("--report", action="store_true", help="only write tables and figures from finished runs")
+    ap.add_argument("--only", nargs="+", metavar="GLOB", default=None,
+                    help="run only the runs whose key matches one of these (e.g. 'long/aver-*'); the report "
+                         "still counts every run")
     ap.add_argument("--long-seeds", type=int, default=None,
                     help=f"seeds of the long part (default {Config.long_seeds}; give it to --report too)")
     args = ap.parse_args(argv)
@@ -316,7 +328,7 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
         timing[stage] = timing.get(stage, 0.0) + seconds
         timing_path.write_text(json.dumps(timing, indent=2) + "\n")
 
-    runs = [r for r in plan_runs(cfg) if r.group in args.parts or args.report]
+    runs = [r for r in plan_runs(cfg) if args.report or chosen(r, args.parts, args.only)]
     if not args.report:
         t0 = time.perf_counter()
         write_subset(out, cfg.per_class, cfg.test_per_class, args.source)

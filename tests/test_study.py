@@ -48,6 +48,11 @@ def test_plan_lists_every_part_once(study):
         (p, m, s) for p in "AB" for m in study.PAIRED_METHODS for s in range(10)}
     assert all(r.epochs is None for r in runs if r.group != "long")
     assert {r.epochs for r in runs if r.group == "long"} == {40}
+    # --parts and --only choose what runs: a part, then shell patterns on the run keys
+    assert {r.key for r in runs if study.chosen(r, ["long"], ["long/aver-*"])} == {
+        f"long/aver-spatial-V{v}/seed{s}" for v in (1, 2, 5, 10, 40) for s in range(3)}
+    assert sum(study.chosen(r, ["long"]) for r in runs) == 30
+    assert not any(study.chosen(r, ["views"], ["long/*"]) for r in runs)
     # A, beta and B part by part; then the paired runs seed by seed; the other parts seed by seed; long last
     order = [(r.group, r.seed) for r in runs]
     first = 9 + 18 + 6
