@@ -29,6 +29,8 @@ Parts (each a list of runs; all share one training subset and one test split):
 - paired: camkd (spatial), aver, kd, aekd and fitnet-mkd in A and B over 10 seeds (issue 28), the same runs as
          parts A and B at their first three seeds; each method's difference from camkd, seed by seed.
 - long:  aver and camkd (spatial) on A over 40 epochs from V ∈ {1, 2, 5, 10, 40} stored views (issue 28).
+- longbeta: camkd (spatial) on A over 40 epochs at V = 40 with β ∈ {0, 5}, three seeds, beside the long part's
+         β = 50 and aver: is the feature term what holds camkd below aver on the long schedule?
 
 Every method at a given seed starts from the same student weights and reads the same views in the same order
 (the student is built before the method's aligners draw their initial weights, and the batch order is a function
@@ -72,7 +74,7 @@ from fashion_mnist_setting import CLASSES, PAIRED_METHODS, ROTATED, SETTINGS, Co
 DATASET = "fashion-mnist"
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 
-PARTS = ("A", "beta", "B", "paired", "abl", "views", "online", "long")
+PARTS = ("A", "beta", "B", "paired", "abl", "views", "online", "long", "longbeta")
 METHODS = ("ce", "kd", "aver", "ebkd", "aekd", "fitnet-mkd", "camkd")
 
 
@@ -194,13 +196,18 @@ def plan_runs(cfg: Config) -> list[Run]:
             for method in ("aver", "camkd"):
                 add(Run("long", f"{method}-spatial-V{v}", method, SETTINGS["A"], "spatial", v, seed,
                         epochs=cfg.long_epochs))
+    top_v = max(cfg.long_view_counts)
+    for seed in range(cfg.long_beta_seeds):
+        for beta in cfg.long_betas:
+            add(Run("longbeta", f"camkd-spatial-V{top_v}-beta{beta}", "camkd", SETTINGS["A"], "spatial", top_v, seed,
+                    {"beta": beta}, epochs=cfg.long_epochs))
     return sorted(runs.values(), key=run_order)
 
 
 def run_order(run: Run) -> tuple[int, int, int, int, str]:
     """A, beta and B part by part; then the paired runs, the other parts and the long schedule, each seed by
     seed, so a study cut short still has every part at the first seeds."""
-    tier = 0 if run.group in PARTS[:3] else 1 if run.group == "paired" else 3 if run.group == "long" else 2
+    tier = 0 if run.group in PARTS[:3] else 1 if run.group == "paired" else 3 if run.group.startswith("long") else 2
     return (tier, run.seed if tier else 0, PARTS.index(run.group), run.seed, run.name)
 
 

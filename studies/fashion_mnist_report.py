@@ -64,6 +64,11 @@ def _curve(out: Path, key: str) -> dict[int, float]:
     return {int(m["epoch"]): float(m["test_top1"]) for m in load_run(out / "runs" / key).evaluated}
 
 
+def _last_terms(out: Path, key: str) -> dict[str, float]:
+    """A finished run's loss terms at its last epoch (the means over its batches that metrics.jsonl records)."""
+    return {k: float(v) for k, v in load_run(out / "runs" / key).metrics[-1].get("train", {}).items()}
+
+
 def _cell(values: list[float | None]) -> str:
     got = [v for v in values if v is not None]
     if not got:
@@ -318,21 +323,52 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         lines.append(f"| {method} | {v} | " + " | ".join("—" if m is None else f"{m:.2f}" for m in means) + " |")
     lines.append("")
 
+    # camkd's β over the long schedule at the largest V: is the feature term what holds camkd below aver there?
+    beta_seeds = range(cfg.long_beta_seeds)
+    lines += [f"## camkd's β over {cfg.long_epochs} epochs (V = {top_v}, {cfg.long_beta_seeds} seeds)", "",
+              f"β = 50 and aver are the long part's V = {top_v} runs at the same seeds; differences are paired (the "
+              "same student start and batch order), with their t 95 % intervals; the loss terms are the last epoch's "
+              "means over its batches, seed 0.", "",
+              "| β | camkd (spatial) | − β = 50 | − aver | CE | KD | feature | β × feature |",
+              "|---|---|---|---|---|---|---|---|"]
+    aver_top = [acc.get(f"long/aver-spatial-V{top_v}/seed{s}") for s in beta_seeds]
+    at_50 = [acc.get(f"long/camkd-spatial-V{top_v}/seed{s}") for s in beta_seeds]
+    long_beta: dict[int, dict[str, Any]] = {}
+    for b in sorted({*cfg.long_betas, 50}):
+        keys = [f"longbeta/camkd-spatial-V{top_v}-beta{b}/seed{s}" if b != 50 else f"long/camkd-spatial-V{top_v}/seed{s}"
+                for s in beta_seeds]
+        vals = [acc.get(k) for k in keys]
+        row_b: dict[str, Any] = {"top1": vals}
+        for name, ref in (("minus_beta50", at_50), ("minus_aver", aver_top)):
+            d = [x - r for x, r in zip(vals, ref, strict=True) if x is not None and r is not None]
+            row_b[name] = {"diffs": d, **paired_stats(d)}
+        terms = _last_terms(out, keys[0]) if vals[0] is not None else {}
+        row_b["loss_terms_seed0"] = terms
+        long_beta[b] = row_b
+        lines.append(f"| {b} | {_cell(vals)} | "
+                     + ("(reference)" if b == 50 else f"{_signed(row_b['minus_beta50'].get('mean'))} "
+                                                      f"{_interval(row_b['minus_beta50'].get('t'))}")
+                     + f" | {_signed(row_b['minus_aver'].get('mean'))} {_interval(row_b['minus_aver'].get('t'))} | "
+                     f"{_num(terms.get('ce'), 3)} | {_num(terms.get('kd'), 3)} | {_num(terms.get('feat'), 3)} | "
+                     f"{_num(b * terms['feat'] if 'feat' in terms else None, 3)} |")
+    lines.append("")
+
     results.update(main=main, beta=beta, ablations=abl, views=views, online=online, weights=weights, paired=paired,
-                   wrong_teacher_cost=cost, long=long, long_within_noise=noise, long_camkd_minus_aver=long_gap)
+                   wrong_teacher_cost=cost, long=long, long_within_noise=noise, long_camkd_minus_aver=long_gap,
+                   long_beta=long_beta)
     lines += ["## Time", "", "| stage | seconds |", "|---|---|"] + \
              [f"| {k} | {v:.0f} |" for k, v in sorted(timing.items())] + [""]
     (out / "tables.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     # the paired and long parts alone (issue 28), whose runs studies/results/runs/ keeps
-    kept = {r.key for r in runs if r.group in ("paired", "long")}
+    kept = {r.key for r in runs if r.group in ("paired", "long", "longbeta")}
     (out / "tables-paired.md").write_text("\n".join(
         [f"# Fashion-MNIST study: the paired and long parts ({sum(acc[k] is not None for k in kept)} of {len(kept)} "
          "runs finished)", ""] + lines[issue28:]))
     (out / "results-paired.json").write_text(json.dumps(
         {"config": asdict(cfg), "runs": {k: acc[k] for k in sorted(kept)}, "paired": paired,
          "wrong_teacher_cost": cost, "long": long, "long_within_noise": noise,
-         "long_camkd_minus_aver": long_gap}, indent=2, default=str) + "\n")
+         "long_camkd_minus_aver": long_gap, "long_beta": long_beta}, indent=2, default=str) + "\n")
     _figures(out, cfg, beta, views, weights, CLASSES, SETTINGS["B"])
     _paired_figure(out, cfg, paired)
     _long_figure(out, cfg, long)
@@ -372,8 +408,8 @@ def within_noise(row: dict[str, Any], ref: Sequence[float]) -> bool | None:
     return bool(abs(row["mean"]) <= statistics.stdev(ref) and lo <= 0 <= hi)
 
 
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
+def _num(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def holm(ps: Sequence[float]) -> list[float]:

@@ -37,6 +37,9 @@ class Config:
     long_epochs: int = 40
     long_view_counts: tuple[int, ...] = (1, 2, 5, 10, 40)
     long_seeds: int = 3
+    # camkd's β over the long schedule at the largest V (is the feature term what holds camkd back there?)
+    long_betas: tuple[int, ...] = (0, 5)
+    long_beta_seeds: int = 3
 
 
 def best_teacher(facts: dict[str, Any], setting: str) -> str:

@@ -29,7 +29,7 @@ def study():
 def tiny(study):
     return study.Config(per_class=3, test_per_class=2, teacher="resnet8", teacher_epochs=1, epochs=2, batch_size=8,
                         views=2, seeds=1, betas=(0, 50), view_counts=(1, 2), paired_seeds=2, long_epochs=3,
-                        long_view_counts=(1, 3), long_seeds=1)
+                        long_view_counts=(1, 3), long_seeds=1, long_betas=(0,), long_beta_seeds=1)
 
 
 def test_plan_lists_every_part_once(study):
@@ -40,13 +40,16 @@ def test_plan_lists_every_part_once(study):
     # paired: 10 seeds x 2 settings x 5 methods, parts A and B's runs of those methods at every seed; A keeps its
     # other three methods (ce, ebkd, camkd pooled) at 3 seeds, B two (ce never reads a teacher); beta 3 values x
     # 2 forms (50 is A's); Table 4's two other ablations (β = 0 is in beta); views V in 1, 2, 4 x aver, camkd;
-    # online camkd; long: V in 1, 2, 5, 10, 40 x aver, camkd x 3 seeds
-    assert per_group == {"A": 9, "B": 6, "beta": 18, "paired": 100, "abl": 6, "views": 18, "online": 3, "long": 30}
+    # online camkd; long: V in 1, 2, 5, 10, 40 x aver, camkd x 3 seeds; longbeta: camkd at V = 40, β 0 and 5 x 3 seeds
+    assert per_group == {"A": 9, "B": 6, "beta": 18, "paired": 100, "abl": 6, "views": 18, "online": 3, "long": 30,
+                         "longbeta": 6}
+    assert {(r.name, r.views, r.epochs, r.options["beta"], r.seed) for r in runs if r.group == "longbeta"} == {
+        (f"camkd-spatial-V40-beta{b}", 40, 40, b, s) for b in (0, 5) for s in range(3)}
     paired = [r for r in runs if r.group == "paired"]
     assert {r.part for r in paired} == {"A", "B"}
     assert {(r.part, r.name, r.seed) for r in paired} == {
         (p, m, s) for p in "AB" for m in study.PAIRED_METHODS for s in range(10)}
-    assert all(r.epochs is None for r in runs if r.group != "long")
+    assert all(r.epochs is None for r in runs if not r.group.startswith("long"))
     assert {r.epochs for r in runs if r.group == "long"} == {40}
     # --parts and --only choose what runs: a part, then shell patterns on the run keys
     assert {r.key for r in runs if study.chosen(r, ["long"], ["long/aver-*"])} == {
@@ -59,9 +62,10 @@ def test_plan_lists_every_part_once(study):
     assert order[:first] == sorted(order[:first], key=lambda k: (study.PARTS.index(k[0]), k[1]))
     assert [g for g, _ in order[first:first + 100]] == ["paired"] * 100
     assert order[first:first + 100] == sorted(order[first:first + 100], key=lambda k: k[1])
-    rest = order[first + 100:-30]
+    rest = order[first + 100:-36]
     assert rest == sorted(rest, key=lambda k: (k[1], study.PARTS.index(k[0])))
-    assert {g for g, _ in order[-30:]} == {"long"}
+    assert order[-36:] == sorted(order[-36:], key=lambda k: (k[1], study.PARTS.index(k[0])))
+    assert {g for g, _ in order[-36:]} == {"long", "longbeta"}
 
 
 def test_paired_stats_against_a_hand_calculation(study):
@@ -150,6 +154,15 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
     # the within-noise rule needs two seeds: at one, neither method's answer is decided, and the table says so
     assert {m: (w["decided"], w["within"]) for m, w in results["long_within_noise"].items()} == {
         "aver": (False, []), "camkd": (False, [])}
+    # camkd's β over the long schedule: each β's run against the long part's β = 50 and aver at the largest V,
+    # with its last epoch's loss terms
+    beta0 = results["runs"]["longbeta/camkd-spatial-V3-beta0/seed0"]
+    assert results["long_beta"]["0"]["minus_beta50"]["diffs"] == [beta0 - results["runs"]["long/camkd-spatial-V3/seed0"]]
+    assert results["long_beta"]["0"]["minus_aver"]["diffs"] == [beta0 - results["runs"]["long/aver-spatial-V3/seed0"]]
+    last = load_run(out / "runs" / "longbeta/camkd-spatial-V3-beta0/seed0").metrics[-1]
+    assert results["long_beta"]["0"]["loss_terms_seed0"] == last["train"] and set(last["train"]) >= {"ce", "kd", "feat"}
+    assert json.loads((out / "runs" / "longbeta/camkd-spatial-V3-beta0/seed0/config.json").read_text()
+                      )["args"]["options"]["beta"] == 0
     online = json.loads((study.run_dir(out, next(r for r in runs if r.online)) / "config.json").read_text())
     assert online["args"]["online"] is True
     tables = (out / "tables.md").read_text()
@@ -160,9 +173,10 @@ def test_study_runs_reports_and_resumes(study, tmp_path, capsys):
         assert heading in tables
     assert f"({len(runs)} of {len(runs)} runs finished)" in tables
     alone = (out / "tables-paired.md").read_text()  # the paired and long parts alone
-    kept = [r for r in runs if r.group in ("paired", "long")]
+    kept = [r for r in runs if r.group in ("paired", "long", "longbeta")]
     assert f"({len(kept)} of {len(kept)} runs finished)" in alone and "## Paired differences" in alone
     assert "## camkd against β" not in alone and "## Stored views over 3 epochs" in alone
+    assert "## camkd's β over 3 epochs (V = 3, 1 seeds)" in alone and "longbeta/" in (out / "results-paired.json").read_text()
     assert "Within the noise of V = 3 (aver: " in alone and "not decided (fewer than 2 seeds at some V)" in alone
     assert json.loads((out / "results-paired.json").read_text())["runs"] == {r.key: results["runs"][r.key] for r in kept}
     for png in ("fmnist-beta.png", "fmnist-views.png", "fmnist-weights.png", "fmnist-paired.png",
