@@ -69,8 +69,9 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--dataset", required=True, help="Data set from `kdcache datasets`.")
 @data_root_option
 @cache_option
-@click.option("--views", type=int, default=DEFAULT_VIEWS,
-              help="Augmented views of the training set to store (a student epoch uses one).")
+@click.option("--views", type=int, default=DEFAULT_VIEWS, show_default=True,
+              help="Augmented views of the training set to store. A student epoch reads one and fewer views are "
+                   "replayed; store at least two (README, 'How many views to store').")
 @click.option("--plan-seed", type=int, default=0, help="Seed the view plan is drawn from.")
 @recipe_option
 @image_size_option
