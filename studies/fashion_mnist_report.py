@@ -340,6 +340,8 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         vals = [acc.get(k) for k in keys]
         row_b: dict[str, Any] = {"top1": vals}
         for name, ref in (("minus_beta50", at_50), ("minus_aver", aver_top)):
+            if name == "minus_beta50" and b == 50:
+                continue
             d = [x - r for x, r in zip(vals, ref, strict=True) if x is not None and r is not None]
             row_b[name] = {"diffs": d, **paired_stats(d)}
         terms = _last_terms(out, keys[0]) if vals[0] is not None else {}
