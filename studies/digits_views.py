@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist_report import paired_stats  # noqa: E402  (the Fashion-MNIST study's paired statistics)
+from fashion_mnist_report import paired_stats, within_noise  # noqa: E402  (the Fashion-MNIST study's statistics)
 
 from kdcache.pipelines.demo import demo_spec  # noqa: E402
 from kdcache.pipelines.grid import Row  # noqa: E402
@@ -76,8 +76,7 @@ def main() -> None:
                                "mean": statistics.mean(found[v].values()), "std": statistics.stdev(found[v].values())}
         if v != VIEW_COUNTS[-1]:
             stats = paired_stats([found[v][s] - ref[s] for s in seeds])
-            lo, hi = stats["t"]
-            row.update(minus_ref=stats, within_noise=abs(stats["mean"]) <= ref_std and lo <= 0 <= hi)
+            row.update(minus_ref=stats, within_noise=within_noise(stats, list(ref.values())))
         rows.append(row)
     record = {"epochs": EPOCHS, "method": METHOD, "seeds": args.seeds, "ref_std": ref_std, "rows": rows,
               "seconds": time.perf_counter() - t0}
@@ -101,6 +100,7 @@ def table(rows: list[dict[str, Any]], ref_std: float) -> list[str]:
             verdict = "yes" if row["within_noise"] else "no"
         lines.append(f"| {row['views']} | {cell} | {diff} | {boot} | {verdict} | {row['disk_bytes'] / 2**20:.2f} MiB |")
     return lines
+
 
 if __name__ == "__main__":
     main()

@@ -207,7 +207,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         paired[setting] = {PAIRED_METHODS[0]: {"top1": base}}
         for name in PAIRED_METHODS[1:]:
             top1 = [acc.get(f"{setting}/{name}/seed{s}") for s in paired_seeds]
-            diffs = [m - c for m, c in zip(top1, base, strict=True) if m is not None and c is not None]
+            diffs = paired_diffs(top1, base)
             paired[setting][name] = {"top1": top1, "diffs": diffs, **paired_stats(diffs)}
     _adjust([row for by_method in paired.values() for row in by_method.values() if "diffs" in row])
     family = len(SETTINGS) * (len(PAIRED_METHODS) - 1)
@@ -236,7 +236,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
     cost: dict[str, dict[str, Any]] = {}
     for name in PAIRED_METHODS:
         a_top1, b_top1 = (paired[setting][name]["top1"] for setting in ("A", "B"))
-        diffs = [b - a for a, b in zip(a_top1, b_top1, strict=True) if a is not None and b is not None]
+        diffs = paired_diffs(b_top1, a_top1)
         cost[name] = {"diffs": diffs, **paired_stats(diffs)}
     _adjust(list(cost.values()))
     lines += [f"## What the wrong teacher costs: setting B minus setting A, {cfg.paired_seeds} seeds", "",
@@ -266,13 +266,12 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         for method in ("aver", "camkd"):
             vals = [acc.get(f"long/{method}-spatial-V{v}/seed{s}") for s in long_seeds]
             ref = [acc.get(f"long/{method}-spatial-V{top_v}/seed{s}") for s in long_seeds]
-            diffs = [a - b for a, b in zip(vals, ref, strict=True) if a is not None and b is not None]
+            diffs = paired_diffs(vals, ref)
             stats = paired_stats(diffs) if v != top_v else {}
             row_l[method] = {"top1": vals, "diffs": diffs, **stats}
             cells += [_cell(vals), "(reference)" if v == top_v else
                       f"{_signed(stats.get('mean'))} {_interval(stats.get('t'))}"]
-        between = [c - a for a, c in zip(row_l["aver"]["top1"], row_l["camkd"]["top1"], strict=True)
-                   if a is not None and c is not None]
+        between = paired_diffs(row_l["camkd"]["top1"], row_l["aver"]["top1"])
         row_l["camkd_minus_aver"] = {"diffs": between, **paired_stats(between)}
         cells.append(f"{_signed(row_l['camkd_minus_aver'].get('mean'))} "
                      f"{_interval(row_l['camkd_minus_aver'].get('t'))}")
@@ -342,7 +341,7 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
         for name, ref in (("minus_beta50", at_50), ("minus_aver", aver_top)):
             if name == "minus_beta50" and b == 50:
                 continue
-            d = [x - r for x, r in zip(vals, ref, strict=True) if x is not None and r is not None]
+            d = paired_diffs(vals, ref)
             row_b[name] = {"diffs": d, **paired_stats(d)}
         terms = _last_terms(out, keys[0]) if vals[0] is not None else {}
         row_b["loss_terms_seed0"] = terms
@@ -378,6 +377,11 @@ def write_report(out: Path, cfg: Config, ids: StoreIds, runs: Sequence[Keyed], f
 
 
 BOOTSTRAP = 10_000
+
+
+def paired_diffs(values: Sequence[float | None], refs: Sequence[float | None]) -> list[float]:
+    """``value - ref`` seed by seed, for the seeds at which both runs finished (None: not finished)."""
+    return [v - r for v, r in zip(values, refs, strict=True) if v is not None and r is not None]
 
 
 def paired_stats(diffs: Sequence[float]) -> dict[str, Any]:
