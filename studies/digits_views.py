@@ -43,10 +43,14 @@ METHOD = "aver"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--out", type=Path, required=True, help="folder of the teachers, stores, runs and views.json")
+    ap.add_argument("--seeds", type=int, default=5, help="student seeds at each V (at least 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the runs go one after another)")
     args = ap.parse_args()
+    if args.seeds < 2:
+        ap.error(f"--seeds must be at least 2 (the rule needs a seed std and a paired interval), not {args.seeds}")
+    if args.threads < 1:
+        ap.error(f"--threads must be at least 1, not {args.threads}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
