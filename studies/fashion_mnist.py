@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
         if args.long_seeds < 1:
             ap.error(f"--long-seeds must be at least 1, not {args.long_seeds}")
         cfg = replace(cfg, long_seeds=args.long_seeds)
+    runs = [r for r in plan_runs(cfg) if args.report or chosen(r, args.parts, args.only)]
+    if args.only and not runs:
+        ap.error(f"--only {' '.join(args.only)} matches no run of the parts {' '.join(args.parts)} "
+                 "(keys look like long/aver-spatial-V1/seed0)")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     say = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
@@ -335,7 +339,6 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> int:
         timing[stage] = timing.get(stage, 0.0) + seconds
         timing_path.write_text(json.dumps(timing, indent=2) + "\n")
 
-    runs = [r for r in plan_runs(cfg) if args.report or chosen(r, args.parts, args.only)]
     if not args.report:
         t0 = time.perf_counter()
         write_subset(out, cfg.per_class, cfg.test_per_class, args.source)

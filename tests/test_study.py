@@ -68,6 +68,13 @@ def test_plan_lists_every_part_once(study):
     assert {g for g, _ in order[-36:]} == {"long", "longbeta"}
 
 
+def test_only_matching_no_run_is_refused_before_any_work(study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        study.main(["--out", str(tmp_path / "out"), "--parts", "long", "--only", "long/kd-*"])
+    assert exit_.value.code == 2 and "--only long/kd-* matches no run of the parts long" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_paired_stats_against_a_hand_calculation(study):
     import fashion_mnist_report as report
     # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2) = 4.302652729911275, half width 4.3027 / sqrt(3)
