@@ -64,7 +64,7 @@ from kdcache.cli.main import main
 import kdcache.pipelines.precompute as pc
 import kdcache.pipelines.precompute_engine as engine
 import kdcache.batches as batches
-import kdcache.store.format as fmt
+import kdcache.store.teacher as teacher_module
 from kdcache.store import TeacherStore
 from concurrent.futures import Future
 real_prepare = pc.prepare
@@ -82,7 +82,7 @@ timed(pc, "ensure_plan", "plan")
 timed(engine, "forward_batch", "forward")
 timed(engine, "view_batch", "views")
 timed(TeacherStore, "write_shard", "writes")
-timed(fmt, "summarise_logits", "summaries")
+timed(teacher_module, "summarise_logits", "summaries")  # the name write_shard calls
 timed(engine, "evaluate", "test evaluation")
 timed(TeacherStore, "mark_complete", "mark complete")
 real_result = Future.result

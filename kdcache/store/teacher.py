@@ -376,7 +376,7 @@ class TeacherStore:
         completion markers of its chunks (``n_correct``: the rows classified correctly in each), in one file.
 
         ``logits`` are the rows' float16 logits, all C of them; a top-K store keeps their summary
-        (:func:`format.summarise_logits`), for which it needs the rows' ``labels``. In a store with shards
+        (:func:`kdcache.topk.summarise_logits`), for which it needs the rows' ``labels``. In a store with shards
         the shard's files are first removed (unmarked, so nothing in them counts), so that zarr makes each
         afresh instead of reading one back a killed or failed write may have left. A write the file system
         refuses (disk full, I/O error) is a StoreError naming the chunks; the markers are then not written,
