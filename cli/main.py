@@ -12,7 +12,7 @@ import click
 
 from kdcache import __version__
 from kdcache.errors import KdcacheError
-from kdcache.registry import PluginWarning
+from kdcache.registry import PluginWarning, plugin_failure
 
 
 class OneLineUsageError(click.ClickException):
@@ -28,7 +28,8 @@ UNEXPECTED = "kdcache failed unexpectedly"
 
 class KdcacheGroup(click.Group):
     """Turns every failure into one line: the library's user errors and file-system failures with exit status 1,
-    click's usage errors with 2, and anything unexpected (a bug) with 1 and a pointer to its traceback."""
+    click's usage errors with 2, an exception from a plug-in's code with 1 naming the plug-in, and anything
+    unexpected (a bug) with 1 and a pointer to its traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -53,6 +54,10 @@ class KdcacheGroup(click.Group):
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
+            culprit = plugin_failure(exc)
+            if culprit is not None:
+                raise click.ClickException(f"{culprit} (not a kdcache bug: report it to the plug-in's authors; "
+                                           f"{DEBUG_ENV}=1 shows the traceback)") from None
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise click.ClickException(f"{UNEXPECTED}: {type(exc).__name__}{': ' + text if text else ''} "
                                        f"(a bug: please report it; {DEBUG_ENV}=1 shows the traceback)") from None

@@ -18,7 +18,9 @@ a registration refused, such as a name taken already) is reported by one
 :class:`PluginWarning` naming the entry point and its distribution, and is skipped with every
 entry it registered withdrawn; a broken package does not stop the commands that do not
 need it. At run time an exception from a plug-in's code (a data set's loader) becomes a
-:class:`PluginError` naming the plug-in's distribution, not a kdcache bug.
+:class:`PluginError` naming the plug-in's distribution, not a kdcache bug; where kdcache calls the plug-in's
+objects later (a model's ``forward`` in training), :func:`plugin_failure` tells, from the traceback, whose code
+raised.
 """
 
 from __future__ import annotations
@@ -202,6 +204,31 @@ def load_plugins() -> None:
             _load(ep)
 
 
+# The top-level module of each plug-in loaded, and its distribution ("<name> <version>").
+_plugin_modules: dict[str, str] = {}
+
+
+def plugin_failure(exc: BaseException) -> str | None:
+    """When ``exc`` was raised by a loaded plug-in's code, one line naming its distribution, where and what; None
+    when kdcache's own code raised it. The traceback is walked from where it was raised outwards: frames of
+    third-party libraries (torch, numpy) are passed over, and the first frame of a plug-in's module or of kdcache
+    decides."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    for tb in reversed(frames):
+        top = str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0]
+        if top == "kdcache":
+            return None
+        if top in _plugin_modules:
+            code = tb.tb_frame.f_code
+            return (f"plug-in distribution {_plugin_modules[top]} raised in {code.co_name} "
+                    f"({code.co_filename}, line {tb.tb_lineno}): {_cause(exc)}")
+    return None
+
+
 def _distribution(ep: metadata.EntryPoint) -> str:
     """``"<name> <version>"`` of the distribution that declares ``ep``."""
     dist = ep.dist
@@ -229,6 +256,7 @@ def _load(ep: metadata.EntryPoint) -> None:
     finally:
         _journal = None
     if failure is None:
+        _plugin_modules[ep.module.partition(".")[0]] = journal.origin
         return
     withdrawn = _withdraw(journal)
     kept = f" (withdrawn: {', '.join(withdrawn)})" if withdrawn else ""

@@ -256,3 +256,36 @@ def test_a_plug_in_distribution_trains_through_the_command_line(installed: Path,
     assert len(metrics) == 1 and set(metrics[0]["train"]) == {"ce", "kd", "total"}
     assert len(metrics[0]["teacher_weights"]) == 2 and sum(metrics[0]["teacher_weights"]) == pytest.approx(1.0)
     assert (run / "last.pth").is_file()
+
+
+def test_an_exception_from_a_plug_ins_code_in_training_names_the_plug_in_and_kdcaches_own_is_a_bug(
+        installed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where kdcache calls a plug-in's objects in training, the one error line says whose code raised: the
+    plug-in's (its network's forward) names its distribution, function, file and line; kdcache's own code
+    raising under a plug-in's method is still kdcache's bug."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "toy.pth"
+    torch.save({"model": build_model("toy-net", 10).state_dict()}, ckpt)
+    cache = tmp_path / "cache"
+    pre = run_cli("precompute", "--teacher", "toy-net", "--checkpoint", ckpt, "--dataset", "toy-digits", "--views", 1,
+                  "--features", "none", "--cache", cache, "--device", "cpu")
+    assert pre.exit_code == 0, pre.output
+    teacher = pre.stdout.split()[-1]
+    plugin_file = str(installed / "kdcache_toy_plugin.py")
+    for fail, student, method, expected in (
+            ("forward", "toy-net", "kd", f"Error: plug-in distribution kdcache-toy-plugin 0.1 raised in forward "
+                                         f"({plugin_file}, line "),
+            ("kdcache", "resnet8", "toy-maxkd", "Error: kdcache failed unexpectedly: RuntimeError: ")):
+        monkeypatch.setenv("KDCACHE_TOY_FAIL", fail)
+        done = run_cli("distill", "--student", student, "--teachers", teacher, "--method", method, "--cache", cache,
+                       "--epochs", 1, "--batch-size", 128, "--device", "cpu", "--out", tmp_path / fail)
+        assert done.exit_code == 1
+        lines = error_lines(done.stderr)
+        assert len(lines) == 1 and lines[0].startswith(expected), (fail, done.stderr)
+        if fail == "forward":
+            line = int(lines[0][len(expected):].split(")")[0])
+            assert "fails on purpose" in PLUGIN.read_text().splitlines()[line - 1]
+            assert lines[0].endswith("ValueError: toy-net's forward fails on purpose (not a kdcache bug: report it "
+                                     "to the plug-in's authors; KDCACHE_DEBUG=1 shows the traceback)")
+        else:
+            assert "(a bug: please report it; KDCACHE_DEBUG=1 shows the traceback)" in lines[0]

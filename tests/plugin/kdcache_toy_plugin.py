@@ -1,10 +1,13 @@
 """A kdcache plug-in as a third party would write it: one architecture, one method, one data set.
 
 tests/test_plugins.py installs it as a distribution with a ``kdcache.plugins`` entry
-point and drives it through the command line.
+point and drives it through the command line. ``KDCACHE_TOY_FAIL`` makes it fail on purpose: ``forward`` in
+the network's forward pass, ``kdcache`` by handing kdcache's ``stack_teachers`` no teachers in the method.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,8 @@ class TinyNet(nn.Module):
         return F.adaptive_avg_pool2d(m, 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if os.environ.get("KDCACHE_TOY_FAIL") == "forward":
+            raise ValueError("toy-net's forward fails on purpose")
         h = self.pool_map(self.feature_map(x))
         return h, self.fc(h)
 
@@ -55,7 +60,7 @@ class MaxConfidenceKD(Method):
 
     def forward(self, batch: Batch) -> LossTerms:
         self._check_batch(batch)
-        z = stack_teachers(batch.teacher_logits)                       # (K, B, C)
+        z = stack_teachers([] if os.environ.get("KDCACHE_TOY_FAIL") == "kdcache" else batch.teacher_logits)  # (K, B, C)
         conf = torch.softmax(z, -1).amax(-1)                           # (K, B)
         pick = conf.argmax(0) if self.param("toy_pick") == "max" else conf.argmin(0)
         onehot = F.one_hot(pick, self.n_teachers).T.float()            # (K, B)
