@@ -71,9 +71,18 @@ class TemperatureType(click.ParamType[float]):
         return t
 
 
+class IntRange(click.IntRange):
+    """click's IntRange, whose refusal of what is not a number says "is not a valid integer" and whose help shows
+    INTEGER (click's own say "integer range", as if a range were asked for)."""
+
+    name = "integer"
+
+
 class FiniteFloatRange(click.FloatRange):
     """click's FloatRange that also refuses nan (which compares false with either bound, so FloatRange lets it
-    through)."""
+    through), and says "float" where click's says "float range"."""
+
+    name = "float"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         rv = super().convert(value, param, ctx)
@@ -163,14 +172,14 @@ recipe_option = click.option(
          "with the view side, e.g. crop-flip:64 [default: the data set's; for imagefolder the CIFAR recipe at the "
          "images' side when all are one square side of at most 96 px, else resized-crop-flip at 224].")
 image_size_option = click.option(
-    "--image-size", type=click.IntRange(1, 1024), default=None, metavar="PX",
+    "--image-size", type=IntRange(1, 1024), default=None, metavar="PX",
     help="Side of the square views (imagefolder data only) [default: the recipe's, see --recipe].")
 tensorboard_option = click.option(
     "--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
     help="Also write the per-epoch scalars (loss terms, test top-1/top-5, lr, teacher weights) as TensorBoard "
          "logs in DIR (needs the tensorboard extra: pip install 'kdcache[tensorboard]').")
 eval_every_option = click.option(
-    "--eval-every", type=click.IntRange(1), default=1, show_default=True, metavar="N",
+    "--eval-every", type=IntRange(1), default=1, show_default=True, metavar="N",
     help="Evaluate the test split after every N-th epoch and after the last (the others record no test "
          "accuracy; the weights are the same either way, and it may change on --resume).")
 device_option = click.option(
@@ -180,7 +189,7 @@ device_option = click.option(
 def grid_cluster_options(command: Callable[..., None]) -> Callable[..., None]:
     """--workers, --scheduler and --runs-per-device: where a grid's teachers, stores and runs are trained."""
     command = click.option(
-        "--runs-per-device", type=click.IntRange(min=1), default=1, show_default=True,
+        "--runs-per-device", type=IntRange(min=1), default=1, show_default=True,
         help="Student runs sharing one device on a local cluster: that many worker processes a GPU (on the CPU, "
              "the cores are divided among all runs). Implies --workers 1 when given alone.")(command)
     command = click.option(
@@ -188,7 +197,7 @@ def grid_cluster_options(command: Callable[..., None]) -> Callable[..., None]:
         help="Run the grid on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache and "
              "see the cache, the data and --out at the same paths.")(command)
     command = click.option(
-        "--workers", type=click.IntRange(min=1), default=None, metavar="N",
+        "--workers", type=IntRange(min=1), default=None, metavar="N",
         help="Run the grid on a local dask cluster of N devices: teachers, stores' chunks and every (row, seed) "
              "run as tasks side by side (one worker per GPU on a GPU machine, else N processes sharing the "
              "cores) [default: every run in this process, one after another].")(command)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kdcache.cli.common import EnumChoice, cluster_choice, device_option, exit_if_failed, grid_cluster_options
+from kdcache.cli.common import EnumChoice, IntRange, cluster_choice, device_option, exit_if_failed, grid_cluster_options
 from kdcache.store.form import FeatureForm
 
 # The choices and default of --features, kept here so that importing the command imports no torch
@@ -21,9 +21,9 @@ SEEDS = 2
               help="Where the teachers, stores, runs and the table go.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Cache for the teacher stores [default: OUT/cache].")
-@click.option("--seeds", type=click.IntRange(min=1), default=SEEDS, show_default=True,
+@click.option("--seeds", type=IntRange(min=1), default=SEEDS, show_default=True,
               help="Student seeds per method (two or more give every method a mean ± std).")
-@click.option("--epochs", type=click.IntRange(min=1), default=10,
+@click.option("--epochs", type=IntRange(min=1), default=10,
               help="Student epochs (and stored views: one fresh view per epoch).")
 @click.option("--features", type=EnumChoice(FEATURE_FORMS), default=FEATURES.value, show_default=True,
               help="Feature form of the stores: the teachers' last-block maps (the official CA-MKD) or their pooled "

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kdcache import defaults
-from kdcache.cli.common import (MAX_PREFETCH, MAX_THREADS, FiniteFloatRange, TemperatureType, best_text, cache_option,
+from kdcache.cli.common import (MAX_PREFETCH, MAX_THREADS, FiniteFloatRange, IntRange, TemperatureType, best_text, cache_option,
                                 data_root_option, device_option, eval_every_option, image_size_option,
                                 milestones_option, recipe_option, tensorboard_option)
 from kdcache.store.form import MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -70,9 +70,9 @@ _METHOD_OPTIONS_HELP = ("Each method's own options (e.g. camkd's --camkd-weights
 @click.option("--seed", type=int, default=0, help="Seed of the student's weights and of the batch order.")
 @device_option
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
-@click.option("--prefetch", type=click.IntRange(1, MAX_PREFETCH), default=2,
+@click.option("--prefetch", type=IntRange(1, MAX_PREFETCH), default=2,
               help=f"Chunk blocks read ahead of the training step, each held in memory (1 to {MAX_PREFETCH}).")
-@click.option("--read-threads", type=click.IntRange(1, MAX_THREADS), default=None,
+@click.option("--read-threads", type=IntRange(1, MAX_THREADS), default=None,
               help="Threads decoding the stores' chunks [default: the cores this process may use].")
 @click.option("--resident-share", type=FiniteFloatRange(0, 1), default=defaults.VIEW_SHARE, show_default=True,
               help="Hold each view whole on the device (the next read in the background) when the views held at "
@@ -134,7 +134,7 @@ def distill_cmd(ctx: click.Context, student: str, teachers: tuple[str, ...], met
 @recipe_option
 @image_size_option
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Evaluation batch size.")
+@click.option("--batch-size", type=IntRange(min=1), default=256, help="Evaluation batch size.")
 def eval_cmd(arch: str, checkpoint: Path, dataset: str, data_root: Path | None, recipe: str | None,
              image_size: int | None, device: str | None, batch_size: int) -> None:
     """Print a checkpoint's top-1 and top-5 accuracy on the test split, on the test-time view of the recipe the

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from kdcache import defaults
-from kdcache.cli.common import (EnumChoice, best_text, cache_option, data_root_option, device_option, image_size_option,
+from kdcache.cli.common import (EnumChoice, IntRange, best_text, cache_option, data_root_option, device_option, image_size_option,
                                 eval_every_option, milestones_option, recipe_option, row_progress, store_form_options,
                                 tensorboard_option)
 from kdcache.defaults import DEFAULT_VIEWS
@@ -83,7 +83,7 @@ def train_teacher_cmd(arch: str, dataset: str, data_root: Path | None, out: Path
 @click.option("--shard-rows", type=int, default=None,
               help="Rows per shard, a multiple of the chunk rows: one file, written whole by one writer [default: "
                    "about 128 MB a shard, or one chunk with --chunk-rows].")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
+@click.option("--workers", type=IntRange(min=1), default=None,
               help="Run on a local dask cluster of N workers: one per GPU on a GPU machine, else N processes.")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Run on an existing dask cluster (e.g. tcp://host:8786); its workers must import kdcache "
@@ -131,14 +131,14 @@ def precompute_cmd(teachers: tuple[str, ...], checkpoints: tuple[Path, ...], dat
 
 @click.command("sizes")
 @click.option("--teacher", default="resnet50", show_default=True, help="Architecture from `kdcache models`.")
-@click.option("--classes", "num_classes", type=click.IntRange(min=1), default=1000, show_default=True,
+@click.option("--classes", "num_classes", type=IntRange(min=1), default=1000, show_default=True,
               help="Classes of the data set (ImageNet-1k's by default).")
-@click.option("--samples", type=click.IntRange(min=1), default=1_281_167, show_default=True,
+@click.option("--samples", type=IntRange(min=1), default=1_281_167, show_default=True,
               help="Training samples: rows a view (ImageNet-1k's by default).")
-@click.option("--views", type=click.IntRange(min=1), default=100, show_default=True, help="Views a store holds.")
-@click.option("--image-size", type=click.IntRange(min=1), default=224, show_default=True,
+@click.option("--views", type=IntRange(min=1), default=100, show_default=True, help="Views a store holds.")
+@click.option("--image-size", type=IntRange(min=1), default=224, show_default=True,
               help="Side of the views, which sets the last-block map's size.")
-@click.option("--topk", "ks", type=click.IntRange(min=1), multiple=True, default=(10, 100), show_default=True,
+@click.option("--topk", "ks", type=IntRange(min=1), multiple=True, default=(10, 100), show_default=True,
               help="The K of the top-K options to list (repeat for several).")
 def sizes_cmd(teacher: str, num_classes: int, samples: int, views: int, image_size: int,
               ks: tuple[int, ...]) -> None:
