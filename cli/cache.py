@@ -11,7 +11,7 @@ from kdcache.cli.common import cache_option
 
 @click.group("cache")
 def cache() -> None:
-    """List, inspect, verify and remove teacher stores."""
+    """List, inspect, verify and remove teacher stores (and plans no store uses)."""
 
 
 @cache.command("ls")
@@ -22,12 +22,14 @@ def ls(cache: str | None) -> None:
     description (its attributes, arrays and plan); a damaged one is listed as such, and the command then ends
     with status 1."""
     from kdcache.errors import StoreError
-    from kdcache.pipelines.cache_admin import damaged, list_stores
+    from kdcache.pipelines.cache_admin import damaged, list_stores, unused_plans
     from kdcache.store import Cache
     from kdcache.text import human_bytes
 
     c = Cache.at(cache)
     rows = list_stores(c)
+    for plan in unused_plans(c, rows):
+        click.echo(f"plan {plan}: no teacher store uses it; `kdcache cache rm {plan}` removes it", err=True)
     if not rows:
         click.echo(f"no teacher stores in {c.root}", err=True)
         return
@@ -91,11 +93,13 @@ def verify(teacher_id: str | None, cache: str | None) -> None:
 
 
 @cache.command("rm")
-@click.argument("teacher_id")
+@click.argument("store_id")
 @cache_option
-def rm(teacher_id: str, cache: str | None) -> None:
-    """Delete a teacher store (its plan stays for other teachers)."""
-    from kdcache.pipelines.cache_admin import remove_store
+def rm(store_id: str, cache: str | None) -> None:
+    """Delete a teacher store (its plan stays for other teachers), or a plan that no teacher store uses (`cache
+    ls` names them). STORE_ID may be a unique prefix. Refused while a process writes or reads it."""
+    from kdcache.pipelines.cache_admin import remove
     from kdcache.store import Cache
 
-    click.echo(f"removed {remove_store(Cache.at(cache), teacher_id)}")
+    kind, removed = remove(Cache.at(cache), store_id)
+    click.echo(f"removed {'plan ' if kind == 'plan' else ''}{removed}")

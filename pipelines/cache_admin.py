@@ -209,6 +209,24 @@ def verdict(teacher_id: str, problems: list[str], cache: Cache | None = None) ->
     return f"{first}{more}; {remedy(teacher_id, problems, cache)}"
 
 
-def remove_store(cache: Cache, prefix: str) -> str:
-    """Delete a teacher store; returns its id."""
-    return cache.remove_teacher(prefix)
+def remove(cache: Cache, prefix: str) -> tuple[str, str]:
+    """Delete the teacher store, or the plan no store uses, whose id starts with ``prefix``; returns ("teacher" or
+    "plan", its id). A prefix of both a store and a plan is refused as ambiguous."""
+    cache.check_readable()
+    teachers = [t for t in cache.teacher_entries() if prefix and t.startswith(prefix)]
+    plans = [p for p in cache.plan_ids() if prefix and p.startswith(prefix)]
+    if teachers and plans:
+        raise StoreError(f"id prefix {prefix!r} is ambiguous: teacher store {', '.join(teachers)} and plan "
+                         f"{', '.join(plans)}; give more of the id")
+    if plans:
+        return "plan", cache.remove_plan(prefix)
+    return "teacher", cache.remove_teacher(prefix)
+
+
+def unused_plans(cache: Cache, stores: list[StoreSummary]) -> list[str]:
+    """The plans of the cache that none of its teacher stores ``stores`` (:func:`list_stores`) uses, which
+    ``kdcache cache rm`` removes; none while a store's plan cannot be read (it may be any of them)."""
+    if any(r.plan_id == "?" for r in stores):
+        return []
+    used = {r.plan_id for r in stores}
+    return [p for p in cache.plan_ids() if p not in used]

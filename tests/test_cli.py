@@ -153,10 +153,23 @@ def test_cache_ls_info_verify_rm(digits_teacher: Path, tmp_path: Path) -> None:
     assert bad.stdout.startswith(f"{tid}: 1 problem(s); damaged: remove it with `kdcache cache rm {tid}` and run its "
                                  "`kdcache precompute` again")
 
+    (plan,) = Cache.at(cache).plan_ids()
+    held = run_cli("cache", "rm", plan[:6], "--cache", cache)  # a plan in use stays
+    assert held.exit_code == 1 and error_lines(held.stderr) == [
+        f"Error: cannot remove plan {plan}: teacher store {tid} uses it; remove it first (`kdcache cache rm {tid}`)"]
+    assert "no teacher store uses it" not in run_cli("cache", "ls", "--cache", cache).stderr
+
     rm = run_cli("cache", "rm", tid, "--cache", cache)
-    assert rm.exit_code == 0 and not (cache / "teachers" / tid).exists()
-    assert Cache.at(cache).plan_ids()  # the plan stays for other teachers
-    assert "no teacher stores" in run_cli("cache", "ls", "--cache", cache).output
+    assert rm.exit_code == 0 and rm.stdout == f"removed {tid}\n" and not (cache / "teachers" / tid).exists()
+    assert Cache.at(cache).plan_ids() == [plan]  # the plan stays for other teachers
+    ls = run_cli("cache", "ls", "--cache", cache)
+    assert ls.exit_code == 0 and ls.stderr.splitlines() == [
+        f"plan {plan}: no teacher store uses it; `kdcache cache rm {plan}` removes it", f"no teacher stores in {cache}"]
+    rm = run_cli("cache", "rm", plan[:6], "--cache", cache)
+    assert rm.exit_code == 0 and rm.stdout == f"removed plan {plan}\n"
+    assert not (cache / "plans" / plan).exists() and not (cache / "locks" / f"plan-{plan}.lock").exists()
+    assert Cache.at(cache).plan_ids() == [] and run_cli("cache", "ls", "--cache", cache).stderr == (
+        f"no teacher stores in {cache}\n")
 
 
 def _other_arch_checkpoint(tmp_path: Path) -> Path:

@@ -16,7 +16,7 @@ import zarr
 from zarr.storage import FsspecStore
 
 from conftest import run_cli
-from kdcache.pipelines.cache_admin import list_stores, remove_store, verify_stores
+from kdcache.pipelines.cache_admin import list_stores, remove, verify_stores
 from kdcache.pipelines.distill import DistillRequest, distill
 from kdcache.pipelines.precompute import PrecomputeRequest, precompute
 from kdcache.store import Cache, Location, StoreForm, TeacherStore
@@ -126,7 +126,7 @@ def test_memory_url_cache_works_and_says_it_has_no_writer_lock(plain, digits_tea
         [summary] = list_stores(cache)
         assert summary.state == "complete" and summary.bytes > 0
         assert precompute(req, warn=warnings.append).status == "complete" and len(warnings) == 1
-        assert remove_store(cache, tid[:6]) == tid and cache.teacher_ids() == [] and cache.plan_ids()
+        assert remove(cache, tid[:6]) == ("teacher", tid) and cache.teacher_ids() == [] and cache.plan_ids()
     finally:
         Location(url)._fs()[0].rm(Location(url)._fs()[1], recursive=True)
 

@@ -224,6 +224,42 @@ class Cache:
         return teacher_id
 
 
+    def plan_users(self, plan_id: str) -> list[str]:
+        """The teacher stores (complete or not) whose attributes name plan ``plan_id``; a store whose attributes
+        cannot be read counts as a user, since it may be one."""
+        users = []
+        for tid in self.teacher_entries():
+            try:
+                named = TeacherStore.open(self.teacher_location(tid), tid, require_complete=False).plan_id
+            except (StoreError, OSError, ValueError, KeyError):
+                named = None
+            if named in (plan_id, None):
+                users.append(tid)
+        return users
+
+    def remove_plan(self, prefix: str) -> str:
+        """Delete a plan no teacher store uses (refused, naming them, while one does, and while a precompute
+        writes the plan); returns its id. A precompute that opens the plan as it goes finds it missing and says
+        so; the same command redraws it bit for bit."""
+        plan_id = self.resolve(prefix, "plan")
+        lock_path = self.lock_path("plan", plan_id)
+        lock = (WriterLock(lock_path, f"plan {plan_id}", wait=False, removing=f"kdcache cache rm {plan_id}")
+                if lock_path is not None else contextlib.nullcontext())
+        with lock:
+            users = self.plan_users(plan_id)
+            if users:
+                first = users[0]
+                raise StoreError(f"cannot remove plan {plan_id}: teacher store{'s' if len(users) > 1 else ''} "
+                                 f"{', '.join(users)} {'use' if len(users) > 1 else 'uses'} it; remove "
+                                 f"{'them' if len(users) > 1 else 'it'} first (`kdcache cache rm {first}`)")
+            where = self.plan_location(plan_id)
+            with fmt.disk_errors(f"removing plan {plan_id}", where):
+                where.remove()
+        if lock_path is not None:
+            lock_path.unlink(missing_ok=True)
+        return plan_id
+
+
 def size_on_disk(path: Where) -> int:
     """Bytes of all files below ``path`` (a local directory or a URL)."""
     return Location.of(path).size()
