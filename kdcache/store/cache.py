@@ -223,7 +223,6 @@ class Cache:
             lock.unlink(missing_ok=True)
         return teacher_id
 
-
     def plan_users(self, plan_id: str) -> list[str]:
         """The teacher stores (complete or not) whose attributes name plan ``plan_id``; a store whose attributes
         cannot be read counts as a user, since it may be one."""
